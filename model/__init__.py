@@ -1,1 +1,10 @@
-"""model package."""
+"""Minimal LLaMA-3: config + presets, Transformer, HF safetensors I/O, tokenizer + chat template, sampling.
+
+Plain single-device PyTorch; parallelism is applied from outside (trainer/fsdp.py).
+"""
+
+from model.config import PRESETS, LlamaConfig, RopeScaling
+from model.hf_io import hf_to_ours, ours_to_hf
+from model.transformer import Transformer
+
+__all__ = ["PRESETS", "LlamaConfig", "RopeScaling", "Transformer", "hf_to_ours", "ours_to_hf"]
