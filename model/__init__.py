@@ -4,7 +4,16 @@ Plain single-device PyTorch; parallelism is applied from outside (trainer/fsdp.p
 """
 
 from model.config import PRESETS, LlamaConfig, RopeScaling
-from model.hf_io import hf_to_ours, ours_to_hf
+from model.hf_io import hf_to_ours, load_hf_checkpoint, ours_to_hf, save_hf_checkpoint
 from model.transformer import Transformer
 
-__all__ = ["PRESETS", "LlamaConfig", "RopeScaling", "Transformer", "hf_to_ours", "ours_to_hf"]
+__all__ = [
+    "PRESETS",
+    "LlamaConfig",
+    "RopeScaling",
+    "Transformer",
+    "hf_to_ours",
+    "ours_to_hf",
+    "load_hf_checkpoint",
+    "save_hf_checkpoint",
+]
