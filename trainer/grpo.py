@@ -1,0 +1,179 @@
+"""Single-turn GRPO (the paper's method): rewards -> group advantages -> clipped policy loss.
+
+Per rollout batch (B states x G responses on each rank, prompt-major):
+1. r = 1{parse_action(response) == expert_action} (trainer/reward.py);
+2. A = kernels.group_advantages(r, G) (zero-variance groups get exactly 0);
+3. zero-variance groups are DROPPED (counted): they carry no gradient but would cost compute;
+4. for ppo_epochs epochs: kernels.grpo_loss over the response tokens of the kept sequences, with the
+   sampled log-probs as the behaviour policy (old_logp) and, when kl_coef > 0, the k3 KL to a frozen
+   reference; the summed loss is divided by the GLOBAL response-token count (all ranks, all
+   micro-batches), gradients are summed over ranks, so the update equals one big batch on one device.
+
+FSDP needs every rank to run the same number of forward/backward passes. After dropping, ranks may
+hold different numbers of sequences: each rank runs max-over-ranks micro-batches, padding with a
+dummy micro-batch whose loss is multiplied by 0 (exactly zero gradient, the collectives still run).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from trainer.data import chunks, pack_completions
+from trainer.dist import all_reduce_sum
+from trainer.reward import zero_variance_groups
+
+
+@dataclass
+class Sequence:
+    """One sampled response with what its loss needs."""
+
+    prompt: list[int]
+    response: list[int]
+    old_logp: torch.Tensor  # (L,) fp32: the behaviour (sampling) log-probs
+    advantage: float
+    ref_logp: torch.Tensor | None = None  # (L,) fp32 under the frozen reference
+
+
+@dataclass
+class GRPOBatch:
+    sequences: list[Sequence]
+    """This rank's kept sequences (non-zero-variance groups only)."""
+    dummy: Sequence
+    """A sequence to run (with zero weight) when this rank has fewer micro-batches than others."""
+    zero_var_groups: int
+    """Groups dropped on this rank."""
+
+
+def select_sequences(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    logprobs: list[torch.Tensor],
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    adv_scale: str = "std",
+) -> GRPOBatch:
+    """Advantages per group, then keep the sequences of groups with reward variance."""
+    from kernels import group_advantages
+
+    adv = group_advantages(rewards, group_size, scale=adv_scale)  # (B*G,) fp32
+    zero_var = zero_variance_groups(rewards, group_size)  # (B,)
+    kept = []
+    for i, (resp, lp) in enumerate(zip(responses, logprobs)):
+        g = i // group_size
+        if zero_var[g] or not resp:
+            continue
+        kept.append(Sequence(prompts[g], resp, lp, float(adv[i])))
+    j = next(i for i, r in enumerate(responses) if r)  # generate emits >= 1 token per row
+    dummy = Sequence(prompts[j // group_size], responses[j], logprobs[j], 0.0)
+    return GRPOBatch(kept, dummy, int(zero_var.sum()))
+
+
+def _all_reduce_max(x: int) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    t = torch.tensor([x], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())  # host sync
+
+
+def micro_batches(batch: GRPOBatch, micro_batch_size: int) -> list[tuple[list[Sequence], float]]:
+    """(sequences, weight) per micro-batch, padded with zero-weight dummies to the max over ranks."""
+    mbs = [(mb, 1.0) for mb in chunks(batch.sequences, micro_batch_size)]
+    n = _all_reduce_max(len(mbs))
+    mbs += [([batch.dummy], 0.0)] * (n - len(mbs))
+    return mbs
+
+
+@torch.no_grad()
+def fill_reference_logprobs(
+    ref_model, ref_head, batch: GRPOBatch, *, micro_batch_size, pad_id, device, temperature
+):
+    """ref_logp of every kept (and the dummy) sequence under the frozen reference model."""
+    from kernels import token_logprobs
+
+    for mb, _ in micro_batches(batch, micro_batch_size):
+        packed = pack_completions(
+            [s.prompt for s in mb], [s.response for s in mb], pad_id=pad_id, device=device
+        )
+        h = ref_model.hidden(packed.tokens)  # (B, T, D)
+        logp_N = token_logprobs(
+            h[packed.rows, packed.cols], ref_head(), packed.targets, temperature=temperature
+        )
+        for b, s in enumerate(mb):
+            s.ref_logp = logp_N[packed.seq == b].float().cpu()
+
+
+def global_response_tokens(batch: GRPOBatch) -> float:
+    """All-reduced count of the kept response tokens: the loss normalizer (host sync)."""
+    return all_reduce_sum(float(sum(len(s.response) for s in batch.sequences)))
+
+
+def grpo_forward_backward(
+    model,
+    head,
+    mbs: list[tuple[list[Sequence], float]],
+    *,
+    global_tokens: float,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    kl_coef: float,
+    temperature: float,
+    pad_id: int,
+    device,
+) -> dict[str, float]:
+    """One epoch's gradients over this rank's micro-batches; returns globally normalized statistics.
+
+    loss = sum_tokens grpo_loss / global_tokens. Statistics (clip_frac, ratio, kl) are token means.
+    """
+    from kernels import grpo_loss
+
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, clip, ratio, kl, nonfinite
+    for mb, weight in mbs:
+        packed = pack_completions(
+            [s.prompt for s in mb], [s.response for s in mb], pad_id=pad_id, device=device
+        )
+        seq = packed.seq
+        adv_N = torch.tensor([s.advantage for s in mb], dtype=torch.float32, device=device)[seq]  # (N,)
+        old_N = torch.cat([s.old_logp for s in mb]).to(device=device, dtype=torch.float32)  # (N,)
+        ref_N = None
+        if kl_coef > 0:
+            ref_N = torch.cat([s.ref_logp for s in mb]).to(device=device, dtype=torch.float32)
+        h = model.hidden(packed.tokens)  # (B, T, D)
+        out = grpo_loss(
+            h[packed.rows, packed.cols],
+            head(),
+            packed.targets,
+            adv_N,
+            old_N,
+            ref_logp=ref_N,
+            kl_coef=kl_coef,
+            clip_eps_low=clip_eps_low,
+            clip_eps_high=clip_eps_high,
+            temperature=temperature,
+        )
+        # weight 0 (a padding dummy) gives exactly zero gradient while the FSDP collectives still run.
+        loss = out.loss * weight / global_tokens
+        loss.backward()
+        if weight:
+            d = loss.detach().double().cpu()
+            sums[0] += d
+            sums[1] += float(out.clip_frac)
+            sums[2] += float(out.ratio)
+            sums[3] += float(out.kl)
+            sums[4] += 0.0 if math.isfinite(float(d)) else 1.0
+    sums = all_reduce_sum(sums)
+    n = max(global_tokens, 1.0)
+    return {
+        "loss": float(sums[0]),
+        "clip_frac": float(sums[1]) / n,
+        "ratio": float(sums[2]) / n,
+        "kl": float(sums[3]) / n,
+        "nonfinite": int(sums[4]),
+    }

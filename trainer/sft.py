@@ -1,0 +1,66 @@
+"""Supervised fine-tuning on expert actions: cross-entropy over the action tokens (+ eot) only.
+
+One optimizer step = a global batch of states split evenly over ranks and into micro-batches.
+For each micro-batch the model runs `hidden` over prompt+action, the hidden states at the positions
+that predict action tokens are gathered (`h[rows, cols]`, N x D), and `kernels.token_logprobs` fuses
+the LM head with the log-softmax so no [N, V] (let alone [B, T, V]) logits exist. The loss is the
+summed negative log-likelihood divided by the GLOBAL number of action tokens (all-reduced before the
+first micro-batch), and the FSDP gradients are summed over ranks: so the step equals one big batch
+on one device, for any world size and micro-batch split.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.data import Example, chunks, pack_completions
+from trainer.dist import all_reduce_sum
+
+
+def action_logprobs(model, head, packed) -> torch.Tensor:
+    """logp[N] fp32 of packed.targets under the model (differentiable): hidden -> gather -> fused head."""
+    from kernels import token_logprobs
+
+    h = model.hidden(packed.tokens)  # (B, T, D)
+    h_N = h[packed.rows, packed.cols]  # (N, D)
+    return token_logprobs(h_N, head(), packed.targets)  # (N,) fp32
+
+
+def sft_forward_backward(
+    model, head, examples: list[Example], *, micro_batch_size: int, pad_id: int, device
+) -> dict[str, float]:
+    """Accumulate this rank's gradients for one SFT step; returns globally reduced statistics.
+
+    `head()` returns the (gathered) LM head weight [V, D] valid outside a module forward.
+    Statistics: loss (mean NLL per action token), action_prob (mean probability of the whole expert
+    action under the model at T=1), num_tokens (global), nonfinite (micro-batches with a NaN/inf loss).
+    """
+    local_tokens = sum(len(e.target_ids) for e in examples)
+    global_tokens = all_reduce_sum(float(local_tokens))  # host sync: the normalizer must be known up front
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    prob_sum = torch.zeros((), dtype=torch.float64)
+    nonfinite = 0
+    for mb in chunks(examples, micro_batch_size):
+        packed = pack_completions(
+            [e.prompt_ids for e in mb], [e.target_ids for e in mb], pad_id=pad_id, device=device
+        )
+        logp_N = action_logprobs(model, head, packed)  # (N,)
+        loss = -logp_N.sum() / global_tokens
+        loss.backward()
+        d = loss.detach()
+        if not torch.isfinite(d):
+            nonfinite += 1
+        loss_sum += d.double().cpu()
+        seq_logp = torch.zeros(len(mb), dtype=torch.float64).index_add_(
+            0, packed.seq.cpu(), logp_N.detach().double().cpu()
+        )
+        prob_sum += seq_logp.exp().sum()
+    stats = torch.stack([loss_sum, prob_sum, torch.tensor(float(nonfinite), dtype=torch.float64)])
+    stats = all_reduce_sum(stats)
+    n_seq = all_reduce_sum(float(len(examples)))
+    return {
+        "loss": float(stats[0]),
+        "action_prob": float(stats[1]) / max(n_seq, 1.0),
+        "num_tokens": int(global_tokens),
+        "nonfinite": int(stats[2]),
+    }
