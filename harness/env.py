@@ -1,0 +1,218 @@
+"""Load and play one ALFWorld game the way ALFWorld's `AlfredTWEnv` does, plus three fixes.
+
+The stack is TextWorld's `PddlEnv` (fast-downward under the hood) wrapped by ALFWorld's own
+`AlfredDemangler(shuffle=False)`, `AlfredInfos` and `AlfredExpert` -- the wrappers
+`alfworld.agents.environment.alfred_tw_env.AlfredTWEnv.init_env` registers -- with
+`request_infos = EnvInfos(won, admissible_commands, extras=["gamefile", "expert_plan"])`.
+
+Fixes, each applied in one place and idempotent (see ../shared/ALFWORLD.md):
+- `AlfredExpert` is built with `expert_type=` by keyword (ALFWorld passes it positionally, which
+  binds it to `env` and silently keeps the handcoded expert).
+- `install_expert_patch()`: the 2.1.2 grammar places objects with `move X to Y`, but the handcoded
+  expert's `update_state_tracking` only recognises `put X in/on Y`; after a placement it still
+  believes it holds the object (pick_two_obj_and_place loops). We translate the command before
+  its state tracking sees it.
+- `install_caches()`: TextWorld re-parses grammar templates with TatSu on every derivation (once
+  per admissible command per step) and runs the PDDL->SAS translation twice per reset. Both are
+  memoized on their input text; outputs are byte-identical (tests/harness/test_env.py).
+  The translator also overwrites `sys.argv`; the cached wrapper restores it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import textworld
+from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
+from alfworld.agents.expert import handcoded_expert
+
+EXPERTS = ("handcoded", "planner")
+# Sent to the env in place of an unparseable policy output: the engine answers "Nothing happens."
+# (as for any unknown command) and the handcoded expert's keyword-based tracking ignores it.
+INVALID_COMMAND = "nothing"
+
+
+# --------------------------------------------------------------------------- expert patch
+_ORIG_UPDATE_STATE_TRACKING = handcoded_expert.BasePolicy.update_state_tracking
+
+
+def _translate_move(last_action: str) -> str:
+    """'move mug 1 to cabinet 2' -> 'put mug 1 in/on cabinet 2' (the form the expert tracks)."""
+    if last_action.startswith("move ") and " to " in last_action:
+        obj, recep = last_action[len("move ") :].split(" to ", 1)
+        return f"put {obj} in/on {recep}"
+    return last_action
+
+
+@functools.wraps(_ORIG_UPDATE_STATE_TRACKING)
+def _patched_update_state_tracking(self, game_state, last_action):
+    return _ORIG_UPDATE_STATE_TRACKING(self, game_state, _translate_move(last_action))
+
+
+def install_expert_patch(enabled: bool = True) -> None:
+    """Install (or with enabled=False, remove) the 'move X to Y' fix for the handcoded expert."""
+    fn = _patched_update_state_tracking if enabled else _ORIG_UPDATE_STATE_TRACKING
+    handcoded_expert.BasePolicy.update_state_tracking = fn
+
+
+def expert_patch_installed() -> bool:
+    return handcoded_expert.BasePolicy.update_state_tracking is _patched_update_state_tracking
+
+
+# --------------------------------------------------------------------------- caches
+_CACHES_INSTALLED = False
+
+
+def install_caches() -> None:
+    """Memoize TatSu template parses and the PDDL translation (process-wide, idempotent)."""
+    global _CACHES_INSTALLED
+    if _CACHES_INSTALLED:
+        return
+    import fast_downward
+    import textworld.envs.pddl.textgen as textgen
+    import textworld.logic as tw_logic
+
+    # Grammar templates: the parse result is a list of Symbol objects that derivation mutates
+    # (ListSymbol.derive assigns contexts), so each call gets a deep copy of the cached parse.
+    parse = textgen._parse_and_convert
+
+    @functools.lru_cache(maxsize=4096)
+    def _cached_symbols(text, rule_name):
+        return parse(text, rule_name=rule_name)
+
+    def _parse_and_convert(text, rule_name, **kwargs):
+        if kwargs.get("trace"):
+            return parse(text, rule_name=rule_name, **kwargs)
+        return copy.deepcopy(_cached_symbols(text, rule_name))
+
+    textgen._parse_and_convert = _parse_and_convert
+
+    # Conjunctive queries (grammar conditions): the Rule is only read, never mutated.
+    query = tw_logic.Rule.parse_conjunctive_query.__func__
+    cached_query = functools.lru_cache(maxsize=4096)(lambda cls, expr: query(cls, expr))
+    tw_logic.Rule.parse_conjunctive_query = classmethod(cached_query)
+
+    # PDDL -> SAS translation: (task, sas) depends only on the two texts; the task is read only.
+    pddl2sas = fast_downward.pddl2sas
+
+    @functools.lru_cache(maxsize=256)
+    def _cached_pddl2sas(domain, problem, verbose, optimize):
+        argv = list(sys.argv)
+        try:
+            return pddl2sas(domain, problem, verbose=verbose, optimize=optimize)
+        finally:
+            sys.argv[:] = argv  # the translator overwrites sys.argv
+
+    def _pddl2sas(domain, problem, verbose=False, optimize=False):
+        return _cached_pddl2sas(domain, problem, verbose, optimize)
+
+    fast_downward.pddl2sas = _pddl2sas
+    _CACHES_INSTALLED = True
+
+
+# --------------------------------------------------------------------------- one env
+@dataclass
+class StepResult:
+    """What one env returns after reset or step (picklable; crosses process boundaries)."""
+
+    observation: str
+    admissible: list[str]
+    won: bool
+    expert_action: str | None  # None: the expert had nothing to offer (timeout, no plan)
+    goal: str = ""
+    task_type: str = ""
+    game: str = ""
+    failed: bool = False  # the env crashed, hung or raised: the episode is an env failure
+    error: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def game_goal(observation: str) -> str:
+    """The task sentence of an intro text ('Your task is to: put a mug in cabinet.')."""
+    marker = "Your task is to: "
+    if marker not in observation:
+        return ""
+    return observation.split(marker, 1)[1].strip().rstrip(".").strip()
+
+
+def read_task_type(game_path: str | Path) -> str:
+    import json
+
+    traj = Path(game_path).parent / "traj_data.json"
+    if not traj.exists():
+        return ""
+    return json.loads(traj.read_text())["task_type"]
+
+
+class AlfredGame:
+    """One TextWorld env playing ALFWorld games, with the expert attached.
+
+    `load(game)` + `reset()` then `step(command)`; a single instance can play many games in turn
+    (each load reuses the same fast-downward library copy). Not thread-safe (TextWorld is not).
+    """
+
+    def __init__(self, expert: str = "handcoded", *, patch_expert: bool = True, caches: bool = True):
+        if expert not in EXPERTS:
+            raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
+        if patch_expert:
+            install_expert_patch()
+        if caches:
+            install_caches()
+        self.expert = expert
+        infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile", "expert_plan"])
+        env = textworld.envs.pddl.PddlEnv(infos)
+        # The wrappers AlfredTWEnv uses; the expert type by keyword (see module docstring).
+        for wrapper in (
+            AlfredDemangler(shuffle=False),
+            AlfredInfos,
+            AlfredExpert(expert_type=expert),
+        ):
+            env = wrapper(env)
+        self._env = env
+        self.game = ""
+        self.task_type = ""
+        self.goal = ""
+
+    def load(self, game_path: str | Path) -> None:
+        self.game = str(game_path)
+        self._env.load(self.game)
+        self.task_type = read_task_type(self.game)
+
+    def reset(self, seed: int | None = None) -> StepResult:
+        """Start an episode; `seed` seeds the handcoded expert's (global) random choices."""
+        if seed is not None:
+            random.seed(seed)
+        state = self._env.reset()
+        self.goal = game_goal(state["feedback"])
+        return self._result(state)
+
+    def step(self, command: str) -> StepResult:
+        try:
+            state, _, _ = self._env.step(command)
+        except handcoded_expert.HandCodedAgentFailed:
+            return self._result(self._env.state, expert_gave_up=True)
+        except Exception as e:
+            # ALFWorld's wrapper raises Exception("Timeout") past the expert's 200-step limit; the
+            # env itself stepped fine, so the episode goes on with no expert label.
+            if str(e) != "Timeout":
+                raise
+            return self._result(self._env.state, expert_gave_up=True)
+        return self._result(state)
+
+    def _result(self, state, expert_gave_up: bool = False) -> StepResult:
+        plan = state.get("extra.expert_plan") or []
+        expert_action = None if expert_gave_up or not plan else plan[0]
+        return StepResult(
+            observation=state["feedback"],
+            admissible=list(state["admissible_commands"]),
+            won=bool(state["won"]),
+            expert_action=expert_action,
+            goal=self.goal,
+            task_type=self.task_type,
+            game=self.game,
+        )
