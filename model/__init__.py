@@ -5,6 +5,7 @@ Plain single-device PyTorch; parallelism is applied from outside (trainer/fsdp.p
 
 from model.config import PRESETS, LlamaConfig, RopeScaling
 from model.hf_io import hf_to_ours, load_hf_checkpoint, ours_to_hf, save_hf_checkpoint
+from model.tokenizer import Tokenizer, train_tokenizer
 from model.transformer import Transformer
 
 __all__ = [
@@ -16,4 +17,6 @@ __all__ = [
     "ours_to_hf",
     "load_hf_checkpoint",
     "save_hf_checkpoint",
+    "Tokenizer",
+    "train_tokenizer",
 ]
