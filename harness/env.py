@@ -13,8 +13,11 @@ Fixes, each applied in one place and idempotent (see ../shared/ALFWORLD.md):
   believes it holds the object (pick_two_obj_and_place loops). We translate the command before
   its state tracking sees it.
 - `install_caches()`: TextWorld re-parses grammar templates with TatSu on every derivation (once
-  per admissible command per step) and runs the PDDL->SAS translation twice per reset. Both are
-  memoized on their input text; outputs are byte-identical (tests/harness/test_env.py).
+  per admissible command per step), deep-copies derivation contexts (entity infos included) for
+  every expanded symbol, parses the whole grammar on every load and runs the PDDL->SAS
+  translation twice per load and per reset. Parses and translations are memoized on their input
+  text (the last two also pickled on disk, see `cache_dir`), contexts are copied shallowly;
+  observations and admissible commands stay byte-identical (tests/harness/test_env.py).
   The translator also overwrites `sys.argv`; the cached wrapper restores it.
 """
 
@@ -22,8 +25,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import os
+import pickle
 import random
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +75,38 @@ def expert_patch_installed() -> bool:
 _CACHES_INSTALLED = False
 
 
+def cache_dir() -> Path | None:
+    """Where parsed game logic and translations are pickled: $HARNESS_CACHE_DIR, else
+    $ALFWORLD_DATA/harness_cache; None (memory only) when neither is set or HARNESS_CACHE_DIR=''."""
+    if "HARNESS_CACHE_DIR" in os.environ:
+        return Path(os.environ["HARNESS_CACHE_DIR"]) if os.environ["HARNESS_CACHE_DIR"] else None
+    if os.environ.get("ALFWORLD_DATA"):
+        return Path(os.environ["ALFWORLD_DATA"]) / "harness_cache"
+    return None
+
+
+def _disk_cached(kind: str, key: tuple, compute):
+    folder = cache_dir()
+    if folder is None:
+        return compute()
+    from importlib.metadata import version
+
+    h = hashlib.sha1(repr((kind, version("textworld"), version("fast-downward-textworld"), key)).encode())
+    path = folder / kind / f"{h.hexdigest()}.pkl"
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        pass
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)  # atomic: concurrent workers never read a partial file
+    return value
+
+
 def install_caches() -> None:
     """Memoize TatSu template parses and the PDDL translation (process-wide, idempotent)."""
     global _CACHES_INSTALLED
@@ -92,21 +131,56 @@ def install_caches() -> None:
 
     textgen._parse_and_convert = _parse_and_convert
 
+    # Derivation contexts: TextWorld deep-copies the `variables` ({name: EntityInfo}) and
+    # `mapping` ({Placeholder: Variable}) dicts for every symbol it expands; derivation only
+    # rebinds keys and never mutates the values, so copying the dicts themselves is equivalent.
+    def _copy_context(context):
+        return {
+            "state": context["state"],
+            "facts": context["facts"],
+            "variables": dict(context["variables"]),
+            "mapping": dict(context["mapping"]),
+            "entity_infos": context["entity_infos"],
+        }
+
+    textgen.copy_context = _copy_context
+
     # Conjunctive queries (grammar conditions): the Rule is only read, never mutated.
     query = tw_logic.Rule.parse_conjunctive_query.__func__
     cached_query = functools.lru_cache(maxsize=4096)(lambda cls, expr: query(cls, expr))
     tw_logic.Rule.parse_conjunctive_query = classmethod(cached_query)
 
-    # PDDL -> SAS translation: (task, sas) depends only on the two texts; the task is read only.
+    # Game logic (TatSu parse of the whole grammar) and PDDL -> SAS translation (fast-downward):
+    # both depend only on their input texts and are read-only afterwards, so they are memoized in
+    # memory and pickled on disk (a fresh worker process loads a known game in milliseconds).
+    import textworld.envs.pddl.logic as pddl_logic
+    import textworld.envs.pddl.pddl as pddl_env
+
+    @functools.lru_cache(maxsize=64)
+    def _game_logic(domain, grammar):
+        return _disk_cached(
+            "logic", (domain, grammar), lambda: pddl_logic.GameLogic(domain=domain, grammar=grammar)
+        )
+
+    # PddlEnv reaches both classes through its module alias `pddl_logic`; swap the alias (not the
+    # classes, which must stay picklable by name).
+    pddl_env.pddl_logic = types.SimpleNamespace(
+        GameLogic=lambda domain, grammar: _game_logic(domain, grammar), PddlState=pddl_logic.PddlState
+    )
+
     pddl2sas = fast_downward.pddl2sas
 
-    @functools.lru_cache(maxsize=256)
-    def _cached_pddl2sas(domain, problem, verbose, optimize):
+    def _translate(domain, problem, verbose, optimize):
         argv = list(sys.argv)
         try:
             return pddl2sas(domain, problem, verbose=verbose, optimize=optimize)
         finally:
             sys.argv[:] = argv  # the translator overwrites sys.argv
+
+    @functools.lru_cache(maxsize=256)
+    def _cached_pddl2sas(domain, problem, verbose, optimize):
+        key = (domain, problem, optimize)
+        return _disk_cached("sas", key, lambda: _translate(domain, problem, verbose, optimize))
 
     def _pddl2sas(domain, problem, verbose=False, optimize=False):
         return _cached_pddl2sas(domain, problem, verbose, optimize)
@@ -174,6 +248,7 @@ class AlfredGame:
         ):
             env = wrapper(env)
         self._env = env
+        self._rng = random.Random(0)
         self.game = ""
         self.task_type = ""
         self.goal = ""
@@ -184,14 +259,17 @@ class AlfredGame:
         self.task_type = read_task_type(self.game)
 
     def reset(self, seed: int | None = None) -> StepResult:
-        """Start an episode; `seed` seeds the handcoded expert's (global) random choices."""
-        if seed is not None:
-            random.seed(seed)
+        """Start an episode; `seed` seeds the handcoded expert's random choices."""
+        self._rng = random.Random(seed)
+        handcoded_expert.random = self._rng
         state = self._env.reset()
         self.goal = game_goal(state["feedback"])
         return self._result(state)
 
     def step(self, command: str) -> StepResult:
+        # The handcoded expert calls the module-level `random`; point it at this episode's own
+        # generator so episodes interleaved in one process stay reproducible.
+        handcoded_expert.random = self._rng
         try:
             state, _, _ = self._env.step(command)
         except handcoded_expert.HandCodedAgentFailed:

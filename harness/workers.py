@@ -85,8 +85,9 @@ class EnvPool:
     games: game file paths (indexed by `reset`); num_workers: processes; expert: "handcoded" or
     "planner" (the label in `StepResult.expert_action`); step_timeout: seconds allowed per env per
     call (a reset counts `reset_factor` steps: loading runs the PDDL translation, and the planner
-    plans); start_method: multiprocessing start method ("spawn" is safe from a process that has
-    started threads, e.g. one running torch).
+    plans); start_method: multiprocessing start method, default "fork" where available (0.4 s to
+    start two workers, vs 6 s for "spawn", which re-imports the parent's main module; workers never
+    touch torch or CUDA, as with torch DataLoader workers).
     """
 
     def __init__(
@@ -98,7 +99,7 @@ class EnvPool:
         step_timeout: float = 60.0,
         reset_factor: float = 3.0,
         patch_expert: bool = True,
-        start_method: str = "spawn",
+        start_method: str | None = None,
     ):
         self.games = [str(Path(g)) for g in games]
         self.num_workers = max(1, int(num_workers))
@@ -106,6 +107,8 @@ class EnvPool:
         self.step_timeout = step_timeout
         self.reset_factor = reset_factor
         self.patch_expert = patch_expert
+        if start_method is None:
+            start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         self._ctx = mp.get_context(start_method)
         self._workers = [self._spawn() for _ in range(self.num_workers)]
         self._slot_game: dict[int, str] = {}

@@ -1,0 +1,177 @@
+"""CLI: `python -m harness {generate,expert,evaluate,play} ...`.
+
+    python -m harness generate --out data/games/train --split train --num-games 60 --seed 0
+    python -m harness expert --games data/games/train --out data/states.jsonl [--expert planner]
+    python -m harness expert --games DIR --out dagger.jsonl --policy-states runs/x/final   # DAgger labels
+    python -m harness evaluate --games data/games/valid_unseen --policy random --out runs/eval/random
+    python -m harness play --game DIR/.../game.tw-pddl
+
+`--games` takes a directory of generated games or the official data root (`$ALFWORLD_DATA/json_2.1.1`
+with `--split`). Arguments are parsed before any game is loaded: fast-downward's translator
+overwrites sys.argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from harness.env import EXPERTS
+from harness.games import SPLITS, TASK_TYPES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate expert-checked ALFWorld games")
+    g.add_argument("--out", required=True)
+    g.add_argument("--split", choices=SPLITS, required=True)
+    g.add_argument("--num-games", type=int, required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--task-types", nargs="+", choices=TASK_TYPES, default=None)
+    g.add_argument("--workers", type=int, default=1)
+    g.add_argument("--max-distractors", type=int, default=10)
+
+    def games_args(sp):
+        sp.add_argument("--games", required=True, help="games directory or official data root")
+        sp.add_argument("--split", choices=SPLITS, default=None)
+        sp.add_argument("--limit", type=int, default=0, help="use only the first N games (0: all)")
+        sp.add_argument("--workers", type=int, default=1)
+        sp.add_argument("--max-steps", type=int, default=50)
+        sp.add_argument("--expert", choices=EXPERTS, default="handcoded")
+        sp.add_argument("--history-window", type=int, default=3)
+
+    e = sub.add_parser("expert", help="write expert states (JSONL), or label a policy's states")
+    games_args(e)
+    e.add_argument("--out", required=True)
+    e.add_argument("--policy-states", default=None, help="checkpoint dir: the policy acts, the expert labels")
+    e.add_argument("--beta", type=float, default=0.0, help="with --policy-states: P(expert acts) per step")
+
+    v = sub.add_parser("evaluate", help="multi-turn evaluation of a policy")
+    games_args(v)
+    v.add_argument("--policy", required=True, help="expert | random | <checkpoint dir>")
+    v.add_argument("--out", default=None, help="report prefix: writes <out>.json and <out>.md")
+    v.add_argument("--seed", type=int, default=0)
+
+    pl = sub.add_parser("play", help="play one game in the terminal")
+    pl.add_argument("--game", required=True)
+    pl.add_argument("--expert", choices=EXPERTS, default="handcoded")
+    return p
+
+
+def _games(args):
+    from harness.games import find_games
+
+    games = find_games(args.games, args.split)
+    if args.limit:
+        games = games[: args.limit]
+    if not games:
+        raise SystemExit(f"no games found under {args.games} (split={args.split})")
+    return games
+
+
+def _checkpoint_policy(path: str):
+    """A batched policy from an HF checkpoint dir (config.json, *.safetensors, tokenizer.json).
+
+    Imported lazily: only this CLI path needs torch; the library never does. It reuses the
+    trainer's greedy `model_policy`, so the CLI decodes exactly as the trainer's evaluation does.
+    """
+    from pathlib import Path
+
+    from model import Tokenizer, load_hf_checkpoint
+    from trainer.policy import model_policy
+
+    model, config = load_hf_checkpoint(path)
+    tokenizer = Tokenizer.from_file(Path(path) / "tokenizer.json")
+    policy = model_policy(model, tokenizer, max_new_tokens=32, max_seq_len=config.max_seq_len)
+    policy.name = str(path)
+    return policy
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)  # before any game loads (the translator rewrites sys.argv)
+    if args.cmd == "generate":
+        from harness.games import GenConfig, generate_games
+
+        t0 = time.perf_counter()
+        paths = generate_games(
+            args.out,
+            args.split,
+            args.num_games,
+            args.seed,
+            args.task_types,
+            num_workers=args.workers,
+            config=GenConfig(max_distractors=args.max_distractors),
+        )
+        from pathlib import Path
+
+        manifest = json.loads((Path(args.out) / "manifest.json").read_text())
+        print(
+            f"{len(paths)} games in {args.out} ({time.perf_counter() - t0:.1f}s; "
+            f"regenerated {manifest.get('regenerated', 0)} unsolvable draws)"
+        )
+    elif args.cmd == "expert":
+        from harness.states import collect_states
+
+        games = _games(args)
+        policy = _checkpoint_policy(args.policy_states) if args.policy_states else None
+        t0 = time.perf_counter()
+        n = collect_states(
+            games,
+            args.out,
+            expert=args.expert,
+            policy=policy,
+            beta=args.beta,
+            max_steps=args.max_steps,
+            num_workers=args.workers,
+            history_window=args.history_window,
+        )
+        print(f"{n} states from {len(games)} games -> {args.out} ({time.perf_counter() - t0:.1f}s)")
+    elif args.cmd == "evaluate":
+        from harness.evaluate import evaluate
+
+        games = _games(args)
+        policy = args.policy if args.policy in ("expert", "random") else _checkpoint_policy(args.policy)
+        report = evaluate(
+            policy,
+            games,
+            max_steps=args.max_steps,
+            num_workers=args.workers,
+            expert=args.expert,
+            history_window=args.history_window,
+            seed=args.seed,
+        )
+        print(report.to_markdown())
+        if args.out:
+            js, md = report.write(args.out)
+            print(f"wrote {js} and {md}")
+    elif args.cmd == "play":
+        _play(args.game, args.expert)
+    return 0
+
+
+def _play(game_path: str, expert: str) -> None:
+    from harness.env import AlfredGame
+
+    game = AlfredGame(expert)
+    game.load(game_path)
+    res = game.reset(seed=0)
+    print(res.observation)
+    while not res.won:
+        print(f"\n[expert: {res.expert_action}]  admissible: {', '.join(res.admissible)}")
+        try:
+            command = input("> ").strip()
+        except EOFError:
+            return
+        if command in ("quit", "exit"):
+            return
+        res = game.step(command)
+        print(res.observation)
+    print("\nYou won!")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
