@@ -66,6 +66,10 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["apply_fsdp", "HandFSDP"]
 
+# torch 2.13 renamed the flat-tensor collectives; older torch (GPU installs keep theirs) has the old names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass
 class _ParamSlot:
@@ -204,11 +208,11 @@ class HandFSDP:
             self._ag_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._ag_stream):
                 inp = u.shard.detach().to(self.param_dtype)
-                work = dist.all_gather_single(u.full_io, inp, group=self.group, async_op=True)
+                work = _all_gather(u.full_io, inp, group=self.group, async_op=True)
                 event = self._ag_stream.record_event()
         else:
             inp = u.shard.detach().to(self.param_dtype)
-            work = dist.all_gather_single(u.full_io, inp, group=self.group, async_op=async_op)
+            work = _all_gather(u.full_io, inp, group=self.group, async_op=async_op)
             event = None
         u.pending = (work, inp, event)
         if not async_op:
@@ -300,7 +304,7 @@ class HandFSDP:
         shard_numel = u.padded // self.world
         if self.distributed and self.world > 1:
             out = torch.empty(shard_numel, dtype=self.reduce_dtype, device=self.device)
-            dist.reduce_scatter_single(out, flat, op=dist.ReduceOp.SUM, group=self.group)
+            _reduce_scatter(out, flat, op=dist.ReduceOp.SUM, group=self.group)
         else:
             out = flat
         if self.grad_reduce == "mean" and self.world > 1:
@@ -376,9 +380,9 @@ class HandFSDP:
         """A new [padded] tensor of `dtype` holding u's full flat parameters (collective)."""
         inp = u.shard.detach().to(dtype)
         if not self.distributed or self.world == 1:
-            return inp.clone() if inp is u.shard else inp
+            return inp.clone() if inp.data_ptr() == u.shard.data_ptr() else inp  # never alias the master
         out = torch.empty(u.padded, dtype=dtype, device=self.device)
-        dist.all_gather_single(out, inp, group=self.group)
+        _all_gather(out, inp, group=self.group)
         return out
 
     @torch.no_grad()

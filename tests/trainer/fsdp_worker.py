@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from model.config import LlamaConfig
 from model.transformer import Transformer
-from trainer.checkpoint import load_latest_checkpoint, save_checkpoint
+from trainer.checkpoint import export_final, load_latest_checkpoint, save_checkpoint
 from trainer.dist import all_reduce_sum, barrier, destroy, init_distributed
 from trainer.fsdp import apply_fsdp
 
@@ -134,13 +134,14 @@ def scenario_parity(info, tied, ac, micro, interleave):
     }
 
 
-def scenario_fsdp2(info, tied):
-    """Hand FSDP vs torch.distributed.fsdp.fully_shard (fp32 MixedPrecisionPolicy), CPU + gloo."""
+def scenario_fsdp2(info, tied, param_dtype=torch.float32):
+    """Hand FSDP vs torch.distributed.fsdp.fully_shard with the same MixedPrecisionPolicy
+    (param_dtype for compute, fp32 gradient reduction, fp32 master weights), CPU + gloo."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh("cpu", (info.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     ref = build_model(tied)
     for blk in ref.layers:
         fully_shard(blk, mesh=mesh, mp_policy=mp)
@@ -162,7 +163,7 @@ def scenario_fsdp2(info, tied):
     ref_sd = {k: v.full_tensor() for k, v in ref.state_dict().items()}
 
     model = build_model(tied)
-    fsdp = apply_fsdp(model)
+    fsdp = apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=torch.float32)
     losses, _ = train_hand(model, fsdp, make_opt(fsdp.parameters()), info, STEPS, loss_logits)
     full = fsdp.full_state_dict()
     diff = max((full[k] - v).abs().max().item() for k, v in ref_sd.items())
@@ -222,7 +223,8 @@ def phase_fsdp(out: Path, info):
             res["parity"][f"tied={tied},ac={ac}"] = scenario_parity(
                 info, tied, ac, micro=1 + ac, interleave=ac
             )
-        res["fsdp2"][f"tied={tied}"] = scenario_fsdp2(info, tied)
+        res["fsdp2"][f"tied={tied},fp32"] = scenario_fsdp2(info, tied)
+    res["fsdp2"]["tied=False,bf16"] = scenario_fsdp2(info, False, torch.bfloat16)
     res["memory"] = scenario_memory(info)
     return res
 
@@ -265,7 +267,29 @@ def phase_ckpt_dist(out: Path, info):
     fsdp = apply_fsdp(model)
     loaded = load_latest_checkpoint(bad, fsdp=fsdp, optimizer=make_opt(fsdp.parameters()))
     res["bad"] = {"loaded_step": loaded["step"], "log": collect.lines}
+    res["export"] = scenario_export(info, out)
     return res
+
+
+def scenario_export(info, out: Path):
+    """export_final -> HF directory; model.load_hf_checkpoint must give back the trained weights."""
+    from model.hf_io import load_hf_checkpoint
+
+    model = build_model(tied=True)
+    fsdp = apply_fsdp(model)
+    train_hand(model, fsdp, make_opt(fsdp.parameters()), info, 1, loss_hidden)
+    tok = out / "tokenizer.json"
+    if info.rank == 0:
+        tok.write_text('{"stand-in": true}')
+    barrier()
+    final = export_final(out / "final", fsdp, model.config, tok)
+    full = fsdp.full_state_dict()
+    loaded, cfg = load_hf_checkpoint(final, device="cpu", dtype=torch.float32)
+    return {
+        "files": sorted(p.name for p in final.iterdir()),
+        "param_diff": max((full[k] - v).abs().max().item() for k, v in loaded.state_dict().items()),
+        "tied": cfg.tie_word_embeddings,
+    }
 
 
 def phase_ckpt_load1(out: Path, info):

@@ -61,11 +61,12 @@ def test_hand_fsdp_matches_single_process(results, case):
         assert b > 0.5, f"[{case}] step {step}: grad norm {b} <= clip 0.5, clipping not exercised"
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_hand_fsdp_matches_pytorch_fsdp2(results, tied):
-    r = results["fsdp2"][f"tied={tied}"]
-    assert_losses_equal(r["losses"], r["ref_losses"], f"hand FSDP vs FSDP2 [tied={tied}]")
-    assert r["param_diff"] <= PARAM_ATOL, f"[tied={tied}] max |hand - FSDP2| = {r['param_diff']:.3g}"
+@pytest.mark.parametrize("case", ["tied=False,fp32", "tied=True,fp32", "tied=False,bf16"])
+def test_hand_fsdp_matches_pytorch_fsdp2(results, case):
+    # bf16: both compute in bf16 from fp32 masters and reduce in fp32, so they agree as tightly
+    r = results["fsdp2"][case]
+    assert_losses_equal(r["losses"], r["ref_losses"], f"hand FSDP vs FSDP2 [{case}]")
+    assert r["param_diff"] <= PARAM_ATOL, f"[{case}] max |hand - FSDP2| = {r['param_diff']:.3g}"
 
 
 def test_memory_report_is_half_per_rank(results):
