@@ -15,11 +15,24 @@ The set definitions (thresholds, not sorted prefixes) let a kernel truncate with
 `u` is one uniform per row from Philox4x32-10 keyed by `seed`, counter `(offset, row)`, so a draw
 is reproducible from (seed, offset) on any device. temperature == 0 is greedy: the first arg-max
 and logp = 0 (a point mass).
+
+Backends: CUDA tensors go to the fused CUDA kernel in csrc/ (`torch.ops.singleturn_rl.sample_tokens`,
+built lazily by kernels/_csrc.py) when it builds, else to this reference; KERNELS_BACKEND=torch forces
+the reference (there is no Triton sampler, so =triton also means the reference here). The kernel
+truncates with radix selects over the fp32 weights and sums fixed-point masses exactly (csrc/
+sampling_row.h), so it draws the reference's token except where u * Z falls within float round-off of
+a CDF step or a top-p mass lands within round-off of top_p; tokens more than ~32 nats below the
+arg-max (weight < 2^-47 at V = 128256) get zero mass there (at most ~1e-9 of the probability in all).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from kernels import _csrc
+from kernels._backend import select_backend
 
 _PHILOX_M0 = 0xD2511F53
 _PHILOX_M1 = 0xCD9E8D57
@@ -72,7 +85,11 @@ def truncation_mask(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
         cum = _tie_aware_cumsum(sorted_p)  # (B, V) mass of all tokens at least as likely as sorted_p[i]
         # tau = the largest sorted value whose at-least-as-likely mass reaches top_p.
         reach = cum >= top_p
-        first = torch.where(reach.any(-1), reach.float().argmax(-1), torch.full_like(reach[:, 0], p.shape[-1] - 1, dtype=torch.int64))
+        first = torch.where(
+            reach.any(-1),
+            reach.float().argmax(-1),
+            torch.full_like(reach[:, 0], p.shape[-1] - 1, dtype=torch.int64),
+        )
         tau = sorted_p.gather(-1, first[:, None])  # (B, 1)
         keep = keep & (p >= tau)
     return keep
@@ -147,6 +164,25 @@ def sample_tokens(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if logits.is_cuda and logits.dim() == 2 and _backend_for(logits) == "cuda" and _csrc.load():
+        if logits.dtype not in (torch.float32, torch.bfloat16):
+            logits = logits.float()  # the reference also samples in fp32; the kernel reads fp32 or bf16
+        return torch.ops.singleturn_rl.sample_tokens(
+            logits, float(temperature), float(top_p), int(top_k), _as_int64(seed), _as_int64(offset)
+        )
     return sample_tokens_reference(
         logits, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, offset=offset
     )
+
+
+def _backend_for(logits: torch.Tensor) -> str:
+    # No Triton sampler: KERNELS_BACKEND=triton (set for the other ops) means the reference here.
+    if os.environ.get("KERNELS_BACKEND", "").strip().lower() == "triton":
+        return "torch"
+    return select_backend(logits, available=("cuda", "torch"))
+
+
+def _as_int64(value: int) -> int:
+    # The reference uses the low 64 bits of seed / offset (two 32-bit words); the op takes them as int64.
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
