@@ -154,12 +154,13 @@ class Attention(nn.Module):
             return self.wo(y.reshape(B, T, -1))
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        gqa = self.n_kv_heads != self.n_heads
         if input_pos is None:
             # Positions 0..T-1: plain causal attention over this chunk; a cache (if any) only records it.
             if self.kv_cache is not None:
                 self.kv_cache.write_prefix(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            )  # (B, H, T, hd)
         else:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call model.setup_caches(...) first")
@@ -167,7 +168,13 @@ class Attention(nn.Module):
             # A query at position p sees cache slots 0..p of its own row (slots past p hold stale data).
             slots = torch.arange(k_all.shape[2], device=x.device)
             mask = slots[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, S)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+            # GQA without copying the cache: the rep = H / n_kv query heads that share a kv head
+            # (heads h*rep .. h*rep+rep-1, HF's grouping) become rep*T query rows of that kv head.
+            rep = self.n_heads // self.n_kv_heads
+            q = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim)  # (B, n_kv, rep*T, hd)
+            mask = mask[:, :, None].expand(B, 1, rep, T, mask.shape[-1]).reshape(B, 1, rep * T, -1)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, n_kv, rep*T, hd)
+            y = y.view(B, self.n_heads, T, self.head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -1,0 +1,144 @@
+"""KV-cache decoding and `generate`: cache == full forward, greedy == HF greedy, shared prefill,
+seeded sampling, stop ids, and log-probs equal to a teacher-forced recomputation."""
+
+import pytest
+import torch
+
+from model.generate import Samples, generate
+
+PROMPT_LENS = [5, 9, 3]
+V = 1003
+
+
+def _prompts(seed=0, lens=PROMPT_LENS):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, V, (n,), generator=g).tolist() for n in lens]
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+def test_kv_cache_decode_equals_full_forward(hf_pair, n_kv_heads):
+    _, model = hf_pair(seed=5, n_kv_heads=n_kv_heads)
+    k = 6
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, V, (n + k,), generator=g) for n in PROMPT_LENS]
+    B, max_len = len(seqs), max(PROMPT_LENS)
+    prompt = torch.zeros(B, max_len, dtype=torch.int64)  # right-padded with 0
+    for b, n in enumerate(PROMPT_LENS):
+        prompt[b, :n] = seqs[b][:n]
+    with torch.no_grad():
+        full = [model(s[None])[0] for s in seqs]  # per row, no padding: (n + k, V)
+        model.setup_caches(B, max_len + k)
+        pre = model(prompt)  # (B, max_len, V)
+        for b, n in enumerate(PROMPT_LENS):
+            err = (pre[b, :n] - full[b][:n]).abs().max().item()
+            assert err <= 1e-5, f"prefill row {b}: error {err:.3e}"
+        pos = torch.tensor(PROMPT_LENS)
+        for j in range(k):
+            tok = torch.stack([s[n + j] for s, n in zip(seqs, PROMPT_LENS)])
+            step = model(tok[:, None], input_pos=(pos + j)[:, None])[:, 0]  # (B, V)
+            for b, n in enumerate(PROMPT_LENS):
+                err = (step[b] - full[b][n + j]).abs().max().item()
+                assert err <= 1e-5, f"decode step {j} row {b}: error {err:.3e}"
+        model.clear_caches()
+    assert all(layer.attention.kv_cache is None for layer in model.layers)
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        model(tok[:, None], input_pos=pos[:, None])
+
+
+def test_greedy_equals_hf_generate(hf_pair):
+    hf, model = hf_pair(seed=6, n_kv_heads=2, tie=True)
+    prompts = _prompts(1)
+    out = generate(model, prompts, num_samples=2, max_new_tokens=12, temperature=0.0, stop_ids=(2,))
+    assert out.tokens.shape == (6, 12) and out.tokens.dtype == torch.int64
+    assert out.logprobs.dtype == torch.float32 and torch.all(out.logprobs == 0)
+    for i, p in enumerate(prompts):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(p) :]
+        for r in (2 * i, 2 * i + 1):  # both samples of a greedy prompt are the HF continuation
+            n = int(out.lengths[r])
+            assert out.tokens[r, :n].tolist() == ref[:n].tolist(), f"prompt {i} row {r}"
+            assert n == len(ref) or ref[n - 1] == 2
+
+
+def test_samples_share_prefill(hf_pair):
+    _, model = hf_pair(seed=7)
+    prompts = _prompts(2)
+    batch_sizes = []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    shared = generate(model, prompts, num_samples=3, max_new_tokens=5, temperature=1.0, seed=11)
+    hook.remove()
+    assert batch_sizes == [3, 9, 9, 9, 9], batch_sizes  # one prefill of the 3 prompts, then 9 rows
+    # Same draws as prefilling each prompt 3 times (row index and step key the random numbers).
+    repeated = generate(
+        model, [p for p in prompts for _ in range(3)], max_new_tokens=5, temperature=1.0, seed=11
+    )
+    assert torch.equal(shared.tokens, repeated.tokens)
+    torch.testing.assert_close(shared.logprobs, repeated.logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 20, 1.0), (1.0, 0, 0.9)]
+)
+def test_seeded_sampling_and_logprobs(hf_pair, temperature, top_k, top_p):
+    _, model = hf_pair(seed=8)
+    prompts = _prompts(3)
+    kw = dict(num_samples=4, max_new_tokens=7, temperature=temperature, top_k=top_k, top_p=top_p)
+    a = generate(model, prompts, seed=1, **kw)
+    b = generate(model, prompts, seed=1, **kw)
+    c = generate(model, prompts, seed=2, **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+    assert len({tuple(r) for r in a.tokens.tolist()}) > 3  # rows of one prompt differ
+    # Teacher-forced recomputation of each sampled token's log-prob under the same truncation.
+    from kernels.sampling import truncation_mask
+
+    rows = [prompts[r // 4] + row.tolist() for r, row in enumerate(a.tokens)]
+    width = max(len(x) for x in rows)
+    seq = torch.tensor([x + [0] * (width - len(x)) for x in rows])  # right-padded: causal, no mask needed
+    with torch.no_grad():
+        logits_all = model(seq).float() / temperature  # (N, width, V)
+    for r, row in enumerate(a.tokens):
+        n = len(prompts[r // 4])
+        logits = logits_all[r, n - 1 : n - 1 + len(row)]  # positions that predicted the sampled tokens
+        keep = truncation_mask(torch.softmax(logits, -1), top_k, top_p)
+        logp = torch.log_softmax(torch.where(keep, logits, float("-inf")), -1)
+        ref = logp.gather(-1, row[:, None])[:, 0]
+        err = (a.logprobs[r] - ref).abs().max().item()
+        assert err <= 1e-5, f"row {r}: logprob error {err:.3e}"
+
+
+def test_stop_ids_end_rows(hf_pair):
+    _, model = hf_pair(seed=9)
+    prompts = _prompts(4)
+    free = generate(model, prompts, num_samples=2, max_new_tokens=10, temperature=1.0, seed=3)
+    stop = int(free.tokens[0, 2])  # row 0 emits this at step 2 (or earlier)
+    out = generate(
+        model, prompts, num_samples=2, max_new_tokens=10, temperature=1.0, seed=3, stop_ids=(stop,), pad_id=-1
+    )
+    assert isinstance(out, Samples)
+    for r in range(6):
+        n = int(out.lengths[r])
+        row = out.tokens[r]
+        hits = (free.tokens[r] == stop).nonzero()
+        expected_n = int(hits[0]) + 1 if len(hits) else 10
+        assert n == expected_n, f"row {r}: length {n}, expected {expected_n}"
+        assert torch.equal(row[:n], free.tokens[r, :n])  # same draws up to the stop
+        assert torch.all(row[n:] == -1) and torch.all(out.logprobs[r, n:] == 0)
+        assert torch.all(out.logprobs[r, :n] < 0)
+    assert out.token_lists()[0][-1] == stop and len(out.token_lists()[0]) <= 3
+
+
+def test_all_rows_stop_early(hf_pair):
+    _, model = hf_pair(seed=10)
+    prompts = _prompts(5, lens=[4, 6])
+    first = generate(model, prompts, max_new_tokens=1, temperature=0.0).tokens[:, 0].tolist()
+    out = generate(model, prompts, max_new_tokens=40, temperature=0.0, stop_ids=first)
+    assert out.lengths.tolist() == [1, 1] and out.tokens.shape == (2, 40)
+    assert torch.all(out.tokens[:, 1:] == 0)
+
+
+def test_rejects_bad_arguments(hf_pair):
+    _, model = hf_pair(seed=0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(model, [[1, 2], []], max_new_tokens=3)
+    with pytest.raises(ValueError, match="num_samples"):
+        generate(model, [[1, 2]], num_samples=0, max_new_tokens=3)
