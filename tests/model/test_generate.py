@@ -142,3 +142,17 @@ def test_rejects_bad_arguments(hf_pair):
         generate(model, [[1, 2], []], max_new_tokens=3)
     with pytest.raises(ValueError, match="num_samples"):
         generate(model, [[1, 2]], num_samples=0, max_new_tokens=3)
+
+
+def test_shared_positions_as_1d_input_pos(hf_pair):
+    _, model = hf_pair(seed=11, n_kv_heads=1)
+    seq = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(seq)
+        model.setup_caches(2, 9)
+        model(seq[:, :6])
+        for t in range(6, 9):  # (T,) positions shared by all rows
+            step = model(seq[:, t : t + 1], input_pos=torch.tensor([t]))[:, 0]
+            err = (step - full[:, t]).abs().max().item()
+            assert err <= 1e-5, f"position {t}: error {err:.3e}"
+        model.clear_caches()
