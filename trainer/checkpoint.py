@@ -97,8 +97,11 @@ def save_checkpoint(run_dir, step: int, *, fsdp, optimizer, extra: dict, keep_la
     barrier()
 
     tensors = {f"{name}/param": t.to("cpu").contiguous() for name, t in fsdp.sharded_state_dict().items()}
-    opt_tensors, groups = _optimizer_state(fsdp, optimizer)
-    tensors.update(opt_tensors)
+    if optimizer is not None:
+        opt_tensors, groups = _optimizer_state(fsdp, optimizer)
+        tensors.update(opt_tensors)
+    else:
+        groups = []
     shard_file, extra_file = f"shard_rank{rank}.safetensors", f"extra_rank{rank}.pt"
     save_file(tensors, str(tmp / shard_file), metadata={"step": str(step), "rank": str(rank)})
     torch.save(extra, tmp / extra_file)
@@ -245,7 +248,7 @@ def load_latest_checkpoint(run_dir, *, fsdp, optimizer) -> dict | None:
             if state:
                 opt_state[name] = state
     fsdp.load_sharded_state_dict({n: t.to(fsdp.device) for n, t in shards.items()})
-    if optimizer is not None:
+    if optimizer is not None and manifest["param_groups"]:
         _load_optimizer(optimizer, fsdp, manifest["param_groups"], opt_state)
 
     src = rank if rank < manifest["world_size"] else 0

@@ -19,7 +19,8 @@ Schedule (per training micro-step):
   forward until its gradients are reduced, so the trainer may call `h = model.hidden(tokens)` and
   then `kernels.token_logprobs(h, model.output.weight, targets)` outside any module forward:
   `model.output.weight` is the full weight and its gradient reaches the shard;
-- pre-backward (tensor hook on the unit's outputs): re-gather the unit, prefetch the previous one;
+- pre-backward (tensor hook on the unit's outputs): re-gather the unit (not the untied embedding,
+  whose backward reads no weight values), prefetch the previous one;
 - post-backward (AccumulateGrad hooks; a final autograd callback for stragglers): copy the full
   gradients into a flat `reduce_dtype` buffer, reduce-scatter into the master shard's `.grad`
   (accumulating over micro-batches), free the full parameters and gradients.
@@ -99,6 +100,7 @@ class _Unit:
     awaiting_backward: bool = False
     grads_ready: int = 0
     n_grad_params: int = 0
+    gather_in_backward: bool = True  # False for an untied embedding: its backward needs no weight
     hooks: list = field(default_factory=list)
 
 
@@ -122,6 +124,8 @@ class HandFSDP:
         self._ag_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._summoned = False
         self._callback_queued = False
+        # schedule counters (tests check the gather/free pattern; cheap enough to keep on)
+        self.stats = {"all_gather": 0, "reduce_scatter": 0, "max_gathered": 0}
 
         tied = model.output.weight is model.tok_embeddings.weight
         blocks = [(f"layers.{i}", [blk], False) for i, blk in enumerate(model.layers)]
@@ -138,6 +142,10 @@ class HandFSDP:
         missing = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in covered]
         if missing:
             raise ValueError(f"apply_fsdp: parameters outside every unit: {missing}")
+        if not tied:
+            # embedding backward scatters the output grad by token id; the weight's values are never
+            # read, so skip its re-gather (for a 128k vocab the largest all-gather of the step)
+            self.units[0].gather_in_backward = False
         for u in self.units:
             self._register_hooks(u)
         if activation_checkpointing:
@@ -199,6 +207,9 @@ class HandFSDP:
         # Collectives write through full_io, a tensor with its own version counter on the same
         # storage: re-gathering must not bump the version of the parameter views autograd saved.
         _resize(u.full, u.padded)  # allocated on the current stream (see _wait)
+        self.stats["all_gather"] += 1
+        live = sum(v.gathered or v.pending is not None for v in self.units) + 1
+        self.stats["max_gathered"] = max(self.stats["max_gathered"], live)
         if not self.distributed or self.world == 1:
             with torch.no_grad():
                 u.full_io.copy_(u.shard.detach())
@@ -241,6 +252,10 @@ class HandFSDP:
             _resize(u.full, 0)
             u.gathered = False
 
+    def gathered_units(self) -> list[str]:
+        """Names of the units whose full parameters are currently allocated."""
+        return [u.name for u in self.units if u.gathered or u.pending is not None]
+
     def reshard(self) -> None:
         """Free every gathered unit that is not waiting for its backward (e.g. after no-grad forwards)."""
         for u in self.units:
@@ -274,10 +289,11 @@ class HandFSDP:
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._final_callback)
-        self._ensure_gathered(u)
-        i = u.index
-        if i > 0 and self.units[i - 1].awaiting_backward:
-            self._gather(self.units[i - 1], async_op=True)  # prefetch the previous unit
+        if u.gather_in_backward:
+            self._ensure_gathered(u)
+        prev = self.units[u.index - 1] if u.index > 0 else None
+        if prev is not None and prev.awaiting_backward and prev.gather_in_backward:
+            self._gather(prev, async_op=True)  # prefetch the previous unit
         return grad
 
     def _on_grad(self, u: _Unit, param):
@@ -302,6 +318,7 @@ class HandFSDP:
                 flat[s.offset : s.offset + s.numel].copy_(p.grad.reshape(-1))  # upcast if bf16
                 p.grad = None
         shard_numel = u.padded // self.world
+        self.stats["reduce_scatter"] += 1
         if self.distributed and self.world > 1:
             out = torch.empty(shard_numel, dtype=self.reduce_dtype, device=self.device)
             _reduce_scatter(out, flat, op=dist.ReduceOp.SUM, group=self.group)

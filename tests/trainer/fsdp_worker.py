@@ -170,6 +170,21 @@ def scenario_fsdp2(info, tied, param_dtype=torch.float32):
     return {"ref_losses": ref_losses, "losses": losses, "param_diff": diff}
 
 
+def scenario_schedule(info, tied, ac):
+    """Collective counts and what stays gathered: one training step, then a no-grad forward."""
+    model = build_model(tied)
+    fsdp = apply_fsdp(model, activation_checkpointing=ac)
+    train_hand(model, fsdp, make_opt(fsdp.parameters()), info, 1, loss_hidden)
+    res = {"n_layers": len(model.layers), "step": dict(fsdp.stats), "after_step": fsdp.gathered_units()}
+    x, y, m = global_batch(0)
+    with torch.no_grad():
+        loss_hidden(model, x, y, m, m.sum())  # the head weight must stay usable after hidden()
+    res["after_no_grad"] = fsdp.gathered_units()
+    fsdp.reshard()
+    res["after_reshard"] = fsdp.gathered_units()
+    return res
+
+
 def scenario_memory(info):
     model = build_model(tied=False)
     fsdp = apply_fsdp(model)
@@ -226,6 +241,9 @@ def phase_fsdp(out: Path, info):
         res["fsdp2"][f"tied={tied},fp32"] = scenario_fsdp2(info, tied)
     res["fsdp2"]["tied=False,bf16"] = scenario_fsdp2(info, False, torch.bfloat16)
     res["memory"] = scenario_memory(info)
+    res["schedule"] = {
+        f"tied={t},ac={a}": scenario_schedule(info, t, a) for t in (False, True) for a in (False, True)
+    }
     return res
 
 

@@ -69,6 +69,23 @@ def test_hand_fsdp_matches_pytorch_fsdp2(results, case):
     assert r["param_diff"] <= PARAM_ATOL, f"[{case}] max |hand - FSDP2| = {r['param_diff']:.3g}"
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_gather_free_schedule(results, case):
+    """Each unit gathered once in forward and once more in backward (not the untied embedding,
+    whose backward reads no weights), one reduce-scatter per unit, nothing left after backward.
+    Units alive at once: current block + prefetched block; + the sticky embed_head when tied (the
+    untied head is reduced and freed before the last block's backward starts)."""
+    r = results["schedule"][case]
+    L, tied = r["n_layers"], case.startswith("tied=True")
+    n_units = L + (1 if tied else 2)
+    want = {"all_gather": n_units + L, "reduce_scatter": n_units, "max_gathered": 3 if tied else 2}
+    assert r["step"] == want, f"[{case}] one step: {r['step']}, want {want}"
+    assert r["after_step"] == [], f"[{case}] still gathered after the step: {r['after_step']}"
+    head = "embed_head" if tied else "head"
+    assert r["after_no_grad"] == [head], f"[{case}] after a no-grad hidden(): {r['after_no_grad']}"
+    assert r["after_reshard"] == [], f"[{case}] after reshard(): {r['after_reshard']}"
+
+
 def test_memory_report_is_half_per_rank(results):
     m = results["memory"]
     assert m["world_size"] == 2
