@@ -7,7 +7,7 @@
 // the inverse-CDF target and the log-prob -- is a __host__ __device__ function in this file.
 //
 // Math (semantics: kernels/sampling.py):
-//   xs_i = x_i / T,  m = max_i xs_i,  e_i = exp(xs_i - m) in (0, 1]     (fp32, p_i = e_i / sum e)
+//   xs_i = x_i * (1/T),  m = max_i xs_i,  e_i = exp(xs_i - m) in (0, 1]     (fp32, p_i = e_i / sum e)
 //   key_i = bits(e_i)     -- non-negative floats order like their bit patterns
 //   q_i = round(e_i * 2^s) -- fixed-point mass (s = 46 for V = 128256): sums are exact, order-free,
 //                             deterministic, and the same on host and device
@@ -80,11 +80,11 @@ STRL_HD float to_float(Bf16 x) { return bits_to_float(static_cast<uint32_t>(x.bi
 
 // Each pass recomputes the weights, so every pass must produce the same bits for the same logit:
 // the _rn intrinsics are never contracted into an FMA, whatever the call site.
-STRL_HD float div_rn(float a, float b) {
+STRL_HD float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
+  return __fmul_rn(a, b);
 #else
-  return a / b;
+  return a * b;
 #endif
 }
 
@@ -99,11 +99,11 @@ STRL_HD float sub_rn(float a, float b) {
 // Weight of one logit: e = exp(x / T - m), in [0, 1], and its fixed-point mass. NaN (from NaN
 // logits or an all -inf row) becomes weight 0, so it is never drawn.
 struct WeightFn {
-  float temperature;
-  float m;            // max scaled logit
+  float inv_temperature;  // 1 / T in fp32, as torch scales by a scalar divisor on CUDA
+  float m;                // max scaled logit
   double mass_scale;  // 2^s, s = mass_shift_for_vocab(V)
 
-  STRL_HD float scaled(float x) const { return div_rn(x, temperature); }
+  STRL_HD float scaled(float x) const { return mul_rn(x, inv_temperature); }
   STRL_HD float weight(float x) const {
     const float e = expf(sub_rn(scaled(x), m));
     return e > 0.0f ? e : 0.0f;
@@ -266,8 +266,9 @@ template <class Exec>
 STRL_HD RowResult sample_row(Exec& ex, const RowParams& prm, uint64_t row) {
   const float xmax = ex.max_logit();
   if (prm.temperature == 0.0f) return RowResult{ex.first_index_of(xmax), 0.0f};  // greedy: first arg-max
-  // max(x / T) = max(x) / T for T > 0: division by a positive number is monotone, also rounded.
-  const WeightFn fn{prm.temperature, div_rn(xmax, prm.temperature), ldexp(1.0, mass_shift_for_vocab(ex.vocab()))};
+  // max(x / T) = max(x) / T for T > 0: scaling by a positive number is monotone, also rounded.
+  const float inv_t = 1.0f / prm.temperature;
+  const WeightFn fn{inv_t, mul_rn(xmax, inv_t), ldexp(1.0, mass_shift_for_vocab(ex.vocab()))};
 
   KeptSet kept{0, 0};
   if (prm.top_k > 0 && prm.top_k < ex.vocab()) kept = radix_select(ex, fn, 0, false, prm.top_k, 0.0, 0);

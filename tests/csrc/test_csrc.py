@@ -78,6 +78,8 @@ def artifacts() -> dict[str, Path]:
     }
     if all(p.exists() for p in paths.values()):
         return paths
+    for stale in out.parent.glob("*"):  # builds of older sources
+        shutil.rmtree(stale, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     tdir = _torch_dir()
     inc = ["-isystem", str(tdir / "include"), "-isystem", str(tdir / "include/torch/csrc/api/include")]
