@@ -21,15 +21,16 @@ from trainer.policy import model_policy
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _evaluate(policy, games: list[str], eval_cfg, history_window: int):
-    import harness
+def _evaluate(policy, games: list[str], eval_cfg, history_window: int, seed: int = 0):
+    from harness.evaluate import evaluate
 
-    return harness.evaluate(
+    return evaluate(
         policy,
         games,
         max_steps=eval_cfg.max_steps,
         num_workers=eval_cfg.num_workers,
         history_window=history_window,
+        seed=seed,
     )
 
 
@@ -62,12 +63,10 @@ def run_eval(
 
 def run_random_eval(*, games: list[str], eval_cfg, history_window: int, run_dir: Path, seed: int) -> dict:
     """The uniform-random policy over admissible actions (the table's floor); rank 0 plays."""
-    import harness
-
     t0 = time.perf_counter()
     report = None
     if is_main():
-        rep = _evaluate(harness.random_policy(seed=seed), games, eval_cfg, history_window)
+        rep = _evaluate("random", games, eval_cfg, history_window, seed=seed)
         report = _save(rep, "random", run_dir, time.perf_counter() - t0)
     barrier()
     return broadcast_object(report)

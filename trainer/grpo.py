@@ -58,7 +58,7 @@ def select_sequences(
     adv_scale: str = "std",
 ) -> GRPOBatch:
     """Advantages per group, then keep the sequences of groups with reward variance."""
-    from kernels import group_advantages
+    from kernels.group_advantages import group_advantages
 
     adv = group_advantages(rewards, group_size, scale=adv_scale)  # (B*G,) fp32
     zero_var = zero_variance_groups(rewards, group_size)  # (B,)
@@ -96,7 +96,7 @@ def fill_reference_logprobs(
     ref_model, ref_head, batch: GRPOBatch, *, micro_batch_size, pad_id, device, temperature
 ):
     """ref_logp of every kept (and the dummy) sequence under the frozen reference model."""
-    from kernels import token_logprobs
+    from kernels.token_logprobs import token_logprobs
 
     for mb, _ in micro_batches(batch, micro_batch_size):
         packed = pack_completions(
@@ -132,7 +132,7 @@ def grpo_forward_backward(
 
     loss = sum_tokens grpo_loss / global_tokens. Statistics (clip_frac, ratio, kl) are token means.
     """
-    from kernels import grpo_loss
+    from kernels.grpo_loss import grpo_loss
 
     sums = torch.zeros(5, dtype=torch.float64)  # loss, clip, ratio, kl, nonfinite
     for mb, weight in mbs:

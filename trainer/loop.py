@@ -36,6 +36,10 @@ from trainer.reward import expert_match_rewards
 from trainer.rollout import rollout_seed, sample_responses
 from trainer.sft import sft_forward_backward
 
+# Right padding of packed training sequences: any in-vocabulary id works (causal attention keeps it
+# invisible and it is never a target); the tokenizer's pad id may lie outside the embedding.
+_PACK_PAD = 0
+
 
 @dataclass
 class StageSpan:
@@ -129,7 +133,7 @@ class StepRunner:
             self.head,
             local,
             micro_batch_size=c.sft.micro_batch_size,
-            pad_id=self.tokenizer.pad_id,
+            pad_id=_PACK_PAD,
             device=self.info.device,
         )
         lr = lr_at(c.optim, c.sft.lr or c.optim.lr, step_in_stage, total)
@@ -196,7 +200,7 @@ class StepRunner:
             self.skipped_steps += 1
         else:
             mbs = micro_batches(batch, c.grpo.micro_batch_size)
-            kw = dict(pad_id=self.tokenizer.pad_id, device=self.info.device)
+            kw = dict(pad_id=_PACK_PAD, device=self.info.device)
             if c.grpo.kl_coef > 0:
                 fill_reference_logprobs(
                     self.ref,

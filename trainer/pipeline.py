@@ -13,6 +13,7 @@ files (paths broadcast), so every rank sees identical data.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 
 from trainer.data import prompt_messages, read_states
 from trainer.dist import barrier, broadcast_object, is_main
+
+_WORKERS = max(1, min(4, os.cpu_count() or 1))  # env processes for generation / expert states
 
 
 @dataclass
@@ -67,7 +70,11 @@ def _prepare_on_main(data_cfg, *, model_path: str, need_eval_games: bool) -> Dat
         states_path = root / f"states-train-n{data_cfg.train_games}-s{data_cfg.games_seed}.jsonl"
         if not states_path.exists():
             tmp = states_path.with_suffix(".tmp")
-            n = _timed(timings, "collect_states", lambda: harness.collect_states(train_games, tmp))
+            n = _timed(
+                timings,
+                "collect_states",
+                lambda: harness.collect_states(train_games, tmp, num_workers=_WORKERS),
+            )
             tmp.rename(states_path)  # atomic: a killed collection never leaves a partial states file
             print(
                 f"[data] collected {n} expert states from {len(train_games)} games -> {states_path}",
@@ -82,7 +89,7 @@ def _prepare_on_main(data_cfg, *, model_path: str, need_eval_games: bool) -> Dat
                 timings,
                 f"generate_{split}_games",
                 lambda split=split: harness.generate_games(
-                    root / split, split, data_cfg.eval_games, data_cfg.games_seed + 1
+                    root / split, split, data_cfg.eval_games, data_cfg.games_seed + 1, num_workers=_WORKERS
                 ),
             )
             eval_games[split] = [str(g) for g in games]

@@ -19,7 +19,7 @@ from trainer.dist import all_reduce_sum
 
 def action_logprobs(model, head, packed) -> torch.Tensor:
     """logp[N] fp32 of packed.targets under the model (differentiable): hidden -> gather -> fused head."""
-    from kernels import token_logprobs
+    from kernels.token_logprobs import token_logprobs
 
     h = model.hidden(packed.tokens)  # (B, T, D)
     h_N = h[packed.rows, packed.cols]  # (N, D)
