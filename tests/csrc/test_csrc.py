@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 NVCC = shutil.which("nvcc")
 CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-pytestmark = pytest.mark.skipif(NVCC is None or CXX is None, reason="nvcc or a host C++ compiler is not on PATH")
+pytestmark = pytest.mark.skipif(
+    NVCC is None or CXX is None, reason="nvcc or a host C++ compiler is not on PATH"
+)
 
 NVCC_FLAGS = [
     "-std=c++17", "-O3", "-Werror", "all-warnings", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror",
@@ -43,7 +45,11 @@ def _torch_dir() -> Path:
 
 def _cuda_home() -> Path:
     # $CUDA_HOME, else where nvcc lives (nvcc on PATH may be a wrapper script), else /usr/local/cuda.
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), str(Path(NVCC).resolve().parent.parent)]
+    candidates = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        str(Path(NVCC).resolve().parent.parent),
+    ]
     for home in [Path(c) for c in candidates if c] + [Path("/usr/local/cuda")]:
         if (home / "lib64" / "libcudart_static.a").exists():
             return home
@@ -114,9 +120,9 @@ def test_nvcc_compiled_every_kernel_for_sm90a_and_sm80(artifacts):
     log = artifacts["nvcc_log"].read_text()
     for arch in ("sm_90a", "sm_80"):
         for dtype in ("IfE", "INS_4Bf16E"):  # the fp32 and bf16 instantiations (mangled)
-            assert any(f"sample_tokens_kernel{dtype}" in ln and f"'{arch}'" in ln for ln in log.splitlines()), (
-                f"no {dtype} kernel compiled for {arch} in the ptxas log:\n{log}"
-            )
+            assert any(
+                f"sample_tokens_kernel{dtype}" in ln and f"'{arch}'" in ln for ln in log.splitlines()
+            ), f"no {dtype} kernel compiled for {arch} in the ptxas log:\n{log}"
 
 
 def test_schema_registered(op_library):
@@ -221,8 +227,12 @@ def test_host_logic_matches_reference(host_results, case):
     )
     assert tokens.shape == (B,), f"{name}: host printed {tokens.shape[0]} rows, expected {B}"
     bad = (tokens != ref_tokens).nonzero().flatten().tolist()
-    assert not bad, f"{name}: tokens differ at rows {bad}: host {tokens[bad].tolist()} ref {ref_tokens[bad].tolist()}"
+    assert not bad, (
+        f"{name}: tokens differ at rows {bad}: host {tokens[bad].tolist()} ref {ref_tokens[bad].tolist()}"
+    )
     err = (logprobs - ref_logprobs).abs()
     assert err.max() <= 1e-5, f"{name}: logprob error {err.max():.3g} at row {err.argmax().item()}"
     if V > 1 and T > 0:
-        assert tokens.unique().numel() > 1 or name.startswith("peaked"), f"{name}: every row drew the same token"
+        assert tokens.unique().numel() > 1 or name.startswith("peaked"), (
+            f"{name}: every row drew the same token"
+        )
