@@ -225,9 +225,14 @@ def run_ckpt(info, run_dir, *, resume: bool, steps_before: int, steps_after: int
 def phase_ckpt_single(out: Path, info):
     ref_losses, _, _ = train_reference(build_model(tied=False), CKPT_STEPS, loss_hidden)
     w1 = run_ckpt(
-        info, out / "ckpt_w1", resume=False, steps_before=CKPT_AT, steps_after=0, extra={"tag": "w1"}
+        info,
+        out / "ckpt_w1",
+        resume=False,
+        steps_before=CKPT_AT,
+        steps_after=CKPT_STEPS - CKPT_AT,
+        extra={"tag": "w1"},
     )
-    return {"ref_losses": ref_losses, "w1_before": w1["losses_before"]}
+    return {"ref_losses": ref_losses, "w1": w1["losses_before"] + w1["losses_after"]}
 
 
 def phase_fsdp(out: Path, info):
@@ -258,6 +263,8 @@ def phase_ckpt_dist(out: Path, info):
         steps_after=CKPT_STEPS - CKPT_AT,
         extra=extra,
     )
+    r22 = run_ckpt(info, out / "ckpt_w2", resume=True, steps_before=0, steps_after=CKPT_STEPS - CKPT_AT)
+    res["w2_to_w2"] = r22["losses_after"]
     r12 = run_ckpt(info, out / "ckpt_w1", resume=True, steps_before=0, steps_after=CKPT_STEPS - CKPT_AT)
     res["w1_to_w2"] = {
         "losses": r12["losses_after"],
@@ -312,7 +319,13 @@ def scenario_export(info, out: Path):
 
 def phase_ckpt_load1(out: Path, info):
     r21 = run_ckpt(info, out / "ckpt_w2", resume=True, steps_before=0, steps_after=CKPT_STEPS - CKPT_AT)
-    return {"losses": r21["losses_after"], "step": r21["loaded"]["step"], "tag": r21["loaded"]["tag"]}
+    r11 = run_ckpt(info, out / "ckpt_w1", resume=True, steps_before=0, steps_after=CKPT_STEPS - CKPT_AT)
+    return {
+        "losses": r21["losses_after"],
+        "step": r21["loaded"]["step"],
+        "tag": r21["loaded"]["tag"],
+        "w1_to_w1": r11["losses_after"],
+    }
 
 
 PHASES = {
