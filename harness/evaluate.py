@@ -144,8 +144,12 @@ def evaluate(
     batch_size: int | None = None,
     seed: int = 0,
     step_timeout: float = 60.0,
+    pool=None,
 ) -> EvalReport:
-    """Play each game once with `policy`; see the module docstring. Returns an `EvalReport`."""
+    """Play each game once with `policy`; see the module docstring. Returns an `EvalReport`.
+
+    pool: an existing `EnvPool` over `games` to play in (default: a fresh one, closed after).
+    """
     games = [str(g) for g in games]
     act, name = _policy_act(policy, history_window, seed)
     t0 = time.perf_counter()
@@ -157,6 +161,7 @@ def evaluate(
         expert=expert,
         batch_size=batch_size,
         step_timeout=step_timeout,
+        pool=pool,
     )
     seconds = time.perf_counter() - t0
     expert_steps = {g: _cached_expert_steps(g, expert) for g in set(games)}

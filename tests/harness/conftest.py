@@ -25,4 +25,6 @@ def train_games(tmp_path_factory):
 def unseen_games(tmp_path_factory):
     from harness import generate_games
 
-    return generate_games(tmp_path_factory.mktemp("games") / "valid_unseen", "valid_unseen", 6, seed=0, num_workers=2)
+    return generate_games(
+        tmp_path_factory.mktemp("games") / "valid_unseen", "valid_unseen", 6, seed=0, num_workers=2
+    )

@@ -114,7 +114,9 @@ def test_find_games_accepts_official_layout(tmp_path, train_games):
     data = json.loads((bad / "game.tw-pddl").read_text())
     data["solvable"] = False
     (bad / "game.tw-pddl").write_text(json.dumps(data))
-    shutil.copytree(train_games[1].parent, root / "valid_seen" / "pick_and_place_with_movable_recep-A-B-C-1" / "t")
+    shutil.copytree(
+        train_games[1].parent, root / "valid_seen" / "pick_and_place_with_movable_recep-A-B-C-1" / "t"
+    )
     found = find_games(root, "valid_seen")
     assert [g.parent.parent.name for g in found] == sorted(g.parent.parent.name for g in train_games[:2])
     assert find_games(root / "valid_seen") == found

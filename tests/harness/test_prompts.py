@@ -36,7 +36,10 @@ def test_round_trip_every_admissible_action(action):
     [
         ("  Take   Mug 1 FROM countertop 2 \n", "take mug 1 from countertop 2"),  # case + whitespace
         ("GO TO CABINET 1.", "go to cabinet 1"),  # trailing period
-        ("The mug is here, so I pick it up.\nAction: take mug 1 from countertop 2", "take mug 1 from countertop 2"),
+        (
+            "The mug is here, so I pick it up.\nAction: take mug 1 from countertop 2",
+            "take mug 1 from countertop 2",
+        ),
         ("Thought: first look.\naction:   look  ", "look"),  # lower-case marker
         ("Action: go to cabinet 1\nAction: look", "look"),  # the last 'Action:' wins
         ("Action: `go to countertop 2`", "go to countertop 2"),  # code quotes
@@ -51,7 +54,16 @@ def test_parse_normalizes(text, expected):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   \n ", None, "go to cabinet 7", "Action: fly away", "take mug 1", "Action:", "look around the room"],
+    [
+        "",
+        "   \n ",
+        None,
+        "go to cabinet 7",
+        "Action: fly away",
+        "take mug 1",
+        "Action:",
+        "look around the room",
+    ],
 )
 def test_parse_rejects_empty_and_inadmissible(text):
     assert parse_action(text, ADMISSIBLE) is None
@@ -88,7 +100,9 @@ def test_render_prompt_history_window():
 
 def test_render_then_parse_expert_action_round_trip():
     state = _state()
-    response = f"Reasoning about {render_prompt(state)[1]['content'][:20]}...\nAction: {state['expert_action']}"
+    response = (
+        f"Reasoning about {render_prompt(state)[1]['content'][:20]}...\nAction: {state['expert_action']}"
+    )
     assert parse_action(response, state["admissible"]) == state["expert_action"]
 
 
