@@ -11,8 +11,12 @@ The host-side C++ check of the kernel's per-row logic is in tests/csrc/test_csrc
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,6 +150,17 @@ def test_no_build_attempt_without_cuda():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _csrc.load() is False or _csrc.op_registered()
+
+
+def test_bench_quick_smoke(tmp_path):
+    bench = Path(__file__).resolve().parents[2] / "bench" / "bench_sampling.py"
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--quick", "--out-dir", str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "sampling.jsonl").read_text().splitlines()]
+    assert rows and all(r["ms_p50"] > 0 and r["V"] == 128256 and r["git_sha"] for r in rows), rows
+    assert "| impl |" in (tmp_path / "sampling.md").read_text()
 
 
 # ---------------------------------------------------------------- CUDA kernel (GPU)
