@@ -59,8 +59,8 @@ def _token_logprobs_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Columns [s*v_split, (s+1)*v_split) of rows [BLOCK_N]: online m, s = sum exp(z - m), and
-    (entropy) t = sum exp(z - m) * z; stores lse_s = m + log s, mu_s = t / s, and z[target] when the
-    target lies in this range. The host combines splits: lse = logsumexp_s lse_s. The split start is
+    (entropy) t = sum exp(z - m) * (z - m); stores lse_s = m + log s, c_s = E_s[z] - lse_s = t/s - log s
+    (softmax restricted to the split), and z[target] when the target lies in this range. The host combines splits: lse = logsumexp_s lse_s. The split start is
     < V (host guarantees), so the first tile has a finite max and no -inf - -inf appears."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -94,14 +94,17 @@ def _token_logprobs_fwd_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])  # (BLOCK_N, BLOCK_V), 0 on padded columns
+        if (
+            COMPUTE_ENTROPY
+        ):  # t = sum exp(z - m) * (z - m), re-shifted when m grows (no lse - E[z] cancellation)
+            shift = tl.where(s > 0, (m - m_new) * s, 0.0)  # s == 0 only before the first tile (m == -inf)
+            t = (t + shift) * alpha + tl.sum(p * tl.where(v_mask[None, :], z - m_new[:, None], 0.0), axis=1)
         s = s * alpha + tl.sum(p, axis=1)
-        if COMPUTE_ENTROPY:
-            t = t * alpha + tl.sum(p * tl.where(v_mask[None, :], z, 0.0), axis=1)
         m = m_new
         z_tgt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
     tl.store(lse_part_ptr + pid_s * N + offs_n, m + tl.log(s), mask=n_mask)
     if COMPUTE_ENTROPY:
-        tl.store(mu_part_ptr + pid_s * N + offs_n, t / s, mask=n_mask)
+        tl.store(mu_part_ptr + pid_s * N + offs_n, t / s - tl.log(s), mask=n_mask)  # E_s[z] - lse_s
     in_split = (tgt >= v_lo) & (tgt < v_lo + v_split) & (tgt != ignore_index)
     tl.store(z_tgt_ptr + offs_n, z_tgt, mask=n_mask & in_split)
 
@@ -212,10 +215,10 @@ DWEIGHT_BLOCKS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 
 # Vocab split / chunk widths are multiples of this, hence of every BLOCK_V above.
 V_ALIGN = 256
 # Under the interpreter: fixed small tiles (tl.dot needs >= 16), no autotuning.
-INTERPRET_FWD = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16)
-INTERPRET_DHIDDEN = dict(BLOCK_N=16, BLOCK_D=16, BLOCK_V=32)
-INTERPRET_DWEIGHT = dict(BLOCK_V=32, BLOCK_D=16, BLOCK_N=16)
-INTERPRET_V_ALIGN = 32
+INTERPRET_FWD = dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=32)
+INTERPRET_DHIDDEN = dict(BLOCK_N=32, BLOCK_D=32, BLOCK_V=128)
+INTERPRET_DWEIGHT = dict(BLOCK_V=128, BLOCK_D=32, BLOCK_N=32)
+INTERPRET_V_ALIGN = 128
 
 _FWD_NAMES = ("BLOCK_N", "BLOCK_V", "BLOCK_D")
 _DH_NAMES = ("BLOCK_N", "BLOCK_D", "BLOCK_V")

@@ -27,7 +27,7 @@ from kernels._backend import interpreting, select_backend
 
 IGNORE_INDEX = -100
 # Budget for one chunk of fp32 logits in the PyTorch reference (a few such buffers live at once).
-_TORCH_CHUNK_BYTES = 16 * 2**20
+_TORCH_CHUNK_BYTES = 8 * 2**20
 # Budget for the Triton backward's dlogits chunk [N, Vc] (input dtype).
 _TRITON_DLOGITS_BYTES = 32 * 2**20
 
@@ -75,14 +75,14 @@ def _token_logprobs_torch_fwd(hidden, weight, targets, inv_temp, ignore_index, c
         h, t = hidden[n0 : n0 + rows], targets[n0 : n0 + rows]
         valid = t != ignore_index
         # The matmul runs in the input dtype (like F.linear); everything after it in fp32.
-        z = (h @ weight.T).float() * inv_temp  # (n, V)
+        z = (h @ weight.T).float().mul_(inv_temp)  # (n, V); in place: the matmul output is fresh
         lse_c = torch.logsumexp(z, dim=-1)  # (n,)
         z_t = z.gather(1, torch.where(valid, t, 0).long()[:, None]).squeeze(1)
         logp[n0 : n0 + rows] = torch.where(valid, z_t - lse_c, 0.0)
         lse[n0 : n0 + rows] = lse_c
         if compute_entropy:
             p = torch.exp(z - lse_c[:, None])  # (n, V)
-            entropy[n0 : n0 + rows] = torch.where(valid, lse_c - (p * z).sum(-1), 0.0)
+            entropy[n0 : n0 + rows] = torch.where(valid, -(p * (z - lse_c[:, None])).sum(-1), 0.0)
     return logp, lse, entropy
 
 
@@ -97,8 +97,8 @@ def _token_logprobs_torch_bwd(grad_logp, hidden, weight, targets, lse, inv_temp,
         h, t = hidden[n0 : n0 + rows], targets[n0 : n0 + rows]
         valid = t != ignore_index
         g = torch.where(valid, grad_logp[n0 : n0 + rows].float(), 0.0)  # masked rows: exact zero grad
-        z = (h @ weight.T).float() * inv_temp  # (n, V)
-        dz = torch.exp(z - lse[n0 : n0 + rows, None]).mul_(-g[:, None])  # -g * softmax
+        z = (h @ weight.T).float().mul_(inv_temp)  # (n, V)
+        dz = z.sub_(lse[n0 : n0 + rows, None]).exp_().mul_(-g[:, None])  # -g * softmax, in z's buffer
         dz.scatter_add_(1, torch.where(valid, t, 0).long()[:, None], g[:, None])  # + g * onehot
         dz.mul_(inv_temp)
         d_hidden[n0 : n0 + rows] = dz.to(hidden.dtype) @ weight
@@ -131,7 +131,7 @@ def _triton_fwd(hidden, weight, targets, inv_temp, ignore_index, compute_entropy
     logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     if N == 0:
         return logp, logp.clone(), (logp.clone() if compute_entropy else None)
-    align, rows = (K.INTERPRET_V_ALIGN, 16) if interpreting() else (K.V_ALIGN, 128)
+    align, rows = (K.INTERPRET_V_ALIGN, K.INTERPRET_FWD["BLOCK_N"]) if interpreting() else (K.V_ALIGN, 128)
     # Enough (row block, vocab range) programs to fill the GPU ~4 waves even when N is small.
     splits = max(1, min(_cdiv(4 * _num_sms(hidden.device), _cdiv(N, rows)), _cdiv(V, align)))
     v_split = _cdiv(_cdiv(V, splits), align) * align
@@ -151,8 +151,9 @@ def _triton_fwd(hidden, weight, targets, inv_temp, ignore_index, compute_entropy
     logp = torch.where(valid, z_tgt - lse, 0.0)
     entropy = None
     if compute_entropy:
-        mean_z = (torch.exp(lse_part - lse) * mu_part).sum(0)  # E_p[z] from per-split softmax means
-        entropy = torch.where(valid, lse - mean_z, 0.0)
+        # H = lse - E[z] = -sum_s w_s (c_s + lse_s - lse), w_s = exp(lse_s - lse): small terms only.
+        entropy = -(torch.exp(lse_part - lse) * (mu_part + lse_part - lse)).sum(0)
+        entropy = torch.where(valid, entropy, 0.0)
     return logp, lse, entropy
 
 
