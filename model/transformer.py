@@ -12,8 +12,9 @@ Numerics follow HF `LlamaForCausalLM` op for op so real checkpoints give the sam
 - Logits keep the parameter dtype (bf16 for bf16 weights, like HF); losses that need fp32 call
   `hidden()` and fuse the head (kernels.token_logprobs) instead of materializing logits.
 
-Attention: `flash_attn.flash_attn_func` (causal, GQA-native) for CUDA tensors when flash-attn is
-installed and no KV cache is read; `F.scaled_dot_product_attention` otherwise.
+Attention: `flash_attn.flash_attn_func` (causal, GQA-native) for fp16/bf16 CUDA tensors when
+flash-attn is installed and no KV cache is read (training, prefill); `F.scaled_dot_product_attention`
+otherwise (decoding reads the static cache through a per-row position mask).
 
 References: Meta llama-models `model.py`; gpt-fast `model.py`; HF `modeling_llama.py`;
 LLaMA-3.1 RoPE scaling (`_compute_llama3_parameters`).
@@ -149,21 +150,21 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
 
-        if input_pos is None and flash_attn_func is not None and x.is_cuda and self.kv_cache is None:
-            y = flash_attn_func(q, k, v, causal=True)  # (B, T, H, hd), GQA handled by the kernel
-            return self.wo(y.reshape(B, T, -1))
-
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if input_pos is None:
             # Positions 0..T-1: plain causal attention over this chunk; a cache (if any) only records it.
             if self.kv_cache is not None:
-                self.kv_cache.write_prefix(k, v)
+                self.kv_cache.write_prefix(k.transpose(1, 2), v.transpose(1, 2))
+            if flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+                y = flash_attn_func(q, k, v, causal=True)  # (B, T, H, hd), GQA handled by the kernel
+                return self.wo(y.reshape(B, T, -1))
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
             )  # (B, H, T, hd)
         else:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call model.setup_caches(...) first")
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
             k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
             # A query at position p sees cache slots 0..p of its own row (slots past p hold stale data).
             slots = torch.arange(k_all.shape[2], device=x.device)
