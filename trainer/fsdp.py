@@ -267,8 +267,10 @@ class HandFSDP:
         if self._summoned:
             return
         i = u.index
-        if i == 0 and not u.gathered:  # a new forward starts: drop leftovers of no-grad forwards
-            self.reshard()
+        if i == 0:  # a new forward starts (AC recomputation never runs these hooks)
+            self._callback_queued = False  # in case a failed backward never ran its final callback
+            if not u.gathered:
+                self.reshard()  # drop leftovers of no-grad forwards
         self._ensure_gathered(u)
         if module is u.modules[0] and i + 1 < len(self.units):
             self._gather(self.units[i + 1], async_op=True)  # prefetch the next unit
@@ -369,7 +371,10 @@ class HandFSDP:
         into the master shard. Cannot be entered while a backward is pending.
         """
         if any(u.awaiting_backward for u in self.units):
-            raise RuntimeError("summon_full_params: a backward is pending; call it after backward()")
+            raise RuntimeError(
+                "summon_full_params: a forward ran with grad enabled and its backward has not run yet; "
+                "call it after backward(), and wrap forwards that need no gradient in torch.no_grad()"
+            )
         self.reshard()
         dtype = dtype or self.param_dtype
         saved = []
@@ -437,22 +442,15 @@ class HandFSDP:
 
     def layout(self) -> dict:
         """The flat layout (for checkpoint manifests and resharding to another world size)."""
-        return {
-            "world_size": self.world,
-            "units": [
-                {
-                    "name": u.name,
-                    "numel": u.numel,
-                    "padded": u.padded,
-                    "shard_numel": u.padded // self.world,
-                    "params": [
-                        {"fqns": s.fqns, "shape": list(s.shape), "offset": s.offset, "numel": s.numel}
-                        for s in u.slots
-                    ],
-                }
-                for u in self.units
-            ],
-        }
+        units = []
+        for u in self.units:
+            params = [
+                {"fqns": s.fqns, "shape": list(s.shape), "offset": s.offset, "numel": s.numel}
+                for s in u.slots
+            ]
+            units.append({"name": u.name, "numel": u.numel, "padded": u.padded, "params": params})
+            units[-1]["shard_numel"] = u.padded // self.world
+        return {"world_size": self.world, "units": units}
 
     def memory_report(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """Per-rank bytes of master params + grads + optimizer state, vs the unsharded fp32 total."""
@@ -480,15 +478,9 @@ class HandFSDP:
         }
 
 
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for y in x:
-            yield from _tensors(y)
-    elif isinstance(x, dict):
-        for y in x.values():
-            yield from _tensors(y)
+def _tensors(x) -> list[torch.Tensor]:
+    # the units' modules return a tensor; tolerate a flat tuple/list (e.g. a block returning extras)
+    return [x] if isinstance(x, torch.Tensor) else [t for t in x if isinstance(t, torch.Tensor)]
 
 
 def _checkpointed(forward, *args, **kwargs):
