@@ -247,6 +247,76 @@ class GRPOConfig:
 
 
 @dataclass(kw_only=True)
+class PPOConfig:
+    """The multi-turn baselines (trainer/ppo.py): stages 'ppo' and 'grpo-multiturn'."""
+
+    steps: int = 20
+    """Rollout batches of episodes (each followed by ppo_epochs policy steps)."""
+    episodes_per_step: int = 16
+    """Global episodes per rollout batch (divided evenly across ranks)."""
+    group_size: int = 4
+    """grpo-multiturn: episodes per game (the group); episodes_per_step must be a multiple."""
+    micro_batch_size: int = 32
+    """Turn sequences per forward/backward on one rank."""
+    ppo_epochs: int = 1
+    """Policy optimizer steps per rollout batch, all against the sampled (behaviour) log-probs."""
+    clip_eps_low: float = 0.2
+    """Lower PPO clip: ratio >= 1 - clip_eps_low."""
+    clip_eps_high: float = 0.2
+    """Upper PPO clip: ratio <= 1 + clip_eps_high."""
+    max_steps: int = 30
+    """Episode step limit of the training rollouts."""
+    num_workers: int = 2
+    """Env worker processes per rank for the training rollouts."""
+    success_discount: float = 1.0
+    """Episode reward = won * success_discount**(turns - 1) (1: plain sparse success)."""
+    gamma: float = 1.0
+    """ppo: turn-level discount of GAE."""
+    lam: float = 0.95
+    """ppo: GAE lambda."""
+    adv_whiten: bool = True
+    """ppo: whiten the GAE advantages over the global batch."""
+    value_lr: float = 1e-3
+    """ppo: AdamW learning rate of the value head."""
+    value_epochs: int = 4
+    """ppo: value-head optimizer steps per rollout batch."""
+    value_clip: float = 0.2
+    """ppo: value clipping around the rollout-time values (0: off)."""
+    value_hidden_dim: int = 0
+    """ppo: 0 = linear value head; > 0 = a small MLP critic of that width (on the policy's features)."""
+    adv_scale: str = "std"
+    """grpo-multiturn: group normalization, 'std' (GRPO) or 'none' (Dr.GRPO)."""
+    lr: float = 0.0
+    """Stage learning rate; 0 uses optim.lr."""
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "ppo.steps must be >= 0")
+        _check(
+            self.episodes_per_step > 0 and self.micro_batch_size > 0,
+            "ppo.episodes_per_step/micro_batch_size must be > 0",
+        )
+        _check(self.group_size >= 2, "ppo.group_size must be >= 2 (grpo-multiturn needs a group)")
+        _check(
+            self.episodes_per_step % self.group_size == 0,
+            f"ppo.episodes_per_step={self.episodes_per_step} is not a multiple of ppo.group_size={self.group_size}",
+        )
+        _check(self.ppo_epochs >= 1 and self.value_epochs >= 1, "ppo.ppo_epochs/value_epochs must be >= 1")
+        _check(
+            0 <= self.clip_eps_low < 1 and self.clip_eps_high >= 0,
+            "ppo.clip_eps_low in [0,1), clip_eps_high >= 0",
+        )
+        _check(self.max_steps > 0 and self.num_workers > 0, "ppo.max_steps/num_workers must be > 0")
+        _check(0 < self.success_discount <= 1, "ppo.success_discount must be in (0, 1]")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma/lam must be in [0, 1]")
+        _check(
+            self.value_lr > 0 and self.value_clip >= 0 and self.value_hidden_dim >= 0,
+            "ppo: bad value settings",
+        )
+        _check(self.adv_scale in ("std", "none"), f"ppo.adv_scale={self.adv_scale!r}: 'std' or 'none'")
+        _check(self.lr >= 0, "ppo.lr must be >= 0")
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     every: int = 0
     """Evaluate multi-turn every N GRPO steps (0: only at the end of each stage)."""
@@ -304,8 +374,9 @@ class RunConfig:
 
     def __post_init__(self):
         _check(bool(self.name) and "/" not in self.name, f"run.name={self.name!r} must be a plain name")
-        bad = [s for s in self.stages if s not in ("sft", "grpo")]
-        _check(not bad, f"run.stages has unknown stages {bad}; choose from ['sft', 'grpo']")
+        known = ("sft", "grpo", "ppo", "grpo-multiturn")  # ppo, grpo-multiturn: trainer/ppo.py
+        bad = [s for s in self.stages if s not in known]
+        _check(not bad, f"run.stages has unknown stages {bad}; choose from {list(known)}")
         _check(len(set(self.stages)) == len(self.stages), "run.stages has duplicates")
         _check(self.stop_after_step >= 0 and self.log_every >= 1 and self.num_threads >= 0, "run: bad counts")
 
@@ -319,6 +390,7 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -357,6 +429,16 @@ def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
                 bs % world_size == 0,
                 f"{stage}.batch_size={bs} is not divisible by the world size {world_size}",
             )
+    if any(s in cfg.run.stages for s in ("ppo", "grpo-multiturn")):
+        n = (
+            cfg.ppo.episodes_per_step // cfg.ppo.group_size
+            if "grpo-multiturn" in cfg.run.stages
+            else cfg.ppo.episodes_per_step
+        )
+        _check(
+            n % world_size == 0,
+            f"ppo: {n} games per rollout batch are not divisible by the world size {world_size}",
+        )
 
 
 _SECTIONS = typing.get_type_hints(TrainConfig)
