@@ -76,7 +76,7 @@ def test_toml_int_is_accepted_for_float_but_not_the_reverse():
         (["--sft.steps=three"], r"sft\.steps: expected an int, got 'three'"),
         (["--eval.enabled=maybe"], r"eval\.enabled: expected a bool"),
         (["--rollout.group_size=1"], r"rollout\.group_size must be >= 2"),
-        (["--run.stages=sft,ppo"], r"unknown stages \['ppo'\]"),
+        (["--run.stages=sft,dpo"], r"unknown stages \['dpo'\]"),
         (["--data.states_path=/no/such/states.jsonl"], r"data\.states_path=.*does not exist"),
         (["--config", "/no/such.toml"], r"does not exist"),
         (["--sft.steps"], r"needs a value"),
