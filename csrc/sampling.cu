@@ -6,7 +6,8 @@
 // `BlockExec`, the block-parallel passes over a row:
 //   max_logit / first_index_of    block reductions
 //   histogram + pick_bin          256-bin radix histogram of counts and fixed-point masses in shared
-//                                 memory (integer atomics: deterministic), a warp-parallel top-down walk
+//                                 memory (warp-merged integer atomics: deterministic), then a
+//                                 warp-parallel top-down walk over the bins
 //   kept_mass                     block sum of the kept fixed-point mass
 //   first_crossing                the inverse-CDF scan in vocab order: tiles of kThreads * kVec
 //                                 logits, a block exclusive scan per tile, stops at the tile that crosses
@@ -27,6 +28,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
+constexpr uint32_t kNoBin = 0xFFFFFFFFu;  // a lane with no element in the current radix pass
 
 struct SharedStorage {
   unsigned int count[kRadixBins];
@@ -159,19 +161,54 @@ struct BlockExec {
     return first == LLONG_MAX ? 0 : first;
   }
 
+  // Counts and fixed-point masses of the radix digit at `shift` over the keys in this pass. Every lane
+  // of a warp runs the same iterations (chunks past the row load nothing) so that the warp can merge
+  // equal digits before touching shared memory: in the first pass most of a 128k vocabulary lands in
+  // a handful of bins, and per-lane atomics on one address would serialize 32-fold.
   __device__ void histogram(const WeightFn& fn, int shift, uint32_t prefix, uint32_t floor_key) const {
     for (int b = threadIdx.x; b < kRadixBins; b += kThreads) sm.count[b] = 0, sm.mass[b] = 0;
     __syncthreads();
-    for_each([&](float x, int64_t) {
-      const float e = fn.weight(x);
-      const uint32_t key = weight_key(e);
-      if (!in_radix_pass(key, shift, prefix, floor_key)) return;
-      const uint32_t d = radix_digit(key, shift);
-      atomicAdd(&sm.count[d], 1u);
-      const unsigned long long q = fn.mass(e);
-      if (q != 0) atomicAdd(&sm.mass[d], q);
-    });
+    const int lane = threadIdx.x & 31;
+    const int64_t n_chunks = (V + kVec - 1) / kVec;
+    for (int64_t c0 = threadIdx.x - lane; c0 < n_chunks; c0 += kThreads) {  // c0: warp-uniform
+      const int64_t i0 = (c0 + lane) * kVec;
+      float x[kVec];
+      const int n = load_chunk<T, kVec>(row, V, aligned, i0, x);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        uint32_t bin = kNoBin;
+        unsigned long long q = 0;
+        if (j < n) {
+          const float e = fn.weight(x[j]);
+          const uint32_t key = weight_key(e);
+          if (in_radix_pass(key, shift, prefix, floor_key)) bin = radix_digit(key, shift), q = fn.mass(e);
+        }
+        add_to_histogram(bin, q);
+      }
+    }
     __syncthreads();
+  }
+
+  // Warp-collective (all 32 lanes): add (1, q) to bin `bin` of every lane with bin != kNoBin.
+  __device__ __forceinline__ void add_to_histogram(uint32_t bin, unsigned long long q) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (!__any_sync(kFullMask, bin != kNoBin)) return;  // later passes: most lanes are out
+    const unsigned peers = __match_any_sync(kFullMask, bin);  // lanes with the same bin
+    // redux.sync adds 32-bit values: q < 2^53 goes in three 18-bit parts, whose sums over <= 32 lanes
+    // stay below 2^23, so the recombined total is exact.
+    const unsigned long long s0 = __reduce_add_sync(peers, static_cast<unsigned>(q & 0x3FFFFull));
+    const unsigned long long s1 = __reduce_add_sync(peers, static_cast<unsigned>((q >> 18) & 0x3FFFFull));
+    const unsigned long long s2 = __reduce_add_sync(peers, static_cast<unsigned>(q >> 36));
+    if (bin != kNoBin && __ffs(peers) - 1 == static_cast<int>(threadIdx.x & 31)) {  // the group's leader
+      atomicAdd(&sm.count[bin], static_cast<unsigned>(__popc(peers)));
+      const unsigned long long mass = s0 + (s1 << 18) + (s2 << 36);
+      if (mass != 0) atomicAdd(&sm.mass[bin], mass);
+    }
+#else
+    if (bin == kNoBin) return;
+    atomicAdd(&sm.count[bin], 1u);
+    if (q != 0) atomicAdd(&sm.mass[bin], q);
+#endif
   }
 
   __device__ uint64_t histogram_mass() const {
