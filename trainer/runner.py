@@ -21,12 +21,19 @@ from trainer.config import ConfigError, TrainConfig, format_config
 from trainer.data import build_examples, read_states
 from trainer.dist import barrier, is_main
 from trainer.evaluation import comparison_table, load_eval, run_eval, run_random_eval
-from trainer.loop import StepRunner, make_optimizer, peak_memory_mb, rng_state, set_rng_state, stage_spans
+from trainer.loop import StepRunner, make_optimizer, peak_memory_mb, rng_state, set_rng_state
 from trainer.metrics import MetricsLogger, write_plots
 from trainer.pipeline import build_model, load_tokenizer, num_params, prepare_data
+from trainer.ppo import MULTITURN_STAGES, MultiTurnStage, stage_spans  # + the multi-turn baselines
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_LABELS = {"random": "random", "sft": "SFT", "grpo": "SFT+GRPO"}
+_LABELS = {
+    "random": "random",
+    "sft": "SFT",
+    "grpo": "SFT+GRPO",
+    "ppo": "SFT+PPO",
+    "grpo-multiturn": "SFT+GRPO-MT",
+}
 _SFT_KEYS = ("loss", "action_prob", "grad_norm", "tokens_per_s")
 _GRPO_KEYS = ("loss", "reward_mean", "pass_at_g", "zero_var_groups", "clip_frac", "kl", "response_len")
 
@@ -189,17 +196,30 @@ def train(cfg: TrainConfig, info) -> None:
     for span in stage_spans(cfg):
         if span.last > start:
             if start < span.first:
-                lr = (cfg.sft.lr if span.name == "sft" else cfg.grpo.lr) or cfg.optim.lr
+                stage_lr = {"sft": cfg.sft.lr, "grpo": cfg.grpo.lr}.get(span.name, cfg.ppo.lr)
+                lr = stage_lr or cfg.optim.lr
                 runner.optimizer = make_optimizer(fsdp, cfg.optim, lr)  # each stage starts a fresh AdamW
             if span.name == "grpo" and cfg.grpo.kl_coef > 0:
                 runner.ref = _build_reference(cfg, run_dir, tokenizer, info, apply_fsdp)
             total = span.last - span.first + 1
+            multiturn = None
+            if span.name in MULTITURN_STAGES:
+                multiturn = MultiTurnStage(
+                    runner,
+                    span.name,
+                    ppo_cfg=cfg.ppo,
+                    rollout_cfg=cfg.rollout,
+                    data_cfg=cfg.data,
+                    run_seed=cfg.run.seed,
+                )
             metrics.start_stage(max(span.first, start + 1))
             t_stage = time.perf_counter()
             for step in range(max(span.first, start + 1), span.last + 1):
                 i = step - span.first
                 if span.name == "sft":
                     row = runner.sft_step(i, total)
+                elif multiturn is not None:
+                    row = multiturn.step(step, i, total)
                 else:
                     row = runner.grpo_step(step, i, total)
                 row.update(kind=span.name, step=step, stage_step=i + 1, skipped_total=runner.skipped_steps)
@@ -217,7 +237,7 @@ def train(cfg: TrainConfig, info) -> None:
                     metrics.close()
                     return
                 if (
-                    span.name == "grpo"
+                    span.name in ("grpo", *MULTITURN_STAGES)
                     and cfg.eval.every
                     and step % cfg.eval.every == 0
                     and step != span.last
