@@ -167,8 +167,9 @@ def sample_tokens(
     if logits.is_cuda and logits.dim() == 2 and _backend_for(logits) == "cuda" and _csrc.load():
         if logits.dtype not in (torch.float32, torch.bfloat16):
             logits = logits.float()  # the reference also samples in fp32; the kernel reads fp32 or bf16
+        # detach: sampling is not differentiable; the op has no autograd kernel (use token_logprobs for grads).
         return torch.ops.singleturn_rl.sample_tokens(
-            logits, float(temperature), float(top_p), int(top_k), _as_int64(seed), _as_int64(offset)
+            logits.detach(), float(temperature), float(top_p), int(top_k), _as_int64(seed), _as_int64(offset)
         )
     return sample_tokens_reference(
         logits, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, offset=offset

@@ -145,6 +145,24 @@ def test_seed_and_offset_pass_as_int64_twos_complement():
         assert -(2**63) <= s < 2**63 and s % 2**64 == v % 2**64
 
 
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(_csrc, "_state", {"tried": False, "loaded": False, "fake": _csrc._state["fake"]})
+    monkeypatch.setattr(_csrc, "op_registered", lambda name="sample_tokens": False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def broken_build():
+        raise RuntimeError("nvcc exploded")
+
+    monkeypatch.setattr(_csrc, "_build_and_load", broken_build)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _csrc.load() is False and _csrc.load() is False
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "nvcc exploded" in messages[0] and "PyTorch reference" in messages[0], (
+        messages
+    )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
 def test_no_build_attempt_without_cuda():
     with warnings.catch_warnings():
