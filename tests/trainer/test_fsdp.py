@@ -96,3 +96,50 @@ def test_memory_report_is_half_per_rank(results):
     assert abs(m["total_bytes"] / full - 0.5) < 0.01, (
         f"per-rank share {m['total_bytes'] / full:.3f}, want ~0.5"
     )
+
+
+def _tiny(tied=False):
+    from model.config import LlamaConfig
+    from model.transformer import Transformer
+
+    cfg = LlamaConfig(
+        dim=16, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=37, ffn_dim=24, tie_word_embeddings=tied
+    )
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_world1_two_forwards_one_backward_and_summon(tied):
+    """In-process (no process group): grads of a loss over two forwards equal the plain model's;
+    summon_full_params refuses while a backward is pending; writeback=True copies edits back."""
+    import copy
+
+    import torch
+
+    from trainer.fsdp import apply_fsdp
+
+    ref = _tiny(tied)
+    model = copy.deepcopy(ref)
+    fsdp = apply_fsdp(model)
+    x = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(0))
+    ref_loss = ref(x[:1]).logsumexp(-1).sum() + ref(x[1:]).logsumexp(-1).sum()
+    ref_loss.backward()
+    loss = model(x[:1]).logsumexp(-1).sum() + model(x[1:]).logsumexp(-1).sum()
+    with pytest.raises(RuntimeError, match="backward has not run"):
+        with fsdp.summon_full_params():
+            pass
+    loss.backward()
+    assert fsdp.gathered_units() == []
+    want = {name: p.grad for name, p in ref.named_parameters()}
+    for u in fsdp.units:  # world 1: the shard is the whole flat gradient
+        for s in u.slots:
+            got = u.shard.grad[s.offset : s.offset + s.numel].view(s.shape)
+            torch.testing.assert_close(got, want[s.fqns[0]], rtol=1e-6, atol=1e-6, msg=f"grad of {s.fqns}")
+    with fsdp.summon_full_params(torch.float32, writeback=True):
+        with torch.no_grad():
+            model.norm.weight.fill_(3.0)
+    assert fsdp.full_state_dict()["norm.weight"].eq(3.0).all(), (
+        "writeback=True did not reach the master shard"
+    )
