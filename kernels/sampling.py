@@ -41,13 +41,13 @@ _PHILOX_W1 = 0xBB67AE85
 _MASK32 = 0xFFFFFFFF
 
 
-def philox_uniform(seed: int, offset: int, rows: int) -> torch.Tensor:
+def philox_uniform(seed: int, offset: int, rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Uniforms in (0, 1), float64 [rows]: Philox4x32-10, key = seed, counter = (offset_lo, offset_hi, row, 0).
 
     Word 0 of each output block becomes u = (x0 + 0.5) / 2**32. int64 tensors hold the 32-bit words
     so the products (< 2**64) are split exactly into hi/lo halves.
     """
-    row = torch.arange(rows, dtype=torch.int64)
+    row = torch.arange(rows, dtype=torch.int64, device=device)  # on the logits' device: no host sync
     c0 = torch.full_like(row, offset & _MASK32)
     c1 = torch.full_like(row, (offset >> 32) & _MASK32)
     c2 = row & _MASK32
@@ -99,7 +99,7 @@ def _tie_aware_cumsum(sorted_p: torch.Tensor) -> torch.Tensor:
     # For descending sorted_p: cumsum, then every member of a tie run takes the run's last cumsum.
     cum = sorted_p.cumsum(-1)
     B, V = sorted_p.shape
-    idx = torch.arange(V).expand(B, V)
+    idx = torch.arange(V, device=sorted_p.device).expand(B, V)
     new_run = torch.ones_like(sorted_p, dtype=torch.bool)
     new_run[:, 1:] = sorted_p[:, 1:] != sorted_p[:, :-1]
     # Index of the last element of each run: reverse cummax of run-end markers.
@@ -129,7 +129,7 @@ def sample_tokens_reference(
     keep = truncation_mask(probs, top_k, top_p)
     kept = torch.where(keep, probs, 0.0).double()  # float64 scan so the reference is the accurate side
     z = kept.sum(-1, keepdim=True)  # (B, 1)
-    u = philox_uniform(seed, offset, B).to(logits.device)[:, None]  # (B, 1) float64
+    u = philox_uniform(seed, offset, B, logits.device)[:, None]  # (B, 1) float64
     cdf = kept.cumsum(-1)
     tokens = (cdf <= u * z).sum(-1).clamp_max(logits.shape[-1] - 1)  # first index with cdf > u*Z
     # A token outside `keep` can only be reached through float round-off at the very end: step back.

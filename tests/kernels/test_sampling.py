@@ -105,6 +105,15 @@ def test_reference_is_reproducible_from_seed_and_offset():
     assert not torch.equal(a, sample_tokens_reference(logits, seed=4, offset=10)[0])
 
 
+@pytest.mark.parametrize(("T", "top_p", "top_k"), [(0.7, 0.9, 5), (1.0, 1.0, 0), (0.0, 1.0, 0)])
+def test_reference_keeps_every_tensor_on_the_logits_device(T, top_p, top_k):
+    # meta tensors raise on any CPU tensor mixed in, which is the bug a CUDA run of the reference would hit.
+    tokens, logp = sample_tokens_reference(
+        torch.empty(4, 37, device="meta"), temperature=T, top_p=top_p, top_k=top_k
+    )
+    assert tokens.device.type == "meta" and tokens.shape == (4,) and logp.dtype == torch.float32
+
+
 def test_philox_uniforms_are_uniform():
     u = philox_uniform(seed=123, offset=0, rows=100_000)
     assert 0.0 < u.min() and u.max() < 1.0
