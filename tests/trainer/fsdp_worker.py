@@ -7,11 +7,12 @@ test_fsdp.py
                          also 2 micro-batches and no-grad forwards + summon_full_params between
                          steps), hand FSDP vs PyTorch FSDP2 (`fully_shard`), memory report
 test_checkpoint.py
-    --phase ckpt_single  plain `python` (world 1, no process group): the uninterrupted reference
-                         losses and a world-1 checkpoint at step 2 (ckpt_w1)
+    --phase ckpt_single  world 1, no process group (the test calls it in-process): the
+                         uninterrupted reference losses and a world-1 checkpoint at step 2 (ckpt_w1)
     --phase ckpt_dist    `torchrun --nproc_per_node=2`: 2-rank save at step 2 + continue, resume of
                          the world-1 checkpoint on 2 ranks, corrupt / partial / keep_last
-    --phase ckpt_load1   plain `python` (world 1): resumes the 2-rank checkpoint (2 -> 1)
+    --phase ckpt_load1   world 1 (in-process too): resumes the 2-rank checkpoint (2 -> 1) and the
+                         world-1 one (1 -> 1)
 Each phase writes `<out>/<phase>.json` (rank 0); the tests assert on those numbers.
 
 Every rank runs the single-process references locally (tiny model, no collectives), so the

@@ -1,9 +1,9 @@
 """Sharded checkpoints (trainer/checkpoint.py): resume, resharding 2 <-> 1 ranks, corrupt/partial, keep_last.
 
 The fixture runs three worker phases once for the module (see tests/trainer/fsdp_worker.py):
-a world-1 process (uninterrupted reference losses + a world-1 checkpoint at step 2), ONE
+world 1 in this process (uninterrupted reference losses + a world-1 checkpoint at step 2), ONE
 `torchrun --nproc_per_node=2` (2-rank save/continue, 1 -> 2 resume, corrupt/partial/keep_last) and
-a world-1 process resuming the 2-rank checkpoint (2 -> 1). Resumed runs must reproduce the
+world 1 in this process again, resuming the 2-rank checkpoint (2 -> 1). Resumed runs must reproduce the
 uninterrupted losses (1e-6 relative: 1 and 2 ranks sum the loss in a different order).
 The resharding arithmetic with zero padding (numel not divisible by the world size) is tested
 directly below on hand-made shard files.
@@ -11,21 +11,25 @@ directly below on hand-made shard files.
 
 import json
 
+import fsdp_worker
 import pytest
 import torch
 from safetensors.torch import save_file
 from test_fsdp import assert_losses_equal, run_worker
 
 from trainer.checkpoint import _read_range, verify_checkpoint
+from trainer.dist import DistInfo
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
+    world1 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    # the world-1 phases run in this process (no process group): no extra interpreter start-up
     return {
-        "single": run_worker(out, "ckpt_single", nproc=None),
+        "single": fsdp_worker.phase_ckpt_single(out, world1),
         "dist": run_worker(out, "ckpt_dist", nproc=2),
-        "load1": run_worker(out, "ckpt_load1", nproc=None),
+        "load1": fsdp_worker.phase_ckpt_load1(out, world1),
     }
 
 
