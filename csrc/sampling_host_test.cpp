@@ -5,7 +5,7 @@
 // same __host__ __device__ code the CUDA kernel runs. tests/csrc/test_csrc.py feeds rows on stdin and
 // compares the printed tokens and log-probs with kernels.sampling.sample_tokens_reference.
 //
-// stdin:  <num_cases>, then per case
+// stdin:  "units" then unit lines (see run_units), or <num_cases>, then per case
 //           <dtype: 0 fp32 | 1 bf16> <rows> <vocab> <temperature> <top_p> <top_k> <seed> <offset>
 //           rows * vocab logits as raw bit patterns (uint32 for fp32, uint16 for bf16), decimal
 // stdout: per row "<case> <row> <token> <logprob %.9e> <floor_key> <kept_mass>"
@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <vector>
 
@@ -116,9 +117,33 @@ int run_case(int case_id, int64_t rows, int64_t V, const strl::RowParams& prm) {
 
 }  // namespace
 
+// Unit mode: one pure function per line, "draw <x0> <z>" | "need <top_p> <total>" | "shift <V>" |
+// "philox <seed> <offset> <row>"; prints one decimal result per line.
+int run_units() {
+  char op[16];
+  while (scanf("%15s", op) == 1) {
+    unsigned long long a = 0, b = 0, c = 0;
+    double p = 0.0;
+    if (strcmp(op, "draw") == 0 && scanf("%llu %llu", &a, &b) == 2) {
+      printf("%llu\n", static_cast<unsigned long long>(strl::draw_target(static_cast<uint32_t>(a), b)));
+    } else if (strcmp(op, "need") == 0 && scanf("%lf %llu", &p, &b) == 2) {
+      printf("%llu\n", static_cast<unsigned long long>(strl::top_p_need(p, b)));
+    } else if (strcmp(op, "shift") == 0 && scanf("%llu", &a) == 1) {
+      printf("%d\n", strl::mass_shift_for_vocab(static_cast<int64_t>(a)));
+    } else if (strcmp(op, "philox") == 0 && scanf("%llu %llu %llu", &a, &b, &c) == 3) {
+      printf("%u\n", strl::philox_word0(a, b, c));
+    } else {
+      return 1;
+    }
+  }
+  return 0;
+}
+
 int main() {
-  int num_cases = 0;
-  if (scanf("%d", &num_cases) != 1) return 1;
+  char first[32];
+  if (scanf("%31s", first) != 1) return 1;
+  if (strcmp(first, "units") == 0) return run_units();
+  const int num_cases = atoi(first);
   for (int c = 0; c < num_cases; ++c) {
     int dtype = 0;
     long long rows = 0, vocab = 0, top_k = 0;

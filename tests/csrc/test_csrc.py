@@ -13,6 +13,7 @@ The builds are cached in build/csrc_ci/<hash of sources and flags>; a cold run t
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -147,6 +148,38 @@ def test_fake_impl_shapes(op_library):
 def test_philox_known_answer():
     # Random123 known-answer vector: key = 0, counter = 0 -> first word 0x6627e8d5.
     assert philox_uniform(0, 0, 1)[0].item() == (0x6627E8D5 + 0.5) / 2**32
+
+
+def test_host_pure_functions_are_exact(artifacts):
+    """draw_target, top_p_need, mass_shift_for_vocab, philox_word0 vs exact Python arithmetic / the reference."""
+    g = torch.Generator().manual_seed(0)
+    rand64 = lambda: (
+        int(torch.randint(0, 2**62, (1,), generator=g)) * 2 + int(torch.randint(0, 2, (1,), generator=g))
+    )
+    lines, want = ["units"], []
+    for x0 in (0, 1, 2**31, 2**32 - 1, 0x6627E8D5):
+        for z in (1, 2, 2**46, 128256 * 2**46 - 12345, 2**63 - 1):
+            lines.append(f"draw {x0} {z}")
+            want.append(((2 * x0 + 1) * z) >> 33)  # floor(u * z), u = (x0 + 0.5) / 2^32
+    for top_p in (1e-9, 0.5, 0.9, 0.95, 0.999999, 1.0):
+        for total in (1, 3, 2**46 + 1, 2**62 + 12345):
+            lines.append(f"need {top_p!r} {total}")
+            want.append(min(total, max(1, math.ceil(top_p * float(total)))))
+    for vocab in (1, 2, 37, 1003, 128256, 151936, 2**20, 2**31 - 1):
+        lines.append(f"shift {vocab}")
+        want.append(min(52, 63 - vocab.bit_length()))
+        assert vocab * 2 ** min(52, 63 - vocab.bit_length()) < 2**63  # the row's total mass fits
+    for _ in range(4):
+        seed, offset = rand64(), rand64()
+        u = philox_uniform(seed, offset, 70_000)
+        for row in (0, 1, 65_537, 69_999):
+            lines.append(f"philox {seed} {offset} {row}")
+            want.append(int(u[row].item() * 2**32 - 0.5))
+    proc = subprocess.run([str(artifacts["host"])], input="\n".join(lines), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = [int(v) for v in proc.stdout.split()]
+    mismatches = [(ln, g_, w) for ln, g_, w in zip(lines[1:], got, want) if g_ != w]
+    assert len(got) == len(want) and not mismatches, mismatches[:5]
 
 
 # (name, dtype, B, V, temperature, top_p, top_k, seed, offset, logits builder)
