@@ -269,3 +269,50 @@ def test_host_logic_matches_reference(host_results, case):
         assert tokens.unique().numel() > 1 or name.startswith("peaked"), (
             f"{name}: every row drew the same token"
         )
+
+
+@pytest.mark.slow
+def test_host_logic_fuzz(artifacts):
+    """200 random configurations (V from 1 to 5000, ties, -inf masks, wide logits, extreme top_p / top_k)."""
+    rng, cases = torch.Generator().manual_seed(123), []
+    pick = lambda options: options[int(torch.randint(0, len(options), (1,), generator=rng))]
+    for _ in range(200):
+        V = pick([1, 2, 3, 7, 37, 100, 1003, 5000])
+        kind, scale = pick(["randn", "ties", "masked"]), pick([0.1, 1.0, 3.0, 10.0, 40.0])
+        x = torch.randn(16, V, generator=rng) * scale
+        if kind == "ties":
+            x = x.round()
+        elif kind == "masked":
+            x[torch.rand(16, V, generator=rng) < 0.5] = float("-inf")
+            x[:, 0] = 0.0
+        dtype = pick([torch.float32, torch.bfloat16])
+        T, top_p = pick([0.0, 0.3, 0.7, 1.0, 1.5, 3.0]), pick([1.0, 0.99, 0.95, 0.9, 0.5, 0.1, 1e-3])
+        top_k = pick([0, 1, 2, 5, 50, V - 1, V, V + 3])
+        seed, offset = (
+            int(torch.randint(0, 2**62, (1,), generator=rng)),
+            int(torch.randint(0, 2**40, (1,), generator=rng)),
+        )
+        cases.append((dtype, V, T, top_p, max(top_k, 0), seed, offset, x.to(dtype)))
+    lines = [str(len(cases))]
+    for dtype, V, T, top_p, top_k, seed, offset, x in cases:
+        lines.append(f"{0 if dtype == torch.float32 else 1} 16 {V} {T!r} {top_p!r} {top_k} {seed} {offset}")
+        lines.append(" ".join(str(b & (0xFFFFFFFF if dtype == torch.float32 else 0xFFFF)) for b in _bits(x)))
+    proc = subprocess.run([str(artifacts["host"])], input="\n".join(lines), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = torch.tensor([[float(v) for v in ln.split()[2:4]] for ln in proc.stdout.splitlines()]).view(
+        len(cases), 16, 2
+    )
+    for i, (_dtype, V, T, top_p, top_k, seed, offset, x) in enumerate(cases):
+        ref_tokens, ref_logp = sample_tokens_reference(
+            x, temperature=T, top_p=top_p, top_k=top_k, seed=seed, offset=offset
+        )
+        where = f"case {i}: V={V} T={T} top_p={top_p} top_k={top_k}"
+        assert torch.equal(got[i, :, 0].long(), ref_tokens), (
+            f"{where}: tokens {got[i, :, 0].tolist()} vs {ref_tokens.tolist()}"
+        )
+        # fp32 scaled logits carry ~ulp(max |x / T|) each (the kernel multiplies by 1/T, the CPU reference divides).
+        tol = 1e-5 + 4 * torch.finfo(torch.float32).eps * x.float().abs().nan_to_num(
+            0, 0, 0
+        ).max().item() / max(T, 1e-30)
+        err = (got[i, :, 1] - ref_logp).abs().max().item() if T > 0 else got[i, :, 1].abs().max().item()
+        assert err <= tol, f"{where}: logprob error {err:.3g} > {tol:.3g}"
