@@ -29,6 +29,7 @@ import hashlib
 import os
 import pickle
 import random
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ def expert_patch_installed() -> bool:
 
 # --------------------------------------------------------------------------- caches
 _CACHES_INSTALLED = False
+_TASK_RHS = re.compile(r'"rhs": "Your task is to: ([^"]*)"')
+_PLAIN_GOAL = re.compile(r"[A-Za-z0-9 ,.'-]+")  # no grammar syntax (#, {}, []) nor escapes
 
 
 def cache_dir() -> Path | None:
@@ -157,16 +160,31 @@ def install_caches() -> None:
     import textworld.envs.pddl.pddl as pddl_env
 
     @functools.lru_cache(maxsize=64)
-    def _game_logic(domain, grammar):
+    def _parsed_logic(domain, grammar):
         return _disk_cached(
             "logic", (domain, grammar), lambda: pddl_logic.GameLogic(domain=domain, grammar=grammar)
         )
 
+    def _game_logic(domain, grammar):
+        # Games differ in the grammar only by their goal sentence: parse the grammar once with a
+        # placeholder goal, then give each game a copy whose "task" rule holds its own sentence
+        # (parsed exactly as ContextSensitiveGrammar.parse would).
+        m = _TASK_RHS.search(grammar)
+        if m is None or not _PLAIN_GOAL.fullmatch(m.group(1)):
+            return _parsed_logic(domain, grammar)
+        base = _parsed_logic(domain, grammar[: m.start(1)] + "UNKNOWN GOAL." + grammar[m.end(1) :])
+        logic = copy.copy(base)
+        logic.grammar = textgen.ContextSensitiveGrammar()
+        logic.grammar._rules.update(base.grammar._rules)
+        rhs = "Your task is to: " + m.group(1)
+        logic.grammar._rules["task"] = [
+            textgen.ProductionRule("task", _parse_and_convert(rhs, rule_name="symbols"))
+        ]
+        return logic
+
     # PddlEnv reaches both classes through its module alias `pddl_logic`; swap the alias (not the
     # classes, which must stay picklable by name).
-    pddl_env.pddl_logic = types.SimpleNamespace(
-        GameLogic=lambda domain, grammar: _game_logic(domain, grammar), PddlState=pddl_logic.PddlState
-    )
+    pddl_env.pddl_logic = types.SimpleNamespace(GameLogic=_game_logic, PddlState=pddl_logic.PddlState)
 
     pddl2sas = fast_downward.pddl2sas
 
