@@ -1,0 +1,393 @@
+"""Train-step throughput per GPU: one GRPO (and one SFT) optimizer step on synthetic states.
+
+The step runs the trainer's own code at realistic shapes (prompts of 1024-2048 tokens, responses of
+32-256 tokens, G = 8) on random weights of a named preset (no download): hand FSDP
+(`trainer.fsdp.apply_fsdp`, bf16 params / fp32 reduce by default), rollout with the gathered bf16
+weights (`model.generate`, static KV cache, each prompt prefilled once), the GRPO loss over the
+response tokens (`trainer.grpo.grpo_forward_backward`), AdamW on the fp32 shards. Rewards are
+synthetic (half of every group right), so every group has reward variance and every sampled sequence
+trains; responses run to max_new_tokens (no stop ids), so the shapes are exactly the ones asked for.
+
+Reported per configuration (median of the timed steps; burn-in steps excluded; rank 0 prints):
+- tokens/s per GPU: prompt + response tokens trained (this rank's sequences) / step seconds;
+- MFU: model FLOPs (bench/flops.py: forward + backward, causal attention, LM head on the response
+  tokens only) / seconds / peak, against the datasheet peak and a measured bf16 matmul peak;
+  `mfu_train` counts the training phases only, `mfu_step` the whole step (rollout forward FLOPs too);
+- peak memory (max over ranks); the time split: rollout (its prefill part measured by a separate
+  `generate(max_new_tokens=1)` call: "decode" = rollout - prefill), ref log-probs (kl_coef > 0; the
+  old log-probs come from the sampler for free), forward/backward, optimizer, and on CUDA with >1
+  rank the NCCL kernel time of one extra profiled step (it overlaps compute: an upper bound on the
+  exposed communication).
+
+    python bench/bench_train_step.py --preset llama3.2-1b [--algo grpo sft] [--quick] [--out-dir DIR]
+    torchrun --nproc_per_node=8 bench/bench_train_step.py --preset llama3.1-8b
+    python bench/bench_train_step.py --device cpu --quick      # tiny preset, seconds on a laptop
+
+References: torchtitan `train.py` (tokens/s per GPU, MFU with the PaLM formula, burn-in excluded);
+NeMo-RL / verl GRPO timing breakdowns (generation vs policy training vs log-prob passes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+
+import flops
+import torch
+import torch.distributed as dist
+from _common import env_info, write_jsonl, write_markdown  # bench/ is sys.path[0] for scripts
+
+from model import PRESETS, LlamaConfig, Transformer, generate
+from trainer.config import OptimConfig
+from trainer.data import Example
+from trainer.dist import destroy, init_distributed
+from trainer.fsdp import apply_fsdp
+from trainer.grpo import (
+    fill_reference_logprobs,
+    global_response_tokens,
+    grpo_forward_backward,
+    micro_batches,
+    select_sequences,
+)
+from trainer.loop import make_optimizer, peak_memory_mb
+from trainer.sft import sft_forward_backward
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PHASES = ("rollout", "rollout_prefill", "rollout_decode", "ref_logprobs", "fwd_bwd", "optimizer")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--preset", default=None, help=f"model preset {sorted(PRESETS)} (default: llama3.2-1b, tiny on CPU)"
+    )
+    p.add_argument("--algo", nargs="+", default=["grpo", "sft"], choices=["grpo", "sft"])
+    p.add_argument("--prompt-len", type=int, nargs="+", default=None, help="prompt tokens (default 1024)")
+    p.add_argument("--response-len", type=int, nargs="+", default=None, help="response tokens (default 128)")
+    p.add_argument("--states", type=int, default=None, help="prompts (states) per rank per step (default 8)")
+    p.add_argument("--group-size", type=int, default=8, help="G responses per state")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward (default 8)")
+    p.add_argument("--kl-coef", type=float, default=0.0, help="> 0 builds a reference model (ref log-probs)")
+    p.add_argument("--param-dtype", default=None, choices=sorted(_DTYPES), help="bfloat16 (fp32 on CPU)")
+    p.add_argument("--reduce-dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--rollout-dtype", default=None, choices=sorted(_DTYPES), help="bfloat16 (fp32 on CPU)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--warmup", type=int, default=None, help="burn-in steps, not timed (default 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--quick", action="store_true", help="fewer/smaller steps (gpu_check.sh; tiny on CPU)")
+    p.add_argument("--out-dir", default="bench/results")
+    args = p.parse_args(argv)
+    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    # Defaults: realistic on a GPU; on CPU the tiny preset at toy shapes (the scripts must not rot).
+    tiny = cpu and args.preset in (None, "tiny")
+    defaults = dict(
+        preset="tiny" if cpu else "llama3.2-1b",
+        prompt_len=[48] if tiny else [1024],
+        response_len=[8] if tiny else [128],
+        states=2 if tiny else (4 if args.quick else 8),
+        micro_batch=4 if tiny else 8,
+        warmup=1 if (tiny or args.quick) else 2,
+        steps=2 if (tiny or args.quick) else 5,
+        # CPU matmuls in bf16 are emulated and ~50x slower than fp32 on most CPUs.
+        param_dtype="float32" if cpu else "bfloat16",
+        rollout_dtype="float32" if cpu else "bfloat16",
+    )
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if tiny:
+        args.group_size = min(args.group_size, 4)
+    return args
+
+
+def build_model(config: LlamaConfig, device: torch.device, seed: int = 0) -> Transformer:
+    """Random fp32 weights drawn on the device (N(0, 0.02), norms 1), no CPU copy.
+
+    `Transformer.init_weights` draws on the CPU for device-independent values; for an 8B model that
+    takes minutes, and a benchmark only needs well-scaled random weights.
+    """
+    with torch.device(device):
+        model = Transformer(config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # host sync: phase boundaries must be measured, not queued
+
+
+class PhaseTimer:
+    """Wall seconds per named phase, synchronized with the device at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.t = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        with torch.profiler.record_function(f"phase/{name}"):  # labels the phase in profiler traces
+            yield
+        _sync(self.device)
+        self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class Setup:
+    """Everything a step needs, built once per configuration."""
+
+    args: argparse.Namespace
+    config: LlamaConfig
+    device: torch.device
+    rank: int
+    world: int
+    model: Transformer
+    fsdp: object
+    optimizer: torch.optim.Optimizer
+    ref: Transformer | None
+    prompts: list[list[int]]
+    prompt_len: int
+    response_len: int
+
+
+def build_setup(
+    args, device: torch.device, rank: int, world: int, prompt_len: int, response_len: int
+) -> Setup:
+    config = LlamaConfig.from_preset(args.preset)
+    model = build_model(config, device)
+    kw = dict(param_dtype=_DTYPES[args.param_dtype], reduce_dtype=_DTYPES[args.reduce_dtype])
+    fsdp = apply_fsdp(model, activation_checkpointing=args.activation_checkpointing, **kw)
+    optimizer = make_optimizer(fsdp, OptimConfig(), lr=1e-6)
+    ref = None
+    if args.kl_coef > 0:
+        ref = build_model(config, device, seed=1)
+        ref.requires_grad_(False)
+        apply_fsdp(ref, **kw)
+    gen = torch.Generator().manual_seed(1000 + rank)  # distinct synthetic states per rank
+    prompts = torch.randint(0, config.vocab_size, (args.states, prompt_len), generator=gen).tolist()
+    return Setup(
+        args, config, device, rank, world, model, fsdp, optimizer, ref, prompts, prompt_len, response_len
+    )
+
+
+def _optimizer_step(s: Setup) -> None:
+    s.fsdp.clip_grad_norm_(1.0)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+
+
+def _head(s: Setup):
+    return lambda: s.model.output.weight  # the sticky head unit: the full weight after hidden()
+
+
+def grpo_step(s: Setup, timer: PhaseTimer, step: int) -> dict:
+    """One GRPO step: rollout, (ref log-probs), forward/backward over the kept sequences, AdamW."""
+    a, G = s.args, s.args.group_size
+    gen_kw = dict(num_samples=G, temperature=1.0, stop_ids=(), seed=step * 7919 + s.rank)
+    with s.fsdp.summon_full_params(dtype=_DTYPES[a.rollout_dtype]):
+        with timer("rollout_prefill"):
+            generate(s.model, s.prompts, max_new_tokens=1, **gen_kw)
+        with timer("rollout"):
+            samples = generate(s.model, s.prompts, max_new_tokens=s.response_len, **gen_kw)
+    tokens, logp = samples.tokens.cpu(), samples.logprobs.float().cpu()
+    lengths = samples.lengths.tolist()
+    responses = [tokens[i, :n].tolist() for i, n in enumerate(lengths)]
+    logprobs = [logp[i, :n].clone() for i, n in enumerate(lengths)]
+    rewards = (torch.arange(len(responses)) % 2 == 0).float()  # half right per group: all groups kept
+    batch = select_sequences(s.prompts, responses, logprobs, rewards, G)
+    mbs = micro_batches(batch, a.micro_batch)
+    kw = dict(pad_id=0, device=s.device)
+    if s.ref is not None:
+        with timer("ref_logprobs"):
+            fill_reference_logprobs(
+                s.ref,
+                lambda: s.ref.output.weight,
+                batch,
+                micro_batch_size=a.micro_batch,
+                temperature=1.0,
+                **kw,
+            )
+    with timer("fwd_bwd"):
+        n_tok = global_response_tokens(batch)
+        grpo_forward_backward(
+            s.model, _head(s), mbs, global_tokens=n_tok, clip_eps_low=0.2, clip_eps_high=0.2,
+            kl_coef=a.kl_coef, temperature=1.0, **kw,
+        )  # fmt: skip
+    with timer("optimizer"):
+        _optimizer_step(s)
+    seq_lens = [len(x.prompt) + len(x.response) for x in batch.sequences]
+    resp_tokens = sum(len(x.response) for x in batch.sequences)
+    c = s.config
+    rollout_flops = flops.prefill_flops(c, [len(p) for p in s.prompts])
+    for t in range(1, max(lengths)):  # decode steps after the prefill's first sample
+        rollout_flops += flops.decode_step_flops(c, [s.prompt_len + t] * len(responses))
+    train = flops.train_flops(c, seq_lens, head_tokens=resp_tokens)
+    ref = flops.forward_flops(c, seq_lens, head_tokens=resp_tokens) if s.ref is not None else 0
+    return {"tokens": sum(seq_lens), "train_flops": train, "other_flops": rollout_flops + ref}
+
+
+def sft_step(s: Setup, timer: PhaseTimer, step: int) -> dict:
+    """One SFT step over states x G sequences of prompt + response (the same tokens GRPO trains on)."""
+    a = s.args
+    gen = torch.Generator().manual_seed(step * 31 + s.rank)
+    n = a.states * a.group_size
+    targets = torch.randint(0, s.config.vocab_size, (n, s.response_len), generator=gen).tolist()
+    examples = [Example(s.prompts[i // a.group_size], targets[i], {}) for i in range(n)]
+    with timer("fwd_bwd"):
+        sft_forward_backward(
+            s.model, _head(s), examples, micro_batch_size=a.micro_batch, pad_id=0, device=s.device
+        )
+    with timer("optimizer"):
+        _optimizer_step(s)
+    seq_lens = [len(e.prompt_ids) + len(e.target_ids) for e in examples]
+    train = flops.train_flops(s.config, seq_lens, head_tokens=n * s.response_len)
+    return {"tokens": sum(seq_lens), "train_flops": train, "other_flops": 0}
+
+
+STEPS = {"grpo": grpo_step, "sft": sft_step}
+
+
+def nccl_kernel_seconds(run_step) -> float:
+    """Total NCCL kernel time (s) of one profiled call of run_step(); CUDA only (kernels may overlap compute)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_step()
+    us = sum(
+        e.time_range.elapsed_us()
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and "nccl" in e.name.lower()
+    )
+    return us * 1e-6
+
+
+def _max_over_ranks(x: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())  # host sync
+
+
+def measure(s: Setup, algo: str, peak_tflops: float | None, measured_tflops: float | None) -> dict:
+    """Burn-in, then timed steps; the median step and phases, throughput, MFU, peak memory."""
+    a, step_fn = s.args, STEPS[algo]
+    runs = []
+    for i in range(a.warmup + a.steps):
+        if i == a.warmup and s.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(s.device)
+        timer = PhaseTimer(s.device)
+        t0 = time.perf_counter()
+        info = step_fn(s, timer, i)
+        _sync(s.device)
+        wall = time.perf_counter() - t0 - timer.t.get("rollout_prefill", 0.0)  # the extra prefill call
+        if i >= a.warmup:
+            runs.append((wall, timer.t, info))
+    comm = None
+    if s.device.type == "cuda" and s.world > 1:
+        comm = nccl_kernel_seconds(lambda: step_fn(s, PhaseTimer(s.device), a.warmup + a.steps))
+    wall = statistics.median(r[0] for r in runs)
+    phases = {}
+    for name in PHASES:
+        vals = [r[1][name] for r in runs if name in r[1]]
+        if vals:
+            phases[name] = statistics.median(vals)
+    if "rollout" in phases:
+        phases["rollout_decode"] = max(phases["rollout"] - phases["rollout_prefill"], 0.0)
+    info = runs[0][2]
+    train_s = phases["fwd_bwd"] + phases["optimizer"]
+    row = {
+        "bench": "train_step",
+        "algo": algo,
+        "preset": a.preset,
+        "world_size": s.world,
+        "prompt_len": s.prompt_len,
+        "response_len": s.response_len,
+        "states_per_rank": a.states,
+        "group_size": a.group_size,
+        "micro_batch": a.micro_batch,
+        "param_dtype": a.param_dtype,
+        "activation_checkpointing": a.activation_checkpointing,
+        "kl_coef": a.kl_coef,
+        "timed_steps": a.steps,
+        "step_s": wall,
+        "step_s_min": min(r[0] for r in runs),
+        "step_s_max": max(r[0] for r in runs),
+        "tokens_per_step_per_gpu": info["tokens"],
+        "tokens_per_s_per_gpu": info["tokens"] / wall,
+        "tflops_train_per_gpu": info["train_flops"] / train_s / 1e12,
+        "tflops_step_per_gpu": (info["train_flops"] + info["other_flops"]) / wall / 1e12,
+        "peak_tflops_datasheet": peak_tflops,
+        "peak_tflops_measured": measured_tflops,
+        "peak_mem_gib": _max_over_ranks(peak_memory_mb(s.device), s.device) / 1024,
+        "comm_nccl_kernel_s": comm,
+        **{f"time_{k}_s": v for k, v in phases.items()},
+    }
+    for label, peak in (("datasheet", peak_tflops), ("measured", measured_tflops)):
+        for what in ("train", "step"):
+            row[f"mfu_{what}_{label}"] = row[f"tflops_{what}_per_gpu"] / peak if peak else None
+    return row
+
+
+COLUMNS = [
+    ("algo", "algo"), ("preset", "preset"), ("world_size", "GPUs"), ("prompt_len", "prompt"),
+    ("response_len", "resp"), ("step_s", "step s"), ("tokens_per_s_per_gpu", "tok/s/GPU"),
+    ("mfu_train_measured", "MFU train (meas. peak)"), ("mfu_train_datasheet", "MFU train (datasheet)"),
+    ("mfu_step_datasheet", "MFU step (datasheet)"), ("peak_mem_gib", "peak GiB"),
+    ("time_rollout_prefill_s", "prefill s"), ("time_rollout_decode_s", "decode s"),
+    ("time_ref_logprobs_s", "ref s"), ("time_fwd_bwd_s", "fwd+bwd s"), ("time_optimizer_s", "optim s"),
+    ("comm_nccl_kernel_s", "nccl s"),
+]  # fmt: skip
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    info = init_distributed()
+    device = torch.device("cpu") if args.device == "cpu" else info.device
+    rank0 = info.rank == 0
+    env = env_info()
+    peak = None  # no datasheet number for CPUs
+    if device.type == "cuda":
+        dp = flops.device_peak(torch.cuda.get_device_name(device))
+        peak = dp.bf16_tflops if dp else None
+    n = (4096 if args.quick else 8192) if device.type == "cuda" else 256
+    measured = flops.measured_matmul_peak_tflops(device, dtype=_DTYPES[args.param_dtype], n=n)
+    rows = []
+    try:
+        for prompt_len in args.prompt_len:
+            for response_len in args.response_len:
+                s = build_setup(args, device, info.rank, info.world_size, prompt_len, response_len)
+                for algo in args.algo:
+                    row = {**env, **measure(s, algo, peak, measured)}
+                    rows.append(row)
+                    if rank0:
+                        print(
+                            f"[train_step] {algo} {args.preset} P={prompt_len} R={response_len} "
+                            f"x{info.world_size}: {row['step_s']:.3f} s/step, "
+                            f"{row['tokens_per_s_per_gpu']:.0f} tok/s/GPU, peak {row['peak_mem_gib']:.2f} GiB",
+                            flush=True,
+                        )
+                del s
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        destroy()
+    if rank0:
+        write_jsonl(args.out_dir, "train_step", rows)
+        write_markdown(args.out_dir, "train_step", "Train step throughput per GPU", rows, COLUMNS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The throughput benchmarks run on CPU at tiny sizes (so they never rot), and bench/flops.py counts right.
+
+FLOP counts are checked against `torch.utils.flop_counter.FlopCounterMode` on the real model (the
+matmuls of the blocks and of the LM head, forward and forward + backward) and against brute-force
+pair counts for attention; the decode byte count against the model's parameter and KV-cache sizes.
+The scripts run as subprocesses (`python bench/X.py`, which is how users and bench/gpu_check.sh run
+them: bench/ is then sys.path[0]) with one intra-op thread, and their JSONL/markdown outputs are checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import LlamaConfig, Transformer
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+
+
+def _load_flops():
+    spec = importlib.util.spec_from_file_location("bench_flops", BENCH / "flops.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+flops = _load_flops()
+
+
+def _small_config(tied: bool) -> LlamaConfig:
+    return LlamaConfig(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_dim=96, tie_word_embeddings=tied
+    )
+
+
+def _mm_flops(counter: FlopCounterMode) -> int:
+    # nn.Linear lowers to mm/addmm; attention (SDPA, bmm) is checked separately below.
+    counts = counter.get_flop_counts()["Global"]
+    return sum(v for k, v in counts.items() if str(k).split(".")[-1] in ("mm", "addmm"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("seq_lens", [[7], [5, 13]])
+def test_matmul_flops_match_flop_counter(tied, seq_lens):
+    """Blocks on every token + LM head on the gathered tokens, forward and forward + backward."""
+    torch.manual_seed(0)
+    config = _small_config(tied)
+    model = Transformer(config)
+    head_tokens = 0
+    fwd = fwd_bwd = 0
+    for T in seq_lens:  # one sequence at a time: no padding, so counted tokens = computed tokens
+        tokens = torch.randint(0, config.vocab_size, (1, T))
+        cols = torch.arange(T // 2, T)  # the "response" positions that go through the head
+        head_tokens += len(cols)
+        with FlopCounterMode(display=False) as fc:
+            h = model.hidden(tokens)[0, cols]  # (n, D)
+            logits = h @ model.output.weight.T  # (n, V): the head, as the fused kernel computes it
+        fwd += _mm_flops(fc)
+        with FlopCounterMode(display=False) as fc:
+            h = model.hidden(tokens)[0, cols]
+            (h @ model.output.weight.T).logsumexp(-1).sum().backward()
+        fwd_bwd += _mm_flops(fc)
+        del logits
+    attn = sum(flops.attention_flops(config, t) for t in seq_lens)
+    want_fwd = flops.forward_flops(config, seq_lens, head_tokens=head_tokens) - attn
+    assert fwd == want_fwd, f"forward matmul FLOPs: counted {fwd}, formula {want_fwd}"
+    want_train = flops.train_flops(config, seq_lens, head_tokens=head_tokens) - 3 * attn
+    assert fwd_bwd == want_train, f"fwd+bwd matmul FLOPs: counted {fwd_bwd}, formula {want_train}"
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 37), (5, 5), (13, 40), (37, 37)])
+def test_attention_flops(q_len, kv_len):
+    config = _small_config(True)
+    H, hd, L = config.n_heads, config.head_dim, config.n_layers
+    # causal: brute-force pair count (query i of the last q_len positions sees keys 0..kv_len-q_len+i)
+    pairs = sum(kv_len - q_len + i + 1 for i in range(q_len))
+    got = flops.attention_flops(config, q_len, kv_len=kv_len)
+    assert got == 4 * L * H * hd * pairs, (got, pairs)
+    # non-causal: QK^T and PV as explicit matmuls under the FLOP counter, per layer
+    q, k, v = torch.randn(1, H, q_len, hd), torch.randn(1, H, kv_len, hd), torch.randn(1, H, kv_len, hd)
+    with FlopCounterMode(display=False) as fc:
+        (q @ k.transpose(-1, -2)).softmax(-1) @ v
+    want = L * fc.get_total_flops()
+    assert flops.attention_flops(config, q_len, kv_len=kv_len, causal=False) == want
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_step_bytes_match_model_and_cache_sizes(tied):
+    config = _small_config(tied)
+    model = Transformer(config).to(torch.bfloat16)
+    batch, ctx = 3, 11
+    params = sum(p.numel() for p in model.parameters())  # a tied weight is listed once
+    weights = params - (0 if tied else config.vocab_size * config.dim - batch * config.dim)
+    model.setup_caches(batch, ctx)
+    cache = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("kv_cache.k", "kv_cache.v")))
+    model.clear_caches()
+    got = flops.decode_step_bytes(config, [ctx] * batch, param_bytes=2, kv_bytes=2)
+    assert got == 2 * (weights + cache), (got, 2 * weights, 2 * cache)
+
+
+def test_device_peak_lookup():
+    assert flops.device_peak("NVIDIA H100 80GB HBM3").bf16_tflops == pytest.approx(989.4)
+    assert flops.device_peak("NVIDIA H100 PCIe").bf16_tflops == pytest.approx(756.0)
+    assert flops.device_peak("NVIDIA H200").hbm_gbps == pytest.approx(4800.0)
+    assert flops.device_peak("NVIDIA A100-SXM4-40GB").hbm_gbps == pytest.approx(1555.0)
+    assert flops.device_peak("cpu") is None
+
+
+def test_no_bench_profile_module_shadows_stdlib():
+    # A bench/profile.py would be imported as `profile` by cProfile (torch._dynamo imports it) in every
+    # script run from bench/; the profiler lives in bench/profile_steps.py for that reason.
+    assert not (BENCH / "profile.py").exists()
+
+
+def _run(script: str, *args: str) -> str:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }  # oversubscribed OMP threads spin
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--device", "cpu", "--quick", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_bench_train_step_cpu(tmp_path):
+    _run("bench_train_step.py", "--out-dir", str(tmp_path), "--prompt-len", "24", "--response-len", "6")
+    rows = [r for r in _rows(next(tmp_path.glob("*.jsonl"))) if r.get("bench") == "train_step"]
+    assert {r["algo"] for r in rows} == {"grpo", "sft"}
+    for r in rows:
+        # quick tiny defaults: 2 states x G=4 sequences of prompt + response per rank
+        assert r["tokens_per_step_per_gpu"] == 2 * 4 * (24 + 6), r
+        assert r["tokens_per_s_per_gpu"] > 0 and r["step_s"] > 0
+        assert r["time_fwd_bwd_s"] > 0 and r["time_optimizer_s"] > 0
+        assert 0 < r["mfu_train_measured"] < 2, r["mfu_train_measured"]  # vs the fp32 CPU matmul peak
+    grpo = next(r for r in rows if r["algo"] == "grpo")
+    assert grpo["time_rollout_s"] > grpo["time_rollout_prefill_s"] > 0
+    assert grpo["tflops_step_per_gpu"] > 0
+    assert any(p.suffix == ".md" for p in tmp_path.iterdir())
+
+
+def test_bench_rollout_cpu(tmp_path):
+    _run("bench_rollout.py", "--out-dir", str(tmp_path))
+    rows = [r for r in _rows(next(tmp_path.glob("*.jsonl"))) if r.get("bench") == "rollout"]
+    assert [r["batch"] for r in rows] == [1, 4]
+    for r in rows:
+        assert not r.get("error"), r
+        assert r["decode_tokens_per_s"] > 0 and r["decode_gbps"] > 0
+        assert r["generate_s"] > r["prefill_s"] > 0
+
+
+def test_profile_steps_cpu(tmp_path):
+    out = _run(
+        "profile_steps.py",
+        "--run-dir",
+        str(tmp_path),
+        "--algo",
+        "sft",
+        "--top",
+        "10",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+    )
+    trace = json.loads((tmp_path / "trace_rank0.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "phase/fwd_bwd" in names and "phase/optimizer" in names
+    rows = _rows(tmp_path / "top_kernels_rank0.jsonl")
+    assert 0 < len(rows) <= 10 and any(r["name"] == "aten::mm" for r in rows)
+    assert "aten::mm" in out
