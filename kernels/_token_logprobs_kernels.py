@@ -209,9 +209,20 @@ def _configs(
 
 
 # H100 configs: (block sizes..., num_warps, num_stages). Small lists so autotuning stays cheap.
-FWD_BLOCKS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (128, 128, 64, 4, 4)]
-DHIDDEN_BLOCKS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4)]
-DWEIGHT_BLOCKS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
+# bf16/fp16 run tensor-core (wgmma) tiles; fp32 runs exact IEEE FMA dots (correctness, not speed),
+# where 128x256 fp32 tiles would spill registers and take ~40 s each to compile.
+FWD_BLOCKS = {
+    "16bit": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (128, 128, 64, 4, 4)],
+    "fp32": [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)],
+}
+DHIDDEN_BLOCKS = {
+    "16bit": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4)],
+    "fp32": [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)],
+}
+DWEIGHT_BLOCKS = {
+    "16bit": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)],
+    "fp32": [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)],
+}
 # Vocab split / chunk widths are multiples of this, hence of every BLOCK_V above.
 V_ALIGN = 256
 # Under the interpreter: fixed small tiles (tl.dot needs >= 16), no autotuning.
@@ -226,12 +237,17 @@ _DW_NAMES = ("BLOCK_V", "BLOCK_D", "BLOCK_N")
 
 
 def _tuned(kernel, blocks, names, **kwargs):
-    # Autotuning keys on D and V (fixed per model) and the dtypes, not N, which changes every step.
+    """{"16bit": kernel, "fp32": kernel}: one autotuner per precision (raw kernel under the interpreter).
+
+    Autotuning keys on D and V (fixed per model) and the dtypes, not on N, which changes every step.
+    """
     if interpreting():
-        return kernel
-    return triton.autotune(
-        configs=_configs(blocks, names), key=["D", "V"] if "V" in kernel.arg_names else ["D"], **kwargs
-    )(kernel)
+        return {kind: kernel for kind in blocks}
+    key = ["D", "V"] if "V" in kernel.arg_names else ["D"]
+    return {
+        kind: triton.autotune(configs=_configs(b, names), key=key, **kwargs)(kernel)
+        for kind, b in blocks.items()
+    }
 
 
 fwd_kernel = _tuned(_token_logprobs_fwd_kernel, FWD_BLOCKS, _FWD_NAMES)

@@ -110,12 +110,12 @@ def _token_logprobs_torch_bwd(grad_logp, hidden, weight, targets, lse, inv_temp,
 
 
 def _launch_flags(hidden):
-    """(UPCAST, IEEE_DOT, meta) for this call; UPCAST only ever under the interpreter (see kernels)."""
+    """(kernels module, UPCAST, IEEE_DOT, config family); UPCAST only ever under the interpreter."""
     from kernels import _token_logprobs_kernels as K
 
     upcast = interpreting() and hidden.dtype != torch.float32
     ieee = upcast or hidden.dtype == torch.float32
-    return K, upcast, ieee
+    return K, upcast, ieee, ("fp32" if hidden.dtype == torch.float32 else "16bit")
 
 
 def _num_sms(device) -> int:
@@ -125,7 +125,7 @@ def _num_sms(device) -> int:
 @torch.no_grad()
 def _triton_fwd(hidden, weight, targets, inv_temp, ignore_index, compute_entropy):
     """-> (logp[N], lse[N], entropy[N] | None), all fp32; splits the vocab across programs."""
-    K, upcast, ieee = _launch_flags(hidden)
+    K, upcast, ieee, kind = _launch_flags(hidden)
     N, D = hidden.shape
     V = weight.shape[0]
     logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
@@ -141,7 +141,7 @@ def _triton_fwd(hidden, weight, targets, inv_temp, ignore_index, compute_entropy
     z_tgt = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     meta = K.INTERPRET_FWD if interpreting() else {}
     grid = lambda META: (_cdiv(N, META["BLOCK_N"]), splits)
-    K.fwd_kernel[grid](
+    K.fwd_kernel[kind][grid](
         hidden, weight, targets, lse_part, mu_part, z_tgt,
         N, V, D, v_split, ignore_index, inv_temp,
         COMPUTE_ENTROPY=compute_entropy, UPCAST=upcast, IEEE_DOT=ieee, **meta,
@@ -160,7 +160,7 @@ def _triton_fwd(hidden, weight, targets, inv_temp, ignore_index, compute_entropy
 @torch.no_grad()
 def _triton_bwd(grad_logp, hidden, weight, targets, lse, inv_temp, ignore_index):
     """-> (d_hidden, d_weight): per vocab chunk, dlogits [N, Vc] then two GEMMs; fp32 accumulation."""
-    K, upcast, ieee = _launch_flags(hidden)
+    K, upcast, ieee, kind = _launch_flags(hidden)
     N, D = hidden.shape
     V = weight.shape[0]
     if N == 0:
@@ -179,15 +179,15 @@ def _triton_bwd(grad_logp, hidden, weight, targets, lse, inv_temp, ignore_index)
     for i, v0 in enumerate(range(0, V, chunk)):
         width = min(chunk, V - v0)
         dz = dz_buf[: N * width].view(N, width)
-        K.dlogits_kernel[lambda M, w=width: (_cdiv(N, M["BLOCK_N"]), _cdiv(w, M["BLOCK_V"]))](
+        K.dlogits_kernel[kind][lambda M, w=width: (_cdiv(N, M["BLOCK_N"]), _cdiv(w, M["BLOCK_V"]))](
             hidden, weight, targets, lse, grad_logp, dz,
             N, V, D, v0, width, ignore_index, inv_temp,
             UPCAST=upcast, IEEE_DOT=ieee, **fwd_meta,
         )  # fmt: skip
-        K.dhidden_kernel[lambda M: (_cdiv(N, M["BLOCK_N"]), _cdiv(D, M["BLOCK_D"]))](
+        K.dhidden_kernel[kind][lambda M: (_cdiv(N, M["BLOCK_N"]), _cdiv(D, M["BLOCK_D"]))](
             dz, weight, d_hidden, N, D, v0, width, ACCUMULATE=i > 0, UPCAST=upcast, IEEE_DOT=ieee, **dh_meta
         )
-        K.dweight_kernel[lambda M, w=width: (_cdiv(w, M["BLOCK_V"]), _cdiv(D, M["BLOCK_D"]))](
+        K.dweight_kernel[kind][lambda M, w=width: (_cdiv(w, M["BLOCK_V"]), _cdiv(D, M["BLOCK_D"]))](
             dz, hidden, d_weight, N, D, v0, width, UPCAST=upcast, IEEE_DOT=ieee, **dw_meta
         )
     return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype)

@@ -12,6 +12,9 @@ import kernels.token_logprobs as tlp
 from kernels.token_logprobs import token_logprobs, token_logprobs_and_entropy
 
 BACKENDS = ["torch", "triton"]
+# Without a GPU the Triton kernels run in the interpreter on CPU tensors (tests/conftest.py); with one,
+# the same tests run the compiled kernels on CUDA tensors (bench/gpu_check.sh).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
 # (N, D, V): the unaligned shape, and one with D, V off every block size and N < BLOCK_N.
 SHAPES = [(37, 48, 1003), (9, 72, 517)]
@@ -33,7 +36,7 @@ def _make(N, D, V, dtype, seed=0, masked=(3,)):
         if i < N:
             targets[i] = -100
     grad = torch.randn(N, generator=g)
-    return hidden, weight, targets, grad
+    return hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), grad.to(DEVICE)
 
 
 def _run(fn, hidden, weight, targets, grad, **kw):
@@ -129,7 +132,7 @@ def test_non_finite_hidden_is_reported_not_hidden(backend):
 
 
 def test_rejects_bad_inputs():
-    hidden, weight, targets, _ = _make(8, 16, 50, torch.float32)
+    hidden, weight, targets, _ = (t.cpu() for t in _make(8, 16, 50, torch.float32))  # CUDA asserts async
     with pytest.raises(ValueError, match="targets out of"):
         token_logprobs(hidden, weight, torch.full_like(targets, 50))
     with pytest.raises(ValueError, match="hidden"):
@@ -160,7 +163,7 @@ def _peak_cpu_bytes(fn) -> int:
 def test_torch_backend_memory_stays_far_below_full_logits(N, D, monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
     V = 32000
-    hidden, weight, targets, grad = _make(N, D, V, torch.float32)
+    hidden, weight, targets, grad = (t.cpu() for t in _make(N, D, V, torch.float32))
     hidden.requires_grad_()
     weight.requires_grad_()
 
@@ -182,7 +185,7 @@ def test_torch_backend_memory_stays_far_below_full_logits(N, D, monkeypatch):
 @pytest.mark.parametrize("shape", [(2048, 4096, 128256), (1000, 2048, 50257)], ids=str)
 def test_gpu_triton_matches_fp64(shape, monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
-    hidden, weight, targets, grad = (t.cuda() for t in _make(*shape, torch.bfloat16))
+    hidden, weight, targets, grad = _make(*shape, torch.bfloat16)
     ref = _run(naive_token_logprobs, hidden.double(), weight.double(), targets, grad.double())
     base = _run(naive_token_logprobs, hidden, weight, targets, grad)
     out = _run(token_logprobs, hidden, weight, targets, grad)
