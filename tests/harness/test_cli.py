@@ -36,3 +36,30 @@ def test_cli_generate_expert_evaluate(tmp_path):
     report = json.loads((tmp_path / "rep.json").read_text())
     assert report["success_rate"] == 1.0 and report["action_accuracy"] == 1.0
     assert "| **all** | 2 | 100.0% | 100.0% |" in out
+
+
+def test_cli_evaluate_checkpoint_policy(tmp_path, train_games):
+    """`--policy <checkpoint dir>` loads an HF checkpoint + tokenizer.json and decodes greedily."""
+    import dataclasses
+
+    from harness import collect_states, read_states, render_prompt
+    from model import PRESETS, Transformer, save_hf_checkpoint, train_tokenizer
+
+    states = tmp_path / "states.jsonl"
+    collect_states(train_games[:1], states)
+    rows = read_states(states)
+    texts = [m["content"] for r in rows for m in render_prompt(r)] + [r["expert_action"] for r in rows]
+    tok = train_tokenizer(texts, 300)
+    cfg = dataclasses.replace(
+        PRESETS["tiny"], vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64
+    )
+    ckpt = tmp_path / "ckpt"
+    save_hf_checkpoint(Transformer(cfg), ckpt)
+    tok.save(ckpt / "tokenizer.json")
+    out = _run(
+        "evaluate", "--games", str(train_games[0].parents[2]), "--limit", "2", "--max-steps", "2",
+        "--policy", str(ckpt), "--out", str(tmp_path / "rep"),
+    )  # fmt: skip
+    report = json.loads((tmp_path / "rep.json").read_text())
+    assert report["meta"]["policy"] == str(ckpt) and len(report["episodes"]) == 2
+    assert all(e["steps"] == 2 for e in report["episodes"]) and "| **all** | 2 |" in out
