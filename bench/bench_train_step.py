@@ -38,7 +38,13 @@ from dataclasses import dataclass
 import flops
 import torch
 import torch.distributed as dist
-from _common import env_info, write_jsonl, write_markdown  # bench/ is sys.path[0] for scripts
+from _common import (  # bench/ is sys.path[0] for scripts
+    base_parser,
+    env_info,
+    markdown_table,
+    write_jsonl,
+    write_markdown,
+)
 
 from model import PRESETS, LlamaConfig, Transformer, generate
 from trainer.config import OptimConfig
@@ -60,7 +66,7 @@ PHASES = ("rollout", "rollout_prefill", "rollout_decode", "ref_logprobs", "fwd_b
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = base_parser(__doc__.split("\n")[0])  # --out-dir, --quick, --cpu-smoke
     p.add_argument(
         "--preset", default=None, help=f"model preset {sorted(PRESETS)} (default: llama3.2-1b, tiny on CPU)"
     )
@@ -78,9 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="burn-in steps, not timed (default 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--quick", action="store_true", help="fewer/smaller steps (gpu_check.sh; tiny on CPU)")
-    p.add_argument("--out-dir", default="bench/results")
     args = p.parse_args(argv)
+    if args.cpu_smoke:  # the kernels benchmarks' tiny-CPU flag: same as --device cpu --quick
+        args.device, args.quick = "cpu", True
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     # Defaults: realistic on a GPU; on CPU the tiny preset at toy shapes (the scripts must not rot).
     tiny = cpu and args.preset in (None, "tiny")
@@ -386,7 +392,8 @@ def main(argv=None) -> None:
         destroy()
     if rank0:
         write_jsonl(args.out_dir, "train_step", rows)
-        write_markdown(args.out_dir, "train_step", "Train step throughput per GPU", rows, COLUMNS)
+        path = write_markdown(args.out_dir, "train_step", "Train step throughput per GPU", rows, COLUMNS)
+        print(f"\n{markdown_table(rows, COLUMNS)}\n[train_step] wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

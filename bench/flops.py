@@ -158,12 +158,11 @@ def measured_matmul_peak_tflops(
     The MFU denominator the benchmarks report beside the datasheet peak: clocks, power caps and
     cuBLAS heuristics put real H100 SXM bf16 GEMMs at roughly 650-800 of the 989 datasheet TFLOP/s.
     """
-    from _common import do_bench  # bench/ is sys.path[0] when a benchmark script runs
+    from _common import time_ms  # bench/ is sys.path[0] when a benchmark script runs
 
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn((n, n), generator=gen, device=device).to(dtype)
     b = torch.randn((n, n), generator=gen, device=device).to(dtype)
-    ms = do_bench(lambda: a @ b)
-    ms = ms[0] if isinstance(ms, tuple | list) else ms
+    ms = time_ms(lambda: a @ b)["ms_median"]
     return 2 * n**3 / (ms * 1e-3) / 1e12

@@ -141,7 +141,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_bench_train_step_cpu(tmp_path):
-    _run("bench_train_step.py", "--out-dir", str(tmp_path), "--prompt-len", "24", "--response-len", "6")
+    args = ("--prompt-len", "24", "--response-len", "6", "--warmup", "0", "--steps", "1")
+    _run("bench_train_step.py", "--out-dir", str(tmp_path), *args)
     rows = [r for r in _rows(next(tmp_path.glob("*.jsonl"))) if r.get("bench") == "train_step"]
     assert {r["algo"] for r in rows} == {"grpo", "sft"}
     for r in rows:
@@ -164,6 +165,9 @@ def test_bench_rollout_cpu(tmp_path):
         assert not r.get("error"), r
         assert r["decode_tokens_per_s"] > 0 and r["decode_gbps"] > 0
         assert r["generate_s"] > r["prefill_s"] > 0
+    (turns,) = [r for r in _rows(next(tmp_path.glob("*.jsonl"))) if r.get("bench") == "rollout_turns"]
+    assert turns["single_turn_tokens_per_s"] > 0 and turns["multi_turn_tokens_per_s"] > 0
+    assert turns["single_over_multi"] == pytest.approx(turns["multi_turn_s"] / turns["single_turn_s"])
 
 
 def test_profile_steps_cpu(tmp_path):
