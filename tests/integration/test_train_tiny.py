@@ -51,10 +51,10 @@ def test_run_directory_layout(two_rank_run):
     out, proc, _ = two_rank_run
     run = out / "two"
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["run"]["name"] == "two" and cfg["sft"]["steps"] == 3
+    assert cfg["run"]["name"] == "two" and cfg["sft"]["steps"] == H.SFT_STEPS
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in rows]
-    assert kinds.count("sft") == 3 and kinds.count("grpo") == 3
+    assert kinds.count("sft") == H.SFT_STEPS and kinds.count("grpo") == H.GRPO_STEPS
     grpo = [r for r in rows if r["kind"] == "grpo"]
     for r in grpo:
         for key in (
@@ -67,7 +67,7 @@ def test_run_directory_layout(two_rank_run):
         ):
             assert key in r, f"grpo row misses {key}: {sorted(r)}"
         assert r["groups"] == 2  # grpo.batch_size states over both ranks
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3", "step_6"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_{H.SFT_STEPS}", f"step_{H.SFT_STEPS + H.GRPO_STEPS}"]
     assert (run / "plots" / "loss.png").is_file()
     assert "[fsdp] memory per rank" in proc.stdout and "fraction=0.5" in proc.stdout
 
@@ -91,7 +91,7 @@ def test_two_ranks_equal_one_rank_on_sft(two_rank_run):
         for n in ("one", "two")
     }
     sft = {n: [r for r in rows[n] if r["kind"] == "sft"] for n in rows}
-    assert len(sft["one"]) == len(sft["two"]) == 3
+    assert len(sft["one"]) == len(sft["two"]) == H.SFT_STEPS
     for a, b in zip(sft["one"], sft["two"]):
         assert a["num_tokens"] == b["num_tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), f"step {a['step']}"
