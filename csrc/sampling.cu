@@ -170,6 +170,7 @@ struct BlockExec {
     __syncthreads();
     const int lane = threadIdx.x & 31;
     const int64_t n_chunks = (V + kVec - 1) / kVec;
+    const float bound = scaled_lower_bound(fn, prefix > floor_key ? prefix : floor_key);  // skips the exp
     for (int64_t c0 = threadIdx.x - lane; c0 < n_chunks; c0 += kThreads) {  // c0: warp-uniform
       const int64_t i0 = (c0 + lane) * kVec;
       float x[kVec];
@@ -178,7 +179,7 @@ struct BlockExec {
       for (int j = 0; j < kVec; ++j) {
         uint32_t bin = kNoBin;
         unsigned long long q = 0;
-        if (j < n) {
+        if (j < n && !(fn.scaled(x[j]) < bound)) {
           const float e = fn.weight(x[j]);
           const uint32_t key = weight_key(e);
           if (in_radix_pass(key, shift, prefix, floor_key)) bin = radix_digit(key, shift), q = fn.mass(e);
@@ -257,7 +258,9 @@ struct BlockExec {
 
   __device__ uint64_t kept_mass(const WeightFn& fn, uint32_t floor_key) const {
     unsigned long long s = 0;
+    const float bound = scaled_lower_bound(fn, floor_key);
     for_each([&](float x, int64_t) {
+      if (fn.scaled(x) < bound) return;
       const float e = fn.weight(x);
       if (weight_key(e) >= floor_key) s += fn.mass(e);
     });
@@ -295,6 +298,7 @@ struct BlockExec {
   // First index in vocab order whose cumulative kept mass exceeds `target` (< total kept mass).
   __device__ int64_t first_crossing(const WeightFn& fn, uint32_t floor_key, uint64_t target) const {
     unsigned long long base = 0;  // kept mass before this tile
+    const float bound = scaled_lower_bound(fn, floor_key);
     for (int64_t tile = 0; tile < V; tile += static_cast<int64_t>(kThreads) * kVec) {
       const int64_t i0 = tile + static_cast<int64_t>(threadIdx.x) * kVec;
       float x[kVec];
@@ -304,7 +308,7 @@ struct BlockExec {
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         q[j] = 0;
-        if (j < n) {
+        if (j < n && !(fn.scaled(x[j]) < bound)) {
           const float e = fn.weight(x[j]);
           if (weight_key(e) >= floor_key) q[j] = fn.mass(e);
         }

@@ -34,6 +34,17 @@ struct HostExec {
   uint32_t last_floor_key = 0;
   uint64_t last_target = 0;
 
+  // The pre-filter of scaled_lower_bound, checked: a skipped logit must fail the exact test too.
+  static bool skipped(const WeightFn& fn, float x, float bound, uint32_t lo_key) {
+    if (!(fn.scaled(x) < bound)) return false;
+    if (strl::weight_key(fn.weight(x)) >= lo_key) {
+      fprintf(stderr, "scaled_lower_bound rejected a kept logit: x=%.9g bound=%.9g lo_key=%u\n",
+              static_cast<double>(x), static_cast<double>(bound), lo_key);
+      exit(3);
+    }
+    return true;
+  }
+
   int64_t vocab() const { return V; }
   float logit(int64_t i) const { return strl::to_float(row[i]); }
 
@@ -51,7 +62,10 @@ struct HostExec {
 
   void histogram(const WeightFn& fn, int shift, uint32_t prefix, uint32_t floor_key) {
     for (int b = 0; b < strl::kRadixBins; ++b) count[b] = 0, mass[b] = 0;
+    const uint32_t lo_key = prefix > floor_key ? prefix : floor_key;
+    const float bound = strl::scaled_lower_bound(fn, lo_key);
     for (int64_t i = 0; i < V; ++i) {
+      if (skipped(fn, logit(i), bound, lo_key)) continue;
       const float e = fn.weight(logit(i));
       const uint32_t key = strl::weight_key(e);
       if (!strl::in_radix_pass(key, shift, prefix, floor_key)) continue;
@@ -73,7 +87,9 @@ struct HostExec {
 
   uint64_t kept_mass(const WeightFn& fn, uint32_t floor_key) const {
     uint64_t total = 0;
+    const float bound = strl::scaled_lower_bound(fn, floor_key);
     for (int64_t i = 0; i < V; ++i) {
+      if (skipped(fn, logit(i), bound, floor_key)) continue;
       const float e = fn.weight(logit(i));
       if (strl::weight_key(e) >= floor_key) total += fn.mass(e);
     }
@@ -84,7 +100,9 @@ struct HostExec {
     last_floor_key = floor_key;
     last_target = target;
     uint64_t cum = 0;
+    const float bound = strl::scaled_lower_bound(fn, floor_key);
     for (int64_t i = 0; i < V; ++i) {
+      if (skipped(fn, logit(i), bound, floor_key)) continue;
       const float e = fn.weight(logit(i));
       if (strl::weight_key(e) < floor_key) continue;
       cum += fn.mass(e);

@@ -114,6 +114,21 @@ struct WeightFn {
 
 STRL_HD uint32_t weight_key(float e) { return float_to_bits(e); }
 
+// A cheap pre-filter for passes that only look at keys >= lo_key: a logit whose scaled value
+// x * (1/T) is below the returned bound has weight < bits_to_float(lo_key), so it can be skipped
+// without the exp. The bound sits below log(lo) + m by a margin (1e-3 + 1e-5 * magnitude) far larger
+// than the rounding of x * (1/T) - m (<= 6e-8 relative) and of expf (<= 2 ulp), so it never
+// rejects a logit the exact test would keep. -inf (no filtering) when lo is 0 or denormal.
+STRL_HD float scaled_lower_bound(const WeightFn& fn, uint32_t lo_key) {
+  const float lo = bits_to_float(lo_key);
+  // Below the normal range expf rounds to a coarse denormal grid (relative error up to 1/2): no filter.
+  if (!(lo >= 0x1p-125f)) return -INFINITY;
+  const double log_lo = log(static_cast<double>(lo));
+  const double m = static_cast<double>(fn.m);
+  const double margin = 1e-3 + 1e-5 * (fabs(m) + fabs(log_lo) + 1.0);
+  return static_cast<float>(m + log_lo - margin);
+}
+
 // Does `key` take part in the radix pass at digit `shift` (24, 16, 8, 0)? It must be kept so far
 // (key >= floor) and match the digits chosen by earlier passes (`prefix`: bits above shift + 8).
 STRL_HD bool in_radix_pass(uint32_t key, int shift, uint32_t prefix, uint32_t floor_key) {
