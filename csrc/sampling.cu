@@ -12,7 +12,9 @@
 //   first_crossing                the inverse-CDF scan in vocab order: tiles of kThreads * kVec
 //                                 logits, a block exclusive scan per tile, stops at the tile that crosses
 // Every pass re-reads the row (typically from L2 after the first): 3 passes without truncation,
-// up to 2 + 4 (top-k) + 4 (top-p) with both, fewer when a radix bin resolves early.
+// up to 2 + 4 (top-k) + 4 (top-p) with both, fewer when a radix bin resolves early. Passes that only
+// look at keys above a floor skip the exp for logits below it (scaled_lower_bound, one compare).
+// Performance is unmeasured (no GPU yet): the recomputed exp per pass, not HBM, likely bounds it.
 // References: FlashInfer's sampling kernels (threshold-based truncation without a sort), Philox
 // (Salmon et al., SC'11), radix select (Alabi et al., 2012).
 #include <cuda_runtime.h>
