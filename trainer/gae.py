@@ -22,9 +22,11 @@ References: Schulman et al. 2016 (GAE); Schulman et al. 2017 (PPO); verl `core_a
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 
 def episode_rewards(
@@ -151,6 +153,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-8, all
     total, n = float(stats[0]), float(stats[1])  # host sync: decides the branch
     if n == 0:
         return torch.zeros_like(x)
+    xv = x.double()
+    hi = torch.stack(
+        [xv.masked_fill(~m, -math.inf).max(), (-xv).masked_fill(~m, -math.inf).max()]
+    )  # max, -min
+    if all_reduce is not None:
+        hi = _all_reduce_max(hi)
+    if float(hi[0]) == -float(hi[1]):  # all valid entries equal: exactly 0 (x - mean may be 1e-17, not 0)
+        return torch.zeros_like(x)
     centered = torch.where(m, x.double() - total / n, zero)
     # Second pass on the centered values (not E[x^2] - E[x]^2): a constant batch gives exactly 0.
     sq = centered.pow(2).sum()
@@ -159,3 +169,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-8, all
     var = float(sq) / n if n > 1 else 0.0
     out = centered / (var**0.5 + eps) if var > 0 else centered
     return out.to(x.dtype)
+
+
+def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over ranks (a copy; no-op without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    y = t.to(dev, copy=True)
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y.to(t.device)

@@ -88,15 +88,14 @@ def ppo_advantages(episodes: list[EpisodeRollout], values: list[torch.Tensor], p
     values: V of each episode's turns ([L] fp32). Advantages are whitened over the global batch when
     ppo_cfg.adv_whiten (all_reduce sums the statistics over ranks).
     """
-    if not episodes:
-        return [], []
-    lengths = torch.tensor([ep.steps for ep in episodes])  # (B,)
-    T = max(int(lengths.max()), 1)
+    # No early return on an empty list: the whitening below is a collective every rank must join.
+    lengths = torch.tensor([ep.steps for ep in episodes], dtype=torch.int64)  # (B,)
+    T = max([ep.steps for ep in episodes] + [1])
     m = turn_mask(lengths, T)  # (B, T)
     v = torch.zeros(len(episodes), T)
     for b, vals in enumerate(values):
         v[b, : len(vals)] = vals
-    won = torch.tensor([ep.won for ep in episodes])
+    won = torch.tensor([ep.won for ep in episodes], dtype=torch.bool)
     r = episode_rewards(won, lengths, T, success_discount=ppo_cfg.success_discount)  # (B, T)
     adv, ret = compute_gae(r, v, m, gamma=ppo_cfg.gamma, lam=ppo_cfg.lam)  # (B, T) each
     if ppo_cfg.adv_whiten:
@@ -253,7 +252,7 @@ class MultiTurnStage:
             Sequence(t.prompt, t.response, t.logprobs, float(a))
             for ep, adv in zip(live, advs)
             for t, a in zip(ep.turns, adv.tolist())
-            if t.response
+            if t.response and a != 0.0  # a zero advantage adds no gradient, only cost
         ]
         cat = lambda xs, d=0: torch.cat(xs) if xs else torch.zeros(0, d)  # noqa: E731
         dim = self.value_head.dim

@@ -134,6 +134,7 @@ def test_ppo_advantages_hand_computed():
     adv, _ = ppo_mod.ppo_advantages(eps, [torch.tensor([0.5, 0.5]), torch.tensor([0.2])], cfg)
     flat = torch.cat(adv)
     assert abs(float(flat.mean())) < 1e-6 and abs(float(flat.std(unbiased=False)) - 1) < 1e-4
+    assert ppo_mod.ppo_advantages([], [], cfg) == ([], []), "a rank without live episodes still joins"
 
 
 def test_group_episode_advantages_and_games():
