@@ -354,8 +354,37 @@ COLUMNS = [
     ("mfu_step_datasheet", "MFU step (datasheet)"), ("peak_mem_gib", "peak GiB"),
     ("time_rollout_prefill_s", "prefill s"), ("time_rollout_decode_s", "decode s"),
     ("time_ref_logprobs_s", "ref s"), ("time_fwd_bwd_s", "fwd+bwd s"), ("time_optimizer_s", "optim s"),
-    ("comm_nccl_kernel_s", "nccl s"),
+    ("comm_nccl_kernel_s", "nccl s"), ("error", "error"),
 ]  # fmt: skip
+
+
+def _run_config(args, device, info, algo, prompt_len, response_len, peak, measured) -> dict:
+    """Build, measure and free one configuration; on one rank an out-of-memory becomes an error row."""
+    s = None
+    try:
+        s = build_setup(args, device, info.rank, info.world_size, prompt_len, response_len)
+        row = measure(s, algo, peak, measured)
+        if info.rank == 0:
+            print(
+                f"[train_step] {algo} {args.preset} P={prompt_len} R={response_len} x{info.world_size}: "
+                f"{row['step_s']:.3f} s/step, {row['tokens_per_s_per_gpu']:.0f} tok/s/GPU, "
+                f"peak {row['peak_mem_gib']:.2f} GiB",
+                flush=True,
+            )
+    except torch.OutOfMemoryError as e:
+        if info.world_size > 1:  # the other ranks wait in a collective: stop the whole job
+            raise
+        row = {"bench": "train_step", "algo": algo, "preset": args.preset, "world_size": 1}
+        row.update(prompt_len=prompt_len, response_len=response_len, micro_batch=args.micro_batch)
+        row["error"] = f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"
+        print(
+            f"[train_step] {algo} {args.preset} P={prompt_len} R={response_len}: {row['error']}", flush=True
+        )
+    finally:
+        del s
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
 
 
 def main(argv=None) -> None:
@@ -374,20 +403,9 @@ def main(argv=None) -> None:
     try:
         for prompt_len in args.prompt_len:
             for response_len in args.response_len:
-                s = build_setup(args, device, info.rank, info.world_size, prompt_len, response_len)
                 for algo in args.algo:
-                    row = {**env, **measure(s, algo, peak, measured)}
-                    rows.append(row)
-                    if rank0:
-                        print(
-                            f"[train_step] {algo} {args.preset} P={prompt_len} R={response_len} "
-                            f"x{info.world_size}: {row['step_s']:.3f} s/step, "
-                            f"{row['tokens_per_s_per_gpu']:.0f} tok/s/GPU, peak {row['peak_mem_gib']:.2f} GiB",
-                            flush=True,
-                        )
-                del s
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    row = _run_config(args, device, info, algo, prompt_len, response_len, peak, measured)
+                    rows.append({**env, **row})
     finally:
         destroy()
     if rank0:

@@ -190,3 +190,21 @@ def test_profile_steps_cpu(tmp_path):
     rows = _rows(tmp_path / "top_kernels_rank0.jsonl")
     assert 0 < len(rows) <= 10 and any(r["name"] == "aten::mm" for r in rows)
     assert "aten::mm" in out
+
+
+@pytest.mark.slow
+def test_bench_train_step_two_ranks_cpu(tmp_path):
+    """torchrun with 2 gloo ranks, a reference model (kl_coef > 0) and activation checkpointing."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = ["--cpu-smoke", "--out-dir", str(tmp_path), "--warmup", "0", "--steps", "1", "--kl-coef", "0.05"]
+    args += ["--activation-checkpointing", "--prompt-len", "24", "--response-len", "6"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*cmd, str(BENCH / "bench_train_step.py"), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = _rows(tmp_path / "train_step.jsonl")
+    assert len(rows) == 2 and all(r["world_size"] == 2 and not r.get("error") for r in rows), rows
+    grpo = next(r for r in rows if r["algo"] == "grpo")
+    assert grpo["time_ref_logprobs_s"] > 0 and grpo["tokens_per_step_per_gpu"] == 2 * 4 * 30
