@@ -171,8 +171,8 @@ def test_host_pure_functions_are_exact(artifacts):
         assert vocab * 2 ** min(52, 63 - vocab.bit_length()) < 2**63  # the row's total mass fits
     for _ in range(4):
         seed, offset = rand64(), rand64()
-        u = philox_uniform(seed, offset, 70_000)
-        for row in (0, 1, 65_537, 69_999):
+        u = philox_uniform(seed, offset, 10_000)
+        for row in (0, 1, 4097, 9999):
             lines.append(f"philox {seed} {offset} {row}")
             want.append(int(u[row].item() * 2**32 - 0.5))
     proc = subprocess.run([str(artifacts["host"])], input="\n".join(lines), capture_output=True, text=True)
