@@ -111,7 +111,11 @@ def artifacts() -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def op_library(artifacts):
-    if not _csrc.op_registered():
+    # On a GPU machine the real extension (kernels/_csrc.py) owns the namespace; a second library
+    # registering `singleturn_rl` in the same process would be rejected.
+    if torch.cuda.is_available():
+        assert _csrc.load(), "the CUDA extension did not build"
+    elif not _csrc.op_registered():
         torch.ops.load_library(str(artifacts["so"]))
     _csrc.register_fakes()
     return torch.ops.singleturn_rl
