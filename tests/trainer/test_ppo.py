@@ -9,7 +9,10 @@
   the vocabulary. The exact probability of a good token must rise within a few steps.
 """
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -212,3 +215,62 @@ def test_collect_episodes_records_the_policys_own_turns(real_games):
     assert err < 1e-4, f"recorded sampling log-probs differ from the policy's by {float(err):.3g}"
     assert eps[0].features.shape == (2, 32)
     assert torch.allclose(eps[0].features[0], h, atol=1e-5)
+
+
+def _worker(out: Path) -> None:
+    """2-rank gloo run of both stages on the toy task (launched by the test below via torchrun)."""
+    from trainer.dist import destroy, init_distributed
+    from trainer.fsdp import apply_fsdp
+
+    info = init_distributed()
+    torch.set_num_threads(1)
+    ppo_mod.collect_episodes = _toy_collect
+    ppo_mod.train_games = lambda data_cfg: [f"toy{i}" for i in range(8)]
+    result = {}
+    for algo in ("ppo", "grpo-multiturn"):
+        ppo = {"episodes_per_step": 16, "group_size": 4, "micro_batch_size": 3, "lr": 1e-2, "value_lr": 3e-2}
+        cfg = build_config({"ppo": ppo, "rollout": {"max_new_tokens": 1}, "optim": {"lr": 1e-2}})
+        torch.manual_seed(0)
+        model = _tiny_model(V)
+        fsdp = apply_fsdp(model)
+        tok = SimpleNamespace(pad_id=0, eot_id=1)
+        runner = StepRunner(model=model, fsdp=fsdp, tokenizer=tok, examples=[], cfg=cfg, info=info)
+        runner.optimizer = make_optimizer(fsdp, cfg.optim, cfg.ppo.lr)
+        stage = ppo_mod.MultiTurnStage(
+            runner, algo, ppo_cfg=cfg.ppo, rollout_cfg=cfg.rollout, data_cfg=cfg.data, run_seed=0
+        )
+        with fsdp.summon_full_params(dtype=torch.float32):
+            before = _good_prob(model)
+        rows = [stage.step(step, step - 1, 6) for step in range(1, 7)]
+        with fsdp.summon_full_params(dtype=torch.float32):
+            after = _good_prob(model)
+        head = (
+            [p.detach().flatten().tolist() for p in stage.value_head.parameters()] if stage.value_head else []
+        )
+        result[algo] = {"before": before, "after": after, "rows": rows, "head": head}
+    (out / f"rank{info.rank}.json").write_text(json.dumps(result))
+    destroy()
+
+
+@pytest.mark.slow  # ~40 s: two torchrun ranks
+def test_multiturn_stages_on_two_ranks(tmp_path):
+    """Uneven per-rank turn counts, FSDP micro-batch padding, the replicated value head and the global
+    whitening all run on 2 gloo ranks: both ranks end with the same model and critic, and learn."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           __file__, "--worker", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"workers failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    for algo in ("ppo", "grpo-multiturn"):
+        a, b = r0[algo], r1[algo]
+        assert a["after"] == b["after"], (
+            f"{algo}: ranks disagree on the policy ({a['after']} vs {b['after']})"
+        )
+        assert a["head"] == b["head"], f"{algo}: the replicated value head diverged across ranks"
+        assert [x["samples"] for x in a["rows"]] == [32] * 6, "global samples (16 episodes x 2 turns)"
+        assert a["after"] > a["before"] + 0.1, f"{algo}: P(good) {a['before']:.3f} -> {a['after']:.3f}"
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker(Path(sys.argv[sys.argv.index("--worker") + 1]))
