@@ -33,6 +33,7 @@ of the decode step with mode="reduce-overhead"); vLLM `benchmarks/benchmark_thro
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import flops
@@ -113,7 +114,7 @@ def measure_point(model, config: LlamaConfig, batch: int, args, device, hbm_gbps
     for _ in range(args.repeats):
         prefill.append(_timed_generate(model, prompts, 1, device))
         full.append(_timed_generate(model, prompts, args.new_tokens, device))
-    prefill_s, full_s = sorted(prefill)[len(prefill) // 2], sorted(full)[len(full) // 2]
+    prefill_s, full_s = statistics.median(prefill), statistics.median(full)
     decode_s = max(full_s - prefill_s, 1e-9)
     steps = args.new_tokens - 1  # the first token is sampled from the prefill's logits
     bytes_ = sum(
@@ -168,7 +169,7 @@ def measure_single_vs_multi_turn(model, config: LlamaConfig, args, device) -> di
             fn()
             _sync(device)
             times.append(time.perf_counter() - t0)
-        out[f"{name}_s"] = sorted(times)[len(times) // 2]
+        out[f"{name}_s"] = statistics.median(times)
         out[f"{name}_tokens_per_s"] = args.samples * args.new_tokens / out[f"{name}_s"]
     out["single_over_multi"] = out["multi_turn_s"] / out["single_turn_s"]
     return out

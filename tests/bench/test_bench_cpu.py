@@ -158,7 +158,7 @@ def test_bench_train_step_cpu(tmp_path):
 
 
 def test_bench_rollout_cpu(tmp_path):
-    _run("bench_rollout.py", "--out-dir", str(tmp_path))
+    _run("bench_rollout.py", "--out-dir", str(tmp_path), "--cpu-smoke")  # the kernels benches' flag too
     rows = [r for r in _rows(next(tmp_path.glob("*.jsonl"))) if r.get("bench") == "rollout"]
     assert [r["batch"] for r in rows] == [1, 4]
     for r in rows:
