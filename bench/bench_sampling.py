@@ -1,30 +1,24 @@
-"""Benchmark of `sample_tokens`: the fused CUDA kernel (csrc/) vs the PyTorch reference (sort-based top-p).
+"""Benchmark kernels.sample_tokens: the fused CUDA kernel (csrc/) vs the PyTorch reference (sort-based top-p).
 
-Time per call (median, p20, p80; warm-up excluded, L2 flushed between calls by triton's do_bench) and
-GB/s of logits read once (B * V * itemsize / time), for B in {1, 64, 256, 1024}, V = 128256, bf16 and
-fp32 logits and three truncation settings. The issue's targets: >= 80% of HBM bandwidth for B >= 64
-and >= 5x the reference. On a CPU-only machine it runs a smoke mode: the reference alone, small B.
+Providers: `cuda` (torch.ops.singleturn_rl.sample_tokens, built by kernels/_csrc.py) and `torch`
+(kernels.sampling.sample_tokens_reference: softmax, sort for top-p, cumsum draw). Reported: median /
+p20 / p80 ms per call (L2 flushed before each rep, see bench/_common.py), GB/s of logits read once
+(B * V * itemsize / time), % of the HBM peak when the device is known, and the speedup over torch.
+The issue's targets: >= 80% of HBM bandwidth for B >= 64 and >= 5x the reference.
 
-    python bench/bench_sampling.py [--quick] [--out-dir bench/results]
+    python bench/bench_sampling.py [--quick | --cpu-smoke] [--out-dir bench/results]
 
-Writes one JSONL row per measurement (hardware, versions, git sha, command) to
-<out-dir>/sampling.jsonl (appended) and a markdown table to <out-dir>/sampling.md.
+GPU sweep: B in {1, 64, 256, 1024}, V = 128256 (LLaMA-3), bf16 and fp32 logits, three truncation
+settings. --quick: bf16, B in {1, 64, 1024}, nucleus sampling. --cpu-smoke (automatic without a GPU):
+the reference alone, B = 1. Output: <out-dir>/sampling.jsonl (appended) and sampling.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import functools
-import json
-import platform
-import shlex
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import torch
+from _common import base_parser, env_info, time_ms, write_jsonl, write_markdown
 
 from kernels import _csrc
 from kernels.sampling import sample_tokens_reference
@@ -32,135 +26,82 @@ from kernels.sampling import sample_tokens_reference
 V = 128256
 # (temperature, top_p, top_k): plain softmax sampling, nucleus, top-k + nucleus.
 SETTINGS = [(1.0, 1.0, 0), (1.0, 0.95, 0), (0.7, 0.9, 50)]
+HBM_PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # SXM parts; None elsewhere
+COLUMNS = [
+    ("provider", "provider"), ("dtype", "dtype"), ("B", "B"), ("V", "V"), ("temperature", "T"),
+    ("top_p", "top_p"), ("top_k", "top_k"), ("ms_median", "ms"), ("ms_p20", "p20"), ("ms_p80", "p80"),
+    ("gbps", "GB/s"), ("hbm_pct", "% HBM"), ("speedup_vs_torch", "x vs torch"),
+]  # fmt: skip
 
 
-def _git_sha() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
+def _hbm_peak(device_name: str) -> float | None:
+    return next((v for k, v in HBM_PEAK_GBPS.items() if k in device_name), None)
 
 
-def _environment() -> dict:
-    env = {
-        "hardware": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_sha": _git_sha(),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    return env
-
-
-def _time_ms(fn, cuda: bool, quick: bool) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds per call."""
-    if cuda:
-        from triton.testing import do_bench
-
-        return tuple(
-            do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 200, quantiles=[0.5, 0.2, 0.8])
-        )
-    fn()  # warm-up
-    times = []
-    for _ in range(2 if quick else 5):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-    return q(0.5), q(0.2), q(0.8)
-
-
-def run(out_dir: Path, quick: bool) -> list[dict]:
-    cuda = torch.cuda.is_available()
+def run(out_dir, quick: bool, cpu_smoke: bool) -> list[dict]:
+    cuda = torch.cuda.is_available() and not cpu_smoke
     device = "cuda" if cuda else "cpu"
     have_op = cuda and _csrc.load()
-    batches = ([1, 64] if quick else [1, 64, 256, 1024]) if cuda else ([1] if quick else [1, 4, 16])
-    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
-    env = _environment()
+    if cuda:
+        batches, dtypes = (
+            ([1, 64, 1024], [torch.bfloat16])
+            if quick
+            else ([1, 64, 256, 1024], [torch.bfloat16, torch.float32])
+        )
+        settings = SETTINGS[1:2] if quick else SETTINGS
+    else:
+        batches, dtypes, settings = [1], [torch.bfloat16], SETTINGS[1:2]
+    env = env_info()
+    peak = _hbm_peak(env["device"]) if cuda else None
     rows = []
     for dtype in dtypes:
         for B in batches:
-            logits = torch.randn(B, V, device=device, dtype=torch.float32).mul_(3).to(dtype)  # (B, V)
+            logits = torch.randn(B, V, device=device).mul_(3).to(dtype)  # (B, V)
             gbytes = logits.numel() * logits.element_size() / 1e9
-            for T, top_p, top_k in SETTINGS if not quick else SETTINGS[1:2]:
-                impls = {
+            for T, top_p, top_k in settings:
+                providers = {
                     "torch": functools.partial(
                         sample_tokens_reference, logits, temperature=T, top_p=top_p, top_k=top_k
                     )
                 }
                 if have_op:
-                    impls["cuda"] = functools.partial(
+                    providers["cuda"] = functools.partial(
                         torch.ops.singleturn_rl.sample_tokens, logits, T, top_p, top_k, 0, 0
                     )
-                times = {name: _time_ms(fn, cuda, quick) for name, fn in impls.items()}
-                for name, (p50, p20, p80) in times.items():
+                timings = {
+                    name: time_ms(fn, rep_ms=20.0 if quick or not cuda else 100.0)
+                    for name, fn in providers.items()
+                }
+                for name, t in timings.items():
+                    gbps = gbytes / (t["ms_median"] / 1e3)
                     row = {
-                        "op": "sample_tokens", "impl": name, "B": B, "V": V, "dtype": str(dtype).split(".")[-1],
-                        "temperature": T, "top_p": top_p, "top_k": top_k,
-                        "ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "gbps": gbytes / (p50 / 1e3),
-                        "speedup_vs_torch": times["torch"][0] / p50, **env,
+                        "topic": "sampling", "provider": name, "dtype": str(dtype).removeprefix("torch."), "B": B, "V": V,
+                        "temperature": T, "top_p": top_p, "top_k": top_k, **t, "gbps": gbps,
+                        "hbm_pct": 100.0 * gbps / peak if peak else None,
+                        "speedup_vs_torch": timings["torch"]["ms_median"] / t["ms_median"], **env,
                     }  # fmt: skip
                     rows.append(row)
                     print(
                         f"{name:5s} {row['dtype']:8s} B={B:5d} T={T} top_p={top_p} top_k={top_k:3d}: "
-                        f"{p50:9.3f} ms [{p20:.3f}, {p80:.3f}]  {row['gbps']:8.2f} GB/s  x{row['speedup_vs_torch']:.1f}"
+                        f"{t['ms_median']:9.3f} ms [{t['ms_p20']:.3f}, {t['ms_p80']:.3f}] {gbps:9.2f} GB/s "
+                        f"x{row['speedup_vs_torch']:.1f}"
                     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "sampling.jsonl", "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    (out_dir / "sampling.md").write_text(_markdown(rows, env, have_op, cuda))
+            del logits
+    write_jsonl(out_dir, "sampling", rows)
+    note = (
+        ""
+        if have_op
+        else (" (CUDA op not built: reference only)" if cuda else " (CPU smoke: reference only)")
+    )
+    write_markdown(
+        out_dir, "sampling", f"sample_tokens: fused CUDA kernel vs PyTorch reference{note}", rows, COLUMNS
+    )
     return rows
 
 
-def _markdown(rows: list[dict], env: dict, have_op: bool, cuda: bool) -> str:
-    lines = [
-        "# sample_tokens: fused CUDA kernel vs PyTorch reference",
-        "",
-        f"{env['hardware']}, torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, "
-        f"git {env['git_sha'][:10]}, {env['time']}",
-        f"Command: `{env['command']}`",
-        "",
-    ]
-    if not have_op:
-        lines += [
-            "CUDA op not measured here ("
-            + ("build failed" if cuda else "no GPU: reference smoke run")
-            + ").",
-            "",
-        ]
-    lines += [
-        "| impl | dtype | B | T | top_p | top_k | ms (p50) | p20-p80 | GB/s | x vs torch |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['impl']} | {r['dtype']} | {r['B']} | {r['temperature']} | {r['top_p']} | {r['top_k']} | "
-            f"{r['ms_p50']:.3f} | {r['ms_p20']:.3f}-{r['ms_p80']:.3f} | {r['gbps']:.2f} | {r['speedup_vs_torch']:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--quick", action="store_true", help="few shapes and repetitions (smoke test)")
-    args = parser.parse_args(argv)
-    run(args.out_dir, args.quick)
+    args = base_parser(__doc__.split("\n")[0]).parse_args(argv)
+    run(args.out_dir, args.quick, args.cpu_smoke)
 
 
 if __name__ == "__main__":
