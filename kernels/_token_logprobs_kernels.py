@@ -97,7 +97,7 @@ def _token_logprobs_fwd_kernel(
         if (
             COMPUTE_ENTROPY
         ):  # t = sum exp(z - m) * (z - m), re-shifted when m grows (no lse - E[z] cancellation)
-            shift = tl.where(s > 0, (m - m_new) * s, 0.0)  # s == 0 only before the first tile (m == -inf)
+            shift = tl.where(s > 0, m - m_new, 0.0) * s  # s == 0 only before the first tile (m == -inf)
             t = (t + shift) * alpha + tl.sum(p * tl.where(v_mask[None, :], z - m_new[:, None], 0.0), axis=1)
         s = s * alpha + tl.sum(p, axis=1)
         m = m_new

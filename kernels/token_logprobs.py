@@ -87,11 +87,15 @@ def _token_logprobs_torch_fwd(hidden, weight, targets, inv_temp, ignore_index, c
 
 
 @torch.no_grad()
-def _token_logprobs_torch_bwd(grad_logp, hidden, weight, targets, lse, inv_temp, ignore_index, chunk_bytes):
-    """-> (d_hidden[N, D], d_weight[V, D]) in the input dtypes; d_weight accumulates in fp32."""
+def _token_logprobs_torch_bwd(
+    grad_logp, hidden, weight, targets, lse, inv_temp, ignore_index, chunk_bytes, need_dh=True, need_dw=True
+):
+    """-> (d_hidden[N, D] | None, d_weight[V, D] | None) in the input dtypes; d_weight accumulates in fp32."""
     N = hidden.shape[0]
     d_hidden = torch.empty_like(hidden)
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, D)
+    d_weight = (
+        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    )  # (V, D)
     rows = _torch_chunk_rows(weight.shape[0], chunk_bytes)
     for n0 in range(0, N, rows):
         h, t = hidden[n0 : n0 + rows], targets[n0 : n0 + rows]
@@ -101,9 +105,11 @@ def _token_logprobs_torch_bwd(grad_logp, hidden, weight, targets, lse, inv_temp,
         dz = z.sub_(lse[n0 : n0 + rows, None]).exp_().mul_(-g[:, None])  # -g * softmax, in z's buffer
         dz.scatter_add_(1, torch.where(valid, t, 0).long()[:, None], g[:, None])  # + g * onehot
         dz.mul_(inv_temp)
-        d_hidden[n0 : n0 + rows] = dz.to(hidden.dtype) @ weight
-        d_weight.addmm_(dz.T, h.float())
-    return d_hidden, d_weight.to(weight.dtype)
+        if need_dh:
+            d_hidden[n0 : n0 + rows] = dz.to(hidden.dtype) @ weight
+        if need_dw:
+            d_weight.addmm_(dz.T, h.float())
+    return (d_hidden if need_dh else None), (d_weight.to(weight.dtype) if need_dw else None)
 
 
 # ----------------------------------------------------------------------------- Triton host side
@@ -158,8 +164,8 @@ def _triton_fwd(hidden, weight, targets, inv_temp, ignore_index, compute_entropy
 
 
 @torch.no_grad()
-def _triton_bwd(grad_logp, hidden, weight, targets, lse, inv_temp, ignore_index):
-    """-> (d_hidden, d_weight): per vocab chunk, dlogits [N, Vc] then two GEMMs; fp32 accumulation."""
+def _triton_bwd(grad_logp, hidden, weight, targets, lse, inv_temp, ignore_index, need_dh=True, need_dw=True):
+    """-> (d_hidden | None, d_weight | None): per vocab chunk, dlogits [N, Vc] then two GEMMs (fp32 acc)."""
     K, upcast, ieee, kind = _launch_flags(hidden)
     N, D = hidden.shape
     V = weight.shape[0]
@@ -171,8 +177,14 @@ def _triton_bwd(grad_logp, hidden, weight, targets, lse, inv_temp, ignore_index)
     chunk = max(align, _TRITON_DLOGITS_BYTES // (N * dz_dtype.itemsize) // align * align)
     chunk = min(chunk, _cdiv(V, align) * align)
     dz_buf = torch.empty(N * chunk, dtype=dz_dtype, device=hidden.device)
-    d_hidden = torch.empty(N, D, dtype=torch.float32, device=hidden.device)  # accumulates over chunks
-    d_weight = torch.empty(V, D, dtype=torch.float32 if upcast else weight.dtype, device=weight.device)
+    d_hidden = (
+        torch.empty(N, D, dtype=torch.float32, device=hidden.device) if need_dh else None
+    )  # fp32: sums chunks
+    d_weight = (
+        torch.empty(V, D, dtype=torch.float32 if upcast else weight.dtype, device=weight.device)
+        if need_dw
+        else None
+    )
     fwd_meta, dh_meta, dw_meta = (
         (K.INTERPRET_FWD, K.INTERPRET_DHIDDEN, K.INTERPRET_DWEIGHT) if interpreting() else ({}, {}, {})
     )
@@ -184,13 +196,25 @@ def _triton_bwd(grad_logp, hidden, weight, targets, lse, inv_temp, ignore_index)
             N, V, D, v0, width, ignore_index, inv_temp,
             UPCAST=upcast, IEEE_DOT=ieee, **fwd_meta,
         )  # fmt: skip
-        K.dhidden_kernel[kind][lambda M: (_cdiv(N, M["BLOCK_N"]), _cdiv(D, M["BLOCK_D"]))](
-            dz, weight, d_hidden, N, D, v0, width, ACCUMULATE=i > 0, UPCAST=upcast, IEEE_DOT=ieee, **dh_meta
-        )
-        K.dweight_kernel[kind][lambda M, w=width: (_cdiv(w, M["BLOCK_V"]), _cdiv(D, M["BLOCK_D"]))](
-            dz, hidden, d_weight, N, D, v0, width, UPCAST=upcast, IEEE_DOT=ieee, **dw_meta
-        )
-    return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype)
+        if need_dh:
+            K.dhidden_kernel[kind][lambda M: (_cdiv(N, M["BLOCK_N"]), _cdiv(D, M["BLOCK_D"]))](
+                dz,
+                weight,
+                d_hidden,
+                N,
+                D,
+                v0,
+                width,
+                ACCUMULATE=i > 0,
+                UPCAST=upcast,
+                IEEE_DOT=ieee,
+                **dh_meta,
+            )
+        if need_dw:
+            K.dweight_kernel[kind][lambda M, w=width: (_cdiv(w, M["BLOCK_V"]), _cdiv(D, M["BLOCK_D"]))](
+                dz, hidden, d_weight, N, D, v0, width, UPCAST=upcast, IEEE_DOT=ieee, **dw_meta
+            )
+    return (d_hidden.to(hidden.dtype) if need_dh else None), (d_weight.to(weight.dtype) if need_dw else None)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -223,14 +247,16 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
         grad_logp = grad_logp.contiguous()
+        need_dh, need_dw = ctx.needs_input_grad[:2]  # e.g. a frozen head: skip its GEMM
         if ctx.backend == "triton":
             d_hidden, d_weight = _triton_bwd(
-                grad_logp, hidden, weight, targets, lse, ctx.inv_temp, ctx.ignore_index
+                grad_logp, hidden, weight, targets, lse, ctx.inv_temp, ctx.ignore_index, need_dh, need_dw
             )
         else:
             d_hidden, d_weight = _token_logprobs_torch_bwd(
-                grad_logp, hidden, weight, targets, lse, ctx.inv_temp, ctx.ignore_index, _TORCH_CHUNK_BYTES
-            )
+                grad_logp, hidden, weight, targets, lse, ctx.inv_temp, ctx.ignore_index, _TORCH_CHUNK_BYTES,
+                need_dh, need_dw,
+            )  # fmt: skip
         return d_hidden, d_weight, None, None, None, None, None
 
 

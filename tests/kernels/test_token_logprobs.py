@@ -115,6 +115,17 @@ def test_entropy_matches_fp64(backend, temperature):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_frozen_head_gets_no_gradient(backend):
+    hidden, weight, targets, grad = _make(37, 48, 1003, torch.float32, seed=3)
+    ref = _run(naive_token_logprobs, hidden.double(), weight.double(), targets, grad.double())
+    base = _run(naive_token_logprobs, hidden, weight, targets, grad)
+    h = hidden.clone().requires_grad_()
+    (token_logprobs(h, weight, targets) * grad).sum().backward()  # weight.requires_grad is False
+    assert weight.grad is None
+    _assert_ratio(f"{backend}/d_hidden", h.grad, base[1], ref[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_all_rows_ignored_give_zero(backend):
     hidden, weight, targets, grad = _make(20, 32, 300, torch.float32)
     targets[:] = -100
