@@ -13,11 +13,12 @@ Reported per configuration (median of the timed steps; burn-in steps excluded; r
 - MFU: model FLOPs (bench/flops.py: forward + backward, causal attention, LM head on the response
   tokens only) / seconds / peak, against the datasheet peak and a measured bf16 matmul peak;
   `mfu_train` counts the training phases only, `mfu_step` the whole step (rollout forward FLOPs too);
-- peak memory (max over ranks); the time split: rollout (its prefill part measured by a separate
-  `generate(max_new_tokens=1)` call: "decode" = rollout - prefill), ref log-probs (kl_coef > 0; the
-  old log-probs come from the sampler for free), forward/backward, optimizer, and on CUDA with >1
-  rank the NCCL kernel time of one extra profiled step (it overlaps compute: an upper bound on the
-  exposed communication).
+- peak memory (max over ranks); the time split: rollout = gather of the bf16 weights + prefill +
+  decode (the prefill is measured by a separate `generate(max_new_tokens=1)` probe that is not
+  part of the step: "decode" = rollout - gather - prefill), ref log-probs (kl_coef > 0; the old
+  log-probs come from the sampler for free), forward/backward, optimizer, "other" (host work in
+  between), and on CUDA with >1 rank the NCCL kernel time of one extra profiled step (it overlaps
+  compute: an upper bound on the exposed communication).
 
     python bench/bench_train_step.py --preset llama3.2-1b [--algo grpo sft] [--quick] [--out-dir DIR]
     torchrun --nproc_per_node=8 bench/bench_train_step.py --preset llama3.1-8b
@@ -62,7 +63,9 @@ from trainer.loop import make_optimizer, peak_memory_mb
 from trainer.sft import sft_forward_backward
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PHASES = ("rollout", "rollout_prefill", "rollout_decode", "ref_logprobs", "fwd_bwd", "optimizer")
+# Top-level phases (they add up to the step with "other") and the rollout's parts.
+PHASES = ("rollout", "ref_logprobs", "fwd_bwd", "optimizer", "other")
+ROLLOUT_PARTS = ("rollout_gather", "rollout_prefill", "rollout_decode")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -201,11 +204,14 @@ def grpo_step(s: Setup, timer: PhaseTimer, step: int) -> dict:
     """One GRPO step: rollout, (ref log-probs), forward/backward over the kept sequences, AdamW."""
     a, G = s.args, s.args.group_size
     gen_kw = dict(num_samples=G, temperature=1.0, stop_ids=(), seed=step * 7919 + s.rank)
-    with s.fsdp.summon_full_params(dtype=_DTYPES[a.rollout_dtype]):
+    dtype = _DTYPES[a.rollout_dtype]
+    with timer("_probe"), s.fsdp.summon_full_params(dtype=dtype):  # not part of the step (see measure)
         with timer("rollout_prefill"):
             generate(s.model, s.prompts, max_new_tokens=1, **gen_kw)
-        with timer("rollout"):
-            samples = generate(s.model, s.prompts, max_new_tokens=s.response_len, **gen_kw)
+    with timer("rollout"), contextlib.ExitStack() as stack:  # gather bf16 weights, sample, free them
+        with timer("rollout_gather"):
+            stack.enter_context(s.fsdp.summon_full_params(dtype=dtype))
+        samples = generate(s.model, s.prompts, max_new_tokens=s.response_len, **gen_kw)
     tokens, logp = samples.tokens.cpu(), samples.logprobs.float().cpu()
     lengths = samples.lengths.tolist()
     responses = [tokens[i, :n].tolist() for i, n in enumerate(lengths)]
@@ -303,7 +309,7 @@ def measure(s: Setup, algo: str, peak_tflops: float | None, measured_tflops: flo
         t0 = time.perf_counter()
         info = step_fn(s, timer, i)
         _sync(s.device)
-        wall = time.perf_counter() - t0 - timer.t.get("rollout_prefill", 0.0)  # the extra prefill call
+        wall = time.perf_counter() - t0 - timer.t.get("_probe", 0.0)  # minus the prefill probe
         if i >= a.warmup:
             runs.append((wall, timer.t, info))
     comm = None
@@ -311,12 +317,15 @@ def measure(s: Setup, algo: str, peak_tflops: float | None, measured_tflops: flo
         comm = nccl_kernel_seconds(lambda: step_fn(s, PhaseTimer(s.device), a.warmup + a.steps))
     wall = statistics.median(r[0] for r in runs)
     phases = {}
-    for name in PHASES:
+    for name in PHASES[:-1] + ROLLOUT_PARTS[:-1]:
         vals = [r[1][name] for r in runs if name in r[1]]
         if vals:
             phases[name] = statistics.median(vals)
     if "rollout" in phases:
-        phases["rollout_decode"] = max(phases["rollout"] - phases["rollout_prefill"], 0.0)
+        rest = phases["rollout_prefill"] + phases["rollout_gather"]
+        phases["rollout_decode"] = max(phases["rollout"] - rest, 0.0)
+    # host work between the phases (unpacking samples, rewards, advantages, packing)
+    phases["other"] = max(wall - sum(phases.get(k, 0.0) for k in PHASES[:-1]), 0.0)
     info = runs[0][2]
     train_s = phases["fwd_bwd"] + phases["optimizer"]
     row = {
@@ -357,9 +366,9 @@ COLUMNS = [
     ("response_len", "resp"), ("step_s", "step s"), ("tokens_per_s_per_gpu", "tok/s/GPU"),
     ("mfu_train_measured", "MFU train (meas. peak)"), ("mfu_train_datasheet", "MFU train (datasheet)"),
     ("mfu_step_datasheet", "MFU step (datasheet)"), ("peak_mem_gib", "peak GiB"),
-    ("time_rollout_prefill_s", "prefill s"), ("time_rollout_decode_s", "decode s"),
+    ("time_rollout_gather_s", "gather s"), ("time_rollout_prefill_s", "prefill s"), ("time_rollout_decode_s", "decode s"),
     ("time_ref_logprobs_s", "ref s"), ("time_fwd_bwd_s", "fwd+bwd s"), ("time_optimizer_s", "optim s"),
-    ("comm_nccl_kernel_s", "nccl s"), ("error", "error"),
+    ("time_other_s", "other s"), ("comm_nccl_kernel_s", "nccl s"), ("error", "error"),
 ]  # fmt: skip
 
 

@@ -152,7 +152,9 @@ def test_bench_train_step_cpu(tmp_path):
         assert r["time_fwd_bwd_s"] > 0 and r["time_optimizer_s"] > 0
         assert 0 < r["mfu_train_measured"] < 2, r["mfu_train_measured"]  # vs the fp32 CPU matmul peak
     grpo = next(r for r in rows if r["algo"] == "grpo")
-    assert grpo["time_rollout_s"] > grpo["time_rollout_prefill_s"] > 0
+    assert grpo["time_rollout_s"] > grpo["time_rollout_prefill_s"] > 0 and grpo["time_rollout_gather_s"] > 0
+    parts = sum(grpo[f"time_{k}_s"] for k in ("rollout", "fwd_bwd", "optimizer", "other"))
+    assert parts == pytest.approx(grpo["step_s"], rel=1e-6), (parts, grpo["step_s"])  # one timed step
     assert grpo["tflops_step_per_gpu"] > 0
     assert any(p.suffix == ".md" for p in tmp_path.iterdir())
 
