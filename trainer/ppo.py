@@ -134,9 +134,9 @@ class MultiTurnStage:
         if algo == "ppo":
             from trainer.value import ValueHead
 
-            torch.manual_seed(run_seed)  # every rank builds the same replicated head
-            dim = runner.model.config.dim
-            self.value_head = ValueHead(dim, hidden_dim=ppo_cfg.value_hidden_dim)
+            with torch.random.fork_rng(devices=[]):  # same head on every rank; the run's RNG untouched
+                torch.manual_seed(run_seed)
+                self.value_head = ValueHead(runner.model.config.dim, hidden_dim=ppo_cfg.value_hidden_dim)
             self.value_opt = torch.optim.AdamW(
                 self.value_head.parameters(), lr=ppo_cfg.value_lr, weight_decay=0.0
             )
