@@ -389,7 +389,7 @@ def to_markdown(summary: dict, results: list[dict], cc: CompareConfig, meta: dic
         s = row["mean_steps_success"][0]
         e = row["expert_mean_steps"][0]
         cells = [_NAMES[method], _pct(*row["success_rate"])]
-        cells += [_pct(row["per_task"][t][0]) if t in row["per_task"] else "-" for t in tasks]
+        cells += [_pct(*row["per_task"][t]) if t in row["per_task"] else "-" for t in tasks]
         cells += [_pct(row["action_accuracy"][0]), f"{_num(s)} ({_num(e)})", _pct(row["invalid_action_rate"][0]),
                   _num(row["samples"][0], "{:.0f}"), _num(row["env_steps"][0], "{:.0f}"),
                   _num(row["train_seconds"][0]), _num(row["tokens_per_gpu"][0], "{:.3g}")]  # fmt: skip
