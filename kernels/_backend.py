@@ -22,16 +22,15 @@ def interpreting() -> bool:
 def select_backend(tensor: torch.Tensor, available: tuple[str, ...] = ("triton", "torch")) -> str:
     """The backend an op should use for `tensor`, one of `available`.
 
-    KERNELS_BACKEND, when set, must name one of `available` (a typo or a backend this op lacks is an
-    error, not a silent fallback). Unset: the first of ("cuda", "triton") in `available` for CUDA
-    tensors, "torch" otherwise. Triton on CPU tensors is only valid under TRITON_INTERPRET=1.
+    KERNELS_BACKEND, when set, picks the backend if this op has it. A name outside BACKENDS (a typo)
+    is an error; a valid backend this op lacks (KERNELS_BACKEND=cuda, which only some ops have) gives
+    the default below. Default: the first of ("cuda", "triton") in `available` for CUDA tensors,
+    "torch" otherwise. Triton on CPU tensors is only valid under TRITON_INTERPRET=1.
     """
     requested = os.environ.get("KERNELS_BACKEND", "").strip().lower()
-    if requested:
-        if requested not in BACKENDS:
-            raise ValueError(f"KERNELS_BACKEND={requested!r}; expected one of {BACKENDS}")
-        if requested not in available:
-            raise ValueError(f"KERNELS_BACKEND={requested!r} is not available for this op ({available})")
+    if requested not in ("", *BACKENDS):
+        raise ValueError(f"KERNELS_BACKEND={requested!r}; expected one of {BACKENDS}")
+    if requested in available:
         if requested == "triton" and not tensor.is_cuda and not interpreting():
             raise ValueError("KERNELS_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
         return requested

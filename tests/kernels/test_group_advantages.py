@@ -72,3 +72,21 @@ def test_rejects_bad_inputs():
         group_advantages(torch.zeros(6), 4)
     with pytest.raises(ValueError, match="scale"):
         group_advantages(torch.zeros(4), 2, scale="mad")
+
+
+def test_backend_selection(monkeypatch):
+    from kernels._backend import select_backend
+
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
+    assert select_backend(cpu) == "torch"
+    monkeypatch.setenv("KERNELS_BACKEND", "cuda")  # an op without a CUDA C++ backend uses its default
+    assert select_backend(cpu, available=("triton", "torch")) == "torch"
+    assert select_backend(cpu, available=("cuda", "torch")) == "cuda"
+    monkeypatch.setenv("KERNELS_BACKEND", "trition")
+    with pytest.raises(ValueError, match="expected one of"):
+        select_backend(cpu)
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        select_backend(cpu)
