@@ -214,6 +214,7 @@ def _triton_bwd(grad_logp, hidden, weight, targets, lse, inv_temp, ignore_index,
             K.dweight_kernel[kind][lambda M, w=width: (_cdiv(w, M["BLOCK_V"]), _cdiv(D, M["BLOCK_D"]))](
                 dz, hidden, d_weight, N, D, v0, width, UPCAST=upcast, IEEE_DOT=ieee, **dw_meta
             )
+    dz = dz_buf = None  # free the dlogits chunk before the d_hidden cast allocates its output
     return (d_hidden.to(hidden.dtype) if need_dh else None), (d_weight.to(weight.dtype) if need_dw else None)
 
 

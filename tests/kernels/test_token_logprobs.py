@@ -202,3 +202,27 @@ def test_gpu_triton_matches_fp64(shape, monkeypatch):
     out = _run(token_logprobs, hidden, weight, targets, grad)
     for name, o, b, r in zip(("logp", "d_hidden", "d_weight"), out, base, ref):
         _assert_ratio(f"gpu/{name}", o, b, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_extra_memory_is_bounded(monkeypatch):
+    # The H100 shape. Extra memory = the dlogits chunk + the fp32 d_hidden accumulator (the
+    # price of exact, atomic-free accumulation over vocab chunks) + O(N) buffers; never O(N * V).
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    N, D, V = 8192, 4096, 128256
+    hidden, weight, targets, grad = _make(N, D, V, torch.bfloat16)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    torch.autograd.grad(token_logprobs(hidden, weight, targets), (hidden, weight), grad)  # autotune first
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    logp = token_logprobs(hidden, weight, targets)
+    d_hidden, d_weight = torch.autograd.grad(logp, (hidden, weight), grad)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - (logp.nbytes + d_hidden.nbytes + d_weight.nbytes)
+    bound = tlp._TRITON_DLOGITS_BYTES + N * D * 4 + 16 * 2**20
+    assert extra <= bound, (
+        f"extra {extra / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB (full logits: {N * V * 2 / 2**20:.0f} MiB)"
+    )
