@@ -2,23 +2,16 @@
 
 Each op lives in its own module (Triton kernel + PyTorch reference + autograd wrapper + one public
 function). Backend choice: `KERNELS_BACKEND=triton|cuda|torch`; by default Triton for CUDA tensors
-and the PyTorch reference elsewhere. Imports are lazy so `import kernels` never pulls in Triton.
+and the PyTorch reference elsewhere. The op modules import Triton (and build the CUDA extension)
+only when a kernel is launched, so `import kernels` stays cheap on CPU-only installs.
+
+The functions are imported eagerly on purpose: each module shares its op's name, and importing a
+submodule binds the module object onto the package, which would shadow a lazily exported function.
 """
 
-import importlib
+from kernels.group_advantages import group_advantages
+from kernels.grpo_loss import GRPOLossOutput, grpo_loss
+from kernels.sampling import sample_tokens
+from kernels.token_logprobs import token_logprobs
 
-_OPS = {
-    "token_logprobs": "kernels.token_logprobs",
-    "group_advantages": "kernels.group_advantages",
-    "grpo_loss": "kernels.grpo_loss",
-    "GRPOLossOutput": "kernels.grpo_loss",
-    "sample_tokens": "kernels.sampling",
-}
-
-__all__ = list(_OPS)
-
-
-def __getattr__(name):
-    if name in _OPS:
-        return getattr(importlib.import_module(_OPS[name]), name)
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+__all__ = ["GRPOLossOutput", "group_advantages", "grpo_loss", "sample_tokens", "token_logprobs"]
