@@ -164,8 +164,11 @@ def evaluate(
         pool=pool,
     )
     seconds = time.perf_counter() - t0
-    expert_steps = {g: _cached_expert_steps(g, expert) for g in set(games)}
-    missing = sorted(g for g, n in expert_steps.items() if n is None)
+    if policy == "expert":  # the episodes just played are the expert's own
+        expert_steps = {e.game: e.steps if e.won else None for e in episodes}
+    else:
+        expert_steps = {g: _cached_expert_steps(g, expert) for g in set(games)}
+    missing = [] if policy == "expert" else sorted(g for g, n in expert_steps.items() if n is None)
     if missing:  # games without a generation record (e.g. official data): run the expert
         for ep in run_episodes(
             missing,
