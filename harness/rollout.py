@@ -71,6 +71,8 @@ def run_episodes(
     games = [str(g) for g in games]
     batch_size = batch_size or 8 * num_workers
     own_pool = pool is None
+    if pool is not None and pool.games != games:
+        raise ValueError("pool was built over a different games list (reset indexes pool.games)")
     pool = pool or EnvPool(games, num_workers, expert=expert, step_timeout=step_timeout)
     episodes = [Episode(game=g, task_type="") for g in games]
     try:
