@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--task-types", nargs="+", choices=TASK_TYPES, default=None)
     g.add_argument("--workers", type=int, default=1)
     g.add_argument("--max-distractors", type=int, default=10)
+    g.add_argument(
+        "--max-expert-steps", type=int, default=50, help="keep games the handcoded expert wins within this"
+    )
 
     def games_args(sp):
         sp.add_argument("--games", required=True, help="games directory or official data root")
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
             args.seed,
             args.task_types,
             num_workers=args.workers,
-            config=GenConfig(max_distractors=args.max_distractors),
+            config=GenConfig(max_distractors=args.max_distractors, max_expert_steps=args.max_expert_steps),
         )
         from pathlib import Path
 

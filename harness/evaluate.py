@@ -119,8 +119,11 @@ def _policy_act(policy, history_window: int, seed: int):
     if policy == "expert":
         return lambda states: [s["expert_action"] for s in states], "expert"
     if policy == "random":
-        rng = random.Random(seed)
-        return lambda states: [rng.choice(s["admissible"]) for s in states], "random"
+        # One generator per (seed, game, step): the choices do not depend on batching or workers.
+        def act_random(states):
+            return [random.Random(f"{seed}/{s['game']}/{s['step']}").choice(s["admissible"]) for s in states]
+
+        return act_random, "random"
     if not callable(policy):
         raise ValueError(f"policy must be a callable, 'expert' or 'random', got {policy!r}")
 

@@ -27,7 +27,11 @@ def test_expert_policy_scores_100_percent(train_games, tmp_path):
 def test_random_policy_floor_and_callable_policy(train_games):
     rand = evaluate("random", train_games, max_steps=10, seed=0)
     assert rand.success_rate < 1.0 and rand.action_accuracy < 0.5 and rand.invalid_action_rate == 0.0
-    assert evaluate("random", train_games, max_steps=10, seed=0).episodes == rand.episodes  # seeded
+    # Seeded per (seed, game, step): the same choices whatever the batching and worker count.
+    assert (
+        evaluate("random", train_games, max_steps=10, seed=0, num_workers=2, batch_size=3).episodes
+        == rand.episodes
+    )
 
     seen = []
 
