@@ -20,6 +20,9 @@ from pathlib import Path
 
 import tomllib
 
+STAGES = ("lm", "sft", "grpo")
+"""Single-turn stages (trainer/loop.py); the multi-turn baselines add 'ppo' and 'grpo-multiturn'."""
+
 
 class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type, or an impossible combination."""
@@ -160,6 +163,27 @@ class FSDPConfig:
         for k in ("param_dtype", "reduce_dtype"):
             v = getattr(self, k)
             _check(v in ("float32", "bfloat16"), f"fsdp.{k}={v!r}: 'float32' or 'bfloat16'")
+
+
+@dataclass(kw_only=True)
+class LMConfig:
+    steps: int = 0
+    """Optimizer steps of the language-model warm-up stage ("lm"): next-token cross-entropy over the
+    whole rendered prompt + expert action of the train states. It stands in for the pretraining a
+    real LLaMA has; meant for from-scratch models (it teaches the domain text and copying)."""
+    batch_size: int = 16
+    """Global states per step (divided evenly across ranks)."""
+    micro_batch_size: int = 16
+    """States per forward/backward on one rank."""
+    lr: float = 0.0
+    """Stage learning rate; 0 uses optim.lr."""
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "lm.steps must be >= 0")
+        _check(
+            self.batch_size > 0 and self.micro_batch_size > 0, "lm.batch_size/micro_batch_size must be > 0"
+        )
+        _check(self.lr >= 0, "lm.lr must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -362,7 +386,8 @@ class RunConfig:
     seed: int = 0
     """Seed of rollout sampling (combined with step and rank) and of torch/numpy/python RNGs."""
     stages: list[str] = field(default_factory=lambda: ["sft", "grpo"])
-    """Training stages in order, from 'sft' and 'grpo'."""
+    """Training stages in order: 'lm' (warm-up for from-scratch models), 'sft', 'grpo' (single-turn,
+    the paper's method) and the multi-turn baselines 'ppo', 'grpo-multiturn'."""
     stop_after_step: int = 0
     """Debug: stop (as if killed) right after global step K and its checkpoint; 0: off."""
     log_every: int = 1
@@ -374,7 +399,7 @@ class RunConfig:
 
     def __post_init__(self):
         _check(bool(self.name) and "/" not in self.name, f"run.name={self.name!r} must be a plain name")
-        known = ("sft", "grpo", "ppo", "grpo-multiturn")  # ppo, grpo-multiturn: trainer/ppo.py
+        known = (*STAGES, "ppo", "grpo-multiturn")  # ppo, grpo-multiturn: trainer/ppo.py
         bad = [s for s in self.stages if s not in known]
         _check(not bad, f"run.stages has unknown stages {bad}; choose from {list(known)}")
         _check(len(set(self.stages)) == len(self.stages), "run.stages has duplicates")
@@ -387,6 +412,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
@@ -422,7 +448,7 @@ class TrainConfig:
 
 def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
     """Checks that depend on the launch; call on every rank before any work."""
-    for stage in ("sft", "grpo"):
+    for stage in STAGES:
         bs = getattr(cfg, stage).batch_size
         if stage in cfg.run.stages:
             _check(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.data import batch_indices, rank_slice
+from trainer.data import Example, batch_indices, rank_slice
 from trainer.dist import all_reduce_sum
 from trainer.grpo import (
     fill_reference_logprobs,
@@ -48,11 +48,14 @@ class StageSpan:
     last: int
 
 
+_SECTION = {"grpo-multiturn": "ppo"}  # stage -> config section, where they differ
+
+
 def stage_spans(cfg) -> list[StageSpan]:
     """Global step ranges of the configured stages, in order."""
     spans, step = [], 0
     for name in cfg.run.stages:
-        n = cfg.sft.steps if name == "sft" else cfg.grpo.steps
+        n = getattr(cfg, _SECTION.get(name, name)).steps
         spans.append(StageSpan(name, step + 1, step + n))
         step += n
     return spans
@@ -124,19 +127,26 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         return norm, ok
 
-    def sft_step(self, step_in_stage: int, total: int) -> dict:
+    def sft_step(self, step_in_stage: int, total: int, *, lm: bool = False) -> dict:
+        """One SFT step (loss on the expert action + eot), or with lm=True one LM warm-up step (loss
+        on every token after the first: the rendered prompt and the action)."""
         c = self.cfg
+        stage_cfg = c.lm if lm else c.sft
         t0 = time.perf_counter()
-        local = self._local_examples(step_in_stage, c.sft.batch_size)
+        local = self._local_examples(step_in_stage, stage_cfg.batch_size)
+        if lm:
+            local = [Example(e.prompt_ids[:1], e.prompt_ids[1:] + e.target_ids, e.state) for e in local]
         stats = sft_forward_backward(
             self.model,
             self.head,
             local,
-            micro_batch_size=c.sft.micro_batch_size,
+            micro_batch_size=stage_cfg.micro_batch_size,
             pad_id=_PACK_PAD,
             device=self.info.device,
         )
-        lr = lr_at(c.optim, c.sft.lr or c.optim.lr, step_in_stage, total)
+        if lm:
+            stats.pop("action_prob")  # the probability of a whole prompt says nothing
+        lr = lr_at(c.optim, stage_cfg.lr or c.optim.lr, step_in_stage, total)
         norm, ok = self._apply_update(lr, stats["nonfinite"])
         dt = time.perf_counter() - t0
         tokens = all_reduce_sum(float(sum(len(e.prompt_ids) + len(e.target_ids) for e in local)))

@@ -111,7 +111,7 @@ def write_plots(run_dir: Path) -> list[Path]:
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = [
-        ("loss", [("sft", "loss"), ("grpo", "loss")], "loss"),
+        ("loss", [("lm", "loss"), ("sft", "loss"), ("grpo", "loss")], "loss"),
         ("reward", [("grpo", "reward_mean")], "mean reward (expert match)"),
         (
             "accuracy",

@@ -21,10 +21,10 @@ from trainer.config import ConfigError, TrainConfig, format_config
 from trainer.data import build_examples, read_states
 from trainer.dist import barrier, is_main
 from trainer.evaluation import comparison_table, load_eval, run_eval, run_random_eval
-from trainer.loop import StepRunner, make_optimizer, peak_memory_mb, rng_state, set_rng_state
+from trainer.loop import StepRunner, make_optimizer, peak_memory_mb, rng_state, set_rng_state, stage_spans
 from trainer.metrics import MetricsLogger, write_plots
 from trainer.pipeline import build_model, load_tokenizer, num_params, prepare_data
-from trainer.ppo import MULTITURN_STAGES, MultiTurnStage, stage_spans  # + the multi-turn baselines
+from trainer.ppo import MULTITURN_STAGES, MultiTurnStage  # the multi-turn baselines
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _LABELS = {
@@ -196,7 +196,9 @@ def train(cfg: TrainConfig, info) -> None:
     for span in stage_spans(cfg):
         if span.last > start:
             if start < span.first:
-                stage_lr = {"sft": cfg.sft.lr, "grpo": cfg.grpo.lr}.get(span.name, cfg.ppo.lr)
+                stage_lr = {"lm": cfg.lm.lr, "sft": cfg.sft.lr, "grpo": cfg.grpo.lr}.get(
+                    span.name, cfg.ppo.lr
+                )
                 lr = stage_lr or cfg.optim.lr
                 runner.optimizer = make_optimizer(fsdp, cfg.optim, lr)  # each stage starts a fresh AdamW
             if span.name == "grpo" and cfg.grpo.kl_coef > 0:
@@ -216,8 +218,8 @@ def train(cfg: TrainConfig, info) -> None:
             t_stage = time.perf_counter()
             for step in range(max(span.first, start + 1), span.last + 1):
                 i = step - span.first
-                if span.name == "sft":
-                    row = runner.sft_step(i, total)
+                if span.name in ("lm", "sft"):
+                    row = runner.sft_step(i, total, lm=span.name == "lm")
                 elif multiturn is not None:
                     row = multiturn.step(step, i, total)
                 else:
@@ -226,7 +228,7 @@ def train(cfg: TrainConfig, info) -> None:
                 row["peak_mem_mb"] = peak_memory_mb(info.device)
                 metrics.log(row)
                 metrics.progress(
-                    span.name, step, span.last, row, _SFT_KEYS if span.name == "sft" else _GRPO_KEYS
+                    span.name, step, span.last, row, _SFT_KEYS if span.name in ("lm", "sft") else _GRPO_KEYS
                 )
                 every = cfg.checkpoint.every
                 stop = cfg.run.stop_after_step == step
@@ -248,7 +250,8 @@ def train(cfg: TrainConfig, info) -> None:
             clock.add(f"train/{span.name}", time.perf_counter() - t_stage)
         if span.name == "sft" and cfg.grpo.kl_coef > 0 and "grpo" in cfg.run.stages:
             _export_reference(run_dir, fsdp, model_cfg, art.tokenizer_path, export_final)
-        evaluate(span.name, span.last)
+        if span.name != "lm":  # the warm-up model is not a policy yet
+            evaluate(span.name, span.last)
 
     if cfg.checkpoint.export_final:
         t = time.perf_counter()
@@ -289,7 +292,7 @@ def _build_reference(cfg, run_dir: Path, tokenizer, info, apply_fsdp):
 
 def _finish(cfg, run_dir: Path, clock: _Clock, skipped: int) -> None:
     rows = []
-    for label in ("random", *cfg.run.stages):
+    for label in ("random", *(s for s in cfg.run.stages if s != "lm")):
         rep = load_eval(run_dir, label)
         if rep is not None:
             rows.append((_LABELS[label], rep))

@@ -20,7 +20,7 @@ def _fake_hf_dir(tmp_path: Path) -> Path:
 def test_shipped_tiny_config_parses():
     cfg = parse_args(["--config", str(REPO / "configs/tiny-cpu.toml")])
     assert cfg.run.name == "tiny-cpu"
-    assert cfg.run.stages == ["sft", "grpo"]
+    assert cfg.run.stages == ["lm", "sft", "grpo"]
     assert cfg.rollout.group_size >= 2
     validate_for_world(cfg, 1)
     validate_for_world(cfg, 2)
