@@ -1,12 +1,13 @@
 """`python -m harness generate | expert | evaluate` end to end on two games."""
 
 import json
+import os
 import subprocess
 import sys
 
 
-def _run(*args):
-    proc = subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True)
+def _run(*args, env=None):
+    proc = subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -51,7 +52,14 @@ def test_cli_evaluate_checkpoint_policy(tmp_path, train_games):
     texts = [m["content"] for r in rows for m in render_prompt(r)] + [r["expert_action"] for r in rows]
     tok = train_tokenizer(texts, 300)
     cfg = dataclasses.replace(
-        PRESETS["tiny"], vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64
+        PRESETS["tiny"],
+        vocab_size=tok.vocab_size,
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        ffn_dim=64,
+        max_seq_len=256,
     )
     ckpt = tmp_path / "ckpt"
     save_hf_checkpoint(Transformer(cfg), ckpt)
@@ -59,6 +67,7 @@ def test_cli_evaluate_checkpoint_policy(tmp_path, train_games):
     out = _run(
         "evaluate", "--games", str(train_games[0].parents[2]), "--limit", "2", "--max-steps", "2",
         "--policy", str(ckpt), "--out", str(tmp_path / "rep"),
+        env=dict(os.environ, OMP_NUM_THREADS="1"),  # a tiny model: threads only contend on a busy CPU
     )  # fmt: skip
     report = json.loads((tmp_path / "rep.json").read_text())
     assert report["meta"]["policy"] == str(ckpt) and len(report["episodes"]) == 2
