@@ -134,6 +134,12 @@ class RunSpec:
     raw: dict
 
 
+def sft_stages(train_raw: dict) -> list[str]:
+    """The base config's stages before RL (e.g. ['lm', 'sft'] for from-scratch models), ending in 'sft'."""
+    stages = [s for s in build_config(train_raw).run.stages if s not in _RL]
+    return stages if "sft" in stages else [*stages, "sft"]
+
+
 def plan_runs(cc: CompareConfig, train_raw: dict) -> list[RunSpec]:
     """The SFT run and the RL runs of every seed, in execution order."""
     out_dir = Path(cc.out_dir)
@@ -142,7 +148,9 @@ def plan_runs(cc: CompareConfig, train_raw: dict) -> list[RunSpec]:
         sft_name = f"sft-s{seed}"
         common = {"run": {"out_dir": str(out_dir), "seed": seed, "plots": False}, "data": {"seed": seed}}
         sft = _merge(train_raw, common)
-        sft = _merge(sft, {"run": {"name": sft_name, "stages": ["sft"]}, "model": {"init_seed": seed}})
+        sft = _merge(
+            sft, {"run": {"name": sft_name, "stages": sft_stages(train_raw)}, "model": {"init_seed": seed}}
+        )
         sft["eval"] = {**sft.get("eval", {}), "random_baseline": seed == cc.seeds[0]}
         specs.append(RunSpec(sft_name, "sft", seed, sft))
         for method in (m for m in cc.methods if m != "sft"):
@@ -196,7 +204,8 @@ def collect_result(spec: RunSpec, cc: CompareConfig) -> dict:
     timings = (
         json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").exists() else {}
     )
-    rows = _stage_rows(run_dir, spec.method)
+    kinds = sft_stages(spec.raw) if spec.method == "sft" else [spec.method]  # the SFT row pays for 'lm' too
+    rows = [r for k in kinds for r in _stage_rows(run_dir, k)]
     cfg = build_config(spec.raw)
     if spec.method == "grpo":
         samples = sum(int(r.get("groups", 0)) * cfg.rollout.group_size for r in rows)
@@ -212,6 +221,7 @@ def collect_result(spec: RunSpec, cc: CompareConfig) -> dict:
         "method": spec.method,
         "seed": spec.seed,
         "steps": len(rows),
+        "stages": kinds,
         "success_rate": rep["success_rate"],
         "per_task": {t: v["success_rate"] for t, v in (rep.get("per_task") or {}).items()},
         "action_accuracy": rep.get("action_accuracy"),
@@ -220,7 +230,7 @@ def collect_result(spec: RunSpec, cc: CompareConfig) -> dict:
         "invalid_action_rate": rep.get("invalid_action_rate"),
         "samples": samples,
         "env_steps": env_steps,
-        "train_seconds": timings.get(f"train/{spec.method}"),
+        "train_seconds": sum(timings.get(f"train/{k}", 0.0) for k in kinds) if timings else None,
         "eval_seconds": timings.get(f"eval/{spec.method}"),
         "tokens_per_gpu": tokens,
         "eval_games": [e["game"] for e in rep.get("episodes", [])],

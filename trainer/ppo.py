@@ -34,23 +34,11 @@ from trainer.data import batch_indices, rank_slice
 from trainer.dist import all_reduce_sum
 from trainer.gae import compute_gae, episode_rewards, masked_whiten, turn_mask, value_loss
 from trainer.grpo import GRPOBatch, Sequence, global_response_tokens, grpo_forward_backward, micro_batches
-from trainer.loop import StageSpan, lr_at
+from trainer.loop import lr_at
 from trainer.multiturn import EpisodeRollout, collect_episodes
 from trainer.rollout import rollout_seed
 
 MULTITURN_STAGES = ("ppo", "grpo-multiturn")
-
-
-def stage_spans(cfg) -> list[StageSpan]:
-    """Global step ranges of all configured stages (sft, grpo and the multi-turn ones), in order."""
-    spans, step = [], 0
-    for name in cfg.run.stages:
-        n = {"sft": cfg.sft.steps, "grpo": cfg.grpo.steps}.get(
-            name, cfg.ppo.steps if name in MULTITURN_STAGES else 0
-        )
-        spans.append(StageSpan(name, step + 1, step + n))
-        step += n
-    return spans
 
 
 def train_games(data_cfg) -> list[str]:

@@ -21,6 +21,7 @@ bound_sampled_episodes = 1
 
 [run]
 log_every = 100
+stages = ["lm", "sft", "grpo"]
 
 [data]
 games_dir = "{games}"
@@ -37,6 +38,11 @@ n_heads = 2
 n_kv_heads = 1
 ffn_dim = 64
 max_seq_len = 1024
+
+[lm]
+steps = 1
+batch_size = 4
+micro_batch_size = 4
 
 [sft]
 steps = 2
@@ -78,6 +84,7 @@ def test_compare_toy_budget(tmp_path):
     specs = plan_runs(cc, raw)
     assert [s.name for s in specs] == ["sft-s0", "ppo-s0", "grpo-multiturn-s0", "grpo-s0"]
     assert specs[1].raw["model"]["path"] == str(out / "sft-s0" / "final")
+    assert specs[0].raw["run"]["stages"] == ["lm", "sft"], "the SFT run keeps the base's pre-RL stages"
 
     doc = run_comparison(str(cfg))
     assert set(doc["summary"]) == {"sft", "ppo", "grpo-multiturn", "grpo"}
@@ -85,6 +92,7 @@ def test_compare_toy_budget(tmp_path):
     assert runs["grpo"]["samples"] == 8 and runs["grpo"]["env_steps"] == 0
     assert 0 < runs["ppo"]["samples"] <= 8 and runs["ppo"]["env_steps"] == runs["ppo"]["samples"]
     assert runs["grpo-multiturn"]["steps"] == 1
+    assert runs["sft"]["steps"] == 3 and runs["sft"]["stages"] == ["lm", "sft"]
     for r in doc["runs"]:
         b = r["bound"]
         assert 0.0 <= b["bound_sampled"] <= 1.0 and b["per_game"], r["run"]

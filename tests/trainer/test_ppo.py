@@ -160,7 +160,9 @@ def test_group_episode_advantages_and_games():
 
 def test_stage_spans_cover_multiturn_stages():
     cfg = build_config({"run": {"stages": ["sft", "ppo"]}, "sft": {"steps": 3}, "ppo": {"steps": 2}})
-    spans = ppo_mod.stage_spans(cfg)
+    from trainer.loop import stage_spans
+
+    spans = stage_spans(cfg)
     assert [(s.name, s.first, s.last) for s in spans] == [("sft", 1, 3), ("ppo", 4, 5)]
 
 
