@@ -5,11 +5,15 @@ the error of a plain same-dtype PyTorch implementation (full logits, autograd) p
 Forward values and both gradients are checked; ignored rows must be exactly 0 with zero gradient.
 """
 
+import importlib
+
 import pytest
 import torch
 
-import kernels.token_logprobs as tlp
 from kernels.token_logprobs import token_logprobs, token_logprobs_and_entropy
+
+# The module (its chunk-size knobs); the attribute `kernels.token_logprobs` is the exported function.
+tlp = importlib.import_module("kernels.token_logprobs")
 
 BACKENDS = ["torch", "triton"]
 # Without a GPU the Triton kernels run in the interpreter on CPU tensors (tests/conftest.py); with one,
