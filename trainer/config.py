@@ -18,7 +18,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 STAGES = ("lm", "sft", "grpo")
 """Single-turn stages (trainer/loop.py); the multi-turn baselines add 'ppo' and 'grpo-multiturn'."""
