@@ -52,8 +52,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# GPU machine: the one-script check (compiled kernels + every benchmark, results in bench/results/).
+# CPU: every benchmark at smoke sizes, so the scripts never rot (results in runs/bench/, ignored).
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+ifeq ($(HAS_CUDA),1)
+	PY=$(PY) bash bench/gpu_check.sh
+else
+	set -e; for b in bench/bench_*.py; do echo "== $$b"; $(TEST_ENV) $(PY) $$b --cpu-smoke --out-dir runs/bench; done
+endif
 
 clean:
 	rm -rf $(VENV) build *.egg-info

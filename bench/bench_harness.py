@@ -87,8 +87,9 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=24)
     ap.add_argument("--max-steps", type=int, default=30)
     ap.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--cpu-smoke", action="store_true", help="same as --quick (the harness is CPU-only)")
     args = ap.parse_args()  # before any game loads (the PDDL translator rewrites sys.argv)
-    if args.quick:
+    if args.quick or args.cpu_smoke:
         args.train, args.eval = 12, 6
     work = Path(tempfile.mkdtemp(prefix="bench_harness_"))
     os.environ.setdefault("ALFWORLD_DATA", str(REPO / "data" / "alfworld"))
