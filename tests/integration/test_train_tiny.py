@@ -67,7 +67,10 @@ def test_run_directory_layout(two_rank_run):
         ):
             assert key in r, f"grpo row misses {key}: {sorted(r)}"
         assert r["groups"] == 2  # grpo.batch_size states over both ranks
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_{H.SFT_STEPS}", f"step_{H.SFT_STEPS + H.GRPO_STEPS}"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        f"step_{H.SFT_STEPS}",
+        f"step_{H.SFT_STEPS + H.GRPO_STEPS}",
+    ]
     assert (run / "plots" / "loss.png").is_file()
     assert "[fsdp] memory per rank" in proc.stdout and "fraction=0.5" in proc.stdout
 
