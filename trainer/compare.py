@@ -36,7 +36,10 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 import torch
 
 from trainer.config import ConfigError, build_config

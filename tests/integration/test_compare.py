@@ -112,7 +112,10 @@ def test_compare_toy_budget(tmp_path):
 
 @pytest.mark.parametrize("name", ["compare-tiny-cpu", "compare-llama3-1b", "compare-llama3-8b"])
 def test_shipped_compare_configs_parse(name, tmp_path):
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     from trainer.compare import _toml, load_compare_config, plan_runs
 
