@@ -3,7 +3,8 @@
 `evaluate(policy, games)` plays every game once (up to `max_steps`), the policy choosing each
 action from `render_prompt(state)`; at every visited state the expert is queried in the same env
 state, giving action accuracy. `policy` is a batched callable `list[messages] -> list[str]`, or
-"expert" / "random" (seeded uniform over admissible actions: the floor).
+"expert" / "random" (seeded uniform over admissible actions: the floor). A callable with a true
+`wants_admissible` attribute is called as `policy(messages, admissible=[[str, ...], ...])`.
 
 The report records alfworld/textworld versions and where the games came from (version drift has
 silently broken peers' evaluations), and writes JSON + a markdown table.
@@ -128,7 +129,11 @@ def _policy_act(policy, history_window: int, seed: int):
         raise ValueError(f"policy must be a callable, 'expert' or 'random', got {policy!r}")
 
     def act(states):
-        texts = policy([render_prompt(s, history_window=history_window) for s in states])
+        messages = [render_prompt(s, history_window=history_window) for s in states]
+        if getattr(policy, "wants_admissible", False):  # e.g. admissible-constrained decoding
+            texts = policy(messages, admissible=[s["admissible"] for s in states])
+        else:
+            texts = policy(messages)
         if len(texts) != len(states):
             raise ValueError(f"policy returned {len(texts)} responses for {len(states)} prompts")
         return [parse_action(t, s["admissible"]) for s, t in zip(states, texts)]

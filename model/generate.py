@@ -7,6 +7,10 @@ attention makes the pads invisible to the real tokens); each row then decodes at
 (`input_pos` per row: row b's first new token is at position len(prompt_b)), and the cache mask
 hides the stale pad slots past each row's position.
 
+`allowed_tokens(row, prefix) -> ids` (optional) constrains decoding: before each draw, every unfinished
+row's logits outside the ids it returns are set to -inf (e.g. a trie over admissible commands), so
+the sampled tokens and their log-probs are under that masked distribution.
+
 Sampling goes through `kernels.sample_tokens` with offset = decode step and the row index inside
 the Philox counter, so a draw depends only on (seed, step, row): reproducible on any device.
 
@@ -16,7 +20,7 @@ across a request's n samples.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,11 +68,14 @@ def generate(
     stop_ids: Sequence[int] = (),
     seed: int = 0,
     pad_id: int = 0,
+    allowed_tokens: Callable[[int, list[int]], Sequence[int]] | None = None,
 ) -> Samples:
     """Sample `num_samples` continuations of each prompt (token-id lists) -> Samples (see its docstring).
 
     A row ends at the first id in `stop_ids` (kept, counted in `lengths`) or after max_new_tokens.
     temperature == 0 is greedy. The KV cache is allocated for this call and freed on return.
+    allowed_tokens(row, ids generated so far) -> the ids row may draw next (see the module docstring);
+    it is called for unfinished rows only (a host sync per step) and must return at least one id.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -102,6 +109,8 @@ def generate(
         pos_N = lens.repeat_interleave(S)  # (N,) position of the token about to be sampled
 
         for step in range(max_new_tokens):
+            if allowed_tokens is not None:
+                logits_NV = _mask_logits(logits_NV, allowed_tokens, tokens_NT[:, :step], done_N)
             tok_N, logp_N = sample_tokens(
                 logits_NV, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, offset=step
             )
@@ -119,3 +128,19 @@ def generate(
     finally:
         model.clear_caches()
     return Samples(tokens=tokens_NT, logprobs=logprobs_NT, lengths=lengths_N)
+
+
+def _mask_logits(logits_NV, allowed_tokens, prefix_NT, done_N) -> torch.Tensor:
+    """-inf outside `allowed_tokens(row, prefix)` for each unfinished row (finished rows untouched)."""
+    N, V = logits_NV.shape
+    keep_NV = torch.ones((N, V), dtype=torch.bool)
+    prefixes, done = prefix_NT.tolist(), done_N.tolist()  # host sync
+    for r in range(N):
+        if done[r]:
+            continue
+        ids = list(allowed_tokens(r, prefixes[r]))
+        if not ids:
+            raise ValueError(f"allowed_tokens returned no id for row {r} after {prefixes[r]}")
+        keep_NV[r] = False
+        keep_NV[r, ids] = True
+    return logits_NV.masked_fill(~keep_NV.to(logits_NV.device), float("-inf"))

@@ -357,6 +357,9 @@ class EvalConfig:
     """Env worker processes."""
     max_new_tokens: int = 24
     """Longest greedy response per turn."""
+    constrained: bool = False
+    """Decode under a token trie over the admissible actions (every output is admissible; a decoding
+    choice, like a grammar). The longest admissible command then sets the response length."""
 
     def __post_init__(self):
         _check(self.every >= 0, "eval.every must be >= 0")

@@ -53,7 +53,11 @@ def run_eval(
     with fsdp.summon_full_params(dtype=_DTYPES[dtype]):
         if is_main():
             policy = model_policy(
-                model, tokenizer, max_new_tokens=eval_cfg.max_new_tokens, max_seq_len=max_seq_len
+                model,
+                tokenizer,
+                max_new_tokens=eval_cfg.max_new_tokens,
+                max_seq_len=max_seq_len,
+                constrained=eval_cfg.constrained,
             )
             rep = _evaluate(policy, games, eval_cfg, history_window)
             report = _save(rep, label, run_dir, time.perf_counter() - t0)

@@ -43,17 +43,28 @@ def _timed(timings: dict, name: str, fn):
     return out
 
 
-def prepare_data(data_cfg, *, model_path: str, need_eval_games: bool) -> DataArtifacts:
-    """Generate/reuse games and states and train/reuse the tokenizer (rank 0); all ranks get the paths."""
+def prepare_data(
+    data_cfg, *, model_path: str, need_eval_games: bool, eval_max_steps: int = 50
+) -> DataArtifacts:
+    """Generate/reuse games and states and train/reuse the tokenizer (rank 0); all ranks get the paths.
+
+    Eval games are drawn so that the handcoded expert wins each within `eval_max_steps` (the episode
+    limit): every held-out game is winnable within the evaluation's step budget.
+    """
     result = None
     if is_main():
-        result = _prepare_on_main(data_cfg, model_path=model_path, need_eval_games=need_eval_games)
+        result = _prepare_on_main(
+            data_cfg, model_path=model_path, need_eval_games=need_eval_games, eval_max_steps=eval_max_steps
+        )
     barrier()
     return broadcast_object(result)
 
 
-def _prepare_on_main(data_cfg, *, model_path: str, need_eval_games: bool) -> DataArtifacts:
+def _prepare_on_main(
+    data_cfg, *, model_path: str, need_eval_games: bool, eval_max_steps: int
+) -> DataArtifacts:
     import harness
+    from harness.games import GenConfig
 
     timings: dict[str, float] = {}
     root = Path(data_cfg.games_dir)
@@ -64,7 +75,7 @@ def _prepare_on_main(data_cfg, *, model_path: str, need_eval_games: bool) -> Dat
             timings,
             "generate_train_games",
             lambda: harness.generate_games(
-                root / "train", "train", data_cfg.train_games, data_cfg.games_seed
+                root / "train", "train", data_cfg.train_games, data_cfg.games_seed, num_workers=_WORKERS
             ),
         )
         states_path = root / f"states-train-n{data_cfg.train_games}-s{data_cfg.games_seed}.jsonl"
@@ -89,7 +100,12 @@ def _prepare_on_main(data_cfg, *, model_path: str, need_eval_games: bool) -> Dat
                 timings,
                 f"generate_{split}_games",
                 lambda split=split: harness.generate_games(
-                    root / split, split, data_cfg.eval_games, data_cfg.games_seed + 1, num_workers=_WORKERS
+                    root / split,
+                    split,
+                    data_cfg.eval_games,
+                    data_cfg.games_seed + 1,
+                    num_workers=_WORKERS,
+                    config=GenConfig(max_expert_steps=eval_max_steps),
                 ),
             )
             eval_games[split] = [str(g) for g in games]

@@ -73,7 +73,12 @@ def train(cfg: TrainConfig, info) -> None:
 
     # --- data ---
     t0 = time.perf_counter()
-    art = prepare_data(cfg.data, model_path=cfg.model.path, need_eval_games=cfg.eval.enabled)
+    art = prepare_data(
+        cfg.data,
+        model_path=cfg.model.path,
+        need_eval_games=cfg.eval.enabled,
+        eval_max_steps=cfg.eval.max_steps,
+    )
     for k, v in art.timings.items():
         clock.add(f"data/{k}", v)
     tokenizer = load_tokenizer(art.tokenizer_path)

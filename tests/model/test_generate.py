@@ -156,3 +156,72 @@ def test_shared_positions_as_1d_input_pos(hf_pair):
             err = (step - full[:, t]).abs().max().item()
             assert err <= 1e-5, f"position {t}: error {err:.3e}"
         model.clear_caches()
+
+
+def _tree_hook(paths, num_samples):
+    """allowed_tokens over per-prompt token paths (a tiny trie by scanning); records its calls."""
+    calls = []
+
+    def allowed(row, prefix):
+        calls.append((row, list(prefix)))
+        opts = paths[row // num_samples]
+        return sorted({p[len(prefix)] for p in opts if len(p) > len(prefix) and p[: len(prefix)] == prefix})
+
+    return allowed, calls
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_allowed_tokens_constrains_and_logprobs_are_masked(hf_pair, temperature):
+    _, model = hf_pair(seed=12)
+    prompts = _prompts(4)
+    stop = 2
+    paths = [  # per prompt: allowed continuations, each ending with the stop id
+        [[10, 11, 12, stop], [10, 13, stop], [14, stop]],
+        [[20, stop], [21, 22, 23, 24, stop]],
+        [[30, 31, stop]],
+    ]
+    S = 3
+    hook, calls = _tree_hook(paths, S)
+    out = generate(
+        model,
+        prompts,
+        num_samples=S,
+        max_new_tokens=6,
+        temperature=temperature,
+        stop_ids=(stop,),
+        seed=3,
+        pad_id=-1,
+        allowed_tokens=hook,
+    )
+    rows = out.token_lists()
+    for r, toks in enumerate(rows):
+        assert toks in paths[r // S], f"row {r} left its allowed paths: {toks}"
+    assert all(prefix == rows[r][: len(prefix)] for r, prefix in calls)  # finished rows are not asked
+    # Teacher-forced reference: log-softmax over the allowed ids only.
+    width = max(len(prompts[r // S]) + len(t) for r, t in enumerate(rows))
+    seq = torch.tensor([(prompts[r // S] + t + [0] * width)[:width] for r, t in enumerate(rows)])
+    with torch.no_grad():
+        logits_all = model(seq).float()
+    for r, toks in enumerate(rows):
+        n = len(prompts[r // S])
+        for j, tok in enumerate(toks):
+            ids = hook(r, toks[:j])
+            logits = logits_all[r, n - 1 + j]
+            if temperature == 0.0:
+                assert tok == ids[int(logits[ids].argmax())], f"row {r} step {j}: not the best allowed id"
+                assert out.logprobs[r, j] == 0
+            else:
+                ref = logits[tok] - torch.logsumexp(logits[ids], -1)
+                assert abs(float(out.logprobs[r, j]) - float(ref)) <= 1e-5, f"row {r} step {j}"
+
+
+def test_allowed_tokens_all_ids_is_unconstrained(hf_pair):
+    _, model = hf_pair(seed=13)
+    prompts = _prompts(5)
+    kw = dict(num_samples=2, max_new_tokens=5, temperature=1.0, stop_ids=(2,), seed=4)
+    free = generate(model, prompts, **kw)
+    full = generate(model, prompts, allowed_tokens=lambda row, prefix: range(V), **kw)
+    assert torch.equal(free.tokens, full.tokens)
+    torch.testing.assert_close(free.logprobs, full.logprobs, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="no id"):
+        generate(model, prompts, allowed_tokens=lambda row, prefix: [], **kw)

@@ -1,0 +1,111 @@
+"""Admissible-constrained decoding: the action trie, the constrained eval policy (every output is
+an admissible command, the greedy best among them), and harness.evaluate passing admissible lists."""
+
+import pytest
+import torch
+
+from trainer.constrained import ActionTrie, action_trie, allowed_tokens_fn
+
+ACTIONS = [
+    "go to countertop 1",
+    "go to countertop 2",
+    "go to cabinet 1",
+    "take cloth 1 from sinkbasin 1",
+    "open cabinet 1",
+    "look",
+    "inventory",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from model import train_tokenizer
+
+    return train_tokenizer(ACTIONS + ["Your task is to put a clean cloth in countertop."], 300)
+
+
+def _tiny_model(vocab: int, seed: int = 0):
+    from model import LlamaConfig, Transformer
+
+    cfg = LlamaConfig(
+        dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=vocab, ffn_dim=64, max_seq_len=512
+    )
+    model = Transformer(cfg)
+    model.init_weights(seed=seed)
+    return model.eval()
+
+
+def test_action_trie_prefixes():
+    trie = ActionTrie([[1, 2, 9], [1, 3, 9], [4, 9]])
+    assert sorted(trie.allowed([])) == [1, 4]
+    assert sorted(trie.allowed([1])) == [2, 3]
+    assert trie.allowed([1, 2]) == [9] and trie.allowed([4, 9]) == [] and trie.allowed([5]) == []
+    assert trie.max_len == 3
+    hook = allowed_tokens_fn([trie, ActionTrie([[7, 9]])], num_samples=2)
+    assert sorted(hook(1, [])) == [1, 4] and hook(2, []) == [7] and hook(3, [7]) == [9]
+    with pytest.raises(ValueError):
+        ActionTrie([[1], []])
+
+
+def test_action_trie_is_the_sft_target_format(tok):
+    trie = action_trie(tok, ACTIONS)
+    for a in ACTIONS:  # walking a command's SFT target stays on the trie and ends after eot
+        target = tok.encode(a) + [tok.eot_id]
+        for j, t in enumerate(target):
+            assert t in trie.allowed(target[:j]), (a, j)
+        assert trie.allowed(target) == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_constrained_policy_outputs_the_best_admissible_action(tok, seed):
+    from harness import parse_action, render_prompt
+    from trainer.policy import model_policy
+
+    torch.manual_seed(seed)
+    model = _tiny_model(tok.vocab_size, seed=seed)
+    states = [
+        {
+            "goal": "put a clean cloth in countertop",
+            "observation": "You see a cloth 1.",
+            "admissible": ACTIONS,
+        },
+        {"goal": "look", "observation": "Nothing.", "admissible": ACTIONS[4:6]},
+    ]
+    messages = [render_prompt(s, history_window=1) for s in states]
+    free = model_policy(model, tok, max_new_tokens=3, max_seq_len=512)
+    pol = model_policy(model, tok, max_new_tokens=3, max_seq_len=512, constrained=True)
+    assert pol.wants_admissible and not free.wants_admissible
+    with pytest.raises(ValueError, match="admissible"):
+        pol(messages)
+    texts = pol(messages, admissible=[s["admissible"] for s in states])
+    for s, m, text in zip(states, messages, texts):
+        action = parse_action(text, s["admissible"])
+        assert action is not None and text == action  # longer than max_new_tokens=3 is still whole
+        # Greedy over the trie: at each token, the best-scoring id among those the trie allows.
+        trie = action_trie(tok, s["admissible"])
+        prompt = tok.apply_chat_template(m, add_generation_prompt=True)
+        resp = tok.encode(action) + [tok.eot_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + resp]))[0, len(prompt) - 1 :]  # (len(resp)+1, V)
+        for j, t in enumerate(resp):
+            ids = trie.allowed(resp[:j])
+            assert t == ids[int(logits[j, ids].argmax())], (action, j)
+
+
+def test_evaluate_passes_admissible_to_policies_that_want_it():
+    from harness.evaluate import _policy_act
+
+    seen = {}
+
+    class Wants:
+        wants_admissible = True
+
+        def __call__(self, messages, admissible=None):
+            seen["admissible"] = admissible
+            return [a[-1] for a in admissible]
+
+    states = [{"goal": "g", "observation": "o", "admissible": ["look", "inventory"]}]
+    act, _ = _policy_act(Wants(), 1, 0)
+    assert act(states) == ["inventory"] and seen["admissible"] == [["look", "inventory"]]
+    act, _ = _policy_act(lambda messages: ["look"], 1, 0)  # plain callables are called as before
+    assert act(states) == ["look"]
