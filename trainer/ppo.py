@@ -19,8 +19,9 @@ per-turn advantage broadcast to the turn's action tokens:
 Sample budget: one turn = one sampled response; rows report `samples` (global) so the comparison
 can match methods on samples. Env failures are dropped from training (counted). Episodes cut by the
 step limit are treated as terminal (reward 0, no bootstrap: the state after the last turn is never
-rendered). Not in the sharded checkpoint: the value head and its optimizer (a resumed `ppo` stage
-restarts its critic from zero).
+rendered). The value head is replicated (identical on every rank); it and its AdamW state travel in
+the checkpoint's per-rank `extra` (`state_dict()` / `load_state_dict()`), so a resumed `ppo` stage
+continues with the same critic.
 """
 
 from __future__ import annotations
@@ -128,6 +129,23 @@ class MultiTurnStage:
             self.value_opt = torch.optim.AdamW(
                 self.value_head.parameters(), lr=ppo_cfg.value_lr, weight_decay=0.0
             )
+
+    def state_dict(self) -> dict:
+        """The critic (value head + its AdamW) for the checkpoint's `extra`; empty for grpo-multiturn."""
+        if self.value_head is None:
+            return {}
+        return {"value_head": self.value_head.state_dict(), "value_opt": self.value_opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned; a checkpoint without a critic must not resume `ppo`."""
+        if self.value_head is None:
+            return
+        if "value_head" not in state or "value_opt" not in state:
+            raise ValueError(
+                "resuming a ppo stage: the checkpoint holds no value head (written mid-ppo by an older version?)"
+            )
+        self.value_head.load_state_dict(state["value_head"])
+        self.value_opt.load_state_dict(state["value_opt"])
 
     def step(self, step: int, step_in_stage: int, total: int) -> dict:
         r, c, info = self.r, self.cfg, self.r.info

@@ -112,6 +112,7 @@ def train(cfg: TrainConfig, info) -> None:
 
     # --- resume ---
     start = 0
+    resumed: dict = {}
     if cfg.checkpoint.resume:
         extra = load_latest_checkpoint(run_dir, fsdp=fsdp, optimizer=runner.optimizer)
         if extra is not None:
@@ -121,6 +122,7 @@ def train(cfg: TrainConfig, info) -> None:
                     f"(hash {extra['config_hash']} vs {cfg.hash()}); use a new run.name"
                 )
             start = int(extra["step"])
+            resumed = extra
             runner.skipped_steps = int(extra.get("skipped_steps", 0))
             set_rng_state(extra["rng"])
             _log0(f"[resume] continuing after step {start}")
@@ -188,6 +190,8 @@ def train(cfg: TrainConfig, info) -> None:
             "data_position": step,
             "skipped_steps": runner.skipped_steps,
         }
+        if multiturn is not None:
+            extra["multiturn"] = multiturn.state_dict()  # the ppo critic (replicated, every rank)
         save_checkpoint(
             run_dir,
             step,
@@ -198,6 +202,7 @@ def train(cfg: TrainConfig, info) -> None:
         )
         clock.add("checkpoint", time.perf_counter() - t)
 
+    multiturn = None
     for span in stage_spans(cfg):
         if span.last > start:
             if start < span.first:
@@ -219,6 +224,8 @@ def train(cfg: TrainConfig, info) -> None:
                     data_cfg=cfg.data,
                     run_seed=cfg.run.seed,
                 )
+                if span.first <= start < span.last and resumed.get("stage") == span.name:
+                    multiturn.load_state_dict(resumed.get("multiturn", {}))  # resumed mid-stage
             metrics.start_stage(max(span.first, start + 1))
             t_stage = time.perf_counter()
             for step in range(max(span.first, start + 1), span.last + 1):

@@ -276,3 +276,28 @@ def test_multiturn_stages_on_two_ranks(tmp_path):
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker(Path(sys.argv[sys.argv.index("--worker") + 1]))
+
+
+def test_ppo_critic_round_trips_through_checkpoint_extra(monkeypatch):
+    """The value head and its AdamW state go into the checkpoint's `extra` and come back exactly;
+    a resumed stage then continues the critic instead of restarting it from zero."""
+    _, _, stage = _stage(monkeypatch, "ppo")
+    for step in range(1, 3):
+        stage.step(step, step - 1, 8)
+    state = stage.state_dict()
+    assert set(state) == {"value_head", "value_opt"} and state["value_opt"]["state"], "AdamW moments saved"
+    _, _, fresh = _stage(monkeypatch, "ppo")
+    trained, init = stage.value_head.state_dict(), fresh.value_head.state_dict()
+    assert any(not torch.equal(trained[k], init[k]) for k in trained), "the critic must have moved"
+    fresh.load_state_dict(state)
+    for k, v in fresh.value_head.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    a, b = stage.value_opt.state_dict(), fresh.value_opt.state_dict()
+    for pid, st in a["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][pid][k])), (pid, k)
+    # grpo-multiturn has no critic; a ppo resume from a checkpoint without one is refused.
+    _, _, gm = _stage(monkeypatch, "grpo-multiturn")
+    assert gm.state_dict() == {}
+    with pytest.raises(ValueError, match="no value head"):
+        fresh.load_state_dict({})
