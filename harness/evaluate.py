@@ -116,7 +116,7 @@ def _cached_expert_steps(game: str, expert: str) -> int | None:
         return None
 
 
-def _policy_act(policy, history_window: int, seed: int):
+def _policy_act(policy, history_window: int, seed: int, system_prompt: bool = True):
     if policy == "expert":
         return lambda states: [s["expert_action"] for s in states], "expert"
     if policy == "random":
@@ -129,7 +129,7 @@ def _policy_act(policy, history_window: int, seed: int):
         raise ValueError(f"policy must be a callable, 'expert' or 'random', got {policy!r}")
 
     def act(states):
-        messages = [render_prompt(s, history_window=history_window) for s in states]
+        messages = [render_prompt(s, history_window, system_prompt) for s in states]
         if getattr(policy, "wants_admissible", False):  # e.g. admissible-constrained decoding
             texts = policy(messages, admissible=[s["admissible"] for s in states])
         else:
@@ -149,6 +149,7 @@ def evaluate(
     num_workers: int = 1,
     expert: str = "handcoded",
     history_window: int = 3,
+    system_prompt: bool = True,
     batch_size: int | None = None,
     seed: int = 0,
     step_timeout: float = 60.0,
@@ -159,7 +160,7 @@ def evaluate(
     pool: an existing `EnvPool` over `games` to play in (default: a fresh one, closed after).
     """
     games = [str(g) for g in games]
-    act, name = _policy_act(policy, history_window, seed)
+    act, name = _policy_act(policy, history_window, seed, system_prompt)
     t0 = time.perf_counter()
     episodes = run_episodes(
         games,
@@ -194,6 +195,7 @@ def evaluate(
         "max_steps": max_steps,
         "expert": expert,
         "history_window": history_window,
+        "system_prompt": system_prompt,
         "num_workers": num_workers,
         "seconds": round(seconds, 2),
         "env_steps_per_s": round(sum(e.steps for e in episodes) / max(seconds, 1e-9), 1),

@@ -2,7 +2,16 @@
 
 `render_prompt(state)` turns an expert state (a states.jsonl row, or the live state evaluation
 builds) into chat messages: a system message with the rules and the action grammar, then one user
-message with the goal, the last K turns, the current observation and the admissible actions.
+message with the goal, a short memory of the whole episode, the last K turns, the current
+observation and the admissible actions.
+
+The memory makes the state (nearly) Markov without the whole transcript: ALFWorld is partially
+observable, and the expert's next action depends on the room's receptacle list (shown only in the
+first observation), on where it has already looked and on what it holds. All three are pure
+functions of the history, so the memory lines are too:
+- `Room:` the first observation's receptacle list, once it has scrolled out of the shown turns;
+- `Visited:` the receptacles gone to so far, in order of first visit;
+- `Holding:` the object taken and not yet put down (`take X from Y` .. `move X to Y`).
 `parse_action(text, admissible)` reads the action back from a response: a plain action, or
 `... Action: <cmd>` after some reasoning; case and whitespace are normalized and the action is
 returned (in its admissible spelling) only if it is admissible.
@@ -32,16 +41,50 @@ def clean_observation(observation: str) -> str:
     return " ".join(text.split())
 
 
-def render_prompt(state: dict, history_window: int = 3) -> list[dict]:
+PROMPT_VERSION = 2
+"""Bumped whenever the rendered text changes (caches keyed on prompts, e.g. tokenizers, include it)."""
+
+_GO_TO = "go to "
+_TAKE_RE = re.compile(r"^take (.+?) from ")
+_MOVE_RE = re.compile(r"^move (.+?) to ")
+
+
+def episode_memory(history: list) -> tuple[list[str], str | None]:
+    """(receptacles gone to, in order of first visit; the object held or None) after `history`."""
+    visited: list[str] = []
+    holding = None
+    for _, action in history:
+        action = " ".join(action.split())
+        if action.startswith(_GO_TO):
+            target = action[len(_GO_TO) :]
+            if target not in visited:
+                visited.append(target)
+        elif m := _TAKE_RE.match(action):
+            holding = m.group(1)
+        elif _MOVE_RE.match(action):
+            holding = None
+    return visited, holding
+
+
+def render_prompt(state: dict, history_window: int = 3, system_prompt: bool = True) -> list[dict]:
     """Chat messages for one state.
 
     state: {"goal": str, "history": [[observation, action], ...], "observation": str,
-            "admissible": [str, ...]} (extra keys ignored). The last `history_window` turns of
-    history are shown (0: none). Returns [{"role": "system", ...}, {"role": "user", ...}].
+            "admissible": [str, ...]} (extra keys ignored). `history` holds every earlier turn from
+    the episode's first observation on; the last `history_window` turns are shown (0: none), the
+    rest enters only through the memory lines. Returns [{"role": "system", ...}, {"role": "user", ...}];
+    with system_prompt=False only the user message (the rules cost ~125 tokens per prompt and carry
+    nothing a model trained from scratch on this format can use).
     """
     lines = [f"Your task is to: {state['goal']}."]
     history = state.get("history") or []
     shown = history[-history_window:] if history_window > 0 else []
+    if history:
+        if len(shown) < len(history):  # the first observation (the room) has scrolled out
+            lines.append(f"Room: {clean_observation(history[0][0])}")
+        visited, holding = episode_memory(history)
+        lines.append("Visited: " + (", ".join(visited) if visited else "nothing yet"))
+        lines.append(f"Holding: {holding or 'nothing'}")
     if shown:
         lines.append("")
         lines.append("Recent turns:")
@@ -51,10 +94,8 @@ def render_prompt(state: dict, history_window: int = 3) -> list[dict]:
     lines.append("")
     lines.append(f"Observation: {clean_observation(state['observation'])}")
     lines.append("Admissible actions: " + ", ".join(state["admissible"]))
-    return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": "\n".join(lines)},
-    ]
+    user = {"role": "user", "content": "\n".join(lines)}
+    return [{"role": "system", "content": SYSTEM_PROMPT}, user] if system_prompt else [user]
 
 
 def _normalize(text: str) -> str:

@@ -274,7 +274,11 @@ def lower_bound(
     states = [s for g in trajectories for s in trajectories[g]]
     prompts = []
     for s in states:
-        ids = list(tok.apply_chat_template(render_prompt(s, history_window=hw), add_generation_prompt=True))
+        ids = list(
+            tok.apply_chat_template(
+                render_prompt(s, hw, train_cfg.data.system_prompt), add_generation_prompt=True
+            )
+        )
         prompts.append(ids[-max_prompt:])  # the same left truncation as the eval policy
     targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in states]
     logp = []
@@ -287,7 +291,7 @@ def lower_bound(
             .tolist()
         )
     policy = model_policy(model, tok, max_new_tokens=ev.max_new_tokens, max_seq_len=mcfg.max_seq_len)
-    texts = policy([render_prompt(s, history_window=hw) for s in states]) if states else []
+    texts = policy([render_prompt(s, hw, train_cfg.data.system_prompt) for s in states]) if states else []
     greedy = [parse_action(t, s["admissible"]) == s["expert_action"] for t, s in zip(texts, states)]
     per_game, k = {}, 0
     for g, traj in trajectories.items():
@@ -327,7 +331,8 @@ def _sampled_success(model, tok, games, train_cfg, k, seed, device) -> dict:
     rcfg = RolloutConfig(temperature=1.0, max_new_tokens=train_cfg.eval.max_new_tokens)
     eps, _ = collect_episodes(
         model, fsdp, tok, [g for g in games for _ in range(k)], rollout_cfg=rcfg,
-        history_window=train_cfg.data.history_window, max_steps=train_cfg.eval.max_steps,
+        history_window=train_cfg.data.history_window, system_prompt=train_cfg.data.system_prompt,
+        max_steps=train_cfg.eval.max_steps,
         max_seq_len=model.config.max_seq_len, seed=seed, device=device, num_workers=train_cfg.eval.num_workers,
     )  # fmt: skip
     return {"sampled_success": sum(e.won for e in eps) / max(len(eps), 1), "sampled_episodes": len(eps)}

@@ -96,6 +96,9 @@ class DataConfig:
     """Vocabulary of the trained tokenizer (from-scratch runs)."""
     history_window: int = 2
     """Turns of history rendered into each prompt (harness.render_prompt), training and eval."""
+    system_prompt: bool = True
+    """Render the system message (rules + action grammar) into every prompt, training and eval.
+    Off for models trained from scratch on this format: ~125 constant tokens per prompt."""
     max_seq_len: int = 512
     """Longest prompt + target kept; longer states are dropped (and counted) at load time."""
     seed: int = 0
@@ -257,9 +260,13 @@ class GRPOConfig:
     """Advantage normalization: 'std' (GRPO) or 'none' (Dr.GRPO)."""
     lr: float = 0.0
     """Stage learning rate; 0 uses optim.lr."""
+    oversample: int = 1
+    """Dynamic sampling: roll out oversample x batch_size states per step and train on the first
+    batch_size groups with reward variance (1: no oversampling, zero-variance groups just dropped)."""
 
     def __post_init__(self):
         _check(self.steps >= 0, "grpo.steps must be >= 0")
+        _check(self.oversample >= 1, "grpo.oversample must be >= 1")
         _check(
             self.batch_size > 0 and self.micro_batch_size > 0, "grpo.batch_size/micro_batch_size must be > 0"
         )

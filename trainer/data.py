@@ -49,21 +49,21 @@ def read_states(path: str | Path) -> list[dict]:
     return rows
 
 
-def prompt_messages(state: dict, history_window: int) -> list[dict]:
+def prompt_messages(state: dict, history_window: int, system_prompt: bool = True) -> list[dict]:
     """The ONE prompt format (harness.render_prompt), shared with evaluation."""
     from harness import render_prompt
 
-    return render_prompt(state, history_window=history_window)
+    return render_prompt(state, history_window, system_prompt)
 
 
 def build_examples(
-    states: list[dict], tokenizer, *, history_window: int, max_seq_len: int
+    states: list[dict], tokenizer, *, history_window: int, max_seq_len: int, system_prompt: bool = True
 ) -> tuple[list[Example], int]:
     """Tokenize states -> (examples that fit in max_seq_len, number dropped for length)."""
     out, dropped = [], 0
     for state in states:
         prompt = tokenizer.apply_chat_template(
-            prompt_messages(state, history_window), add_generation_prompt=True
+            prompt_messages(state, history_window, system_prompt), add_generation_prompt=True
         )
         target = tokenizer.encode(state["expert_action"]) + [tokenizer.eot_id]
         if len(prompt) + len(target) > max_seq_len:

@@ -21,7 +21,9 @@ from trainer.policy import model_policy
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _evaluate(policy, games: list[str], eval_cfg, history_window: int, seed: int = 0):
+def _evaluate(
+    policy, games: list[str], eval_cfg, history_window: int, seed: int = 0, system_prompt: bool = True
+):
     from harness.evaluate import evaluate
 
     return evaluate(
@@ -30,6 +32,7 @@ def _evaluate(policy, games: list[str], eval_cfg, history_window: int, seed: int
         max_steps=eval_cfg.max_steps,
         num_workers=eval_cfg.num_workers,
         history_window=history_window,
+        system_prompt=system_prompt,
         seed=seed,
     )
 
@@ -45,6 +48,7 @@ def run_eval(
     history_window: int,
     run_dir: Path,
     max_seq_len: int,
+    system_prompt: bool = True,
     dtype: str = "float32",
 ) -> dict:
     """Evaluate the current model greedily (all ranks call; rank 0 plays). Returns the report dict."""
@@ -59,18 +63,20 @@ def run_eval(
                 max_seq_len=max_seq_len,
                 constrained=eval_cfg.constrained,
             )
-            rep = _evaluate(policy, games, eval_cfg, history_window)
+            rep = _evaluate(policy, games, eval_cfg, history_window, system_prompt=system_prompt)
             report = _save(rep, label, run_dir, time.perf_counter() - t0)
         barrier()
     return broadcast_object(report)
 
 
-def run_random_eval(*, games: list[str], eval_cfg, history_window: int, run_dir: Path, seed: int) -> dict:
+def run_random_eval(
+    *, games: list[str], eval_cfg, history_window: int, run_dir: Path, seed: int, system_prompt: bool = True
+) -> dict:
     """The uniform-random policy over admissible actions (the table's floor); rank 0 plays."""
     t0 = time.perf_counter()
     report = None
     if is_main():
-        rep = _evaluate("random", games, eval_cfg, history_window, seed=seed)
+        rep = _evaluate("random", games, eval_cfg, history_window, seed=seed, system_prompt=system_prompt)
         report = _save(rep, "random", run_dir, time.perf_counter() - t0)
     barrier()
     return broadcast_object(report)

@@ -3,7 +3,10 @@
 Per rollout batch (B states x G responses on each rank, prompt-major):
 1. r = 1{parse_action(response) == expert_action} (trainer/reward.py);
 2. A = kernels.group_advantages(r, G) (zero-variance groups get exactly 0);
-3. zero-variance groups are DROPPED (counted): they carry no gradient but would cost compute;
+3. zero-variance groups are DROPPED (counted): they carry no gradient but would cost compute.
+   With grpo.oversample = k > 1 (dynamic sampling, as in DAPO) the rollout covers k x batch_size
+   states and the first batch_size groups WITH reward variance are kept (in batch order), so a
+   policy that already solves most training states still gets full batches of informative groups;
 4. for ppo_epochs epochs: kernels.grpo_loss over the response tokens of the kept sequences, with the
    sampled log-probs as the behaviour policy (old_logp) and, when kl_coef > 0, the k3 KL to a frozen
    reference; the summed loss is divided by the GLOBAL response-token count (all ranks, all
@@ -56,16 +59,25 @@ def select_sequences(
     group_size: int,
     *,
     adv_scale: str = "std",
+    max_groups: int | None = None,
 ) -> GRPOBatch:
-    """Advantages per group, then keep the sequences of groups with reward variance."""
+    """Advantages per group, then keep the sequences of groups with reward variance.
+
+    max_groups: keep at most this many (the first ones in order); later groups with variance are
+    dropped too (not counted as zero-variance). None: keep all.
+    """
     from kernels.group_advantages import group_advantages
 
     adv = group_advantages(rewards, group_size, scale=adv_scale)  # (B*G,) fp32
     zero_var = zero_variance_groups(rewards, group_size)  # (B,)
+    keep = [not z for z in zero_var.tolist()]
+    if max_groups is not None:
+        kept_groups = [g for g, k in enumerate(keep) if k][:max_groups]
+        keep = [g in set(kept_groups) for g in range(len(keep))]
     kept = []
     for i, (resp, lp) in enumerate(zip(responses, logprobs)):
         g = i // group_size
-        if zero_var[g] or not resp:
+        if not keep[g] or not resp:
             continue
         kept.append(Sequence(prompts[g], resp, lp, float(adv[i])))
     j = next(i for i, r in enumerate(responses) if r)  # generate emits >= 1 token per row

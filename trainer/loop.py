@@ -161,7 +161,8 @@ class StepRunner:
 
     def grpo_step(self, step: int, step_in_stage: int, total: int) -> dict:
         c, G = self.cfg, self.cfg.rollout.group_size
-        local = self._local_examples(step_in_stage, c.grpo.batch_size)
+        pool = c.grpo.batch_size * c.grpo.oversample
+        local = self._local_examples(step_in_stage, pool)
         t0 = time.perf_counter()
         roll = sample_responses(
             self.model,
@@ -173,7 +174,14 @@ class StepRunner:
         )
         rew = expert_match_rewards(roll.texts, [e.state for e in local], G)
         batch = select_sequences(
-            roll.prompts, roll.responses, roll.logprobs, rew.rewards, G, adv_scale=c.grpo.adv_scale
+            roll.prompts,
+            roll.responses,
+            roll.logprobs,
+            rew.rewards,
+            G,
+            adv_scale=c.grpo.adv_scale,
+            # per rank: its share of batch_size (the pool is rank-sliced the same way)
+            max_groups=None if c.grpo.oversample == 1 else c.grpo.batch_size // self.info.world_size,
         )
         t_roll = time.perf_counter() - t0
         r = rew.rewards.view(-1, G)

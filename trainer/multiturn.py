@@ -68,7 +68,19 @@ class CollectStats:
     seconds: float
 
 
-def _act_fn(model, tokenizer, rollout_cfg, *, history_window, max_prompt, seed, device, pending, log):
+def _act_fn(
+    model,
+    tokenizer,
+    rollout_cfg,
+    *,
+    history_window,
+    max_prompt,
+    seed,
+    device,
+    pending,
+    log,
+    system_prompt=True,
+):
     """The `run_episodes` act callable: sample one response per live state, record the turns."""
     from harness import parse_action
     from model import generate
@@ -79,7 +91,9 @@ def _act_fn(model, tokenizer, rollout_cfg, *, history_window, max_prompt, seed, 
         prompts, trunc = [], 0
         for s in states:
             ids = list(
-                tokenizer.apply_chat_template(prompt_messages(s, history_window), add_generation_prompt=True)
+                tokenizer.apply_chat_template(
+                    prompt_messages(s, history_window, system_prompt), add_generation_prompt=True
+                )
             )
             if len(ids) > max_prompt:
                 trunc += 1
@@ -125,6 +139,7 @@ def collect_episodes(
     history_window: int,
     max_steps: int,
     max_seq_len: int,
+    system_prompt: bool = True,
     seed: int,
     device,
     num_workers: int = 1,
@@ -150,6 +165,7 @@ def collect_episodes(
             tokenizer,
             rollout_cfg,
             history_window=history_window,
+            system_prompt=system_prompt,
             max_prompt=max_prompt,
             seed=seed,
             device=device,

@@ -120,15 +120,20 @@ def _prepare_on_main(
 
 def _train_tokenizer(states_path: Path, data_cfg, root: Path) -> Path:
     """Byte-level BPE on the rendered prompts + expert actions (cached by states hash and vocab)."""
+    from harness.prompts import PROMPT_VERSION
     from model import train_tokenizer
 
     digest = hashlib.sha256(Path(states_path).read_bytes()).hexdigest()[:12]
-    path = root / f"tokenizer-v{data_cfg.vocab_size}-h{data_cfg.history_window}-{digest}.json"
+    sys_tag = "" if data_cfg.system_prompt else "-nosys"
+    name = f"tokenizer-v{data_cfg.vocab_size}-h{data_cfg.history_window}{sys_tag}-p{PROMPT_VERSION}-{digest}.json"
+    path = root / name
     if path.exists():
         return path
     texts = []
     for state in read_states(states_path):
-        texts.extend(m["content"] for m in prompt_messages(state, data_cfg.history_window))
+        texts.extend(
+            m["content"] for m in prompt_messages(state, data_cfg.history_window, data_cfg.system_prompt)
+        )
         texts.append(state["expert_action"])
     tok = train_tokenizer(texts, data_cfg.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -161,6 +161,7 @@ class MultiTurnStage:
             games,
             rollout_cfg=self.rollout_cfg,
             history_window=self.data_cfg.history_window,
+            system_prompt=self.data_cfg.system_prompt,
             max_steps=c.max_steps,
             max_seq_len=r.model.config.max_seq_len,
             seed=rollout_seed(self.run_seed, step, info.rank),

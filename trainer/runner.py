@@ -86,6 +86,7 @@ def train(cfg: TrainConfig, info) -> None:
         read_states(art.states_path),
         tokenizer,
         history_window=cfg.data.history_window,
+        system_prompt=cfg.data.system_prompt,
         max_seq_len=min(cfg.data.max_seq_len, cfg.model.max_seq_len if not cfg.model.path else 1 << 30),
     )
     if not examples:
@@ -143,6 +144,7 @@ def train(cfg: TrainConfig, info) -> None:
                 games=games,
                 eval_cfg=cfg.eval,
                 history_window=cfg.data.history_window,
+                system_prompt=cfg.data.system_prompt,
                 run_dir=run_dir,
                 seed=cfg.run.seed,
             )
@@ -155,6 +157,7 @@ def train(cfg: TrainConfig, info) -> None:
                 games=games,
                 eval_cfg=cfg.eval,
                 history_window=cfg.data.history_window,
+                system_prompt=cfg.data.system_prompt,
                 run_dir=run_dir,
                 max_seq_len=model_cfg.max_seq_len,
                 dtype=cfg.rollout.dtype,

@@ -110,3 +110,51 @@ def test_clean_observation():
     assert clean_observation(INTRO) == (
         "You are in the middle of a room. Looking quickly around you, you see a cabinet 1, and a countertop 2."
     )
+
+
+def test_render_prompt_memory_lines():
+    history = [
+        (INTRO, "look"),
+        ("You are in the middle of a room.", "go to cabinet 1"),
+        ("You arrive at cabinet 1. On the cabinet 1, you see a mug 1.", "take mug 1 from cabinet 1"),
+        ("You pick up the mug 1 from the cabinet 1.", "go to countertop 2"),
+        ("You arrive at countertop 2.", "go to cabinet 1"),  # a revisit is listed once
+    ]
+    user = render_prompt(_state(history), history_window=1)[1]["content"]
+    lines = user.splitlines()
+    # The room list scrolled out of the shown turns: it comes back as the Room line, cleaned.
+    assert lines[1] == "Room: " + clean_observation(INTRO)
+    assert lines[2] == "Visited: cabinet 1, countertop 2"
+    assert lines[3] == "Holding: mug 1"
+    # Putting the object down empties the hands; the memory comes before the recent turns.
+    put = history + [("You arrive at cabinet 1.", "move mug 1 to cabinet 1")]
+    user = render_prompt(_state(put), history_window=1)[1]["content"]
+    assert "Holding: nothing" in user and user.index("Holding:") < user.index("Recent turns")
+
+
+def test_render_prompt_memory_edges():
+    # No history: no memory lines at all (the observation itself is the room).
+    assert "Visited" not in render_prompt(_state(observation=INTRO))[1]["content"]
+    # The intro still within the shown window: no Room line (it would repeat it).
+    user = render_prompt(_state([(INTRO, "look")]), history_window=3)[1]["content"]
+    assert "Room:" not in user and "Visited: nothing yet" in user and "Holding: nothing" in user
+    # Window 0: the memory carries the episode on its own.
+    user = render_prompt(_state([(INTRO, "look"), ("o", "go to cabinet 1")]), history_window=0)[1]["content"]
+    assert "Room: You are in the middle" in user and "Visited: cabinet 1" in user
+
+
+def test_episode_memory_matches_a_real_expert_episode():
+    from harness.prompts import episode_memory
+
+    actions = ["look", "go to toilet 1", "take cloth 2 from toilet 1", "go to sinkbasin 1"]
+    visited, holding = episode_memory([("obs", a) for a in actions])
+    assert visited == ["toilet 1", "sinkbasin 1"] and holding == "cloth 2"
+    visited, holding = episode_memory([("obs", a) for a in actions + ["move cloth 2 to sinkbasin 1"]])
+    assert holding is None
+
+
+def test_render_prompt_without_system_message():
+    state = _state([(INTRO, "look"), ("o", "go to cabinet 1")])
+    full = render_prompt(state, 1)
+    bare = render_prompt(state, 1, system_prompt=False)
+    assert bare == full[1:] and bare[0]["role"] == "user"

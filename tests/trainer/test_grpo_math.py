@@ -61,6 +61,25 @@ def test_zero_variance_groups_and_advantages_by_hand():
     )
 
 
+def test_dynamic_sampling_keeps_the_first_groups_with_variance():
+    # Pool of 5 groups (G=2): zero, var, zero, var, var; max_groups=2 keeps groups 1 and 3 only.
+    r = torch.tensor([1, 1, 1, 0, 0, 0, 0, 1, 1, 0], dtype=torch.float32)
+    prompts = [[g] for g in range(5)]
+    batch = select_sequences(prompts, [[7]] * 10, [torch.zeros(1)] * 10, r, 2, max_groups=2)
+    assert [s.prompt for s in batch.sequences] == [[1], [1], [3], [3]]
+    assert batch.zero_var_groups == 2  # the surplus group with variance is not a zero-variance group
+    a = 1 / math.sqrt(2)  # [1,0] and [0,1]: mean 1/2, unbiased std 1/sqrt(2) (+ the kernel's eps)
+    assert [s.advantage for s in batch.sequences] == pytest.approx([a, -a, -a, a], abs=1e-5)
+    # Fewer informative groups than max_groups: all of them, as without the cap.
+    capped = select_sequences(prompts, [[7]] * 10, [torch.zeros(1)] * 10, r, 2, max_groups=9)
+    plain = select_sequences(prompts, [[7]] * 10, [torch.zeros(1)] * 10, r, 2)
+    assert (
+        [s.prompt for s in capped.sequences]
+        == [s.prompt for s in plain.sequences]
+        == [[1], [1], [3], [3], [4], [4]]
+    )
+
+
 def test_all_groups_zero_variance_keeps_nothing_but_a_dummy():
     r = torch.tensor([1.0, 1.0, 0.0, 0.0])
     batch = select_sequences([[1], [2]], [[3], [4], [5], [6]], [torch.zeros(1)] * 4, r, 2)
