@@ -123,7 +123,7 @@ def rl_steps(method: str, train_raw: dict, budget: int) -> tuple[int, int]:
     """(steps, max samples per step) that spend `budget` samples in method's RL stage."""
     cfg = build_config(train_raw)
     if method == "grpo":
-        per = cfg.grpo.batch_size * cfg.rollout.group_size
+        per = cfg.grpo.batch_size * cfg.grpo.oversample * cfg.rollout.group_size  # all drawn, kept or not
     else:
         per = cfg.ppo.episodes_per_step * cfg.ppo.max_steps
     return max(1, budget // per), per

@@ -56,6 +56,7 @@ max_new_tokens = 4
 [grpo]
 batch_size = 4
 micro_batch_size = 8
+oversample = 1
 
 [ppo]
 episodes_per_step = 4
@@ -81,6 +82,8 @@ def test_compare_toy_budget(tmp_path):
     cfg.write_text(TOY.format(base=REPO / "configs/tiny-cpu.toml", out=out, games=tmp_path / "games"))
     cc, raw = load_compare_config(cfg)
     assert rl_steps("grpo", raw, 8) == (1, 8) and rl_steps("ppo", raw, 8) == (1, 8)
+    over = {**raw, "grpo": {**raw["grpo"], "oversample": 3}}
+    assert rl_steps("grpo", over, 48) == (2, 24), "dynamic sampling: every drawn sample counts"
     specs = plan_runs(cc, raw)
     assert [s.name for s in specs] == ["sft-s0", "ppo-s0", "grpo-multiturn-s0", "grpo-s0"]
     assert specs[1].raw["model"]["path"] == str(out / "sft-s0" / "final")
