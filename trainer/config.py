@@ -36,6 +36,13 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_stage(cfg, name: str) -> None:
+    """The checks every training stage section shares: steps, batch sizes, learning rate."""
+    _check(cfg.steps >= 0, f"{name}.steps must be >= 0")
+    _check(cfg.batch_size > 0 and cfg.micro_batch_size > 0, f"{name}.batch_size/micro_batch_size must be > 0")
+    _check(cfg.lr >= 0, f"{name}.lr must be >= 0")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     path: str = ""
@@ -185,11 +192,7 @@ class LMConfig:
     """Stage learning rate; 0 uses optim.lr."""
 
     def __post_init__(self):
-        _check(self.steps >= 0, "lm.steps must be >= 0")
-        _check(
-            self.batch_size > 0 and self.micro_batch_size > 0, "lm.batch_size/micro_batch_size must be > 0"
-        )
-        _check(self.lr >= 0, "lm.lr must be >= 0")
+        _check_stage(self, "lm")
 
 
 @dataclass(kw_only=True)
@@ -204,11 +207,7 @@ class SFTConfig:
     """Stage learning rate; 0 uses optim.lr."""
 
     def __post_init__(self):
-        _check(self.steps >= 0, "sft.steps must be >= 0")
-        _check(
-            self.batch_size > 0 and self.micro_batch_size > 0, "sft.batch_size/micro_batch_size must be > 0"
-        )
-        _check(self.lr >= 0, "sft.lr must be >= 0")
+        _check_stage(self, "sft")
 
 
 @dataclass(kw_only=True)
@@ -265,11 +264,8 @@ class GRPOConfig:
     batch_size groups with reward variance (1: no oversampling, zero-variance groups just dropped)."""
 
     def __post_init__(self):
-        _check(self.steps >= 0, "grpo.steps must be >= 0")
+        _check_stage(self, "grpo")
         _check(self.oversample >= 1, "grpo.oversample must be >= 1")
-        _check(
-            self.batch_size > 0 and self.micro_batch_size > 0, "grpo.batch_size/micro_batch_size must be > 0"
-        )
         _check(self.ppo_epochs >= 1, "grpo.ppo_epochs must be >= 1")
         _check(
             0 <= self.clip_eps_low < 1 and self.clip_eps_high >= 0,
@@ -277,7 +273,6 @@ class GRPOConfig:
         )
         _check(self.kl_coef >= 0, "grpo.kl_coef must be >= 0")
         _check(self.adv_scale in ("std", "none"), f"grpo.adv_scale={self.adv_scale!r}: 'std' or 'none'")
-        _check(self.lr >= 0, "grpo.lr must be >= 0")
 
 
 @dataclass(kw_only=True)
