@@ -42,7 +42,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 import torch
 
-from trainer.config import ConfigError, build_config
+from trainer.config import ConfigError, algo_stages, build_config
 
 _REPO = Path(__file__).resolve().parents[1]
 _RL = ("ppo", "grpo-multiturn", "grpo")
@@ -139,8 +139,7 @@ class RunSpec:
 
 def sft_stages(train_raw: dict) -> list[str]:
     """The base config's stages before RL (e.g. ['lm', 'sft'] for from-scratch models), ending in 'sft'."""
-    stages = [s for s in build_config(train_raw).run.stages if s not in _RL]
-    return stages if "sft" in stages else [*stages, "sft"]
+    return algo_stages(build_config(train_raw).run.stages, "sft")
 
 
 def plan_runs(cc: CompareConfig, train_raw: dict) -> list[RunSpec]:

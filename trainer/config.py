@@ -557,9 +557,26 @@ def build_config(raw: dict[str, dict], overrides: dict[str, dict[str, str]] | No
     return TrainConfig(**sections)
 
 
+ALGOS = ("sft", "grpo", "ppo", "grpo-multiturn")
+"""`--algo` choices: the RL stage run after the config's pre-RL stages ('sft': none)."""
+
+
+def algo_stages(stages: list[str], algo: str) -> list[str]:
+    """The config's pre-RL stages (lm, sft; 'sft' added if absent) followed by `algo`'s RL stage."""
+    if algo not in ALGOS:
+        raise ConfigError(f"--algo {algo!r}: choose from {list(ALGOS)}")
+    pre = [s for s in stages if s in ("lm", "sft")]
+    pre = pre if "sft" in pre else [*pre, "sft"]
+    return pre if algo == "sft" else [*pre, algo]
+
+
 def parse_args(argv: list[str]) -> TrainConfig:
-    """`--config X.toml [--section.key=value | --section.key value ...] [--resume]` -> TrainConfig."""
-    config_path = None
+    """`--config X.toml [--algo A] [--section.key=value | --section.key value ...] [--resume]`.
+
+    --algo A (sft | grpo | ppo | grpo-multiturn) keeps the config's pre-RL stages and runs algorithm
+    A after them: `--algo ppo` on a ["lm", "sft", "grpo"] config runs ["lm", "sft", "ppo"].
+    """
+    config_path = algo = None
     overrides: dict[str, dict[str, str]] = {}
     i = 0
     while i < len(argv):
@@ -580,6 +597,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
         if name == "config":
             config_path = value
             continue
+        if name == "algo":
+            algo = value
+            continue
         section, dot, key = name.partition(".")
         if not dot or not key:
             raise ConfigError(f"bad override --{name}; expected --section.key=value")
@@ -591,6 +611,11 @@ def parse_args(argv: list[str]) -> TrainConfig:
             raise ConfigError(f"--config {config_path!r} does not exist")
         with path.open("rb") as f:
             raw = tomllib.load(f)
+    if algo is not None:
+        if "stages" in overrides.get("run", {}):
+            raise ConfigError("--algo and --run.stages both set the stages; give one")
+        stages = raw.get("run", {}).get("stages", RunConfig().stages)
+        raw = {**raw, "run": {**raw.get("run", {}), "stages": algo_stages(list(stages), algo)}}
     return build_config(raw, overrides)
 
 

@@ -111,3 +111,19 @@ def test_model_path_needs_a_tokenizer(tmp_path):
     (hf / "tokenizer.json").unlink()
     with pytest.raises(ConfigError, match=r"has no tokenizer\.json"):
         build_config({"model": {"path": str(hf)}})
+
+
+def test_algo_flag_selects_the_rl_stage_after_the_pre_rl_stages():
+    tiny = str(REPO / "configs/tiny-cpu.toml")  # stages ["lm", "sft", "grpo"]
+    assert parse_args(["--config", tiny, "--algo", "ppo"]).run.stages == ["lm", "sft", "ppo"]
+    assert parse_args(["--config", tiny, "--algo=grpo-multiturn"]).run.stages == [
+        "lm",
+        "sft",
+        "grpo-multiturn",
+    ]
+    assert parse_args(["--config", tiny, "--algo", "sft"]).run.stages == ["lm", "sft"]
+    assert parse_args(["--algo", "grpo"]).run.stages == ["sft", "grpo"]  # the default stages
+    with pytest.raises(ConfigError, match="choose from"):
+        parse_args(["--config", tiny, "--algo", "dpo"])
+    with pytest.raises(ConfigError, match="give one"):
+        parse_args(["--config", tiny, "--algo", "ppo", "--run.stages=sft"])
