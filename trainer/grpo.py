@@ -70,10 +70,10 @@ def select_sequences(
 
     adv = group_advantages(rewards, group_size, scale=adv_scale)  # (B*G,) fp32
     zero_var = zero_variance_groups(rewards, group_size)  # (B,)
-    keep = [not z for z in zero_var.tolist()]
+    keep = (~zero_var).tolist()
     if max_groups is not None:
-        kept_groups = [g for g, k in enumerate(keep) if k][:max_groups]
-        keep = [g in set(kept_groups) for g in range(len(keep))]
+        rank = (~zero_var).cumsum(0).tolist()  # 1-based position among the groups with variance
+        keep = [k and n <= max_groups for k, n in zip(keep, rank)]
     kept = []
     for i, (resp, lp) in enumerate(zip(responses, logprobs)):
         g = i // group_size

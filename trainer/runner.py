@@ -205,7 +205,6 @@ def train(cfg: TrainConfig, info) -> None:
         )
         clock.add("checkpoint", time.perf_counter() - t)
 
-    multiturn = None
     for span in stage_spans(cfg):
         if span.last > start:
             if start < span.first:
