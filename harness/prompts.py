@@ -9,9 +9,13 @@ The memory makes the state (nearly) Markov without the whole transcript: ALFWorl
 observable, and the expert's next action depends on the room's receptacle list (shown only in the
 first observation), on where it has already looked and on what it holds. All three are pure
 functions of the history, so the memory lines are too:
-- `Room:` the first observation's receptacle list, once it has scrolled out of the shown turns;
 - `Visited:` the receptacles gone to so far, in order of first visit;
-- `Holding:` the object taken and not yet put down (`take X from Y` .. `move X to Y`).
+- `Not visited:` the rest of the first observation's receptacle list, in its order (where to search
+  next, without a set difference of two lists to take; with `Visited:` it carries the whole room
+  list, which is why the long first observation itself is not repeated);
+- `Holding:` the object taken and not yet put down (`take X from Y` .. `move X to Y`);
+- `Room:` the first observation itself, once scrolled out of the shown turns, only when it lists no
+  receptacles (never in ALFWorld; kept so that no other text world loses its intro).
 `parse_action(text, admissible)` reads the action back from a response: a plain action, or
 `... Action: <cmd>` after some reasoning; case and whitespace are normalized and the action is
 returned (in its admissible spelling) only if it is admissible.
@@ -41,12 +45,19 @@ def clean_observation(observation: str) -> str:
     return " ".join(text.split())
 
 
-PROMPT_VERSION = 2
+PROMPT_VERSION = 3
 """Bumped whenever the rendered text changes (caches keyed on prompts, e.g. tokenizers, include it)."""
 
 _GO_TO = "go to "
 _TAKE_RE = re.compile(r"^take (.+?) from ")
 _MOVE_RE = re.compile(r"^move (.+?) to ")
+_RECEPTACLE_RE = re.compile(r"\ban? ([a-z]+ \d+)")
+
+
+def room_receptacles(first_observation: str) -> list[str]:
+    """The receptacles the first observation lists ('... you see a cabinet 4, ..., and a toilet 1.')."""
+    _, sep, listing = clean_observation(first_observation).partition("you see ")
+    return _RECEPTACLE_RE.findall(listing) if sep else []
 
 
 def episode_memory(history: list) -> tuple[list[str], str | None]:
@@ -80,10 +91,14 @@ def render_prompt(state: dict, history_window: int = 3, system_prompt: bool = Tr
     history = state.get("history") or []
     shown = history[-history_window:] if history_window > 0 else []
     if history:
-        if len(shown) < len(history):  # the first observation (the room) has scrolled out
+        room = room_receptacles(history[0][0])
+        if not room and len(shown) < len(history):  # an intro without a list has scrolled out
             lines.append(f"Room: {clean_observation(history[0][0])}")
         visited, holding = episode_memory(history)
         lines.append("Visited: " + (", ".join(visited) if visited else "nothing yet"))
+        if room:
+            rest = [r for r in room if r not in visited]
+            lines.append("Not visited: " + (", ".join(rest) if rest else "nothing left"))
         lines.append(f"Holding: {holding or 'nothing'}")
     if shown:
         lines.append("")

@@ -4,7 +4,7 @@ Plain single-device PyTorch; parallelism is applied from outside (trainer/fsdp.p
 """
 
 from model.config import PRESETS, LlamaConfig, RopeScaling
-from model.generate import Samples, generate
+from model.generate import Samples, generate, score_continuations
 from model.hf_io import hf_to_ours, load_hf_checkpoint, ours_to_hf, save_hf_checkpoint
 from model.tokenizer import Tokenizer, train_tokenizer
 from model.transformer import Transformer
@@ -22,4 +22,5 @@ __all__ = [
     "train_tokenizer",
     "Samples",
     "generate",
+    "score_continuations",
 ]

@@ -14,6 +14,11 @@ the sampled tokens and their log-probs are under that masked distribution.
 Sampling goes through `kernels.sample_tokens` with offset = decode step and the row index inside
 the Philox counter, so a draw depends only on (seed, step, row): reproducible on any device.
 
+`score_continuations(model, prompts, continuations)` is the scoring counterpart (ranking a fixed set
+of candidate actions by their total log-prob): one forward per prompt over the prompt followed by
+all its candidates under a tree mask (each candidate sees the prompt and itself), so a state with 40
+admissible commands costs one pass over ~prompt + 40 x 6 tokens, not 40 prompts.
+
 References: gpt-fast `generate.py` (static cache, prefill/decode split); vLLM's prefix sharing
 across a request's n samples.
 """
@@ -28,7 +33,7 @@ import torch
 from kernels.sampling import sample_tokens
 from model.transformer import Transformer
 
-__all__ = ["Samples", "generate"]
+__all__ = ["Samples", "generate", "score_continuations"]
 
 # Rows that finished keep decoding (their tokens are discarded) until a periodic check sees all done.
 # The check is `.item()`-style host sync; doing it every few steps keeps the GPU queue full while
@@ -144,3 +149,83 @@ def _mask_logits(logits_NV, allowed_tokens, prefix_NT, done_N) -> torch.Tensor:
         keep_NV[r] = False
         keep_NV[r, ids] = True
     return logits_NV.masked_fill(~keep_NV.to(logits_NV.device), float("-inf"))
+
+
+
+@torch.inference_mode()
+def score_continuations(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    *,
+    max_tokens: int = 8192,
+) -> list[list[float]]:
+    """Total log-prob (fp32 log-softmax, summed in fp64) of each continuation after its prompt.
+
+    continuations[b] lists prompt b's candidates (token-id lists, non-empty); the result has the same
+    nesting. One row per prompt: the prompt, then every candidate, under tree attention (a candidate
+    sees the prompt and its own earlier tokens, at RoPE positions len(prompt)+t), so the prompt is
+    encoded once and nothing is cached. Rows are grouped into forwards of at most `max_tokens`
+    (padded) tokens; only the positions that predict a candidate token go through the LM head.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuation lists")
+    rows = []
+    for b, (p, cands) in enumerate(zip(prompts, continuations)):
+        if not p or not cands or any(len(c) == 0 for c in cands):
+            raise ValueError(f"prompt {b}: needs a non-empty prompt and non-empty candidates")
+        rows.append((list(p), [list(c) for c in cands]))
+    out: list[list[float]] = []
+    start = 0
+    while start < len(rows):  # greedy chunks: (rows in chunk) x (longest row) <= max_tokens
+        end, width = start + 1, _tree_len(rows[start])
+        while end < len(rows) and (end + 1 - start) * max(width, _tree_len(rows[end])) <= max_tokens:
+            width = max(width, _tree_len(rows[end]))
+            end += 1
+        out.extend(_score_tree_chunk(model, rows[start:end], width))
+        start = end
+    return out
+
+
+def _tree_len(row) -> int:
+    prompt, cands = row
+    return len(prompt) + sum(len(c) for c in cands)
+
+
+def _score_tree_chunk(model, rows, T: int) -> list[list[float]]:
+    device = model.tok_embeddings.weight.device
+    B = len(rows)
+    tokens = torch.zeros((B, T), dtype=torch.int64)
+    positions = torch.zeros((B, T), dtype=torch.int64)
+    mask = torch.zeros((B, T, T), dtype=torch.bool)
+    src_b, src_t, tgt = [], [], []  # (row, position whose logits predict the token, the token)
+    for b, (prompt, cands) in enumerate(rows):
+        P = len(prompt)
+        tokens[b, :P] = torch.as_tensor(prompt)
+        positions[b, :P] = torch.arange(P)
+        mask[b, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
+        at = P
+        for c in cands:
+            n = len(c)
+            tokens[b, at : at + n] = torch.as_tensor(c)
+            positions[b, at : at + n] = torch.arange(P, P + n)
+            mask[b, at : at + n, :P] = True
+            mask[b, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            src = [P - 1] + list(range(at, at + n - 1))  # token t is predicted at the previous slot
+            src_b += [b] * n
+            src_t += src
+            tgt += c
+            at += n
+        mask[b, at:, at:] = torch.eye(T - at, dtype=torch.bool)  # pads see themselves (no empty row)
+    h = model.hidden(tokens.to(device), positions=positions.to(device), attn_mask=mask.to(device))
+    h_N = h[torch.as_tensor(src_b, device=device), torch.as_tensor(src_t, device=device)]  # (N, D)
+    logp_N = model.output(h_N).float().log_softmax(-1).gather(1, torch.as_tensor(tgt, device=device)[:, None])
+    logp = logp_N[:, 0].double().cpu().tolist()
+    out, k = [], 0
+    for _, cands in rows:
+        row = []
+        for c in cands:
+            row.append(float(sum(logp[k : k + len(c)])))
+            k += len(c)
+        out.append(row)
+    return out

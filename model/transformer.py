@@ -143,7 +143,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: torch.Tensor | None,
+        attn_mask: torch.Tensor | None = None,
+    ):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
@@ -154,14 +161,22 @@ class Attention(nn.Module):
             # Positions 0..T-1: plain causal attention over this chunk; a cache (if any) only records it.
             if self.kv_cache is not None:
                 self.kv_cache.write_prefix(k.transpose(1, 2), v.transpose(1, 2))
-            if flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            flash = flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            if flash and attn_mask is None:
                 y = flash_attn_func(q, k, v, causal=True)  # (B, T, H, hd), GQA handled by the kernel
                 return self.wo(y.reshape(B, T, -1))
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
             y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+                q,
+                k,
+                v,
+                attn_mask=None if attn_mask is None else attn_mask[:, None],  # (B, 1, T, T) bool
+                is_causal=attn_mask is None,
+                enable_gqa=self.n_kv_heads != self.n_heads,
             )  # (B, H, T, hd)
         else:
+            if attn_mask is not None:
+                raise ValueError("attn_mask is for cache-free forwards (input_pos=None)")
             if self.kv_cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call model.setup_caches(...) first")
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -200,8 +215,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.ffn_dim)
 
-    def forward(self, x, cos, sin, input_pos=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos)
+    def forward(self, x, cos, sin, input_pos=None, attn_mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, attn_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -269,22 +284,35 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache.broadcast_rows(n_src, repeats)
 
-    def hidden(self, tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        *,
+        input_pos: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tokens (B, T) int64 -> h (B, T, D) after the final norm, in the parameter dtype.
 
         input_pos None: positions 0..T-1 (training, prefill). input_pos (B, T) or (T,) int64: absolute
         per-row positions, reading and writing the KV cache (decoding).
+        Tree attention (cache-free only): `attn_mask` (B, T, T) bool, True where query i may attend
+        to key j, replaces the causal mask, and `positions` (B, T) gives each token's RoPE position;
+        e.g. a prompt followed by several candidate continuations that each see the prompt and
+        themselves only (model.generate.score_continuations).
         """
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, D)
         if input_pos is None:
-            pos = torch.arange(T, device=tokens.device)
+            pos = torch.arange(T, device=tokens.device) if positions is None else positions
+        elif positions is not None or attn_mask is not None:
+            raise ValueError("positions / attn_mask are for cache-free forwards (input_pos=None)")
         else:
             input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
             pos = input_pos
         cos, sin = _rope_cos_sin(pos, self.inv_freq, h.dtype)  # (T, hd) or (B, T, hd)
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos)
+            h = layer(h, cos, sin, input_pos) if attn_mask is None else layer(h, cos, sin, None, attn_mask)
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:

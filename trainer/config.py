@@ -362,8 +362,12 @@ class EvalConfig:
     constrained: bool = False
     """Decode under a token trie over the admissible actions (every output is admissible; a decoding
     choice, like a grammar). The longest admissible command then sets the response length."""
+    decoding: str = "greedy"
+    """'greedy': token by token (under the trie when constrained); 'rank': score every admissible
+    command's total log-prob and play the most probable one (the MAP action; one prefill per state)."""
 
     def __post_init__(self):
+        _check(self.decoding in ("greedy", "rank"), f"eval.decoding={self.decoding!r}: 'greedy' or 'rank'")
         _check(self.every >= 0, "eval.every must be >= 0")
         _check(self.max_steps > 0 and self.num_workers > 0, "eval.max_steps/num_workers must be > 0")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens must be > 0")

@@ -62,6 +62,7 @@ def run_eval(
                 max_new_tokens=eval_cfg.max_new_tokens,
                 max_seq_len=max_seq_len,
                 constrained=eval_cfg.constrained,
+                decoding=eval_cfg.decoding,
             )
             rep = _evaluate(policy, games, eval_cfg, history_window, system_prompt=system_prompt)
             report = _save(rep, label, run_dir, time.perf_counter() - t0)

@@ -117,15 +117,18 @@ def test_render_prompt_memory_lines():
         (INTRO, "look"),
         ("You are in the middle of a room.", "go to cabinet 1"),
         ("You arrive at cabinet 1. On the cabinet 1, you see a mug 1.", "take mug 1 from cabinet 1"),
-        ("You pick up the mug 1 from the cabinet 1.", "go to countertop 2"),
-        ("You arrive at countertop 2.", "go to cabinet 1"),  # a revisit is listed once
     ]
     user = render_prompt(_state(history), history_window=1)[1]["content"]
     lines = user.splitlines()
-    # The room list scrolled out of the shown turns: it comes back as the Room line, cleaned.
-    assert lines[1] == "Room: " + clean_observation(INTRO)
-    assert lines[2] == "Visited: cabinet 1, countertop 2"
-    assert lines[3] == "Holding: mug 1"
+    # The room list scrolled out of the shown turns: it lives on as Visited + Not visited, in order.
+    assert lines[1:4] == ["Visited: cabinet 1", "Not visited: countertop 2", "Holding: mug 1"]
+    assert "Room:" not in user and "you see a cabinet 1" not in user
+    history += [
+        ("You pick up the mug 1 from the cabinet 1.", "go to countertop 2"),
+        ("You arrive at countertop 2.", "go to cabinet 1"),  # a revisit is listed once
+    ]
+    lines = render_prompt(_state(history), history_window=1)[1]["content"].splitlines()
+    assert lines[1:4] == ["Visited: cabinet 1, countertop 2", "Not visited: nothing left", "Holding: mug 1"]
     # Putting the object down empties the hands; the memory comes before the recent turns.
     put = history + [("You arrive at cabinet 1.", "move mug 1 to cabinet 1")]
     user = render_prompt(_state(put), history_window=1)[1]["content"]
@@ -135,12 +138,27 @@ def test_render_prompt_memory_lines():
 def test_render_prompt_memory_edges():
     # No history: no memory lines at all (the observation itself is the room).
     assert "Visited" not in render_prompt(_state(observation=INTRO))[1]["content"]
-    # The intro still within the shown window: no Room line (it would repeat it).
     user = render_prompt(_state([(INTRO, "look")]), history_window=3)[1]["content"]
-    assert "Room:" not in user and "Visited: nothing yet" in user and "Holding: nothing" in user
+    assert "Visited: nothing yet\nNot visited: cabinet 1, countertop 2\nHolding: nothing" in user
     # Window 0: the memory carries the episode on its own.
     user = render_prompt(_state([(INTRO, "look"), ("o", "go to cabinet 1")]), history_window=0)[1]["content"]
-    assert "Room: You are in the middle" in user and "Visited: cabinet 1" in user
+    assert "Visited: cabinet 1\nNot visited: countertop 2" in user and "Recent turns" not in user
+    # A first observation that lists no receptacles comes back whole (Room) once scrolled out.
+    bare = [("A quiet room.", "look"), ("o", "go to cabinet 1")]
+    user = render_prompt(_state(bare), history_window=1)[1]["content"]
+    assert "Room: A quiet room." in user and "Not visited" not in user
+
+
+def test_room_receptacles_of_a_real_intro():
+    from harness.prompts import room_receptacles
+
+    intro = (
+        "-= Welcome to TextWorld, ALFRED! =-\n\nYou are in the middle of a room. Looking quickly around "
+        "you, you see a armchair 1, a cabinet 4, a drawer 12, a sidetable 2, and a towelholder 1.\n\n"
+        "Your task is to: put a cloth in sinkbasin."  # the task's 'a cloth' is not a receptacle
+    )
+    assert room_receptacles(intro) == ["armchair 1", "cabinet 4", "drawer 12", "sidetable 2", "towelholder 1"]
+    assert room_receptacles("You arrive at cabinet 1.") == []
 
 
 def test_episode_memory_matches_a_real_expert_episode():

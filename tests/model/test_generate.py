@@ -225,3 +225,45 @@ def test_allowed_tokens_all_ids_is_unconstrained(hf_pair):
     torch.testing.assert_close(free.logprobs, full.logprobs, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="no id"):
         generate(model, prompts, allowed_tokens=lambda row, prefix: [], **kw)
+
+
+def _reference_scores(model, prompts, conts):
+    """Teacher-forced: one full forward per (prompt + candidate), no cache, no sharing."""
+    out = []
+    with torch.no_grad():
+        for p, cands in zip(prompts, conts):
+            row = []
+            for c in cands:
+                logp = model(torch.tensor([p + c]))[0].double().log_softmax(-1)
+                row.append(sum(float(logp[len(p) - 1 + t, tok]) for t, tok in enumerate(c)))
+            out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("max_tokens", [8192, 8])  # one forward; one per prompt (a row may exceed it)
+def test_score_continuations_equals_teacher_forced_forward(hf_pair, max_tokens):
+    from model.generate import score_continuations
+
+    _, model = hf_pair(seed=8, n_kv_heads=1)
+    prompts = _prompts(4)
+    g = torch.Generator().manual_seed(9)
+    conts = [  # 1, 4 and 2 candidates of lengths 1..5: ragged in both directions
+        [torch.randint(0, V, (n,), generator=g).tolist() for n in lens] for lens in ([3], [1, 5, 2, 4], [2, 2])
+    ]
+    got = score_continuations(model, prompts, conts, max_tokens=max_tokens)
+    ref = _reference_scores(model, prompts, conts)
+    assert [len(r) for r in got] == [1, 4, 2]
+    for b, (g_row, r_row) in enumerate(zip(got, ref)):
+        for j, (x, y) in enumerate(zip(g_row, r_row)):
+            assert abs(x - y) <= 1e-4 * max(1.0, abs(y)), f"prompt {b} candidate {j}: {x} vs {y}"
+    assert all(layer.attention.kv_cache is None for layer in model.layers)
+
+
+def test_score_continuations_rejects_bad_input(hf_pair):
+    from model.generate import score_continuations
+
+    _, model = hf_pair(seed=8)
+    with pytest.raises(ValueError, match="continuation lists"):
+        score_continuations(model, [[1, 2]], [])
+    with pytest.raises(ValueError, match="non-empty"):
+        score_continuations(model, [[1, 2]], [[[3], []]])

@@ -75,6 +75,7 @@ def test_toml_int_is_accepted_for_float_but_not_the_reverse():
         (["--sfx.steps=3"], r"unknown config section 'sfx'"),
         (["--sft.steps=three"], r"sft\.steps: expected an int, got 'three'"),
         (["--eval.enabled=maybe"], r"eval\.enabled: expected a bool"),
+        (["--eval.decoding=beam"], r"eval\.decoding='beam': 'greedy' or 'rank'"),
         (["--rollout.group_size=1"], r"rollout\.group_size must be >= 2"),
         (["--run.stages=sft,dpo"], r"unknown stages \['dpo'\]"),
         (["--data.states_path=/no/such/states.jsonl"], r"data\.states_path=.*does not exist"),

@@ -109,3 +109,33 @@ def test_evaluate_passes_admissible_to_policies_that_want_it():
     assert act(states) == ["inventory"] and seen["admissible"] == [["look", "inventory"]]
     act, _ = _policy_act(lambda messages: ["look"], 1, 0)  # plain callables are called as before
     assert act(states) == ["look"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_policy_plays_the_most_probable_admissible_action(tok, seed):
+    """decoding='rank': the argmax over admissible commands of the teacher-forced total log-prob."""
+    from harness import render_prompt
+    from trainer.policy import model_policy
+
+    model = _tiny_model(tok.vocab_size, seed=seed)
+    states = [
+        {"goal": "put a clean cloth in countertop", "observation": "You see a cloth 1.", "admissible": ACTIONS},
+        {"goal": "look", "observation": "Nothing.", "admissible": ACTIONS[4:6]},
+    ]
+    messages = [render_prompt(s, history_window=1) for s in states]
+    pol = model_policy(model, tok, max_new_tokens=3, max_seq_len=512, decoding="rank")
+    assert pol.wants_admissible
+    with pytest.raises(ValueError, match="admissible"):
+        pol(messages)
+    got = pol(messages, admissible=[s["admissible"] for s in states])
+    for s, m, action in zip(states, messages, got):
+        prompt = tok.apply_chat_template(m, add_generation_prompt=True)
+        totals = []
+        for a in s["admissible"]:
+            resp = tok.encode(a) + [tok.eot_id]
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt + resp]))[0].double().log_softmax(-1)
+            totals.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(resp)))
+        assert action == s["admissible"][max(range(len(totals)), key=totals.__getitem__)]
+    with pytest.raises(ValueError, match="decoding"):
+        model_policy(model, tok, max_new_tokens=3, max_seq_len=512, decoding="beam")
