@@ -151,7 +151,6 @@ def _mask_logits(logits_NV, allowed_tokens, prefix_NT, done_N) -> torch.Tensor:
     return logits_NV.masked_fill(~keep_NV.to(logits_NV.device), float("-inf"))
 
 
-
 @torch.inference_mode()
 def score_continuations(
     model: Transformer,

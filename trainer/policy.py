@@ -25,7 +25,6 @@ import torch
 from trainer.constrained import action_trie, allowed_tokens_fn
 from trainer.rollout import stop_ids
 
-
 DECODINGS = ("greedy", "rank")
 
 

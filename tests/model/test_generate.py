@@ -248,7 +248,8 @@ def test_score_continuations_equals_teacher_forced_forward(hf_pair, max_tokens):
     prompts = _prompts(4)
     g = torch.Generator().manual_seed(9)
     conts = [  # 1, 4 and 2 candidates of lengths 1..5: ragged in both directions
-        [torch.randint(0, V, (n,), generator=g).tolist() for n in lens] for lens in ([3], [1, 5, 2, 4], [2, 2])
+        [torch.randint(0, V, (n,), generator=g).tolist() for n in lens]
+        for lens in ([3], [1, 5, 2, 4], [2, 2])
     ]
     got = score_continuations(model, prompts, conts, max_tokens=max_tokens)
     ref = _reference_scores(model, prompts, conts)

@@ -119,7 +119,11 @@ def test_rank_policy_plays_the_most_probable_admissible_action(tok, seed):
 
     model = _tiny_model(tok.vocab_size, seed=seed)
     states = [
-        {"goal": "put a clean cloth in countertop", "observation": "You see a cloth 1.", "admissible": ACTIONS},
+        {
+            "goal": "put a clean cloth in countertop",
+            "observation": "You see a cloth 1.",
+            "admissible": ACTIONS,
+        },
         {"goal": "look", "observation": "Nothing.", "admissible": ACTIONS[4:6]},
     ]
     messages = [render_prompt(s, history_window=1) for s in states]
