@@ -13,7 +13,8 @@ the same data, tokenizer, eval games and evaluation; finished runs are reused (r
 
 Then, per evaluated checkpoint (each run's final/), the lower-bound check of the paper: along the
 expert trajectory of every eval game, record p_t = pi(a*_t | s_t) (the probability of sampling
-exactly the expert's action, T = 1) and g_t = 1{greedy action == a*_t}. If the policy takes the
+exactly the expert's action, T = 1) and g_t = 1{the evaluation's deterministic action == a*_t}
+(its `eval.decoding`, greedy or ranked, under the same constraints). If the policy takes the
 expert's action at every step it replays the expert's winning episode, so
     P(success) >= prod_t p_t   (sampling policy)      success_greedy >= prod_t g_t   (greedy)
 averaged over games. The greedy check is exact against the evaluation's success; the sampling
@@ -289,8 +290,18 @@ def lower_bound(
             .index_add_(0, packed.seq.cpu(), lp.double().cpu())
             .tolist()
         )
-    policy = model_policy(model, tok, max_new_tokens=ev.max_new_tokens, max_seq_len=mcfg.max_seq_len)
-    texts = policy([render_prompt(s, hw, train_cfg.data.system_prompt) for s in states]) if states else []
+    # The evaluation's own deterministic policy (decoding and constraints), so the check is exact.
+    policy = model_policy(
+        model,
+        tok,
+        max_new_tokens=ev.max_new_tokens,
+        max_seq_len=mcfg.max_seq_len,
+        constrained=ev.constrained,
+        decoding=ev.decoding,
+    )
+    messages = [render_prompt(s, hw, train_cfg.data.system_prompt) for s in states]
+    kw = {"admissible": [s["admissible"] for s in states]} if policy.wants_admissible else {}
+    texts = policy(messages, **kw) if states else []
     greedy = [parse_action(t, s["admissible"]) == s["expert_action"] for t, s in zip(texts, states)]
     per_game, k = {}, 0
     for g, traj in trajectories.items():
@@ -396,7 +407,7 @@ def to_markdown(summary: dict, results: list[dict], cc: CompareConfig, meta: dic
         "",
         f"Seeds {cc.seeds}; every RL method starts from the seed's SFT checkpoint with a budget of "
         f"{cc.sample_budget} sampled responses (single-turn GRPO: exactly; multi-turn: at most, episodes end "
-        f"early on success); {meta['eval_games']} held-out eval games, greedy decoding; {cc.gpus} GPU(s)/process(es) "
+        f"early on success); {meta['eval_games']} held-out eval games, {meta['decoding']} decoding; {cc.gpus} GPU(s)/process(es) "
         f"per run; device {meta['device']}.",
         "",
         "| " + " | ".join(head) + " |",
@@ -413,7 +424,7 @@ def to_markdown(summary: dict, results: list[dict], cc: CompareConfig, meta: dic
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Lower-bound check per checkpoint", "",
               "p_t = pi(expert action | expert state) at T=1 along the expert trajectories of the eval games; "
-              "bound = mean over games of prod_t p_t (sampling) or prod_t 1{greedy = expert} (greedy).", "",
+              "bound = mean over games of prod_t p_t (sampling) or prod_t 1{eval policy = expert} (greedy: the evaluation's deterministic decoding).", "",
               "| run | action acc | mean p_t | greedy step acc | greedy bound | greedy success | ok | sampled bound | sampled success | ok |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
@@ -487,6 +498,10 @@ def run_comparison(config_path: str) -> dict:
     meta = {
         "config": str(config_path),
         "eval_games": len(games),
+        "decoding": train_cfg.eval.decoding
+        + (
+            " (admissible trie)" if train_cfg.eval.constrained and train_cfg.eval.decoding == "greedy" else ""
+        ),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "seconds": round(time.perf_counter() - t0, 1),
         "budget_unit": "sampled responses (policy decisions)",
