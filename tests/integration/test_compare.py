@@ -104,6 +104,7 @@ def test_compare_toy_budget(tmp_path):
         assert len(steps[0]["logp"]) == len(steps[0]["greedy"]) == steps[0]["steps"]
         assert r["bound_check"]["greedy_ok"] and "sampled_ok" in r["bound_check"]
     assert runs["ppo"]["tokens_per_gpu"] > 0 and runs["sft"]["tokens_per_gpu"] > 0
+    _check_greedy_bound_scores_the_eval_policy(out, runs["grpo"])
     md = (out / "comparison.md").read_text()
     assert "PPO (multi-turn)" in md and "Lower-bound check" in md
     assert json.loads((out / "comparison.json").read_text())["meta"]["budget_unit"].startswith("sampled")
@@ -138,3 +139,24 @@ def test_shipped_compare_configs_parse(name, tmp_path):
     specs = plan_runs(cc, raw)
     assert len(specs) == len(cc.seeds) * (1 + len([m for m in cc.methods if m != "sft"]))
     assert all(s.raw["run"]["out_dir"] == cc.out_dir for s in specs)
+
+
+def _check_greedy_bound_scores_the_eval_policy(out, run):
+    """g_t is the evaluation's own deterministic action (the base's eval.decoding = rank) == expert."""
+    import torch
+
+    from harness import parse_action, read_states, render_prompt
+    from model import Tokenizer, load_hf_checkpoint
+    from trainer.policy import model_policy
+
+    final = out / run["run"] / "final"
+    model, mcfg = load_hf_checkpoint(final, device=torch.device("cpu"), dtype=torch.float32)
+    tok = Tokenizer.from_file(str(final / "tokenizer.json"))
+    pol = model_policy(model, tok, max_new_tokens=4, max_seq_len=mcfg.max_seq_len, decoding="rank")
+    states = read_states(out / "bound-expert-states.jsonl")
+    acts = pol([render_prompt(s, 2, False) for s in states], admissible=[s["admissible"] for s in states])
+    want = {}
+    for s, a in zip(states, acts):
+        want.setdefault(s["game"], []).append(parse_action(a, s["admissible"]) == s["expert_action"])
+    got = {g: v["greedy"] for g, v in run["bound"]["per_game"].items() if v["steps"]}
+    assert got == {g: w for g, w in want.items() if g in got} and got
