@@ -24,6 +24,12 @@ def tok():
     return train_tokenizer(ACTIONS + ["Your task is to put a clean cloth in countertop."], 300)
 
 
+STATES = [  # two eval states: the full action list, and a two-command one
+    {"goal": "put a clean cloth in countertop", "observation": "You see a cloth 1.", "admissible": ACTIONS},
+    {"goal": "look", "observation": "Nothing.", "admissible": ACTIONS[4:6]},
+]
+
+
 def _tiny_model(vocab: int, seed: int = 0):
     from model import LlamaConfig, Transformer
 
@@ -63,14 +69,7 @@ def test_constrained_policy_outputs_the_best_admissible_action(tok, seed):
 
     torch.manual_seed(seed)
     model = _tiny_model(tok.vocab_size, seed=seed)
-    states = [
-        {
-            "goal": "put a clean cloth in countertop",
-            "observation": "You see a cloth 1.",
-            "admissible": ACTIONS,
-        },
-        {"goal": "look", "observation": "Nothing.", "admissible": ACTIONS[4:6]},
-    ]
+    states = STATES
     messages = [render_prompt(s, history_window=1) for s in states]
     free = model_policy(model, tok, max_new_tokens=3, max_seq_len=512)
     pol = model_policy(model, tok, max_new_tokens=3, max_seq_len=512, constrained=True)
@@ -118,14 +117,7 @@ def test_rank_policy_plays_the_most_probable_admissible_action(tok, seed):
     from trainer.policy import model_policy
 
     model = _tiny_model(tok.vocab_size, seed=seed)
-    states = [
-        {
-            "goal": "put a clean cloth in countertop",
-            "observation": "You see a cloth 1.",
-            "admissible": ACTIONS,
-        },
-        {"goal": "look", "observation": "Nothing.", "admissible": ACTIONS[4:6]},
-    ]
+    states = STATES
     messages = [render_prompt(s, history_window=1) for s in states]
     pol = model_policy(model, tok, max_new_tokens=3, max_seq_len=512, decoding="rank")
     assert pol.wants_admissible
