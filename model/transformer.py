@@ -312,7 +312,7 @@ class Transformer(nn.Module):
             pos = input_pos
         cos, sin = _rope_cos_sin(pos, self.inv_freq, h.dtype)  # (T, hd) or (B, T, hd)
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos) if attn_mask is None else layer(h, cos, sin, None, attn_mask)
+            h = layer(h, cos, sin, input_pos, attn_mask)
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:

@@ -345,6 +345,10 @@ class PPOConfig:
         _check(self.lr >= 0, "ppo.lr must be >= 0")
 
 
+DECODINGS = ("greedy", "rank")
+"""Evaluation decodings (trainer/policy.py): token-by-token greedy, or ranking the admissible commands."""
+
+
 @dataclass(kw_only=True)
 class EvalConfig:
     every: int = 0
@@ -364,10 +368,10 @@ class EvalConfig:
     choice, like a grammar). The longest admissible command then sets the response length."""
     decoding: str = "greedy"
     """'greedy': token by token (under the trie when constrained); 'rank': score every admissible
-    command's total log-prob and play the most probable one (the MAP action; one prefill per state)."""
+    command's total log-prob and play the most probable one (the MAP action; one forward per state)."""
 
     def __post_init__(self):
-        _check(self.decoding in ("greedy", "rank"), f"eval.decoding={self.decoding!r}: 'greedy' or 'rank'")
+        _check(self.decoding in DECODINGS, f"eval.decoding={self.decoding!r}: 'greedy' or 'rank'")
         _check(self.every >= 0, "eval.every must be >= 0")
         _check(self.max_steps > 0 and self.num_workers > 0, "eval.max_steps/num_workers must be > 0")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens must be > 0")
