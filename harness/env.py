@@ -74,6 +74,7 @@ def expert_patch_installed() -> bool:
 
 # --------------------------------------------------------------------------- caches
 _CACHES_INSTALLED = False
+_DISK_BACKED: list = []  # the in-memory layers over the disk cache (clear_memory_caches empties them)
 _TASK_RHS = re.compile(r'"rhs": "Your task is to: ([^"]*)"')
 _PLAIN_GOAL = re.compile(r"[A-Za-z0-9 ,.'-]+")  # no grammar syntax (#, {}, []) nor escapes
 
@@ -108,6 +109,24 @@ def _disk_cached(kind: str, key: tuple, compute):
         pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, path)  # atomic: concurrent workers never read a partial file
     return value
+
+
+def _memo_over_disk(maxsize: int):
+    """functools.lru_cache, registered so clear_memory_caches() can empty it."""
+
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+        _DISK_BACKED.append(cached)
+        return cached
+
+    return wrap
+
+
+def clear_memory_caches() -> None:
+    """Forget the in-memory game logic / SAS translations: the next load reads (or writes) the disk
+    cache, whatever this process loaded before."""
+    for cached in _DISK_BACKED:
+        cached.cache_clear()
 
 
 def install_caches() -> None:
@@ -159,7 +178,7 @@ def install_caches() -> None:
     import textworld.envs.pddl.logic as pddl_logic
     import textworld.envs.pddl.pddl as pddl_env
 
-    @functools.lru_cache(maxsize=64)
+    @_memo_over_disk(maxsize=64)
     def _parsed_logic(domain, grammar):
         return _disk_cached(
             "logic", (domain, grammar), lambda: pddl_logic.GameLogic(domain=domain, grammar=grammar)
@@ -195,7 +214,7 @@ def install_caches() -> None:
         finally:
             sys.argv[:] = argv  # the translator overwrites sys.argv
 
-    @functools.lru_cache(maxsize=256)
+    @_memo_over_disk(maxsize=256)
     def _cached_pddl2sas(domain, problem, verbose, optimize):
         key = (domain, problem, optimize)
         return _disk_cached("sas", key, lambda: _translate(domain, problem, verbose, optimize))

@@ -68,10 +68,14 @@ def test_caches_keep_play_byte_identical_many(train_games, unseen_games):
 def test_disk_cache_round_trip(train_games, tmp_path, monkeypatch):
     """A game loaded from the pickled logic/translation plays exactly like a fresh load."""
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    from harness.env import clear_memory_caches
+
+    clear_memory_caches()  # an earlier test in this process may have loaded the same game in memory
     game = AlfredGame("handcoded")
     game.load(train_games[2])
     first = play_expert(game, train_games[2], 50)
     assert any((tmp_path / "sas").iterdir()) and any((tmp_path / "logic").iterdir())
+    clear_memory_caches()  # the second load must come from the pickles
     again = AlfredGame("handcoded")
     again.load(train_games[2])
     assert play_expert(again, train_games[2], 50) == first is not None
