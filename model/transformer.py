@@ -14,7 +14,10 @@ Numerics follow HF `LlamaForCausalLM` op for op so real checkpoints give the sam
 
 Attention: `flash_attn.flash_attn_func` (causal, GQA-native) for fp16/bf16 CUDA tensors when
 flash-attn is installed and no KV cache is read (training, prefill); `F.scaled_dot_product_attention`
-otherwise (decoding reads the static cache through a per-row position mask).
+otherwise (decoding reads the static cache through a per-row position mask). Packed rows (model/masks.py:
+GRPO groups sharing their prompt, packed SFT) come in as `hidden(tokens, positions=, attn_mask=)` with a
+dense bool mask (SDPA) or a `SegmentMask`, which becomes FlexAttention's BlockMask on CUDA (compiled
+`flex_attention`; no [T, T] mask) and the dense mask elsewhere.
 
 References: Meta llama-models `model.py`; gpt-fast `model.py`; HF `modeling_llama.py`;
 LLaMA-3.1 RoPE scaling (`_compute_llama3_parameters`).
@@ -22,6 +25,7 @@ LLaMA-3.1 RoPE scaling (`_compute_llama3_parameters`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,6 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import LlamaConfig, RopeScaling
+from model.masks import SegmentMask
+
+try:  # FlexAttention: torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - depends on the torch version
+    BlockMask = flex_attention = None
 
 try:  # optional GPU dependency (the [gpu] extra)
     from flash_attn import flash_attn_func
@@ -77,6 +87,19 @@ def _rope_cos_sin(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+@functools.cache
+def _compiled_flex_attention():
+    # Eager flex_attention is an unfused reference that materializes the scores; compiled, it is the
+    # block-sparse kernel (recompiles per new shape, then marks the lengths dynamic).
+    return torch.compile(flex_attention)
+
+
+def _flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
+    # q (B, H, T, hd), k/v (B, n_kv, T, hd) -> (B, H, T, hd); CUDA compiled, elsewhere the eager reference.
+    fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x (B, T, H, hd); cos/sin (T, hd) or (B, T, hd) -> broadcast over heads.
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
@@ -85,7 +108,7 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 class RMSNorm(nn.Module):
-    """y = w * (x / sqrt(mean(x^2) + eps)); the statistics in fp32, the result cast back to x.dtype."""
+    """y = w * (x / sqrt(mean(x^2) + eps)); the statistics in (at least) fp32, the result cast back to x.dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -93,7 +116,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        # At least fp32 (bf16 -> fp32, fp32 unchanged); fp64 stays fp64 so an fp64 model is a true ground truth.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -166,6 +190,9 @@ class Attention(nn.Module):
                 y = flash_attn_func(q, k, v, causal=True)  # (B, T, H, hd), GQA handled by the kernel
                 return self.wo(y.reshape(B, T, -1))
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+            if BlockMask is not None and isinstance(attn_mask, BlockMask):
+                y = _flex_attention(q, k, v, attn_mask, self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
+                return self.wo(y.transpose(1, 2).reshape(B, T, -1))
             y = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -290,17 +317,21 @@ class Transformer(nn.Module):
         *,
         input_pos: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | SegmentMask | BlockMask | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) int64 -> h (B, T, D) after the final norm, in the parameter dtype.
 
         input_pos None: positions 0..T-1 (training, prefill). input_pos (B, T) or (T,) int64: absolute
         per-row positions, reading and writing the KV cache (decoding).
-        Tree attention (cache-free only): `attn_mask` (B, T, T) bool, True where query i may attend
-        to key j, replaces the causal mask, and `positions` (B, T) gives each token's RoPE position;
-        e.g. a prompt followed by several candidate continuations that each see the prompt and
-        themselves only (model.generate.score_continuations).
+        Tree / packed attention (cache-free only): `attn_mask` replaces the causal mask and `positions`
+        (B, T) int64 gives each token's RoPE position; e.g. GRPO groups [prompt | r_1 | ... | r_G] or
+        packed SFT examples (model.masks builders), or a prompt followed by candidate continuations
+        (model.generate.score_continuations). The mask is a (B, T, T) bool tensor (True where query i
+        may attend key j; SDPA), a `model.masks.SegmentMask` (resolved once here by `for_attention`:
+        FlexAttention on CUDA, dense elsewhere), or a FlexAttention BlockMask.
         """
+        if isinstance(attn_mask, SegmentMask):
+            attn_mask = attn_mask.for_attention(tokens.device)  # once per forward, shared by every layer
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, D)
         if input_pos is None:

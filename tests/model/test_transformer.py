@@ -130,3 +130,35 @@ def test_inv_freq_bands():
     # wavelengths 2*pi*10000**(i/8): 6.3 (kept, < 32/4), 19.9 (smoothed), 62.8 and up (scaled, > 32/1)
     assert plain[1] / 8.0 < scaled[1] < plain[1]
     torch.testing.assert_close(scaled[2:], plain[2:] / 8.0)
+
+
+def test_hidden_takes_a_segment_mask_or_its_dense_tensor(hf_pair):
+    """`hidden(..., attn_mask=SegmentMask)` is the dense bool path on CPU, bit for bit; one packed
+    causal example is the plain causal forward."""
+    from model.masks import build_packed_causal_batch, build_shared_prefix_batch
+
+    _, ours = hf_pair(seed=7, n_kv_heads=2)
+    groups = [([5, 6, 7, 8, 9, 10, 11], [[20, 21, 22], [23], [24, 25]]), ([12, 13], [[26, 27]])]
+    (mb,) = build_shared_prefix_batch(groups, max_tokens=64, row_len=12)
+    with torch.no_grad():
+        a = ours.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask)
+        b = ours.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask.dense())
+        assert torch.equal(a, b)
+        (one,) = build_packed_causal_batch([(list(range(3, 40)), [40, 41])], max_tokens=64)
+        packed = ours.hidden(one.tokens, positions=one.positions, attn_mask=one.mask)
+        plain = ours.hidden(one.tokens)
+    err = (packed - plain).abs().max().item()
+    assert err <= 1e-5, f"one packed causal example vs the causal forward: {err:.3e}"
+
+
+def test_rmsnorm_fp64_stays_fp64():
+    from model.transformer import RMSNorm
+
+    norm = RMSNorm(37).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 37, dtype=torch.float64) * 1e3
+    want = norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    assert (norm(x) - want).abs().max().item() <= 1e-12 * want.abs().max().item()
+    x32 = x.float()  # fp32 and bf16 inputs: unchanged numerics (the statistics in fp32)
+    assert torch.equal(RMSNorm(37)(x32), x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5))
