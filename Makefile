@@ -15,12 +15,12 @@ ifeq ($(HAS_CUDA),1)
 # CUDA machine: keep the user's torch/triton (visible through system site-packages).
 VENV_FLAGS := --system-site-packages
 TORCH_PIN :=
-EXTRAS := dev,alfworld
+EXTRAS := dev,alfworld,pretrained
 else
 # CPU machine: torch 2.13.0 (local CPU wheel) and triton 3.7.1 (torch 2.13's pin) for the interpreter.
 VENV_FLAGS :=
 TORCH_PIN := torch==2.13.0 triton==3.7.1
-EXTRAS := dev,alfworld
+EXTRAS := dev,alfworld,pretrained
 TEST_ENV := TRITON_INTERPRET=1
 endif
 

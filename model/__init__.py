@@ -1,8 +1,11 @@
 """Minimal LLaMA-3: config + presets, Transformer, HF safetensors I/O, tokenizer + chat template, sampling.
 
-Plain single-device PyTorch; parallelism is applied from outside (trainer/fsdp.py).
+Plain single-device PyTorch; parallelism is applied from outside (trainer/fsdp.py). The GGUF converter
+(`convert_gguf`, `ensure_converted_from_wheel`, `GGUFError`) is imported on first use, so that
+`python -m model.convert` does not run a module already imported by its package.
 """
 
+from model.chat_template import ChatTemplateError
 from model.config import PRESETS, LlamaConfig, RopeScaling
 from model.generate import Samples, generate, score_continuations
 from model.hf_io import hf_to_ours, load_hf_checkpoint, ours_to_hf, save_hf_checkpoint
@@ -20,7 +23,21 @@ __all__ = [
     "save_hf_checkpoint",
     "Tokenizer",
     "train_tokenizer",
+    "ChatTemplateError",
+    "convert_gguf",
+    "ensure_converted_from_wheel",
+    "GGUFError",
     "Samples",
     "generate",
     "score_continuations",
 ]
+
+_CONVERT = ("convert_gguf", "ensure_converted_from_wheel", "GGUFError")
+
+
+def __getattr__(name: str):
+    if name in _CONVERT:
+        import model.convert
+
+        return getattr(model.convert, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

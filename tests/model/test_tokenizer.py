@@ -1,8 +1,11 @@
-"""Tokenizer: round trips, special ids, the exact LLaMA-3 chat string, and HF's chat-template ids."""
+"""Tokenizer: round trips, special ids, the exact LLaMA-3 chat string, and HF's chat-template ids.
+
+Templates of other checkpoints (ChatML, config files, save_pretrained) are in test_chat_template.py.
+"""
 
 import pytest
 
-from model.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from model.tokenizer import SPECIAL_TOKENS, ChatTemplateError, Tokenizer, train_tokenizer
 
 CORPUS = [
     "You are in the middle of a room. Looking quickly around you, you see a cabinet 1, a drawer 2.",
@@ -55,7 +58,7 @@ def test_chat_template_literal(tok):
         "<|start_header_id|>user<|end_header_id|>\n\ngo to cabinet 1<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
-    assert Tokenizer.render_chat(MESSAGES, add_generation_prompt=True) == expected
+    assert tok.render_chat(MESSAGES, add_generation_prompt=True) == expected
     no_prompt = expected.removesuffix("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert tok.render_chat(MESSAGES, add_generation_prompt=False) == no_prompt
     ids = tok.apply_chat_template(MESSAGES)
@@ -85,11 +88,15 @@ def test_save_and_load(tok, tmp_path):
         Tokenizer.from_file(tmp_path / "nope.json")
 
 
-def test_rejects_tokenizer_without_llama3_specials():
+def test_tokenizer_without_template_or_llama3_specials_fails_only_when_chatting():
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models
 
-    with pytest.raises(ValueError, match="begin_of_text"):
-        Tokenizer(HFTokenizer(models.BPE()))
+    bare = Tokenizer(HFTokenizer(models.BPE()))  # loading is fine: it can still encode/decode
+    assert bare.eos_ids == () and bare.chat_template is None and not bare.is_llama3
+    with pytest.raises(ChatTemplateError, match="no chat template .* not the LLaMA-3 special tokens"):
+        bare.apply_chat_template(MESSAGES)
+    with pytest.raises(ValueError, match="no eot token"):
+        _ = bare.eot_id
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(CORPUS, vocab_size=100)
