@@ -1,4 +1,5 @@
-"""Minimal LLaMA-3: config + presets, Transformer, HF safetensors I/O, tokenizer + chat template, sampling.
+"""Minimal LLaMA-3: config + presets, Transformer, HF safetensors I/O, tokenizer + chat template, sampling,
+packed-row layouts (GRPO groups sharing their prompt, packed SFT) and their attention masks.
 
 Plain single-device PyTorch; parallelism is applied from outside (trainer/fsdp.py). The GGUF converter
 (`convert_gguf`, `ensure_converted_from_wheel`, `GGUFError`) is imported on first use, so that
@@ -9,6 +10,13 @@ from model.chat_template import ChatTemplateError
 from model.config import PRESETS, LlamaConfig, RopeScaling
 from model.generate import Samples, generate, score_continuations
 from model.hf_io import hf_to_ours, load_hf_checkpoint, ours_to_hf, save_hf_checkpoint
+from model.masks import (
+    PackedRows,
+    SegmentMask,
+    build_packed_causal_batch,
+    build_shared_prefix_batch,
+    pack_by_tokens,
+)
 from model.tokenizer import Tokenizer, train_tokenizer
 from model.transformer import Transformer
 
@@ -30,6 +38,11 @@ __all__ = [
     "Samples",
     "generate",
     "score_continuations",
+    "SegmentMask",
+    "PackedRows",
+    "pack_by_tokens",
+    "build_shared_prefix_batch",
+    "build_packed_causal_batch",
 ]
 
 _CONVERT = ("convert_gguf", "ensure_converted_from_wheel", "GGUFError")

@@ -16,8 +16,9 @@ the Philox counter, so a draw depends only on (seed, step, row): reproducible on
 
 `score_continuations(model, prompts, continuations)` is the scoring counterpart (ranking a fixed set
 of candidate actions by their total log-prob): one forward per prompt over the prompt followed by
-all its candidates under a tree mask (each candidate sees the prompt and itself), so a state with 40
-admissible commands costs one pass over ~prompt + 40 x 6 tokens, not 40 prompts.
+all its candidates under a tree mask (each candidate sees the prompt and itself; the shared-prefix
+layout of model/masks.py, the one GRPO training uses), so a state with 40 admissible commands costs
+one pass over ~prompt + 40 x 6 tokens, not 40 prompts.
 
 References: gpt-fast `generate.py` (static cache, prefill/decode split); vLLM's prefix sharing
 across a request's n samples.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.sampling import sample_tokens
+from model.masks import build_shared_prefix_batch
 from model.transformer import Transformer
 
 __all__ = ["Samples", "generate", "score_continuations"]
@@ -169,59 +171,22 @@ def score_continuations(
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuation lists")
-    rows = []
+    groups = []
     for b, (p, cands) in enumerate(zip(prompts, continuations)):
         if not p or not cands or any(len(c) == 0 for c in cands):
             raise ValueError(f"prompt {b}: needs a non-empty prompt and non-empty candidates")
-        rows.append((list(p), [list(c) for c in cands]))
-    out: list[list[float]] = []
-    start = 0
-    while start < len(rows):  # greedy chunks: (rows in chunk) x (longest row) <= max_tokens
-        end, width = start + 1, _tree_len(rows[start])
-        while end < len(rows) and (end + 1 - start) * max(width, _tree_len(rows[end])) <= max_tokens:
-            width = max(width, _tree_len(rows[end]))
-            end += 1
-        out.extend(_score_tree_chunk(model, rows[start:end], width))
-        start = end
-    return out
-
-
-def _tree_len(row) -> int:
-    prompt, cands = row
-    return len(prompt) + sum(len(c) for c in cands)
-
-
-def _score_tree_chunk(model, rows, T: int) -> list[list[float]]:
+        groups.append((list(p), [list(c) for c in cands]))
     device = model.tok_embeddings.weight.device
-    B = len(rows)
-    tokens = torch.zeros((B, T), dtype=torch.int64)
-    positions = torch.zeros((B, T), dtype=torch.int64)
-    mask = torch.zeros((B, T, T), dtype=torch.bool)
-    src_b, src_t, tgt = [], [], []  # (row, position whose logits predict the token, the token)
-    for b, (prompt, cands) in enumerate(rows):
-        P = len(prompt)
-        tokens[b, :P] = torch.as_tensor(prompt)
-        positions[b, :P] = torch.arange(P)
-        mask[b, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
-        at = P
-        for c in cands:
-            n = len(c)
-            tokens[b, at : at + n] = torch.as_tensor(c)
-            positions[b, at : at + n] = torch.arange(P, P + n)
-            mask[b, at : at + n, :P] = True
-            mask[b, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
-            src = [P - 1] + list(range(at, at + n - 1))  # token t is predicted at the previous slot
-            src_b += [b] * n
-            src_t += src
-            tgt += c
-            at += n
-        mask[b, at:, at:] = torch.eye(T - at, dtype=torch.bool)  # pads see themselves (no empty row)
-    h = model.hidden(tokens.to(device), positions=positions.to(device), attn_mask=mask.to(device))
-    h_N = h[torch.as_tensor(src_b, device=device), torch.as_tensor(src_t, device=device)]  # (N, D)
-    logp_N = model.output(h_N).float().log_softmax(-1).gather(1, torch.as_tensor(tgt, device=device)[:, None])
-    logp = logp_N[:, 0].double().cpu().tolist()
-    out, k = [], 0
-    for _, cands in rows:
+    # One prompt per row (items_per_row=1); rows x longest row <= max_tokens per forward.
+    batches = build_shared_prefix_batch(groups, max_tokens=max_tokens, items_per_row=1, device=device)
+    logp: list[float] = []
+    for mb in batches:
+        h = model.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask)  # (B, T, D)
+        h_N = h[mb.rows, mb.cols]  # (N, D): the slots that predict a candidate token
+        logp_N = model.output(h_N).float().log_softmax(-1).gather(1, mb.targets[:, None])  # (N, 1)
+        logp += logp_N[:, 0].double().cpu().tolist()
+    out, k = [], 0  # targets come candidate by candidate, in input order
+    for _, cands in groups:
         row = []
         for c in cands:
             row.append(float(sum(logp[k : k + len(c)])))
