@@ -4,7 +4,8 @@ The step runs the trainer's own code at realistic shapes (prompts of 1024-2048 t
 32-256 tokens, G = 8) on random weights of a named preset (no download): hand FSDP
 (`trainer.fsdp.apply_fsdp`, bf16 params / fp32 reduce by default), rollout with the gathered bf16
 weights (`model.generate`, static KV cache, each prompt prefilled once), the GRPO loss over the
-response tokens (`trainer.grpo.grpo_forward_backward`), AdamW on the fp32 shards. Rewards are
+response tokens and AdamW on the fp32 shards through the trainer's one policy update
+(`trainer.update.policy_update`, the function every RL stage calls). Rewards are
 synthetic (half of every group right), so every group has reward variance and every sampled sequence
 trains; responses run to max_new_tokens (no stop ids), so the shapes are exactly the ones asked for.
 
@@ -48,21 +49,18 @@ from _common import (  # bench/ is sys.path[0] for scripts
 )
 
 from model import PRESETS, LlamaConfig, Transformer, generate
-from trainer.config import OptimConfig
+from model.policy import DTYPES as _DTYPES
+from trainer.config import OptimConfig, build_config
 from trainer.data import Example
 from trainer.dist import destroy, init_distributed
 from trainer.fsdp import apply_fsdp
-from trainer.grpo import (
-    fill_reference_logprobs,
-    global_response_tokens,
-    grpo_forward_backward,
-    micro_batches,
-    select_sequences,
-)
-from trainer.loop import make_optimizer, peak_memory_mb
-from trainer.sft import sft_forward_backward
+from trainer.optim import make_optimizer, optimizer_step
+from trainer.policy_loss import select_sequences
+from trainer.stages import StageContext
+from trainer.stages.sft import sft_forward_backward
+from trainer.train import peak_memory_mb
+from trainer.update import UpdateSettings, policy_update
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Top-level phases (they add up to the step with "other") and the rollout's parts.
 PHASES = ("rollout", "ref_logprobs", "fwd_bwd", "optimizer", "other")
 ROLLOUT_PARTS = ("rollout_gather", "rollout_prefill", "rollout_decode")
@@ -191,9 +189,17 @@ def build_setup(
 
 
 def _optimizer_step(s: Setup) -> None:
-    s.fsdp.clip_grad_norm_(1.0)
-    s.optimizer.step()
-    s.optimizer.zero_grad(set_to_none=True)
+    optimizer_step(s.fsdp, s.optimizer, lr=1e-6, grad_clip=1.0, nonfinite=0)  # the trainer's guarded step
+
+
+def _context(s: Setup) -> StageContext:
+    """The stage context the trainer's RL stages pass to `policy_update` (grad_clip 1.0)."""
+    info = argparse.Namespace(device=s.device, rank=s.rank, world_size=s.world)
+    cfg = build_config({"optim": {"grad_clip": 1.0}})
+    return StageContext(
+        model=s.model, fsdp=s.fsdp, tokenizer=None, examples=[], cfg=cfg, info=info,
+        optimizer=s.optimizer, ref=s.ref,
+    )  # fmt: skip
 
 
 def _head(s: Setup):
@@ -212,32 +218,17 @@ def grpo_step(s: Setup, timer: PhaseTimer, step: int) -> dict:
         with timer("rollout_gather"):
             stack.enter_context(s.fsdp.summon_full_params(dtype=dtype))
         samples = generate(s.model, s.prompts, max_new_tokens=s.response_len, **gen_kw)
-    tokens, logp = samples.tokens.cpu(), samples.logprobs.float().cpu()
     lengths = samples.lengths.tolist()
-    responses = [tokens[i, :n].tolist() for i, n in enumerate(lengths)]
+    responses = samples.token_lists()
+    logp = samples.logprobs.float().cpu()
     logprobs = [logp[i, :n].clone() for i, n in enumerate(lengths)]
     rewards = (torch.arange(len(responses)) % 2 == 0).float()  # half right per group: all groups kept
     batch = select_sequences(s.prompts, responses, logprobs, rewards, G)
-    mbs = micro_batches(batch, a.micro_batch)
-    kw = dict(pad_id=0, device=s.device)
-    if s.ref is not None:
-        with timer("ref_logprobs"):
-            fill_reference_logprobs(
-                s.ref,
-                lambda: s.ref.output.weight,
-                batch,
-                micro_batch_size=a.micro_batch,
-                temperature=1.0,
-                **kw,
-            )
-    with timer("fwd_bwd"):
-        n_tok = global_response_tokens(batch)
-        grpo_forward_backward(
-            s.model, _head(s), mbs, global_tokens=n_tok, clip_eps_low=0.2, clip_eps_high=0.2,
-            kl_coef=a.kl_coef, temperature=1.0, **kw,
-        )  # fmt: skip
-    with timer("optimizer"):
-        _optimizer_step(s)
+    settings = UpdateSettings(
+        micro_batch_size=a.micro_batch, epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
+        kl_coef=a.kl_coef, temperature=1.0,
+    )  # fmt: skip
+    policy_update(_context(s), batch, settings, lr=1e-6, timer=timer)
     seq_lens = [len(x.prompt) + len(x.response) for x in batch.sequences]
     resp_tokens = sum(len(x.response) for x in batch.sequences)
     c = s.config
@@ -257,9 +248,7 @@ def sft_step(s: Setup, timer: PhaseTimer, step: int) -> dict:
     targets = torch.randint(0, s.config.vocab_size, (n, s.response_len), generator=gen).tolist()
     examples = [Example(s.prompts[i // a.group_size], targets[i], {}) for i in range(n)]
     with timer("fwd_bwd"):
-        sft_forward_backward(
-            s.model, _head(s), examples, micro_batch_size=a.micro_batch, pad_id=0, device=s.device
-        )
+        sft_forward_backward(s.model, _head(s), examples, micro_batch_size=a.micro_batch, device=s.device)
     with timer("optimizer"):
         _optimizer_step(s)
     seq_lens = [len(e.prompt_ids) + len(e.target_ids) for e in examples]

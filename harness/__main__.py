@@ -43,9 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--split", choices=SPLITS, default=None)
         sp.add_argument("--limit", type=int, default=0, help="use only the first N games (0: all)")
         sp.add_argument("--workers", type=int, default=1)
-        sp.add_argument("--max-steps", type=int, default=50)
+        sp.add_argument("--max-steps", type=int, default=None, help="default: the checkpoint's, else 50")
         sp.add_argument("--expert", choices=EXPERTS, default="handcoded")
-        sp.add_argument("--history-window", type=int, default=3)
+        sp.add_argument("--history-window", type=int, default=None, help="default: the checkpoint's, else 3")
 
     e = sub.add_parser("expert", help="write expert states (JSONL), or label a policy's states")
     games_args(e)
@@ -66,9 +66,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _games(args):
-    from harness.games import find_games
+    """The games to play; unreadable game files are skipped and named on stdout, not fatal."""
+    from harness.games import scan_games
 
-    games = find_games(args.games, args.split)
+    games, unreadable = scan_games(args.games, args.split)
+    if unreadable:
+        listed = "; ".join(f"{path} ({why})" for path, why in unreadable)
+        s = "" if len(unreadable) == 1 else "s"
+        print(f"skipped {len(unreadable)} unreadable game{s}: {listed}", flush=True)
     if args.limit:
         games = games[: args.limit]
     if not games:
@@ -77,21 +82,28 @@ def _games(args):
 
 
 def _checkpoint_policy(path: str):
-    """A batched policy from an HF checkpoint dir (config.json, *.safetensors, tokenizer.json).
+    """(policy, PolicySpec) from an exported checkpoint dir (config.json, *.safetensors, tokenizer).
 
-    Imported lazily: only this CLI path needs torch; the library never does. It reuses the
-    trainer's greedy `model_policy`, so the CLI decodes exactly as the trainer's evaluation does.
+    `model.policy.load_policy` reads the run's `policy.json` (decoding, constraints, dtype, history
+    window, system prompt, step limit), so the CLI plays exactly the policy the trainer evaluated.
+    Imported lazily: only this CLI path needs torch; the library never does.
     """
-    from pathlib import Path
+    from model.policy import load_policy
 
-    from model import Tokenizer, load_hf_checkpoint
-    from trainer.policy import model_policy
+    return load_policy(path)
 
-    model, config = load_hf_checkpoint(path)
-    tokenizer = Tokenizer.from_file(Path(path) / "tokenizer.json")
-    policy = model_policy(model, tokenizer, max_new_tokens=32, max_seq_len=config.max_seq_len)
-    policy.name = str(path)
-    return policy
+
+def _prompt_settings(args, spec) -> dict:
+    """history window, system prompt and step limit: the flag when given, else the checkpoint's."""
+    pick = lambda flag, saved: saved if flag is None else flag  # noqa: E731
+    if spec is None:
+        return {"history_window": pick(args.history_window, 3), "system_prompt": True,
+                "max_steps": pick(args.max_steps, 50)}  # fmt: skip
+    return {
+        "history_window": pick(args.history_window, spec.history_window),
+        "system_prompt": spec.system_prompt,
+        "max_steps": pick(args.max_steps, spec.max_steps),
+    }
 
 
 def main(argv=None) -> int:
@@ -120,7 +132,7 @@ def main(argv=None) -> int:
         from harness.states import collect_states
 
         games = _games(args)
-        policy = _checkpoint_policy(args.policy_states) if args.policy_states else None
+        policy, spec = _checkpoint_policy(args.policy_states) if args.policy_states else (None, None)
         t0 = time.perf_counter()
         n = collect_states(
             games,
@@ -128,24 +140,24 @@ def main(argv=None) -> int:
             expert=args.expert,
             policy=policy,
             beta=args.beta,
-            max_steps=args.max_steps,
             num_workers=args.workers,
-            history_window=args.history_window,
+            **_prompt_settings(args, spec),
         )
         print(f"{n} states from {len(games)} games -> {args.out} ({time.perf_counter() - t0:.1f}s)")
     elif args.cmd == "evaluate":
         from harness.evaluate import evaluate
 
         games = _games(args)
-        policy = args.policy if args.policy in ("expert", "random") else _checkpoint_policy(args.policy)
+        policy, spec = (
+            (args.policy, None) if args.policy in ("expert", "random") else _checkpoint_policy(args.policy)
+        )
         report = evaluate(
             policy,
             games,
-            max_steps=args.max_steps,
             num_workers=args.workers,
             expert=args.expert,
-            history_window=args.history_window,
             seed=args.seed,
+            **_prompt_settings(args, spec),
         )
         print(report.to_markdown())
         if args.out:

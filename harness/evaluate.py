@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.games import versions
-from harness.prompts import parse_action, render_prompt
+from harness.prompts import policy_actions
 from harness.rollout import Episode, run_episodes
 
 
@@ -129,14 +129,7 @@ def _policy_act(policy, history_window: int, seed: int, system_prompt: bool = Tr
         raise ValueError(f"policy must be a callable, 'expert' or 'random', got {policy!r}")
 
     def act(states):
-        messages = [render_prompt(s, history_window, system_prompt) for s in states]
-        if getattr(policy, "wants_admissible", False):  # e.g. admissible-constrained decoding
-            texts = policy(messages, admissible=[s["admissible"] for s in states])
-        else:
-            texts = policy(messages)
-        if len(texts) != len(states):
-            raise ValueError(f"policy returned {len(texts)} responses for {len(states)} prompts")
-        return [parse_action(t, s["admissible"]) for s, t in zip(states, texts)]
+        return policy_actions(policy, states, history_window, system_prompt)
 
     return act, getattr(policy, "name", type(policy).__name__)
 

@@ -135,3 +135,18 @@ def parse_action(text: str | None, admissible: list[str]) -> str | None:
         if line:
             return by_norm.get(_normalize(line))
     return None
+
+
+def policy_actions(policy, states: list[dict], history_window: int, system_prompt: bool = True) -> list:
+    """Ask a batched text policy (list[messages] -> list[str]) to act in `states`: render each
+    state's prompt, pass the admissible commands when the policy asks for them (`wants_admissible`:
+    constrained or ranked decoding), parse each response into an admissible action (None: invalid).
+    The one call path for evaluation and for labelling a policy's own states."""
+    messages = [render_prompt(s, history_window, system_prompt) for s in states]
+    if getattr(policy, "wants_admissible", False):
+        texts = policy(messages, admissible=[s["admissible"] for s in states])
+    else:
+        texts = policy(messages)
+    if len(texts) != len(states):
+        raise ValueError(f"policy returned {len(texts)} responses for {len(states)} prompts")
+    return [parse_action(t, s["admissible"]) for s, t in zip(states, texts)]

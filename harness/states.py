@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from harness.prompts import parse_action, render_prompt
+from harness.prompts import policy_actions
 from harness.rollout import run_episodes
 
 STATE_KEYS = ("game", "task_type", "step", "goal", "history", "observation", "admissible", "expert_action")
@@ -31,6 +31,7 @@ def collect_states(
     max_steps: int = 50,
     num_workers: int = 1,
     history_window: int = 3,
+    system_prompt: bool = True,
     seed: int = 0,
     only_won: bool = True,
 ) -> int:
@@ -50,14 +51,8 @@ def collect_states(
     def act(states):
         if policy is None:
             return [s["expert_action"] for s in states]
-        texts = policy([render_prompt(s, history_window=history_window) for s in states])
-        out = []
-        for s, text in zip(states, texts):
-            if rng.random() < beta:
-                out.append(s["expert_action"])
-            else:
-                out.append(parse_action(text, s["admissible"]))
-        return out
+        actions = policy_actions(policy, states, history_window, system_prompt)
+        return [s["expert_action"] if rng.random() < beta else a for s, a in zip(states, actions)]
 
     episodes = run_episodes(
         games,
@@ -81,7 +76,25 @@ def collect_states(
     return n
 
 
+REQUIRED_KEYS = ("admissible", "expert_action", "observation", "goal")
+
+
 def read_states(path) -> list[dict]:
-    """Load a states.jsonl file."""
+    """Load a states.jsonl file (blank lines skipped); a row missing a required key, a line that is
+    not JSON, or a file without states is an error naming the file and line."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_no}: not a JSON object ({e})") from None
+            missing = sorted(set(REQUIRED_KEYS) - row.keys())
+            if missing:
+                raise ValueError(f"{path}:{line_no}: state is missing keys {missing}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no states")
+    return rows

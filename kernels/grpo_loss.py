@@ -41,7 +41,7 @@ class GRPOLossOutput(NamedTuple):
     """Sums over the (non-ignored) action tokens; only `loss` is differentiable, the rest detached."""
 
     loss: torch.Tensor  # () fp32: sum of per-token surrogate (+ kl_coef * k3)
-    clip_frac: torch.Tensor  # () fp32: number of clipped tokens
+    clip_count: torch.Tensor  # () fp32: number of clipped tokens (a count, not a fraction)
     ratio: torch.Tensor  # () fp32: sum of ratios
     kl: torch.Tensor  # () fp32: sum of k3 (0 without ref_logp)
     entropy: torch.Tensor | None  # () fp32: sum of entropies, None unless compute_entropy
@@ -207,7 +207,7 @@ def grpo_loss(
         )  # fmt: skip
     return GRPOLossOutput(
         loss=loss.sum(),
-        clip_frac=clipped.detach().sum(),
+        clip_count=clipped.detach().sum(),
         ratio=ratio.detach().sum(),
         kl=kl.detach().sum(),
         entropy=None if entropy is None else entropy.sum(),

@@ -1,7 +1,7 @@
 """Admissible-constrained decoding: a token trie over the admissible commands, as a generate mask.
 
 Each admissible command is tokenized exactly as the SFT target (`tokenizer.encode(action)` then
-`<|eot_id|>`); `ActionTrie.allowed(prefix)` gives the ids that keep a partial response on some
+the tokenizer's end-of-turn id); `ActionTrie.allowed(prefix)` gives the ids that keep a partial response on some
 command's path, and `allowed_tokens_fn` turns one trie per prompt into `model.generate`'s
 `allowed_tokens(row, prefix)` hook. Every response decoded under it is an admissible command
 followed by the end-of-turn token (a decoding choice, like a grammar: the model still ranks the

@@ -11,14 +11,9 @@
 Every run goes through `trainer/main.py` (in-process, or `compare.launcher`, e.g. torchrun) with
 the same data, tokenizer, eval games and evaluation; finished runs are reused (resumable driver).
 
-Then, per evaluated checkpoint (each run's final/), the lower-bound check of the paper: along the
-expert trajectory of every eval game, record p_t = pi(a*_t | s_t) (the probability of sampling
-exactly the expert's action, T = 1) and g_t = 1{the evaluation's deterministic action == a*_t}
-(its `eval.decoding`, greedy or ranked, under the same constraints). If the policy takes the
-expert's action at every step it replays the expert's winning episode, so
-    P(success) >= prod_t p_t   (sampling policy)      success_greedy >= prod_t g_t   (greedy)
-averaged over games. The greedy check is exact against the evaluation's success; the sampling
-check plays `bound_sampled_episodes` sampled episodes per game (a binomial 2-sigma margin).
+Then, per evaluated checkpoint (each run's final/), the paper's lower-bound check (trainer/bound.py).
+Methods, their steps per sample budget and their sample counts come from the stage registry
+(trainer/stages/): this file is the experiment, the stages are the library.
 
 Writes <out_dir>/comparison.md, comparison.json and plots/accuracy_vs_success.png.
 """
@@ -26,7 +21,6 @@ Writes <out_dir>/comparison.md, comparison.json and plots/accuracy_vs_success.pn
 from __future__ import annotations
 
 import json
-import math
 import re
 import shlex
 import statistics
@@ -37,22 +31,13 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 import torch
 
-from trainer.config import ConfigError, algo_stages, build_config
+from trainer.bound import check_bound, expert_trajectories, lower_bound
+from trainer.config import ConfigError, algo_stages, build_config, dump_toml, load_toml
+from trainer.stages import STAGES, rl_stage_names
 
 _REPO = Path(__file__).resolve().parents[1]
-_RL = ("ppo", "grpo-multiturn", "grpo")
-_NAMES = {
-    "sft": "SFT",
-    "ppo": "PPO (multi-turn)",
-    "grpo-multiturn": "GRPO (multi-turn)",
-    "grpo": "GRPO (single-turn)",
-}
 
 
 @dataclass(kw_only=True)
@@ -73,9 +58,10 @@ class CompareConfig:
     """Sampled episodes per eval game for the sampling-policy bound check (0: greedy check only)."""
 
     def __post_init__(self):
-        bad = [m for m in self.methods if m not in ("sft", *_RL)]
+        known = ("sft", *rl_stage_names())
+        bad = [m for m in self.methods if m not in known]
         if bad or not self.methods:
-            raise ConfigError(f"compare.methods has unknown methods {bad}; choose from {['sft', *_RL]}")
+            raise ConfigError(f"compare.methods has unknown methods {bad}; choose from {list(known)}")
         if not self.seeds or self.sample_budget <= 0 or self.bound_sampled_episodes < 0:
             raise ConfigError("compare: need seeds, sample_budget > 0, bound_sampled_episodes >= 0")
 
@@ -87,8 +73,7 @@ class CompareConfig:
 
 def load_compare_config(path: str | Path) -> tuple[CompareConfig, dict]:
     """(CompareConfig, the merged train-config sections) from a compare TOML."""
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
+    raw = load_toml(path)
     section = raw.pop("compare", {})
     types = typing.get_type_hints(CompareConfig)
     unknown = sorted(set(section) - set(types))
@@ -96,21 +81,11 @@ def load_compare_config(path: str | Path) -> tuple[CompareConfig, dict]:
         raise ConfigError(f"unknown compare keys {unknown}; keys: {sorted(types)}")
     cc = CompareConfig(**section)
     base_path = Path(cc.base) if Path(cc.base).is_absolute() else _REPO / cc.base
-    with open(base_path, "rb") as f:
-        train_raw = tomllib.load(f)
+    train_raw = load_toml(base_path)
     for sec, values in raw.items():
         train_raw.setdefault(sec, {}).update(values)
     build_config(train_raw)  # validate the merged sections before any work
     return cc, train_raw
-
-
-def _toml(raw: dict) -> str:
-    lines = []
-    for sec, values in raw.items():
-        lines.append(f"[{sec}]")
-        lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
-        lines.append("")
-    return "\n".join(lines)
 
 
 def _merge(raw: dict, overrides: dict) -> dict:
@@ -122,11 +97,7 @@ def _merge(raw: dict, overrides: dict) -> dict:
 
 def rl_steps(method: str, train_raw: dict, budget: int) -> tuple[int, int]:
     """(steps, max samples per step) that spend `budget` samples in method's RL stage."""
-    cfg = build_config(train_raw)
-    if method == "grpo":
-        per = cfg.grpo.batch_size * cfg.grpo.oversample * cfg.rollout.group_size  # all drawn, kept or not
-    else:
-        per = cfg.ppo.episodes_per_step * cfg.ppo.max_steps
+    per = STAGES[method].samples_per_step(build_config(train_raw))
     return max(1, budget // per), per
 
 
@@ -158,7 +129,7 @@ def plan_runs(cc: CompareConfig, train_raw: dict) -> list[RunSpec]:
         specs.append(RunSpec(sft_name, "sft", seed, sft))
         for method in (m for m in cc.methods if m != "sft"):
             steps, _ = rl_steps(method, train_raw, cc.sample_budget)
-            section = "grpo" if method == "grpo" else "ppo"
+            section = STAGES[method].section
             rl = _merge(train_raw, common)
             rl = _merge(
                 rl,
@@ -181,7 +152,7 @@ def _run(spec: RunSpec, cc: CompareConfig) -> None:
         return
     cfg_path = Path(cc.out_dir) / "configs" / f"{spec.name}.toml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(_toml(spec.raw))
+    cfg_path.write_text(dump_toml(spec.raw))
     print(f"[compare] {spec.name}: training ({cfg_path})", flush=True)
     if cc.launcher:
         cmd = [*shlex.split(cc.launcher), str(_REPO / "trainer" / "main.py"), "--config", str(cfg_path)]
@@ -209,15 +180,8 @@ def collect_result(spec: RunSpec, cc: CompareConfig) -> dict:
     )
     kinds = sft_stages(spec.raw) if spec.method == "sft" else [spec.method]  # the SFT row pays for 'lm' too
     rows = [r for k in kinds for r in _stage_rows(run_dir, k)]
-    cfg = build_config(spec.raw)
-    if spec.method == "grpo":
-        samples = sum(int(r.get("groups", 0)) * cfg.rollout.group_size for r in rows)
-        env_steps = 0
-    elif spec.method == "sft":
-        samples = env_steps = 0
-    else:
-        samples = sum(int(r.get("samples", 0)) for r in rows)
-        env_steps = sum(int(r.get("env_steps", 0)) for r in rows)
+    samples = STAGES[spec.method].samples(build_config(spec.raw), rows)
+    env_steps = sum(int(r.get("env_steps", 0)) for r in rows)
     tokens = sum(float(r.get("tokens_per_s", 0.0)) * float(r.get("time_train", 0.0)) for r in rows)
     return {
         "run": spec.name,
@@ -238,123 +202,6 @@ def collect_result(spec: RunSpec, cc: CompareConfig) -> dict:
         "tokens_per_gpu": tokens,
         "eval_games": [e["game"] for e in rep.get("episodes", [])],
     }
-
-
-# ----------------------------------------------------------------------------- lower bound
-def expert_trajectories(games: list[str], cache: Path, *, max_steps: int) -> dict[str, list[dict]]:
-    """game -> the expert's states in step order (games the expert cannot win in max_steps: [])."""
-    from harness import collect_states, read_states
-
-    if not cache.exists():
-        tmp = cache.with_suffix(".tmp")
-        collect_states(games, tmp, max_steps=max_steps, num_workers=2)
-        tmp.rename(cache)
-    out: dict[str, list[dict]] = {g: [] for g in games}
-    for row in read_states(cache):
-        out.setdefault(row["game"], []).append(row)
-    return out
-
-
-@torch.no_grad()
-def lower_bound(
-    final_dir: Path, trajectories: dict[str, list[dict]], train_cfg, *, sampled_episodes: int, seed: int
-) -> dict:
-    """Per-step expert agreement along the expert trajectories and the product bounds (module doc)."""
-    from harness import parse_action, render_prompt
-    from model import Tokenizer, load_hf_checkpoint
-    from trainer.data import pack_completions
-    from trainer.policy import model_policy
-    from trainer.sft import action_logprobs
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, mcfg = load_hf_checkpoint(final_dir, device=device, dtype=torch.float32)
-    tok = Tokenizer.from_file(str(final_dir / "tokenizer.json"))
-    hw, ev = train_cfg.data.history_window, train_cfg.eval
-    max_prompt = mcfg.max_seq_len - ev.max_new_tokens
-    states = [s for g in trajectories for s in trajectories[g]]
-    prompts = []
-    for s in states:
-        ids = list(
-            tok.apply_chat_template(
-                render_prompt(s, hw, train_cfg.data.system_prompt), add_generation_prompt=True
-            )
-        )
-        prompts.append(ids[-max_prompt:])  # the same left truncation as the eval policy
-    targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in states]
-    logp = []
-    for i in range(0, len(states), 16):
-        packed = pack_completions(prompts[i : i + 16], targets[i : i + 16], pad_id=tok.pad_id, device=device)
-        lp = action_logprobs(model, lambda: model.output.weight, packed)  # (N,)
-        logp.extend(
-            torch.zeros(len(packed.tokens), dtype=torch.float64)
-            .index_add_(0, packed.seq.cpu(), lp.double().cpu())
-            .tolist()
-        )
-    # The evaluation's own deterministic policy (decoding and constraints), so the check is exact.
-    policy = model_policy(
-        model,
-        tok,
-        max_new_tokens=ev.max_new_tokens,
-        max_seq_len=mcfg.max_seq_len,
-        constrained=ev.constrained,
-        decoding=ev.decoding,
-    )
-    messages = [render_prompt(s, hw, train_cfg.data.system_prompt) for s in states]
-    kw = {"admissible": [s["admissible"] for s in states]} if policy.wants_admissible else {}
-    texts = policy(messages, **kw) if states else []
-    greedy = [parse_action(t, s["admissible"]) == s["expert_action"] for t, s in zip(texts, states)]
-    per_game, k = {}, 0
-    for g, traj in trajectories.items():
-        lp = logp[k : k + len(traj)]
-        gt = greedy[k : k + len(traj)]
-        k += len(traj)
-        per_game[g] = {
-            "steps": len(traj),
-            "logp": [round(x, 4) for x in lp],  # log p_t (p_t itself underflows for weak policies)
-            "greedy": gt,
-            "bound_sampled": math.exp(sum(lp)) if traj else 0.0,
-            "bound_greedy": float(all(gt)) if traj else 0.0,
-        }
-    n = max(len(per_game), 1)
-    out = {
-        "mean_step_prob": statistics.fmean([x for v in per_game.values() for x in map(math.exp, v["logp"])])
-        if states
-        else None,
-        "greedy_step_accuracy": statistics.fmean(greedy) if greedy else None,
-        "bound_sampled": sum(v["bound_sampled"] for v in per_game.values()) / n,
-        "bound_greedy": sum(v["bound_greedy"] for v in per_game.values()) / n,
-        "per_game": per_game,
-    }
-    if sampled_episodes > 0:
-        out.update(
-            _sampled_success(model, tok, list(trajectories), train_cfg, sampled_episodes, seed, device)
-        )
-    return out
-
-
-def _sampled_success(model, tok, games, train_cfg, k, seed, device) -> dict:
-    from trainer.config import RolloutConfig
-    from trainer.fsdp import apply_fsdp
-    from trainer.multiturn import collect_episodes
-
-    fsdp = apply_fsdp(model)  # world 1: collect_episodes gathers "full" weights through it
-    rcfg = RolloutConfig(temperature=1.0, max_new_tokens=train_cfg.eval.max_new_tokens)
-    eps, _ = collect_episodes(
-        model, fsdp, tok, [g for g in games for _ in range(k)], rollout_cfg=rcfg,
-        history_window=train_cfg.data.history_window, system_prompt=train_cfg.data.system_prompt,
-        max_steps=train_cfg.eval.max_steps,
-        max_seq_len=model.config.max_seq_len, seed=seed, device=device, num_workers=train_cfg.eval.num_workers,
-    )  # fmt: skip
-    return {"sampled_success": sum(e.won for e in eps) / max(len(eps), 1), "sampled_episodes": len(eps)}
-
-
-def check_bound(res: dict, b: dict) -> dict:
-    """Greedy: exact. Sampled: success + 2 binomial standard errors >= bound."""
-    out = {"greedy_ok": res["success_rate"] + 1e-9 >= b["bound_greedy"]}
-    if "sampled_success" in b:
-        n, p = max(b["sampled_episodes"], 1), b["bound_sampled"]
-        out["sampled_ok"] = b["sampled_success"] + 2 * math.sqrt(p * (1 - p) / n) + 1e-9 >= p
-    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -416,7 +263,7 @@ def to_markdown(summary: dict, results: list[dict], cc: CompareConfig, meta: dic
     for method, row in summary.items():
         s = row["mean_steps_success"][0]
         e = row["expert_mean_steps"][0]
-        cells = [_NAMES[method], _pct(*row["success_rate"])]
+        cells = [STAGES[method].method, _pct(*row["success_rate"])]
         cells += [_pct(*row["per_task"][t]) if t in row["per_task"] else "-" for t in tasks]
         cells += [_pct(row["action_accuracy"][0]), f"{_num(s)} ({_num(e)})", _pct(row["invalid_action_rate"][0]),
                   _num(row["samples"][0], "{:.0f}"), _num(row["env_steps"][0], "{:.0f}"),
@@ -447,7 +294,9 @@ def plot_accuracy_vs_success(results: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for method in dict.fromkeys(r["method"] for r in results):
         rs = [r for r in results if r["method"] == method and r["action_accuracy"] is not None]
-        ax.scatter([r["action_accuracy"] for r in rs], [r["success_rate"] for r in rs], label=_NAMES[method])
+        ax.scatter(
+            [r["action_accuracy"] for r in rs], [r["success_rate"] for r in rs], label=STAGES[method].method
+        )
     xs = [i / 50 for i in range(51)]
     ax.plot(xs, xs, ":", color="gray", lw=0.8, label="y = x")
     ax.set_xlabel("action accuracy (vs expert, visited states)")

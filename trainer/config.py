@@ -5,8 +5,9 @@ torchtitan style: every field has a docstring under it, each dataclass validates
 divisibility) before any work starts. Builders take the sub-config they need, never `TrainConfig`.
 
 CLI: `trainer/main.py --config configs/X.toml [--section.key=value | --section.key value ...]
-[--resume]`. Override values are parsed by the field's type (bool: true/false/1/0; lists: comma
-separated); unknown sections/keys and values of the wrong type are errors that name the key.
+[--resume | --overwrite]`. Override values are parsed by the field's type (bool: true/false/1/0;
+lists: comma separated); unknown sections/keys, values of the wrong type, non-finite floats and
+out-of-range values are errors that name the key; a TOML syntax error names the file, line and column.
 """
 
 from __future__ import annotations
@@ -14,17 +15,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from model.policy import DECODINGS  # evaluation decodings: greedy, rank
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-STAGES = ("lm", "sft", "grpo")
-"""Single-turn stages (trainer/loop.py); the multi-turn baselines add 'ppo' and 'grpo-multiturn'."""
+
+def _stages() -> dict:
+    """The stage registry (trainer/stages/): imported lazily, the stages import this module's users."""
+    from trainer.stages import STAGES
+
+    return STAGES
 
 
 class ConfigError(ValueError):
@@ -36,11 +44,20 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_finite(cfg, section: str) -> None:
+    """Every float field of the section dataclass `cfg` is finite (inf / nan name the key)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.type in (float, "float"):
+            _check(math.isfinite(v), f"{section}.{f.name}={v!r} must be a finite number")
+
+
 def _check_stage(cfg, name: str) -> None:
-    """The checks every training stage section shares: steps, batch sizes, learning rate."""
+    """The checks every training stage section shares: finite floats, steps, batch sizes, learning rate."""
+    _check_finite(cfg, name)
     _check(cfg.steps >= 0, f"{name}.steps must be >= 0")
     _check(cfg.batch_size > 0 and cfg.micro_batch_size > 0, f"{name}.batch_size/micro_batch_size must be > 0")
-    _check(cfg.lr >= 0, f"{name}.lr must be >= 0")
+    _check(cfg.lr >= 0, f"{name}.lr must be >= 0, got {cfg.lr}")
 
 
 @dataclass(kw_only=True)
@@ -72,6 +89,8 @@ class ModelConfig:
             p = Path(self.path)
             _check(p.is_dir(), f"model.path={self.path!r} does not exist or is not a directory")
             _check((p / "config.json").is_file(), f"model.path={self.path!r} has no config.json")
+        _check_finite(self, "model")
+        _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
         for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             _check(getattr(self, k) > 0, f"model.{k} must be > 0, got {getattr(self, k)}")
         _check(self.dim % self.n_heads == 0, f"model.dim={self.dim} not divisible by n_heads={self.n_heads}")
@@ -151,16 +170,19 @@ class OptimConfig:
     """Final lr / peak lr for the cosine schedule."""
 
     def __post_init__(self):
-        _check(self.lr > 0, "optim.lr must be > 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
-        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
-        _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0")
+        _check_finite(self, "optim")
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for k in ("beta1", "beta2"):
+            _check(0 <= getattr(self, k) < 1, f"optim.{k} must be in [0, 1), got {getattr(self, k)}")
+        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
         _check(
             self.schedule in ("constant", "cosine"),
             f"optim.schedule={self.schedule!r}: 'constant' or 'cosine'",
         )
-        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass(kw_only=True)
@@ -230,8 +252,9 @@ class RolloutConfig:
             self.group_size >= 2,
             f"rollout.group_size must be >= 2 (got {self.group_size}): GRPO needs a group",
         )
-        _check(self.temperature > 0, "rollout.temperature must be > 0 for sampling")
-        _check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")
+        _check_finite(self, "rollout")
+        _check(self.temperature > 0, f"rollout.temperature must be > 0 for sampling, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "rollout.top_k must be >= 0")
         _check(self.max_new_tokens > 0, "rollout.max_new_tokens must be > 0")
         _check(
@@ -267,11 +290,9 @@ class GRPOConfig:
         _check_stage(self, "grpo")
         _check(self.oversample >= 1, "grpo.oversample must be >= 1")
         _check(self.ppo_epochs >= 1, "grpo.ppo_epochs must be >= 1")
-        _check(
-            0 <= self.clip_eps_low < 1 and self.clip_eps_high >= 0,
-            "grpo.clip_eps_low in [0,1), clip_eps_high >= 0",
-        )
-        _check(self.kl_coef >= 0, "grpo.kl_coef must be >= 0")
+        _check(0 <= self.clip_eps_low < 1, f"grpo.clip_eps_low must be in [0, 1), got {self.clip_eps_low}")
+        _check(self.clip_eps_high >= 0, f"grpo.clip_eps_high must be >= 0, got {self.clip_eps_high}")
+        _check(self.kl_coef >= 0, f"grpo.kl_coef must be >= 0, got {self.kl_coef}")
         _check(self.adv_scale in ("std", "none"), f"grpo.adv_scale={self.adv_scale!r}: 'std' or 'none'")
 
 
@@ -319,6 +340,7 @@ class PPOConfig:
     """Stage learning rate; 0 uses optim.lr."""
 
     def __post_init__(self):
+        _check_finite(self, "ppo")
         _check(self.steps >= 0, "ppo.steps must be >= 0")
         _check(
             self.episodes_per_step > 0 and self.micro_batch_size > 0,
@@ -330,23 +352,20 @@ class PPOConfig:
             f"ppo.episodes_per_step={self.episodes_per_step} is not a multiple of ppo.group_size={self.group_size}",
         )
         _check(self.ppo_epochs >= 1 and self.value_epochs >= 1, "ppo.ppo_epochs/value_epochs must be >= 1")
-        _check(
-            0 <= self.clip_eps_low < 1 and self.clip_eps_high >= 0,
-            "ppo.clip_eps_low in [0,1), clip_eps_high >= 0",
-        )
+        _check(0 <= self.clip_eps_low < 1, f"ppo.clip_eps_low must be in [0, 1), got {self.clip_eps_low}")
+        _check(self.clip_eps_high >= 0, f"ppo.clip_eps_high must be >= 0, got {self.clip_eps_high}")
         _check(self.max_steps > 0 and self.num_workers > 0, "ppo.max_steps/num_workers must be > 0")
-        _check(0 < self.success_discount <= 1, "ppo.success_discount must be in (0, 1]")
-        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma/lam must be in [0, 1]")
         _check(
-            self.value_lr > 0 and self.value_clip >= 0 and self.value_hidden_dim >= 0,
-            "ppo: bad value settings",
+            0 < self.success_discount <= 1,
+            f"ppo.success_discount must be in (0, 1], got {self.success_discount}",
         )
+        for k in ("gamma", "lam"):
+            _check(0 <= getattr(self, k) <= 1, f"ppo.{k} must be in [0, 1], got {getattr(self, k)}")
+        _check(self.value_lr > 0, f"ppo.value_lr must be > 0, got {self.value_lr}")
+        _check(self.value_clip >= 0, f"ppo.value_clip must be >= 0, got {self.value_clip}")
+        _check(self.value_hidden_dim >= 0, f"ppo.value_hidden_dim must be >= 0, got {self.value_hidden_dim}")
         _check(self.adv_scale in ("std", "none"), f"ppo.adv_scale={self.adv_scale!r}: 'std' or 'none'")
-        _check(self.lr >= 0, "ppo.lr must be >= 0")
-
-
-DECODINGS = ("greedy", "rank")
-"""Evaluation decodings (trainer/policy.py): token-by-token greedy, or ranking the admissible commands."""
+        _check(self.lr >= 0, f"ppo.lr must be >= 0, got {self.lr}")
 
 
 @dataclass(kw_only=True)
@@ -387,10 +406,16 @@ class CheckpointConfig:
     """Resume from the newest complete checkpoint of the run directory (also `--resume`)."""
     export_final: bool = True
     """Write run_dir/final/ (HF safetensors + tokenizer.json) at the end."""
+    overwrite: bool = False
+    """A fresh run in a directory holding an earlier run deletes its checkpoints/, final/, eval/,
+    metrics.jsonl, ... first (also `--overwrite`); without it such a run stops (trainer/run_dir.py)."""
 
     def __post_init__(self):
         _check(self.every >= 0, "checkpoint.every must be >= 0")
         _check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+        _check(
+            not (self.resume and self.overwrite), "--resume and --overwrite contradict each other: give one"
+        )
 
 
 @dataclass(kw_only=True)
@@ -414,8 +439,12 @@ class RunConfig:
     """Write plots/*.png at the end."""
 
     def __post_init__(self):
-        _check(bool(self.name) and "/" not in self.name, f"run.name={self.name!r} must be a plain name")
-        known = (*STAGES, "ppo", "grpo-multiturn")  # ppo, grpo-multiturn: trainer/ppo.py
+        _check(
+            self.name not in ("", ".", "..") and "/" not in self.name and "\0" not in self.name,
+            f"run.name={self.name!r} must be a plain directory name (not empty, '.' or '..'; no '/' or NUL)",
+        )
+        _check("\0" not in self.out_dir, f"run.out_dir={self.out_dir!r} contains a NUL byte")
+        known = tuple(_stages())
         bad = [s for s in self.stages if s not in known]
         _check(not bad, f"run.stages has unknown stages {bad}; choose from {list(known)}")
         _check(len(set(self.stages)) == len(self.stages), "run.stages has duplicates")
@@ -453,34 +482,19 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Hash of what determines the trajectory (not resume/stop flags): checked on resume."""
-        d = self.to_dict()
-        d["checkpoint"].pop("resume")
-        d["run"].pop("stop_after_step")
-        d["run"].pop("log_every")
-        d["eval"].pop("num_workers")
+        """Hash of the settings that determine the training trajectory, checked on resume: all but
+        trainer/run_dir.py's RESUME_FREE_KEYS (checkpoint cadence, eval.*, logging, run location)."""
+        from trainer.run_dir import trajectory_settings  # run_dir imports ConfigError from here
+
+        d = trajectory_settings(self.to_dict())
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
     """Checks that depend on the launch; call on every rank before any work."""
-    for stage in STAGES:
-        bs = getattr(cfg, stage).batch_size
-        if stage in cfg.run.stages:
-            _check(
-                bs % world_size == 0,
-                f"{stage}.batch_size={bs} is not divisible by the world size {world_size}",
-            )
-    if any(s in cfg.run.stages for s in ("ppo", "grpo-multiturn")):
-        n = (
-            cfg.ppo.episodes_per_step // cfg.ppo.group_size
-            if "grpo-multiturn" in cfg.run.stages
-            else cfg.ppo.episodes_per_step
-        )
-        _check(
-            n % world_size == 0,
-            f"ppo: {n} games per rollout batch are not divisible by the world size {world_size}",
-        )
+    for name in cfg.run.stages:
+        what, n = _stages()[name].global_batch(cfg)  # split evenly over ranks every step
+        _check(n % world_size == 0, f"{what}={n} is not divisible by the world size {world_size}")
 
 
 _SECTIONS = typing.get_type_hints(TrainConfig)
@@ -565,21 +579,24 @@ def build_config(raw: dict[str, dict], overrides: dict[str, dict[str, str]] | No
     return TrainConfig(**sections)
 
 
-ALGOS = ("sft", "grpo", "ppo", "grpo-multiturn")
-"""`--algo` choices: the RL stage run after the config's pre-RL stages ('sft': none)."""
+def algos() -> tuple[str, ...]:
+    """`--algo` choices: 'sft' (no RL stage) and every registered RL stage."""
+    return ("sft", *(n for n, s in _stages().items() if s.kind == "rl"))
 
 
 def algo_stages(stages: list[str], algo: str) -> list[str]:
     """The config's pre-RL stages (lm, sft; 'sft' added if absent) followed by `algo`'s RL stage."""
-    if algo not in ALGOS:
-        raise ConfigError(f"--algo {algo!r}: choose from {list(ALGOS)}")
-    pre = [s for s in stages if s in ("lm", "sft")]
+    if algo not in algos():
+        raise ConfigError(f"--algo {algo!r}: choose from {list(algos())}")
+    pre = [s for s in stages if s in _stages() and _stages()[s].kind != "rl"]
     pre = pre if "sft" in pre else [*pre, "sft"]
     return pre if algo == "sft" else [*pre, algo]
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
-    """`--config X.toml [--algo A] [--section.key=value | --section.key value ...] [--resume]`.
+    """`--config X.toml [--algo A] [--section.key=value | --section.key value ...] [--resume | --overwrite]`.
+
+    --resume sets checkpoint.resume, --overwrite checkpoint.overwrite (both flags take no value).
 
     --algo A (sft | grpo | ppo | grpo-multiturn) keeps the config's pre-RL stages and runs algorithm
     A after them: `--algo ppo` on a ["lm", "sft", "grpo"] config runs ["lm", "sft", "ppo"].
@@ -592,8 +609,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; use --config PATH and --section.key=value")
         name, eq, value = arg[2:].partition("=")
-        if name == "resume" and not eq:
-            overrides.setdefault("checkpoint", {})["resume"] = "true"
+        if name in ("resume", "overwrite") and not eq:
+            overrides.setdefault("checkpoint", {})[name] = "true"
             i += 1
             continue
         if not eq:
@@ -617,8 +634,13 @@ def parse_args(argv: list[str]) -> TrainConfig:
         path = Path(config_path)
         if not path.is_file():
             raise ConfigError(f"--config {config_path!r} does not exist")
-        with path.open("rb") as f:
-            raw = tomllib.load(f)
+        try:
+            with path.open("rb") as f:
+                raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:  # its message ends with "(at line L, column C)"
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     if algo is not None:
         if "stages" in overrides.get("run", {}):
             raise ConfigError("--algo and --run.stages both set the stages; give one")
@@ -633,4 +655,28 @@ def format_config(cfg: TrainConfig) -> str:
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
         lines.extend(f"  {k} = {json.dumps(v)}" for k, v in values.items())
+    return "\n".join(lines)
+
+
+def load_toml(path: str | Path) -> dict:
+    """A TOML file as a dict; a syntax error is a ConfigError naming the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:  # its message ends with "(at line L, column C)"
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def dump_toml(raw: dict[str, dict]) -> str:
+    """TOML text of a {section: {key: value}} dict (the one writer: JSON scalars and lists are TOML)."""
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
+        lines.append("")
     return "\n".join(lines)

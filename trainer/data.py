@@ -2,8 +2,9 @@
 
 The states file is the harness's JSONL (`harness.collect_states`): one object per expert step with
 `{game, task_type, step, goal, history, observation, admissible, expert_action}`. Each state's prompt
-is `harness.render_prompt(state, history_window=K)` through the tokenizer's LLaMA-3 chat template;
-the SFT target is the expert action followed by `<|eot_id|>` (the assistant turn's end).
+is `harness.render_prompt(state, history_window=K)` through the checkpoint's chat template
+(`model.policy.encode_prompt`: the one prompt -> ids function and its length policy); the SFT target
+is the expert action followed by the tokenizer's end-of-turn id (`<|eot_id|>` for LLaMA-3).
 
 Sampling is a pure function of the global step (a fresh seeded permutation per epoch over the
 concatenated stream), so the data position of a resumed run is just its step: no iterator state.
@@ -11,12 +12,14 @@ concatenated stream), so the data position of a resumed run is just its step: no
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+
+PACK_PAD = 0
+"""Right padding of packed training sequences: any in-vocabulary id works (causal attention keeps it
+invisible and it is never a target); the tokenizer's pad id may lie outside the embedding."""
 
 
 @dataclass(frozen=True)
@@ -31,24 +34,6 @@ class Example:
     """The raw state row (admissible, expert_action, task_type for rewards and stats)."""
 
 
-def read_states(path: str | Path) -> list[dict]:
-    """The harness's states JSONL as a list of dicts (blank lines skipped)."""
-    rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            row = json.loads(line)
-            missing = {"admissible", "expert_action", "observation", "goal"} - row.keys()
-            if missing:
-                raise ValueError(f"{path}:{line_no}: state is missing keys {sorted(missing)}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no states")
-    return rows
-
-
 def prompt_messages(state: dict, history_window: int, system_prompt: bool = True) -> list[dict]:
     """The ONE prompt format (harness.render_prompt), shared with evaluation."""
     from harness import render_prompt
@@ -59,17 +44,21 @@ def prompt_messages(state: dict, history_window: int, system_prompt: bool = True
 def build_examples(
     states: list[dict], tokenizer, *, history_window: int, max_seq_len: int, system_prompt: bool = True
 ) -> tuple[list[Example], int]:
-    """Tokenize states -> (examples that fit in max_seq_len, number dropped for length)."""
+    """Tokenize states -> (examples whose prompt + target fit in max_seq_len, number dropped).
+
+    A state whose prompt would be cut (`encode_prompt`'s length policy) is dropped and counted.
+    """
+    from model.policy import encode_prompt
+
     out, dropped = [], 0
     for state in states:
-        prompt = tokenizer.apply_chat_template(
-            prompt_messages(state, history_window, system_prompt), add_generation_prompt=True
-        )
         target = tokenizer.encode(state["expert_action"]) + [tokenizer.eot_id]
-        if len(prompt) + len(target) > max_seq_len:
+        messages = prompt_messages(state, history_window, system_prompt)
+        prompt, truncated = encode_prompt(tokenizer, messages, max_seq_len - len(target))
+        if truncated:
             dropped += 1
             continue
-        out.append(Example(list(prompt), target, state))
+        out.append(Example(prompt, target, state))
     return out, dropped
 
 
@@ -128,7 +117,11 @@ class PackedBatch:
 
 
 def pack_completions(
-    prompts: list[list[int]], completions: list[list[int]], *, pad_id: int, device: torch.device | str = "cpu"
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    *,
+    pad_id: int = PACK_PAD,
+    device: torch.device | str = "cpu",
 ) -> PackedBatch:
     """Pack prompt+completion pairs (right padding: causal attention needs no mask)."""
     if len(prompts) != len(completions):

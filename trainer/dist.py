@@ -11,6 +11,8 @@ API (the loop helper and trainer/fsdp.py rely on these):
     init_distributed() -> DistInfo(rank, world_size, local_rank, device)
     destroy()
     all_reduce_sum(tensor_or_float) -> same type, summed over ranks
+    all_reduce_sums({name: float}) -> {name: float}, each summed over ranks (one collective)
+    all_reduce_max(int) -> int
     barrier()
     is_main() -> bool (rank 0, or no process group)
     broadcast_object(obj, src=0) -> obj from rank `src`
@@ -121,3 +123,21 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_reduce_max(x: int) -> int:
+    """Max of an int over ranks (a host sync)."""
+    if not _initialized():
+        return int(x)
+    y = torch.tensor([int(x)], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return int(y.item())  # host sync
+
+
+def all_reduce_sums(stats: dict[str, float]) -> dict[str, float]:
+    """Sum each named statistic over ranks: one float64 all-reduce, keys kept (reduce by name,
+    never by vector position). Every rank must pass the same keys."""
+    keys = sorted(stats)
+    vec = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    vec = all_reduce_sum(vec)
+    return {k: float(v) for k, v in zip(keys, vec.tolist())}

@@ -1,10 +1,11 @@
-"""On-policy multi-turn episodes in the harness env workers, with what the RL losses need per turn.
+"""On-policy multi-turn episodes in the harness env workers, with what the RL losses need per turn
+(the rollouts of the multi-turn baselines, trainer/stages/ppo.py and grpo_multiturn.py).
 
 `collect_episodes` plays a list of games with the CURRENT policy, sampling (not greedy), through
 `harness.rollout.run_episodes` (the same loop `harness.evaluate` and `collect_states` drive, on an
 `EnvPool` of worker processes). Each turn records:
-  - the prompt ids: `harness.render_prompt(state)` through the tokenizer's chat template, exactly the
-    single-turn format (left-truncated to fit the context, counted),
+  - the prompt ids: `harness.render_prompt(state)` through `model.policy.encode_prompt`, exactly the
+    single-turn format (its length policy: left-truncated to fit the context, counted),
   - the sampled response ids (stop token included) and their sampling log-probs (the behaviour
     policy of the PPO ratio),
   - the parsed action (None: invalid) and whether it equals the expert's action in that env state,
@@ -20,13 +21,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from trainer.data import prompt_messages
-from trainer.rollout import stop_ids
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from trainer.data import batch_indices, prompt_messages, rank_slice
 
 
 @dataclass
@@ -68,60 +67,38 @@ class CollectStats:
     seconds: float
 
 
-def _act_fn(
-    model,
-    tokenizer,
-    rollout_cfg,
-    *,
-    history_window,
-    max_prompt,
-    seed,
-    device,
-    pending,
-    log,
-    system_prompt=True,
-):
+def _act_fn(model, tokenizer, rollout_cfg, *, history_window, system_prompt, max_prompt, seed, pending, log):
     """The `run_episodes` act callable: sample one response per live state, record the turns."""
     from harness import parse_action
-    from model import generate
+    from model.policy import encode_prompt, sample_completions
 
     calls = [0]
 
     def act(states: list[dict]) -> list[str | None]:
         prompts, trunc = [], 0
         for s in states:
-            ids = list(
-                tokenizer.apply_chat_template(
-                    prompt_messages(s, history_window, system_prompt), add_generation_prompt=True
-                )
-            )
-            if len(ids) > max_prompt:
-                trunc += 1
-                ids = ids[-max_prompt:]
+            ids, cut = encode_prompt(tokenizer, prompt_messages(s, history_window, system_prompt), max_prompt)
+            trunc += cut
             prompts.append(ids)
-        samples = generate(
+        done = sample_completions(
             model,
+            tokenizer,
             prompts,
             num_samples=1,
             max_new_tokens=rollout_cfg.max_new_tokens,
             temperature=rollout_cfg.temperature,
             top_p=rollout_cfg.top_p,
             top_k=rollout_cfg.top_k,
-            stop_ids=stop_ids(tokenizer),
             seed=(seed + 7919 * calls[0]) & 0x7FFF_FFFF,
-            pad_id=tokenizer.pad_id,
         )
         calls[0] += 1
-        tokens, logp = samples.tokens.cpu(), samples.logprobs.float().cpu()  # (n, max_new)
-        lengths = samples.lengths.cpu().tolist()
         episode_of = pending[-len(states) :]  # on_state ran once per state, in this order
         del pending[-len(states) :]
         actions = []
-        for i, (s, n) in enumerate(zip(states, lengths)):
-            resp = tokens[i, :n].tolist()
-            action = parse_action(tokenizer.decode(resp), s["admissible"])
+        for i, (s, c) in enumerate(zip(states, done)):
+            action = parse_action(c.text, s["admissible"])
             match = None if s["expert_action"] is None else action == s["expert_action"]
-            log[episode_of[i]].append(Turn(prompts[i], resp, logp[i, :n].clone(), action, match))
+            log[episode_of[i]].append(Turn(prompts[i], c.tokens, c.logprobs, action, match))
             actions.append(action)
         log["truncated"] += trunc
         return actions
@@ -159,7 +136,9 @@ def collect_episodes(
     log["truncated"] = 0
     pending: list[int] = []
     max_prompt = max_seq_len - rollout_cfg.max_new_tokens
-    with fsdp.summon_full_params(dtype=_DTYPES[rollout_cfg.dtype]), torch.no_grad():
+    from model.policy import DTYPES
+
+    with fsdp.summon_full_params(dtype=DTYPES[rollout_cfg.dtype]), torch.no_grad():
         act = _act_fn(
             model,
             tokenizer,
@@ -168,7 +147,6 @@ def collect_episodes(
             system_prompt=system_prompt,
             max_prompt=max_prompt,
             seed=seed,
-            device=device,
             pending=pending,
             log=log,
         )
@@ -188,7 +166,7 @@ def collect_episodes(
             from trainer.value import state_features
 
             prompts = [t.prompt for ep in episodes for t in ep.turns]
-            feats = state_features(model, prompts, pad_id=tokenizer.pad_id, device=device)  # (n, D)
+            feats = state_features(model, prompts, device=device)  # (n, D)
             start = 0
             for ep in episodes:
                 ep.features = feats[start : start + len(ep.turns)]
@@ -204,3 +182,23 @@ def collect_episodes(
         seconds=time.perf_counter() - t0,
     )
     return episodes, stats
+
+
+def train_games(data_cfg) -> list[str]:
+    """The train-split game files the multi-turn stages play (the games the expert states came from)."""
+    from harness import find_games
+
+    games = [str(g) for g in find_games(Path(data_cfg.games_dir), "train")]
+    if not games:
+        raise FileNotFoundError(f"no train games under {data_cfg.games_dir!r} for the multi-turn stages")
+    return games
+
+
+def step_games(
+    games: list[str], step_in_stage: int, *, episodes: int, group_size: int, seed: int, rank: int, world: int
+) -> list[str]:
+    """This rank's games for one rollout batch: `episodes // group_size` distinct games (a pure
+    function of the step, like the single-turn sampler), each repeated group_size times, contiguous."""
+    distinct = batch_indices(step_in_stage, episodes // group_size, len(games), seed)
+    local = rank_slice(distinct, rank, world)
+    return [games[i] for i in local for _ in range(group_size)]

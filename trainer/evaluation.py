@@ -1,10 +1,13 @@
-"""Multi-turn evaluation on held-out games and the final comparison table.
+"""Multi-turn evaluation on held-out games and the run's results table.
 
-`run_eval` evaluates one policy (model or random) with `harness.evaluate` on rank 0 and writes
-eval/<label>.json and eval/<label>.md; every rank must call it (the model's full weights are
-gathered collectively with `fsdp.summon_full_params`; rank 0 runs the episodes, others wait).
-`comparison_table` renders the table the default run prints: success rate per task type for the
-random policy, SFT and SFT+GRPO, action accuracy, mean steps on successes vs the expert.
+`Evaluator(label, step)` evaluates the run's current policy (or, for label "random", the
+uniform-random policy over admissible actions, the table's floor) with `harness.evaluate` on
+rank 0 and writes eval/<label>.json and eval/<label>.md; every rank must call it (the model's full
+weights are gathered collectively with `fsdp.summon_full_params`; rank 0 plays, the others wait).
+A label already evaluated (its json exists: a resumed run) is not evaluated again. The policy is
+`model.policy.ModelPolicy` with the run's `PolicySpec` (decoding, constraints, dtype, prompt
+settings), the same spec `final/policy.json` carries for `python -m harness evaluate`.
+`comparison_table` renders the table the run prints.
 """
 
 from __future__ import annotations
@@ -13,74 +16,93 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from trainer.dist import barrier, broadcast_object, is_main
-from trainer.policy import model_policy
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _evaluate(
-    policy, games: list[str], eval_cfg, history_window: int, seed: int = 0, system_prompt: bool = True
-):
-    from harness.evaluate import evaluate
+def policy_spec(cfg):
+    """The `model.policy.PolicySpec` the run evaluates with (and exports next to its weights)."""
+    from model.policy import PolicySpec
 
-    return evaluate(
-        policy,
-        games,
-        max_steps=eval_cfg.max_steps,
-        num_workers=eval_cfg.num_workers,
-        history_window=history_window,
-        system_prompt=system_prompt,
-        seed=seed,
+    return PolicySpec(
+        decoding=cfg.eval.decoding,
+        constrained=cfg.eval.constrained,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        dtype=cfg.rollout.dtype,
+        history_window=cfg.data.history_window,
+        system_prompt=cfg.data.system_prompt,
+        max_steps=cfg.eval.max_steps,
     )
 
 
-def run_eval(
-    label: str,
-    *,
-    model,
-    fsdp,
-    tokenizer,
-    games: list[str],
-    eval_cfg,
-    history_window: int,
-    run_dir: Path,
-    max_seq_len: int,
-    system_prompt: bool = True,
-    dtype: str = "float32",
-) -> dict:
-    """Evaluate the current model greedily (all ranks call; rank 0 plays). Returns the report dict."""
-    t0 = time.perf_counter()
-    report = None
-    with fsdp.summon_full_params(dtype=_DTYPES[dtype]):
+class Evaluator:
+    """Evaluates a label once (all ranks call), logs the `[eval]` line and the metrics row."""
+
+    def __init__(self, cfg, *, games: list[str], model, fsdp, tokenizer, metrics, clock):
+        self.cfg, self.games, self.spec = cfg, games, policy_spec(cfg)
+        self.model, self.fsdp, self.tokenizer = model, fsdp, tokenizer
+        self.metrics, self.clock = metrics, clock
+        self.run_dir = cfg.run_dir
+
+    def __call__(self, label: str, step: int) -> None:
+        if not self.cfg.eval.enabled or not self.games or load_eval(self.run_dir, label) is not None:
+            return
+        t0 = time.perf_counter()
+        rep = self._random(label) if label == "random" else self._model(label)
+        dt = time.perf_counter() - t0
+        self.clock.add(f"eval/{label}", dt)
+        row = {"kind": "eval", "step": step, "label": label, "time_eval": dt}
+        keys = ("success_rate", "action_accuracy", "mean_steps_success", "invalid_action_rate")
+        row.update({k: rep.get(k) for k in keys})
+        for task, v in (rep.get("per_task") or {}).items():
+            row[f"success/{task}"] = v["success_rate"] if isinstance(v, dict) else v
+        self.metrics.log(row)
         if is_main():
-            policy = model_policy(
-                model,
-                tokenizer,
-                max_new_tokens=eval_cfg.max_new_tokens,
-                max_seq_len=max_seq_len,
-                constrained=eval_cfg.constrained,
-                decoding=eval_cfg.decoding,
+            print(
+                f"[eval] {label} @ step {step}: success {row['success_rate']:.3f} "
+                f"action acc {row['action_accuracy']:.3f} ({dt:.0f}s)",
+                flush=True,
             )
-            rep = _evaluate(policy, games, eval_cfg, history_window, system_prompt=system_prompt)
-            report = _save(rep, label, run_dir, time.perf_counter() - t0)
+
+    def _play(self, policy, seed: int = 0):
+        from harness.evaluate import evaluate
+
+        return evaluate(
+            policy,
+            self.games,
+            max_steps=self.spec.max_steps,
+            num_workers=self.cfg.eval.num_workers,
+            history_window=self.spec.history_window,
+            system_prompt=self.spec.system_prompt,
+            seed=seed,
+        )
+
+    def _model(self, label: str) -> dict:
+        from model.policy import DTYPES, ModelPolicy
+
+        t0 = time.perf_counter()
+        report = None
+        with self.fsdp.summon_full_params(dtype=DTYPES[self.spec.dtype]):
+            if is_main():
+                policy = ModelPolicy(
+                    self.model,
+                    self.tokenizer,
+                    max_new_tokens=self.spec.max_new_tokens,
+                    max_seq_len=self.model.config.max_seq_len,
+                    constrained=self.spec.constrained,
+                    decoding=self.spec.decoding,
+                )
+                report = _save(self._play(policy), label, self.run_dir, time.perf_counter() - t0)
+            barrier()
+        return broadcast_object(report)
+
+    def _random(self, label: str) -> dict:
+        t0 = time.perf_counter()
+        report = None
+        if is_main():
+            rep = self._play("random", seed=self.cfg.run.seed)
+            report = _save(rep, label, self.run_dir, time.perf_counter() - t0)
         barrier()
-    return broadcast_object(report)
-
-
-def run_random_eval(
-    *, games: list[str], eval_cfg, history_window: int, run_dir: Path, seed: int, system_prompt: bool = True
-) -> dict:
-    """The uniform-random policy over admissible actions (the table's floor); rank 0 plays."""
-    t0 = time.perf_counter()
-    report = None
-    if is_main():
-        rep = _evaluate("random", games, eval_cfg, history_window, seed=seed, system_prompt=system_prompt)
-        report = _save(rep, "random", run_dir, time.perf_counter() - t0)
-    barrier()
-    return broadcast_object(report)
+        return broadcast_object(report)
 
 
 def _save(rep, label: str, run_dir: Path, seconds: float) -> dict:

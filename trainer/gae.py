@@ -29,6 +29,20 @@ import torch
 import torch.distributed as dist
 
 
+def episode_returns(
+    won: torch.Tensor, lengths: torch.Tensor, *, success_discount: float = 1.0
+) -> torch.Tensor:
+    """The sparse episode reward [B] fp32: won * success_discount**(L-1) (0 for an empty episode).
+
+    The one formula of the multi-turn baselines: PPO puts it at the last turn (`episode_rewards`),
+    trajectory-level GRPO normalizes it within each group of episodes.
+    """
+    lengths = lengths.long()
+    last = (lengths - 1).clamp(min=0)  # (B,)
+    value = won.float() * success_discount ** last.float()  # (B,)
+    return torch.where(lengths > 0, value, torch.zeros_like(value))  # empty episode: no reward
+
+
 def episode_rewards(
     won: torch.Tensor, lengths: torch.Tensor, num_turns: int, *, success_discount: float = 1.0
 ) -> torch.Tensor:
@@ -42,9 +56,7 @@ def episode_rewards(
     if num_turns == 0:
         return out
     last = (lengths - 1).clamp(min=0)  # (B,)
-    value = won.float() * success_discount ** last.float()  # (B,)
-    value = torch.where(lengths > 0, value, torch.zeros_like(value))  # empty episode: no reward
-    out[torch.arange(B), last] = value
+    out[torch.arange(B), last] = episode_returns(won, lengths, success_discount=success_discount)
     return out
 
 

@@ -100,7 +100,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_plots(run_dir: Path) -> list[Path]:
-    """plots/{loss,reward,accuracy,success}.png from metrics.jsonl (matplotlib, Agg backend)."""
+    """plots/{loss,reward,accuracy,success}.png from metrics.jsonl (matplotlib, Agg backend); the
+    series of each plot come from the stage registry (`Stage.plot_keys`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,16 +111,16 @@ def write_plots(run_dir: Path) -> list[Path]:
     rows = read_metrics(run_dir / "metrics.jsonl")
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
-    specs = [
-        ("loss", [("lm", "loss"), ("sft", "loss"), ("grpo", "loss")], "loss"),
-        ("reward", [("grpo", "reward_mean")], "mean reward (expert match)"),
-        (
-            "accuracy",
-            [("sft", "action_prob"), ("grpo", "action_accuracy"), ("eval", "action_accuracy")],
-            "accuracy",
-        ),
-        ("success", [("eval", "success_rate")], "multi-turn success rate"),
-    ]
+    from trainer.stages import STAGES
+
+    ylabels = {"loss": "loss", "reward": "mean reward", "accuracy": "accuracy"}
+    series = {
+        name: [(s.name, s.plot_keys[name]) for s in STAGES.values() if name in s.plot_keys]
+        for name in ylabels
+    }
+    series["accuracy"].append(("eval", "action_accuracy"))
+    specs = [(name, series[name], ylabels[name]) for name in ylabels]
+    specs.append(("success", [("eval", "success_rate")], "multi-turn success rate"))
     written = []
     for name, series, ylabel in specs:
         fig, ax = plt.subplots(figsize=(6, 3.5))

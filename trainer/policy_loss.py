@@ -1,6 +1,10 @@
-"""Single-turn GRPO (the paper's method): rewards -> group advantages -> clipped policy loss.
+"""The policy loss every RL stage shares: sequences with advantages -> clipped loss over action tokens.
 
-Per rollout batch (B states x G responses on each rank, prompt-major):
+A `Sequence` is one sampled response (prompt ids, response ids, behaviour log-probs, one advantage
+broadcast to its tokens). Single-turn GRPO builds them from groups of G responses per state
+(`select_sequences`); the multi-turn baselines from the turns of played episodes (trainer/stages/).
+
+Single-turn GRPO, per rollout batch (B states x G responses on each rank, prompt-major):
 1. r = 1{parse_action(response) == expert_action} (trainer/reward.py);
 2. A = kernels.group_advantages(r, G) (zero-variance groups get exactly 0);
 3. zero-variance groups are DROPPED (counted): they carry no gradient but would cost compute.
@@ -23,10 +27,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from trainer.data import chunks, pack_completions
-from trainer.dist import all_reduce_sum
+from trainer.data import PACK_PAD, chunks, pack_completions
+from trainer.dist import all_reduce_max, all_reduce_sum, all_reduce_sums
 from trainer.reward import zero_variance_groups
 
 
@@ -85,34 +88,22 @@ def select_sequences(
     return GRPOBatch(kept, dummy, int(zero_var.sum()))
 
 
-def _all_reduce_max(x: int) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    t = torch.tensor([x], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())  # host sync
-
-
 def micro_batches(batch: GRPOBatch, micro_batch_size: int) -> list[tuple[list[Sequence], float]]:
     """(sequences, weight) per micro-batch, padded with zero-weight dummies to the max over ranks."""
     mbs = [(mb, 1.0) for mb in chunks(batch.sequences, micro_batch_size)]
-    n = _all_reduce_max(len(mbs))
+    n = all_reduce_max(len(mbs))
     mbs += [([batch.dummy], 0.0)] * (n - len(mbs))
     return mbs
 
 
 @torch.no_grad()
-def fill_reference_logprobs(
-    ref_model, ref_head, batch: GRPOBatch, *, micro_batch_size, pad_id, device, temperature
-):
+def fill_reference_logprobs(ref_model, ref_head, batch: GRPOBatch, *, micro_batch_size, device, temperature):
     """ref_logp of every kept (and the dummy) sequence under the frozen reference model."""
     from kernels.token_logprobs import token_logprobs
 
     for mb, _ in micro_batches(batch, micro_batch_size):
         packed = pack_completions(
-            [s.prompt for s in mb], [s.response for s in mb], pad_id=pad_id, device=device
+            [s.prompt for s in mb], [s.response for s in mb], pad_id=PACK_PAD, device=device
         )
         h = ref_model.hidden(packed.tokens)  # (B, T, D)
         logp_N = token_logprobs(
@@ -137,7 +128,6 @@ def grpo_forward_backward(
     clip_eps_high: float,
     kl_coef: float,
     temperature: float,
-    pad_id: int,
     device,
 ) -> dict[str, float]:
     """One epoch's gradients over this rank's micro-batches; returns globally normalized statistics.
@@ -146,10 +136,12 @@ def grpo_forward_backward(
     """
     from kernels.grpo_loss import grpo_loss
 
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, clip, ratio, kl, nonfinite
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    clipped = ratio = kl = 0.0
+    nonfinite = 0
     for mb, weight in mbs:
         packed = pack_completions(
-            [s.prompt for s in mb], [s.response for s in mb], pad_id=pad_id, device=device
+            [s.prompt for s in mb], [s.response for s in mb], pad_id=PACK_PAD, device=device
         )
         seq = packed.seq
         adv_N = torch.tensor([s.advantage for s in mb], dtype=torch.float32, device=device)[seq]  # (N,)
@@ -175,17 +167,19 @@ def grpo_forward_backward(
         loss.backward()
         if weight:
             d = loss.detach().double().cpu()
-            sums[0] += d
-            sums[1] += float(out.clip_frac)
-            sums[2] += float(out.ratio)
-            sums[3] += float(out.kl)
-            sums[4] += 0.0 if math.isfinite(float(d)) else 1.0
-    sums = all_reduce_sum(sums)
+            loss_sum += d
+            clipped += float(out.clip_count)
+            ratio += float(out.ratio)
+            kl += float(out.kl)
+            nonfinite += 0 if math.isfinite(float(d)) else 1
+    sums = all_reduce_sums(
+        {"loss": float(loss_sum), "clipped": clipped, "ratio": ratio, "kl": kl, "nonfinite": nonfinite}
+    )
     n = max(global_tokens, 1.0)
     return {
-        "loss": float(sums[0]),
-        "clip_frac": float(sums[1]) / n,
-        "ratio": float(sums[2]) / n,
-        "kl": float(sums[3]) / n,
-        "nonfinite": int(sums[4]),
+        "loss": sums["loss"],
+        "clip_frac": sums["clipped"] / n,
+        "ratio": sums["ratio"] / n,
+        "kl": sums["kl"] / n,
+        "nonfinite": int(sums["nonfinite"]),
     }

@@ -1,4 +1,4 @@
-"""The run's preparation stages: games -> expert states -> tokenizer -> examples, and the model.
+"""What a run prepares before training: games -> expert states -> tokenizer, and the model.
 
 Default (from-scratch) run, everything cached under data.games_dir and reused when present:
 1. `harness.generate_games` for the train split and the held-out eval splits;
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.data import prompt_messages, read_states
+from trainer.data import prompt_messages
 from trainer.dist import barrier, broadcast_object, is_main
 
 _WORKERS = max(1, min(4, os.cpu_count() or 1))  # env processes for generation / expert states
@@ -129,6 +129,8 @@ def _train_tokenizer(states_path: Path, data_cfg, root: Path) -> Path:
     path = root / name
     if path.exists():
         return path
+    from harness import read_states
+
     texts = []
     for state in read_states(states_path):
         texts.extend(

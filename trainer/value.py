@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainer.data import PACK_PAD
 from trainer.dist import all_reduce_sum
 
 
@@ -41,7 +42,7 @@ class ValueHead(nn.Module):
 
 @torch.no_grad()
 def state_features(
-    model, prompts: list[list[int]], *, pad_id: int, device, micro_batch_size: int = 32
+    model, prompts: list[list[int]], *, device, micro_batch_size: int = 32, pad_id: int = PACK_PAD
 ) -> torch.Tensor:
     """Final hidden state at the last token of each prompt: [n, D] fp32 on cpu (no grad).
 

@@ -121,7 +121,8 @@ def test_shipped_compare_configs_parse(name, tmp_path):
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
 
-    from trainer.compare import _toml, load_compare_config, plan_runs
+    from trainer.compare import load_compare_config, plan_runs
+    from trainer.config import dump_toml
 
     path = REPO / "configs" / f"{name}.toml"
     with open(path, "rb") as f:
@@ -134,7 +135,7 @@ def test_shipped_compare_configs_parse(name, tmp_path):
         (hf / "tokenizer.json").write_text("{}")
         raw.setdefault("model", {})["path"] = str(hf)
     path = tmp_path / f"{name}.toml"
-    path.write_text(_toml(raw))
+    path.write_text(dump_toml(raw))
     cc, raw = load_compare_config(path)
     specs = plan_runs(cc, raw)
     assert len(specs) == len(cc.seeds) * (1 + len([m for m in cc.methods if m != "sft"]))
@@ -147,12 +148,12 @@ def _check_greedy_bound_scores_the_eval_policy(out, run):
 
     from harness import parse_action, read_states, render_prompt
     from model import Tokenizer, load_hf_checkpoint
-    from trainer.policy import model_policy
+    from model.policy import ModelPolicy
 
     final = out / run["run"] / "final"
     model, mcfg = load_hf_checkpoint(final, device=torch.device("cpu"), dtype=torch.float32)
     tok = Tokenizer.from_file(str(final / "tokenizer.json"))
-    pol = model_policy(model, tok, max_new_tokens=4, max_seq_len=mcfg.max_seq_len, decoding="rank")
+    pol = ModelPolicy(model, tok, max_new_tokens=4, max_seq_len=mcfg.max_seq_len, decoding="rank")
     states = read_states(out / "bound-expert-states.jsonl")
     acts = pol([render_prompt(s, 2, False) for s in states], admissible=[s["admissible"] for s in states])
     want = {}

@@ -39,7 +39,7 @@ def _plain_grpo(hidden, weight, targets, adv, old, ref, kl_coef, lo, hi, tempera
     zero = torch.zeros_like(logp)
     return GRPOLossOutput(
         loss=torch.where(valid, per_token, zero).sum(),
-        clip_frac=(valid & (clipped < unclipped)).sum().to(dt),
+        clip_count=(valid & (clipped < unclipped)).sum().to(dt),
         ratio=torch.where(valid, ratio, zero).sum().detach(),
         kl=torch.where(valid, kl, zero).sum().detach(),
         entropy=torch.where(valid, entropy, zero).sum().detach(),
@@ -116,12 +116,12 @@ def test_matches_fp64(backend, dtype, kl_coef, temperature):
     x = _logp(hidden.double(), weight.double(), targets, temperature) - old.double()
     edges = torch.tensor([0.8, 1.28], dtype=torch.float64, device=x.device).log()
     ambiguous = ((x[:, None] - edges).abs() <= margin).any(1) & (targets != -100)
-    assert truth[0].clip_frac.item() > 0, "the data must exercise clipping"
-    assert abs(out[0].clip_frac.item() - truth[0].clip_frac.item()) <= ambiguous.sum().item(), (
+    assert truth[0].clip_count.item() > 0, "the data must exercise clipping"
+    assert abs(out[0].clip_count.item() - truth[0].clip_count.item()) <= ambiguous.sum().item(), (
         "clipped-token counts differ"
     )
     assert out[0].num_tokens.item() == 35
-    assert not any(t.requires_grad for t in (out[0].clip_frac, out[0].ratio, out[0].kl, out[0].entropy))
+    assert not any(t.requires_grad for t in (out[0].clip_count, out[0].ratio, out[0].kl, out[0].entropy))
     assert torch.all(out[1][targets == -100] == 0), "ignored rows must get exactly zero gradient"
 
 

@@ -4,7 +4,7 @@ an admissible command, the greedy best among them), and harness.evaluate passing
 import pytest
 import torch
 
-from trainer.constrained import ActionTrie, action_trie, allowed_tokens_fn
+from model.constrained import ActionTrie, action_trie, allowed_tokens_fn
 
 ACTIONS = [
     "go to countertop 1",
@@ -65,14 +65,14 @@ def test_action_trie_is_the_sft_target_format(tok):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_constrained_policy_outputs_the_best_admissible_action(tok, seed):
     from harness import parse_action, render_prompt
-    from trainer.policy import model_policy
+    from model.policy import ModelPolicy
 
     torch.manual_seed(seed)
     model = _tiny_model(tok.vocab_size, seed=seed)
     states = STATES
     messages = [render_prompt(s, history_window=1) for s in states]
-    free = model_policy(model, tok, max_new_tokens=3, max_seq_len=512)
-    pol = model_policy(model, tok, max_new_tokens=3, max_seq_len=512, constrained=True)
+    free = ModelPolicy(model, tok, max_new_tokens=3, max_seq_len=512)
+    pol = ModelPolicy(model, tok, max_new_tokens=3, max_seq_len=512, constrained=True)
     assert pol.wants_admissible and not free.wants_admissible
     with pytest.raises(ValueError, match="admissible"):
         pol(messages)
@@ -114,12 +114,12 @@ def test_evaluate_passes_admissible_to_policies_that_want_it():
 def test_rank_policy_plays_the_most_probable_admissible_action(tok, seed):
     """decoding='rank': the argmax over admissible commands of the teacher-forced total log-prob."""
     from harness import render_prompt
-    from trainer.policy import model_policy
+    from model.policy import ModelPolicy
 
     model = _tiny_model(tok.vocab_size, seed=seed)
     states = STATES
     messages = [render_prompt(s, history_window=1) for s in states]
-    pol = model_policy(model, tok, max_new_tokens=3, max_seq_len=512, decoding="rank")
+    pol = ModelPolicy(model, tok, max_new_tokens=3, max_seq_len=512, decoding="rank")
     assert pol.wants_admissible
     with pytest.raises(ValueError, match="admissible"):
         pol(messages)
@@ -134,4 +134,4 @@ def test_rank_policy_plays_the_most_probable_admissible_action(tok, seed):
             totals.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(resp)))
         assert action == s["admissible"][max(range(len(totals)), key=totals.__getitem__)]
     with pytest.raises(ValueError, match="decoding"):
-        model_policy(model, tok, max_new_tokens=3, max_seq_len=512, decoding="beam")
+        ModelPolicy(model, tok, max_new_tokens=3, max_seq_len=512, decoding="beam")

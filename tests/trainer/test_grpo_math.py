@@ -8,9 +8,9 @@ import torch
 
 from model import LlamaConfig, Transformer
 from trainer.data import Example, batch_indices, pack_completions, rank_slice
-from trainer.grpo import GRPOBatch, Sequence, grpo_forward_backward, select_sequences
+from trainer.policy_loss import GRPOBatch, Sequence, grpo_forward_backward, select_sequences
 from trainer.reward import expert_match_rewards, zero_variance_groups
-from trainer.sft import sft_forward_backward
+from trainer.stages.sft import sft_forward_backward
 
 ADM = ["go to desk 1", "take mug 1 from desk 1", "look"]
 
@@ -142,7 +142,7 @@ def test_grpo_loss_value_by_hand_and_token_normalization():
     gen = torch.Generator().manual_seed(0)
     seqs = _sequences(m, gen)
     n_tok = sum(len(s.response) for s in seqs)
-    kw = dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0, temperature=1.0, pad_id=0, device="cpu")
+    kw = dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0, temperature=1.0, device="cpu")
     stats = grpo_forward_backward(m, lambda: m.output.weight, [(seqs, 1.0)], global_tokens=n_tok, **kw)
     # ratio == 1 on every token: loss = -sum_s A_s * len_s / N, nothing clipped.
     want = -sum(s.advantage * len(s.response) for s in seqs) / n_tok
@@ -170,7 +170,7 @@ def test_grpo_gradient_matches_hand_derivation():
     gen = torch.Generator().manual_seed(1)
     seqs = _sequences(m, gen, n=3)
     n_tok = sum(len(s.response) for s in seqs)
-    kw = dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0, temperature=1.0, pad_id=0, device="cpu")
+    kw = dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0, temperature=1.0, device="cpu")
     grpo_forward_backward(m, lambda: m.output.weight, [(seqs, 1.0)], global_tokens=n_tok, **kw)
     got = _grads(m)
     m.zero_grad(set_to_none=True)
@@ -218,7 +218,7 @@ def test_sft_micro_batches_compose_and_loss_is_mean_token_nll():
 def test_dummy_microbatch_adds_exactly_zero_gradient():
     m = _tiny_model(3)
     seqs = _sequences(m, torch.Generator().manual_seed(3), n=2)
-    kw = dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0, temperature=1.0, pad_id=0, device="cpu")
+    kw = dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0, temperature=1.0, device="cpu")
     stats = grpo_forward_backward(m, lambda: m.output.weight, [(seqs, 0.0)], global_tokens=3.0, **kw)
     assert stats["loss"] == 0.0
     for n, p in m.named_parameters():

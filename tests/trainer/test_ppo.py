@@ -3,7 +3,7 @@
 - `collect_episodes` on generated games: every turn's recorded log-probs are the policy's own
   (teacher-forced recomputation agrees), prompts are the single-turn chat format, features are the
   hidden state at the last prompt token.
-- `ppo` and `grpo-multiturn` steps (the real MultiTurnStage: sequences, GAE / group advantages,
+- `ppo` and `grpo-multiturn` steps (the real registered stages: sequences, GAE / group advantages,
   value head, kernels.grpo_loss update) on a trivially learnable two-turn toy task that stands in for
   the env: the episode is won when the first sampled token of BOTH turns is in the "good" half of
   the vocabulary. The exact probability of a good token must rise within a few steps.
@@ -19,10 +19,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import trainer.ppo as ppo_mod
+import trainer.stages.multiturn as mt_mod
 from trainer.config import RolloutConfig, build_config
-from trainer.loop import StepRunner, make_optimizer
-from trainer.multiturn import CollectStats, EpisodeRollout, Turn
+from trainer.episodes import CollectStats, EpisodeRollout, Turn, step_games
+from trainer.optim import make_optimizer
+from trainer.stages import STAGES, StageContext, StageSpan
+from trainer.stages.grpo_multiturn import group_episode_advantages
+from trainer.stages.ppo import ppo_advantages
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("ALFWORLD_DATA", str(REPO / "data" / "alfworld"))
@@ -80,24 +83,28 @@ def _good_prob(model) -> float:
     return sum(probs) / len(probs)
 
 
-def _stage(monkeypatch, algo: str, **ppo_overrides):
+def _build_stage(algo: str, cfg, info, total: int):
+    """(model, fsdp, ctx, stage) of a registered multi-turn stage on a fresh tiny model."""
     from trainer.fsdp import apply_fsdp
 
-    monkeypatch.setattr(ppo_mod, "collect_episodes", _toy_collect)
-    monkeypatch.setattr(ppo_mod, "train_games", lambda data_cfg: [f"toy{i}" for i in range(8)])
-    ppo = {"episodes_per_step": 16, "group_size": 4, "micro_batch_size": 64, "lr": 1e-2, "value_lr": 3e-2}
-    ppo.update(ppo_overrides)
-    cfg = build_config({"ppo": ppo, "rollout": {"max_new_tokens": 1}, "optim": {"lr": 1e-2}})
     torch.manual_seed(0)
     model = _tiny_model(V)
     fsdp = apply_fsdp(model)
-    info = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
     tok = SimpleNamespace(pad_id=0, eot_id=1)
-    runner = StepRunner(model=model, fsdp=fsdp, tokenizer=tok, examples=[], cfg=cfg, info=info)
-    runner.optimizer = make_optimizer(fsdp, cfg.optim, cfg.ppo.lr)
-    stage = ppo_mod.MultiTurnStage(
-        runner, algo, ppo_cfg=cfg.ppo, rollout_cfg=cfg.rollout, data_cfg=cfg.data, run_seed=0
-    )
+    ctx = StageContext(model=model, fsdp=fsdp, tokenizer=tok, examples=[], cfg=cfg, info=info)
+    ctx.optimizer = make_optimizer(fsdp, cfg.optim, cfg.ppo.lr)
+    return model, fsdp, ctx, STAGES[algo](ctx, StageSpan(algo, 1, total))
+
+
+def _stage(monkeypatch, algo: str, **ppo_overrides):
+    monkeypatch.setattr(mt_mod, "collect_episodes", _toy_collect)
+    monkeypatch.setattr(mt_mod, "train_games", lambda data_cfg: [f"toy{i}" for i in range(8)])
+    ppo = {"episodes_per_step": 16, "group_size": 4, "micro_batch_size": 64, "lr": 1e-2, "value_lr": 3e-2}
+    ppo.update(ppo_overrides)
+    cfg = build_config({"ppo": ppo, "rollout": {"max_new_tokens": 1}, "optim": {"lr": 1e-2}})
+    info = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    model, fsdp, ctx, stage = _build_stage(algo, cfg, info, 8)
+    stage.ctx = ctx  # the tests step it as stage.step(stage.ctx, i)
     return model, fsdp, stage
 
 
@@ -106,7 +113,7 @@ def test_multiturn_algorithms_learn_toy_task(monkeypatch, algo):
     model, fsdp, stage = _stage(monkeypatch, algo)
     with fsdp.summon_full_params(dtype=torch.float32):
         before = _good_prob(model)
-    rows = [stage.step(step, step - 1, 8) for step in range(1, 9)]
+    rows = [stage.step(stage.ctx, i) for i in range(8)]
     with fsdp.summon_full_params(dtype=torch.float32):
         after = _good_prob(model)
     assert all(not r.get("skipped") for r in rows[:2]), rows[:2]
@@ -130,37 +137,37 @@ def test_ppo_advantages_hand_computed():
         EpisodeRollout("g", "x", True, False, [t, t]),
         EpisodeRollout("g", "x", False, False, [t]),
     ]
-    adv, ret = ppo_mod.ppo_advantages(eps, [torch.tensor([0.5, 0.5]), torch.tensor([0.2])], cfg)
+    adv, ret = ppo_advantages(eps, [torch.tensor([0.5, 0.5]), torch.tensor([0.2])], cfg)
     assert torch.allclose(adv[0], torch.tensor([0.5, 0.5])) and torch.allclose(adv[1], torch.tensor([-0.2]))
     assert torch.allclose(ret[0], torch.tensor([1.0, 1.0])) and torch.allclose(ret[1], torch.tensor([0.0]))
     cfg = build_config({"ppo": {"adv_whiten": True, "gamma": 1.0, "lam": 1.0}}).ppo
-    adv, _ = ppo_mod.ppo_advantages(eps, [torch.tensor([0.5, 0.5]), torch.tensor([0.2])], cfg)
+    adv, _ = ppo_advantages(eps, [torch.tensor([0.5, 0.5]), torch.tensor([0.2])], cfg)
     flat = torch.cat(adv)
     assert abs(float(flat.mean())) < 1e-6 and abs(float(flat.std(unbiased=False)) - 1) < 1e-4
-    assert ppo_mod.ppo_advantages([], [], cfg) == ([], []), "a rank without live episodes still joins"
+    assert ppo_advantages([], [], cfg) == ([], []), "a rank without live episodes still joins"
 
 
 def test_group_episode_advantages_and_games():
     t = Turn([1], [2], torch.zeros(1), "a", True)
     wins = [True, False, False, False, True, True, True, True]
     eps = [EpisodeRollout("g", "x", w, False, [t] * (i + 1)) for i, w in enumerate(wins)]
-    adv, zero = ppo_mod.group_episode_advantages(eps, 4, success_discount=1.0, adv_scale="none")
+    adv, zero = group_episode_advantages(eps, 4, success_discount=1.0, adv_scale="none")
     assert torch.allclose(adv, torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
     assert zero == 1
     # discounted: won after 5 / 6 / 7 / 8 turns -> group of different rewards
-    adv, zero = ppo_mod.group_episode_advantages(eps, 4, success_discount=0.5, adv_scale="none")
+    adv, zero = group_episode_advantages(eps, 4, success_discount=0.5, adv_scale="none")
     r = torch.tensor([0.5**4, 0.5**5, 0.5**6, 0.5**7])
     assert zero == 0 and torch.allclose(adv[4:], r - r.mean())
     games = [f"g{i}" for i in range(10)]
-    local = ppo_mod.step_games(games, 3, episodes=8, group_size=4, seed=0, rank=1, world=2)
+    local = step_games(games, 3, episodes=8, group_size=4, seed=0, rank=1, world=2)
     assert len(local) == 4 and len(set(local)) == 1, "one game per rank, repeated G times"
-    both = ppo_mod.step_games(games, 3, episodes=8, group_size=4, seed=0, rank=0, world=1)
+    both = step_games(games, 3, episodes=8, group_size=4, seed=0, rank=0, world=1)
     assert both[4:] == local
 
 
 def test_stage_spans_cover_multiturn_stages():
     cfg = build_config({"run": {"stages": ["sft", "ppo"]}, "sft": {"steps": 3}, "ppo": {"steps": 2}})
-    from trainer.loop import stage_spans
+    from trainer.stages import stage_spans
 
     spans = stage_spans(cfg)
     assert [(s.name, s.first, s.last) for s in spans] == [("sft", 1, 3), ("ppo", 4, 5)]
@@ -182,8 +189,8 @@ def test_collect_episodes_records_the_policys_own_turns(real_games):
     from model import train_tokenizer
     from trainer.data import pack_completions
     from trainer.fsdp import apply_fsdp
-    from trainer.multiturn import collect_episodes
-    from trainer.sft import action_logprobs
+    from trainer.episodes import collect_episodes
+    from trainer.stages.sft import action_logprobs
 
     tok = train_tokenizer(["go to countertop 1", "take cloth 1 from sinkbasin 1", "Your task is to"], 300)
     torch.manual_seed(0)
@@ -222,33 +229,22 @@ def test_collect_episodes_records_the_policys_own_turns(real_games):
 def _worker(out: Path) -> None:
     """2-rank gloo run of both stages on the toy task (launched by the test below via torchrun)."""
     from trainer.dist import destroy, init_distributed
-    from trainer.fsdp import apply_fsdp
 
     info = init_distributed()
     torch.set_num_threads(1)
-    ppo_mod.collect_episodes = _toy_collect
-    ppo_mod.train_games = lambda data_cfg: [f"toy{i}" for i in range(8)]
+    mt_mod.collect_episodes = _toy_collect
+    mt_mod.train_games = lambda data_cfg: [f"toy{i}" for i in range(8)]
     result = {}
     for algo in ("ppo", "grpo-multiturn"):
         ppo = {"episodes_per_step": 16, "group_size": 4, "micro_batch_size": 3, "lr": 1e-2, "value_lr": 3e-2}
         cfg = build_config({"ppo": ppo, "rollout": {"max_new_tokens": 1}, "optim": {"lr": 1e-2}})
-        torch.manual_seed(0)
-        model = _tiny_model(V)
-        fsdp = apply_fsdp(model)
-        tok = SimpleNamespace(pad_id=0, eot_id=1)
-        runner = StepRunner(model=model, fsdp=fsdp, tokenizer=tok, examples=[], cfg=cfg, info=info)
-        runner.optimizer = make_optimizer(fsdp, cfg.optim, cfg.ppo.lr)
-        stage = ppo_mod.MultiTurnStage(
-            runner, algo, ppo_cfg=cfg.ppo, rollout_cfg=cfg.rollout, data_cfg=cfg.data, run_seed=0
-        )
+        model, fsdp, ctx, stage = _build_stage(algo, cfg, info, 6)
         with fsdp.summon_full_params(dtype=torch.float32):
             before = _good_prob(model)
-        rows = [stage.step(step, step - 1, 6) for step in range(1, 7)]
+        rows = [stage.step(ctx, i) for i in range(6)]
         with fsdp.summon_full_params(dtype=torch.float32):
             after = _good_prob(model)
-        head = (
-            [p.detach().flatten().tolist() for p in stage.value_head.parameters()] if stage.value_head else []
-        )
+        head = [p.detach().flatten().tolist() for p in stage.value_head.parameters()] if algo == "ppo" else []
         result[algo] = {"before": before, "after": after, "rows": rows, "head": head}
     (out / f"rank{info.rank}.json").write_text(json.dumps(result))
     destroy()
@@ -283,7 +279,7 @@ def test_ppo_critic_round_trips_through_checkpoint_extra(monkeypatch):
     a resumed stage then continues the critic instead of restarting it from zero."""
     _, _, stage = _stage(monkeypatch, "ppo")
     for step in range(1, 3):
-        stage.step(step, step - 1, 8)
+        stage.step(stage.ctx, step - 1)
     state = stage.state_dict()
     assert set(state) == {"value_head", "value_opt"} and state["value_opt"]["state"], "AdamW moments saved"
     _, _, fresh = _stage(monkeypatch, "ppo")

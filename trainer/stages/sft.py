@@ -1,4 +1,5 @@
-"""Supervised fine-tuning on expert actions: cross-entropy over the action tokens (+ eot) only.
+"""The `sft` stage: supervised fine-tuning on expert actions, cross-entropy over the action tokens
+(+ the end-of-turn token) only.
 
 One optimizer step = a global batch of states split evenly over ranks and into micro-batches.
 For each micro-batch the model runs `hidden` over prompt+action, the hidden states at the positions
@@ -11,10 +12,13 @@ on one device, for any world size and micro-batch split.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from trainer.data import Example, chunks, pack_completions
+from trainer.data import PACK_PAD, Example, batch_indices, chunks, pack_completions, rank_slice
 from trainer.dist import all_reduce_sum
+from trainer.stages import Stage, StageContext, register
 
 
 def action_logprobs(model, head, packed) -> torch.Tensor:
@@ -27,7 +31,7 @@ def action_logprobs(model, head, packed) -> torch.Tensor:
 
 
 def sft_forward_backward(
-    model, head, examples: list[Example], *, micro_batch_size: int, pad_id: int, device
+    model, head, examples: list[Example], *, micro_batch_size: int, device, pad_id: int = PACK_PAD
 ) -> dict[str, float]:
     """Accumulate this rank's gradients for one SFT step; returns globally reduced statistics.
 
@@ -64,3 +68,60 @@ def sft_forward_backward(
         "num_tokens": int(global_tokens),
         "nonfinite": int(stats[2]),
     }
+
+
+def local_examples(ctx: StageContext, i: int, batch_size: int) -> list[Example]:
+    """This rank's share of global batch i (a pure function of the step: resume needs no state)."""
+    idx = batch_indices(i, batch_size, len(ctx.examples), ctx.cfg.data.seed)
+    return [ctx.examples[j] for j in rank_slice(idx, ctx.info.rank, ctx.info.world_size)]
+
+
+@register
+class SFTStage(Stage):
+    """One step = one global batch of expert states, loss on the expert action + end-of-turn."""
+
+    name = section = "sft"
+    label = "SFT"
+    method = "SFT"
+    kind = "supervised"
+    log_keys = ("loss", "action_prob", "grad_norm", "tokens_per_s")
+    plot_keys = {"loss": "loss", "accuracy": "action_prob"}
+
+    def examples(self, ctx: StageContext, i: int) -> list[Example]:
+        return local_examples(ctx, i, getattr(ctx.cfg, self.section).batch_size)
+
+    def step(self, ctx: StageContext, i: int) -> dict:
+        t0 = time.perf_counter()
+        local = self.examples(ctx, i)
+        stats = sft_forward_backward(
+            ctx.model,
+            lambda: ctx.head,
+            local,
+            micro_batch_size=getattr(ctx.cfg, self.section).micro_batch_size,
+            device=ctx.info.device,
+        )
+        self.postprocess(stats)
+        lr = self.lr(ctx, i)
+        norm, ok = ctx.apply_update(lr, stats["nonfinite"])
+        dt = time.perf_counter() - t0
+        tokens = all_reduce_sum(float(sum(len(e.prompt_ids) + len(e.target_ids) for e in local)))
+        return {
+            **stats,
+            "grad_norm": norm,
+            "lr": lr,
+            "skipped": not ok,
+            "tokens_per_s": tokens / dt / ctx.info.world_size,
+            "time_train": dt,
+        }
+
+    def postprocess(self, stats: dict) -> None:
+        """Stage-specific edits of the statistics row (the lm stage drops action_prob)."""
+
+    @classmethod
+    def finish(cls, ctx: StageContext) -> None:
+        """Export the SFT weights when a later stage needs them as its frozen reference."""
+        from trainer.stages import STAGES
+
+        later = ctx.cfg.run.stages[ctx.cfg.run.stages.index(cls.name) + 1 :]
+        if any(STAGES[s].needs_reference(ctx.cfg) for s in later):
+            ctx.export_once(ctx.reference_dir)
