@@ -105,6 +105,7 @@ def test_compare_toy_budget(tmp_path):
         assert r["bound_check"]["greedy_ok"] and "sampled_ok" in r["bound_check"]
     assert runs["ppo"]["tokens_per_gpu"] > 0 and runs["sft"]["tokens_per_gpu"] > 0
     _check_greedy_bound_scores_the_eval_policy(out, runs["grpo"])
+    _check_harness_cli_reproduces_the_eval(out / "grpo-s0", "grpo", tmp_path / "games" / "valid_unseen")
     md = (out / "comparison.md").read_text()
     assert "PPO (multi-turn)" in md and "Lower-bound check" in md
     assert json.loads((out / "comparison.json").read_text())["meta"]["budget_unit"].startswith("sampled")
@@ -161,3 +162,25 @@ def _check_greedy_bound_scores_the_eval_policy(out, run):
         want.setdefault(s["game"], []).append(parse_action(a, s["admissible"]) == s["expert_action"])
     got = {g: v["greedy"] for g, v in run["bound"]["per_game"].items() if v["steps"]}
     assert got == {g: w for g, w in want.items() if g in got} and got
+
+
+def _check_harness_cli_reproduces_the_eval(run_dir, label, games):
+    """`python -m harness evaluate --policy RUN/final` plays exactly the policy the trainer evaluated
+    (final/policy.json: ranked decoding, history 2, no system prompt, the eval step limit), so its
+    report equals the trainer's eval/<label>.json episode for episode."""
+    import subprocess
+    import sys
+
+    spec = json.loads((run_dir / "final" / "policy.json").read_text())
+    assert spec["decoding"] == "rank" and spec["history_window"] == 2 and spec["system_prompt"] is False
+    out = run_dir / "cli-eval"
+    cmd = [sys.executable, "-m", "harness", "evaluate", "--policy", str(run_dir / "final"),
+           "--games", str(games), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.with_suffix(".json").read_text())
+    want = json.loads((run_dir / "eval" / f"{label}.json").read_text())
+    for key in ("success_rate", "action_accuracy", "mean_steps_success", "invalid_action_rate"):
+        assert got[key] == want[key], key
+    strip = lambda eps: [{k: v for k, v in e.items() if "time" not in k and "second" not in k} for e in eps]  # noqa: E731
+    assert strip(got["episodes"]) == strip(want["episodes"])
