@@ -134,6 +134,8 @@ def convert_gguf(
         }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors creates the file 0600; a converted model is shared data.
+        os.chmod(tmp / "model.safetensors", 0o644)
         record = {"gguf": gguf_path.name, "bytes": gguf_path.stat().st_size, "sha256": _sha256(gguf_path)}
         (tmp / CONVERSION_FILE).write_text(json.dumps({**record, **(source or {})}, indent=2) + "\n")
     return out_dir
