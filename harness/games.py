@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -31,6 +32,8 @@ import alfworld.gen.constants as C
 import alfworld.gen.goal_library as glib
 
 from harness import scenes
+
+log = logging.getLogger(__name__)  # warnings print even when logging is not configured
 
 TASK_TYPES = (
     "pick_and_place_simple",
@@ -379,21 +382,46 @@ def find_games(root: str | Path, split: str | None = None) -> list[Path]:
     Accepts our generated directories and the official data (`$ALFWORLD_DATA/json_2.1.1`, with
     `split` in train/valid_seen/valid_unseen). Like `AlfredTWEnv.collect_game_files`: a game needs
     a `traj_data.json` next to it and `solvable: true`; movable/sliced trajectories are skipped.
+    Unreadable game files are left out with a warning each; `scan_games` returns them instead.
     """
+    games, unreadable = scan_games(root, split)
+    for path, why in unreadable:
+        log.warning(f"skipping unreadable game {path} ({why})")
+    return games
+
+
+def scan_games(root: str | Path, split: str | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(games, unreadable): `find_games`'s list, and the `game.tw-pddl` files it left out because
+    they cannot be read or parsed, each with the reason (missing: a dangling link; unreadable;
+    invalid JSON; not a JSON object). One cheap JSON parse per game (which `solvable` needs anyway); a game whose
+    files parse but fail to load later is an env failure of the worker that plays it."""
     root = Path(os.path.expandvars(str(root)))
     if split is not None and (root / split).is_dir():
         root = root / split
-    games = []
-    for path in sorted(root.rglob("game.tw-pddl")):
+    games, unreadable = [], []
+    # os.walk, not Path.rglob: rglob drops a dangling game.tw-pddl link silently (a missing game);
+    # like rglob it does not descend into symlinked directories.
+    found = [Path(d) / "game.tw-pddl" for d, dirs, files in os.walk(root) if "game.tw-pddl" in files + dirs]
+    for path in sorted(found):
         if not (path.parent / "traj_data.json").exists():
             continue
         if "movable" in str(path.parent) or "Sliced" in str(path.parent):
             continue
-        with open(path) as f:
-            if not json.load(f).get("solvable", False):
-                continue
-        games.append(path)
-    return games
+        try:
+            with open(path, encoding="utf-8") as f:
+                game = json.load(f)
+        except OSError as e:
+            unreadable.append((path, f"unreadable: {e.strerror or e}"))
+            continue
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            unreadable.append((path, f"invalid JSON: {e}"))
+            continue
+        if not isinstance(game, dict):
+            unreadable.append((path, f"not a JSON object ({type(game).__name__})"))
+            continue
+        if game.get("solvable", False):
+            games.append(path)
+    return games, unreadable
 
 
 def versions() -> dict:

@@ -72,3 +72,31 @@ def test_cli_evaluate_checkpoint_policy(tmp_path, train_games):
     report = json.loads((tmp_path / "rep.json").read_text())
     assert report["meta"]["policy"] == str(ckpt) and len(report["episodes"]) == 2
     assert all(e["steps"] == 2 for e in report["episodes"]) and "| **all** | 2 |" in out
+
+
+def test_cli_skips_unreadable_games_and_names_them(tmp_path, train_games):
+    """One good game among an invalid-JSON game.tw-pddl and a dangling one: `expert` and `evaluate`
+    play the good game and report the two they skipped (they used to abort on the first)."""
+    import shutil
+
+    root = tmp_path / "games"
+    good = root / "good" / "trial_0"
+    shutil.copytree(train_games[0].parent, good)
+    bad = root / "bad" / "trial_0"
+    bad.mkdir(parents=True)
+    shutil.copy(good / "traj_data.json", bad / "traj_data.json")
+    (bad / "game.tw-pddl").write_text((good / "game.tw-pddl").read_text()[:-40])  # a truncated copy
+    gone = root / "gone" / "trial_0"
+    gone.mkdir(parents=True)
+    shutil.copy(good / "traj_data.json", gone / "traj_data.json")
+    (gone / "game.tw-pddl").symlink_to(tmp_path / "deleted.tw-pddl")  # a dangling link: missing
+    skipped = (
+        f"skipped 2 unreadable games: {bad / 'game.tw-pddl'} (invalid JSON: "
+        f"Unterminated string starting at: line"
+    )
+    states = tmp_path / "states.jsonl"
+    out = _run("expert", "--games", str(root), "--out", str(states))
+    assert skipped in out and f"{gone / 'game.tw-pddl'} (unreadable: No such file or directory)" in out, out
+    assert f"states from 1 games -> {states}" in out, out
+    out = _run("evaluate", "--games", str(root), "--policy", "expert", "--max-steps", "30")
+    assert skipped in out and "| **all** | 1 | 100.0% |" in out, out

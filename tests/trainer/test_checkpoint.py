@@ -1,4 +1,5 @@
-"""Sharded checkpoints (trainer/checkpoint.py): resume, resharding 2 <-> 1 ranks, corrupt/partial, keep_last.
+"""Sharded checkpoints (trainer/checkpoint.py): resume, resharding 2 <-> 1 ranks, corrupt/partial, keep_last,
+checksums (same-size corruption falls back to the previous checkpoint), non-finite parameters refused.
 
 The fixture runs three worker phases once for the module (see tests/trainer/fsdp_worker.py):
 world 1 in this process (uninterrupted reference losses + a world-1 checkpoint at step 2), ONE
@@ -10,6 +11,9 @@ directly below on hand-made shard files.
 """
 
 import json
+import logging
+import re
+import struct
 
 import fsdp_worker
 import pytest
@@ -17,8 +21,18 @@ import torch
 from safetensors.torch import save_file
 from test_fsdp import assert_losses_equal, run_worker
 
-from trainer.checkpoint import _read_range, verify_checkpoint
+from trainer.checkpoint import (
+    CheckpointError,
+    _manifest_checksum,
+    _read_range,
+    export_final,
+    file_crc32,
+    load_latest_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from trainer.dist import DistInfo
+from trainer.fsdp import apply_fsdp
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +126,130 @@ def test_verify_checkpoint_rejects_bad_header(tmp_path):
     raw[8] = ord("x")  # same size, broken JSON header
     shard.write_bytes(bytes(raw))
     assert "header" in verify_checkpoint(tmp_path)
+
+
+# --- fault injection (world 1, in this process): corruption that keeps sizes, unusable extras,
+# --- all checkpoints bad, non-finite parameters
+
+
+def _train_and_save(run_dir, steps=(1, 2)):
+    """Hand FSDP at world 1: one AdamW step, then a checkpoint, per entry of `steps`. Returns the
+    master shards after each step ({step: {unit: tensor}}) and the fsdp + optimizer."""
+    model = fsdp_worker.build_model(tied=False)
+    fsdp = apply_fsdp(model)
+    opt = fsdp_worker.make_opt(fsdp.parameters())
+    shards = {}
+    for s in steps:
+        fsdp_worker.train_hand(model, fsdp, opt, WORLD1, 1, fsdp_worker.loss_hidden, start=s - 1)
+        save_checkpoint(run_dir, s, fsdp=fsdp, optimizer=opt, extra={"tag": f"step{s}"})
+        shards[s] = {n: t.clone() for n, t in fsdp.sharded_state_dict().items()}
+    return shards, fsdp, opt
+
+
+def _load(run_dir):
+    fsdp = apply_fsdp(fsdp_worker.build_model(tied=False))
+    extra = load_latest_checkpoint(run_dir, fsdp=fsdp, optimizer=fsdp_worker.make_opt(fsdp.parameters()))
+    return extra, fsdp
+
+
+def _flip(path, offset: int, n: int = 64) -> None:
+    """Invert n bytes at `offset` in place: the file keeps its size."""
+    raw = bytearray(path.read_bytes())
+    assert offset + n <= len(raw), f"{path} has {len(raw)} bytes"
+    raw[offset : offset + n] = bytes(b ^ 0xFF for b in raw[offset : offset + n])
+    path.write_bytes(bytes(raw))
+
+
+def _safetensors_data_start(path) -> int:
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    return 8 + n
+
+
+WORLD1 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("target", ["shard", "extra", "manifest"])
+def test_same_size_corruption_is_detected_and_the_previous_checkpoint_loads(tmp_path, caplog, target):
+    shards, _, _ = _train_and_save(tmp_path)
+    step2 = tmp_path / "checkpoints" / "step_2"
+    if target == "shard":
+        shard = step2 / "shard_rank0.safetensors"
+        _flip(shard, _safetensors_data_start(shard) + 100)  # inside the tensor data, header intact
+        want = "shard_rank0.safetensors checksum mismatch"
+    elif target == "extra":
+        extra = step2 / "extra_rank0.pt"
+        _flip(extra, extra.stat().st_size // 2)
+        want = "extra_rank0.pt checksum mismatch"
+    else:  # a digit of the step: the manifest still parses and names every file
+        mf = step2 / "manifest.json"
+        mf.write_text(mf.read_text().replace('"step": 2', '"step": 7'))
+        want = "manifest.json checksum mismatch"
+    assert want in (verify_checkpoint(step2) or ""), verify_checkpoint(step2)
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        extra, fsdp = _load(tmp_path)
+    assert (extra["step"], extra["tag"]) == (1, "step1"), f"loaded {extra}"
+    for name, t in fsdp.sharded_state_dict().items():
+        assert torch.equal(t, shards[1][name]), f"{name}: not the step-1 weights"
+    assert any(str(step2) in r.getMessage() and want in r.getMessage() for r in caplog.records), caplog.text
+
+
+def _rewrite_manifest_entry(ckpt, name: str) -> None:
+    """Record `name`'s current size and crc32 (and re-sign the manifest), as if it had been saved so."""
+    mf = ckpt / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    manifest["files"][name] = {"bytes": (ckpt / name).stat().st_size, "crc32": file_crc32(ckpt / name)}
+    manifest["checksum"] = _manifest_checksum(manifest)
+    mf.write_text(json.dumps(manifest))
+
+
+def test_extra_that_does_not_unpickle_is_skipped_and_named(tmp_path, caplog):
+    """The second line of defence: checksums match (e.g. a pickle of a class that no longer exists),
+    yet torch.load fails; the checkpoint is skipped, not the run."""
+    _train_and_save(tmp_path)
+    step2 = tmp_path / "checkpoints" / "step_2"
+    (step2 / "extra_rank0.pt").write_bytes(b"\x80\x04this is not a pickle")
+    _rewrite_manifest_entry(step2, "extra_rank0.pt")
+    assert verify_checkpoint(step2) is None
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        extra, _ = _load(tmp_path)
+    assert extra["step"] == 1, f"loaded {extra}"
+    assert any(str(step2) in r.getMessage() and "extra_rank0.pt does not unpickle" in r.getMessage()
+               for r in caplog.records), caplog.text  # fmt: skip
+
+
+def test_all_checkpoints_corrupt_is_an_error_naming_each(tmp_path):
+    _train_and_save(tmp_path)
+    root = tmp_path / "checkpoints"
+    shard1 = root / "step_1" / "shard_rank0.safetensors"
+    _flip(shard1, _safetensors_data_start(shard1) + 8)
+    (root / "step_2" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError) as err:
+        _load(tmp_path)
+    msg = str(err.value)
+    assert "2 checkpoint(s)" in msg and "none is usable" in msg, msg
+    assert f"{root / 'step_1'}: shard_rank0.safetensors checksum mismatch" in msg, msg
+    assert f"{root / 'step_2'}: partial: no manifest.json" in msg, msg
+
+
+def test_no_checkpoint_at_all_returns_none(tmp_path):
+    assert _load(tmp_path)[0] is None  # no checkpoints/ directory
+    (tmp_path / "checkpoints" / ".tmp_step_1").mkdir(parents=True)  # a first save that never committed
+    assert _load(tmp_path)[0] is None
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_non_finite_parameter_is_never_saved(tmp_path, export):
+    _, fsdp, opt = _train_and_save(tmp_path / "run", steps=(1,))
+    unit, shard = next(iter(fsdp.sharded_state_dict().items()))
+    layout = next(u for u in fsdp.layout()["units"] if u["name"] == unit)
+    slot = layout["params"][-1]  # poison the unit's last parameter: its name must be found by offset
+    shard[slot["offset"] + 5] = float("nan")
+    shard[slot["offset"] + 9] = float("inf")
+    want = rf"2 non-finite parameter values \(first: {re.escape(slot['fqns'][0])} element 5\)"
+    with pytest.raises(CheckpointError, match=want):
+        if export:
+            export_final(tmp_path / "final", fsdp, fsdp_worker.build_model(tied=False).config, None)
+        else:
+            save_checkpoint(tmp_path / "run", 2, fsdp=fsdp, optimizer=opt, extra={})
+    assert not (tmp_path / "final").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_1"]

@@ -1,5 +1,10 @@
 """Config loading and validation: TOML + typed CLI overrides, clear errors before any work."""
 
+import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +133,76 @@ def test_algo_flag_selects_the_rl_stage_after_the_pre_rl_stages():
         parse_args(["--config", tiny, "--algo", "dpo"])
     with pytest.raises(ConfigError, match="give one"):
         parse_args(["--config", tiny, "--algo", "ppo", "--run.stages=sft"])
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--optim.eps=-1"], r"optim\.eps must be > 0, got -1\.0"),
+        (["--optim.eps=0"], r"optim\.eps must be > 0, got 0\.0"),
+        (["--optim.lr=inf"], r"optim\.lr=inf must be a finite number"),
+        (["--optim.lr=nan"], r"optim\.lr=nan must be a finite number"),
+        (["--optim.grad_clip=inf"], r"optim\.grad_clip=inf must be a finite number"),
+        (["--optim.beta2=1"], r"optim\.beta2 must be in \[0, 1\), got 1\.0"),
+        (["--optim.min_lr_ratio=nan"], r"optim\.min_lr_ratio=nan must be a finite number"),
+        (["--sft.lr=inf"], r"sft\.lr=inf must be a finite number"),
+        (["--grpo.lr=-1"], r"grpo\.lr must be >= 0, got -1\.0"),
+        (["--rollout.temperature=inf"], r"rollout\.temperature=inf must be a finite number"),
+        (["--rollout.temperature=0"], r"rollout\.temperature must be > 0 for sampling, got 0\.0"),
+        (["--grpo.kl_coef=inf"], r"grpo\.kl_coef=inf must be a finite number"),
+        (["--grpo.clip_eps_high=inf"], r"grpo\.clip_eps_high=inf must be a finite number"),
+        (["--ppo.gamma=nan"], r"ppo\.gamma=nan must be a finite number"),
+        (["--ppo.lam=1.5"], r"ppo\.lam must be in \[0, 1\], got 1\.5"),
+        (["--ppo.value_lr=inf"], r"ppo\.value_lr=inf must be a finite number"),
+        (["--ppo.success_discount=0"], r"ppo\.success_discount must be in \(0, 1\], got 0\.0"),
+        (["--model.rope_theta=inf"], r"model\.rope_theta=inf must be a finite number"),
+        (["--run.name=.."], r"run\.name='\.\.' must be a plain directory name"),
+        (["--run.name=."], r"run\.name='\.' must be a plain directory name"),
+        (["--run.name="], r"run\.name='' must be a plain directory name"),
+        (["--run.name=a/b"], r"run\.name='a/b' must be a plain directory name"),
+        (["--resume", "--overwrite"], r"--resume and --overwrite contradict"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_args(argv)
+
+
+def test_run_name_with_a_nul_byte_is_rejected():
+    with pytest.raises(ConfigError, match=r"run\.name='a\\x00b' must be a plain directory name"):
+        build_config({"run": {"name": "a\0b"}})
+
+
+def test_overwrite_flag_sets_checkpoint_overwrite():
+    assert parse_args(["--overwrite"]).checkpoint.overwrite is True
+    assert parse_args([]).checkpoint.overwrite is False
+
+
+def test_toml_syntax_error_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlr = 1e-3\neps = = 2\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(bad))}: invalid TOML: .*\(at line 3, column 7\)"):
+        parse_args(["--config", str(bad)])
+
+
+@pytest.mark.parametrize("case", ["toml", "value"])
+def test_main_prints_one_line_and_exits_2_on_a_config_error(tmp_path, case):
+    """`python trainer/main.py` with a bad config: one `config error:` line on stderr, nothing else,
+    exit status 2. Under torchrun (TORCHELASTIC_ERROR_FILE set) the message also goes to the error
+    file, which torchrun's failure summary shows as the root cause."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlr = 1e-3\neps = = 2\n" if case == "toml" else "[optim]\nlr = inf\n")
+    env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json")} if case == "value" else None
+    proc = subprocess.run([sys.executable, str(REPO / "trainer" / "main.py"), "--config", str(bad)],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
+    want = (
+        f"{bad}: invalid TOML: Invalid value (at line 3, column 7)" if case == "toml" else "optim.lr=inf must"
+    )
+    assert lines[0].startswith("config error: ") and want in lines[0], lines[0]
+    if case == "value":
+        recorded = json.loads((tmp_path / "error.json").read_text())["message"]
+        assert recorded["message"] == lines[0] and recorded["extraInfo"]["py_callstack"] == lines[0], recorded
