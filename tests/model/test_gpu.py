@@ -1,4 +1,8 @@
-"""CUDA checks (run by bench/gpu_check.sh): flash-attn path vs SDPA, and generate on the GPU vs the CPU."""
+"""CUDA checks (run by bench/gpu_check.sh): flash-attn path vs SDPA, generate on the GPU vs the CPU, and
+FlexAttention (packed rows, model/masks.py) vs the dense SDPA mask."""
+
+import copy
+import random
 
 import pytest
 import torch
@@ -53,3 +57,86 @@ def test_score_continuations_cuda_matches_cpu(hf_pair):
         got = score_continuations(ours.to(dtype), prompts, conts)
         for g_row, c_row in zip(got, cpu):
             assert max(abs(g - c) for g, c in zip(g_row, c_row)) <= tol, (dtype, g_row, c_row)
+
+
+def _flex_case():
+    """Shared-prefix rows longer than one 128 block: several groups per row, padding, full tiles."""
+    from model.masks import build_shared_prefix_batch
+
+    rng = random.Random(0)
+    groups = [
+        ([rng.randrange(3, 1003) for _ in range(P)], [[rng.randrange(3, 1003)] * rng.randint(1, 9) for _ in range(G)])
+        for P, G in [(300, 3), (90, 5), (37, 8), (140, 1)]
+    ]  # fmt: skip
+    (mb,) = build_shared_prefix_batch(groups, max_tokens=4096, row_len=400, device="cuda")
+    return mb
+
+
+def _logp_and_grads(model, mb, attn_mask, loss_w):
+    from kernels.token_logprobs import token_logprobs
+
+    h = model.hidden(mb.tokens, positions=mb.positions, attn_mask=attn_mask)  # (B, T, D)
+    h_N = h[mb.rows, mb.cols]
+    if h_N.dtype == torch.float64:  # the fused op takes fp32/bf16/fp16
+        logp = model.output(h_N).log_softmax(-1).gather(1, mb.targets[:, None])[:, 0]
+    else:
+        logp = token_logprobs(h_N, model.output.weight, mb.targets)
+    (logp.double() * loss_w).sum().backward()
+    grads = {n: p.grad.double() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return logp.detach().double(), grads
+
+
+def test_flex_attention_matches_dense_sdpa(hf_pair):
+    """A SegmentMask on CUDA runs compiled FlexAttention; log-probs and gradients, fp32 and bf16, against
+    fp64 (dense SDPA): FlexAttention's error at most twice the dense bool-mask SDPA's in the same dtype."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    _, ours = hf_pair(seed=3, n_kv_heads=2)
+    mb = _flex_case()
+    assert mb.tokens.shape[0] == 2 and mb.tokens.shape[1] > 128
+    block_mask = mb.mask.for_attention("cuda")
+    assert isinstance(block_mask, BlockMask) and int(block_mask.full_kv_num_blocks.sum()) > 0
+    loss_w = torch.randn(
+        mb.num_tokens, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    ).cuda()
+    truth, g_truth = _logp_and_grads(copy.deepcopy(ours).double().cuda(), mb, mb.mask.dense(), loss_w)
+    for dtype, floor in ((torch.float32, 1e-6), (torch.bfloat16, 1e-3)):
+        model = copy.deepcopy(ours).to(dtype).cuda()
+        flex, g_flex = _logp_and_grads(model, mb, mb.mask, loss_w)  # -> FlexAttention
+        dense, g_dense = _logp_and_grads(model, mb, mb.mask.dense(), loss_w)  # -> SDPA
+        e_flex, e_dense = (flex - truth).abs().max().item(), (dense - truth).abs().max().item()
+        assert e_flex <= 2 * e_dense + floor, (
+            f"{dtype} log-prob error: flex {e_flex:.3e}, dense {e_dense:.3e}"
+        )
+        for name, g in g_truth.items():
+            scale = g.abs().max().item()
+            e_f, e_d = (g_flex[name] - g).abs().max().item(), (g_dense[name] - g).abs().max().item()
+            assert e_f <= 2 * e_d + floor * scale, (
+                f"{dtype} {name}: grad error flex {e_f:.3e}, dense {e_d:.3e}"
+            )
+
+
+def test_flex_attention_new_mask_same_shape_does_not_recompile(hf_pair):
+    """Every micro-batch brings a new BlockMask (new ids captured by its mask_mod): same shapes, no recompile."""
+    import torch._dynamo
+
+    from model.masks import build_shared_prefix_batch
+
+    _, ours = hf_pair(seed=4, n_kv_heads=2)
+    ours = ours.cuda()
+    rng = random.Random(1)
+
+    def batch(spec):
+        groups = [([rng.randrange(3, 1003) for _ in range(P)], [[5] * n for n in ns]) for P, ns in spec]
+        (mb,) = build_shared_prefix_batch(groups, max_tokens=4096, pad_to=128, device="cuda")
+        return mb
+
+    a, b = batch([(200, [3, 4, 5]), (150, [2, 9])]), batch([(60, [1] * 8), (280, [7, 7])])
+    assert a.tokens.shape == b.tokens.shape == (1, 384) and not torch.equal(a.mask.segment, b.mask.segment)
+    for mb, strict in ((a, False), (b, True)):
+        with torch._dynamo.config.patch(error_on_recompile=strict):
+            h = ours.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask)
+            h.sum().backward()
+        dense = ours.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask.dense())
+        assert (h - dense).abs().max().item() <= 1e-4

@@ -341,3 +341,31 @@ def test_for_attention_is_dense_on_cpu():
     (mb,) = build_packed_causal_batch([([1, 2, 3], [4]), ([5], [6, 7])], max_tokens=64)
     got = mb.mask.for_attention("cpu")
     assert isinstance(got, torch.Tensor) and torch.equal(got, mb.mask.dense())
+
+
+@pytest.mark.slow
+def test_compiled_flex_attention_cpu_equals_dense():
+    """The block tables through a real block-sparse kernel (inductor's CPU FlexAttention, forward only):
+    skipped tiles and full tiles (where the rule is not applied) must not change the result. The CUDA
+    kernel is checked in tests/model/test_gpu.py; this one needs a C++ compiler and ~1-2 min of compile."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention)
+    groups = _random_groups(11, [300, 90, 37, 140], [3, 5, 8, 1])
+    rng = random.Random(12)
+    examples = [(_ids(rng.randint(1, 200), rng), _ids(rng.randint(0, 20), rng)) for _ in range(9)]
+    masks = [
+        build_shared_prefix_batch(groups, max_tokens=4096, row_len=400)[0].mask,  # (2, T): rows + padding
+        build_packed_causal_batch(examples, max_tokens=4096, row_len=700)[0].mask,  # another T: dynamic
+    ]
+    g = torch.Generator().manual_seed(13)
+    for mask in masks:
+        B, T = mask.shape
+        q, k, v = (torch.randn(B, h, T, 16, generator=g) for h in (4, 2, 2))
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.dense()[:, None], enable_gqa=True
+        )
+        with torch.no_grad():
+            out = flex(q, k, v, block_mask=mask.block_mask(), enable_gqa=True)
+        err = (out - ref).abs().max().item()
+        assert err <= 1e-5, f"compiled flex vs dense SDPA on {tuple(mask.shape)}: {err:.3e}"
