@@ -55,7 +55,7 @@ from trainer.data import Example
 from trainer.dist import destroy, init_distributed
 from trainer.fsdp import apply_fsdp
 from trainer.optim import make_optimizer, optimizer_step
-from trainer.policy_loss import select_sequences
+from trainer.policy_loss import Layout, select_sequences
 from trainer.stages import StageContext
 from trainer.stages.sft import sft_forward_backward
 from trainer.train import peak_memory_mb
@@ -225,7 +225,7 @@ def grpo_step(s: Setup, timer: PhaseTimer, step: int) -> dict:
     rewards = (torch.arange(len(responses)) % 2 == 0).float()  # half right per group: all groups kept
     batch = select_sequences(s.prompts, responses, logprobs, rewards, G)
     settings = UpdateSettings(
-        micro_batch_size=a.micro_batch, epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
+        layout=Layout(micro_batch_size=a.micro_batch), epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
         kl_coef=a.kl_coef, temperature=1.0,
     )  # fmt: skip
     policy_update(_context(s), batch, settings, lr=1e-6, timer=timer)

@@ -23,6 +23,7 @@ dummy micro-batch whose loss is multiplied by 0 (exactly zero gradient, the coll
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -88,28 +89,103 @@ def select_sequences(
     return GRPOBatch(kept, dummy, int(zero_var.sum()))
 
 
-def micro_batches(batch: GRPOBatch, micro_batch_size: int) -> list[tuple[list[Sequence], float]]:
-    """(sequences, weight) per micro-batch, padded with zero-weight dummies to the max over ranks."""
-    mbs = [(mb, 1.0) for mb in chunks(batch.sequences, micro_batch_size)]
+@dataclass
+class MicroBatch:
+    """One forward/backward's worth of sequences and their packed inputs."""
+
+    sequences: list[Sequence]
+    """In token order: packed.seq[n] indexes this list."""
+    weight: float
+    """1, or 0 for a padding dummy (exactly zero gradient; the FSDP collectives still run)."""
+    packed: object
+    """trainer.data.PackedBatch (padded rows) or model.masks.PackedRows (shared-prefix rows)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How sequences become rows: `shared_prefix` puts each group's prompt once per row, followed
+    by its responses (tree mask, positions restart after the prompt); micro-batches then hold at most
+    `max_tokens` computed tokens (B x T). Otherwise each sequence is its own right-padded row and a
+    micro-batch holds `micro_batch_size` sequences (the reference path)."""
+
+    shared_prefix: bool = False
+    micro_batch_size: int = 32
+    max_tokens: int = 8192
+    row_len: int | None = None
+    """Longest row (default max_tokens): attention over a row costs its length squared."""
+
+
+def _groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Consecutive sequences with the same prompt (a GRPO group; a multi-turn turn is its own)."""
+    out: list[list[Sequence]] = []
+    for s in seqs:
+        if out and (s.prompt is out[-1][0].prompt or s.prompt == out[-1][0].prompt):
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
+
+
+def _pack(seqs: list[Sequence], layout: Layout, device) -> list[MicroBatch]:
+    if not layout.shared_prefix:
+        return [
+            MicroBatch(
+                mb, 1.0, pack_completions([s.prompt for s in mb], [s.response for s in mb], device=device)
+            )
+            for mb in chunks(seqs, layout.micro_batch_size)
+        ]
+    from model.masks import build_shared_prefix_batch
+
+    groups = _groups(seqs)
+    packed = build_shared_prefix_batch(
+        [(g[0].prompt, [s.response for s in g]) for g in groups], max_tokens=layout.max_tokens,
+        row_len=layout.row_len, pad_id=PACK_PAD, device=device,
+    )  # fmt: skip
+    out, lo = [], 0
+    for p in packed:  # micro-batches hold consecutive sequences (the packer keeps input order)
+        hi = int(p.seq.max()) + 1
+        out.append(MicroBatch(seqs[lo:hi], 1.0, _shift_seq(p, lo)))
+        lo = hi
+    assert lo == len(seqs), "every sequence is in exactly one micro-batch"
+    return out
+
+
+def _shift_seq(p, lo: int):
+    from dataclasses import replace
+
+    return replace(p, seq=p.seq - lo)
+
+
+def micro_batches(batch: GRPOBatch, layout: Layout, *, device="cpu") -> list[MicroBatch]:
+    """This rank's micro-batches, padded with zero-weight dummies to the max count over ranks."""
+    mbs = _pack(batch.sequences, layout, device)
     n = all_reduce_max(len(mbs))
-    mbs += [([batch.dummy], 0.0)] * (n - len(mbs))
+    if n > len(mbs):
+        dummy = _pack([batch.dummy], layout, device)[0]
+        mbs += [MicroBatch(dummy.sequences, 0.0, dummy.packed)] * (n - len(mbs))
     return mbs
 
 
+def _hidden(model, packed) -> torch.Tensor:
+    """model.hidden over padded rows (causal) or shared-prefix rows (positions + tree mask)."""
+    if getattr(packed, "mask", None) is None:
+        return model.hidden(packed.tokens)  # (B, T, D)
+    return model.hidden(packed.tokens, positions=packed.positions, attn_mask=packed.mask)
+
+
 @torch.no_grad()
-def fill_reference_logprobs(ref_model, ref_head, batch: GRPOBatch, *, micro_batch_size, device, temperature):
-    """ref_logp of every kept (and the dummy) sequence under the frozen reference model."""
+def fill_reference_logprobs(ref_model, ref_head, mbs: list[MicroBatch], *, temperature: float, autocast=None):
+    """ref_logp of every sequence of `mbs` (the dummies' too) under the frozen reference model."""
     from kernels.token_logprobs import token_logprobs
 
-    for mb, _ in micro_batches(batch, micro_batch_size):
-        packed = pack_completions(
-            [s.prompt for s in mb], [s.response for s in mb], pad_id=PACK_PAD, device=device
-        )
-        h = ref_model.hidden(packed.tokens)  # (B, T, D)
+    for mb in mbs:
+        packed = mb.packed
+        with autocast() if autocast else contextlib.nullcontext():
+            h = _hidden(ref_model, packed)  # (B, T, D)
         logp_N = token_logprobs(
             h[packed.rows, packed.cols], ref_head(), packed.targets, temperature=temperature
         )
-        for b, s in enumerate(mb):
+        for b, s in enumerate(mb.sequences):
             s.ref_logp = logp_N[packed.seq == b].float().cpu()
 
 
@@ -121,7 +197,7 @@ def global_response_tokens(batch: GRPOBatch) -> float:
 def grpo_forward_backward(
     model,
     head,
-    mbs: list[tuple[list[Sequence], float]],
+    mbs: list[MicroBatch],
     *,
     global_tokens: float,
     clip_eps_low: float,
@@ -129,27 +205,29 @@ def grpo_forward_backward(
     kl_coef: float,
     temperature: float,
     device,
+    autocast=None,
 ) -> dict[str, float]:
     """One epoch's gradients over this rank's micro-batches; returns globally normalized statistics.
 
     loss = sum_tokens grpo_loss / global_tokens. Statistics (clip_frac, ratio, kl) are token means.
+    autocast: a context-manager factory around the model forward (bf16 autocast), or None.
     """
     from kernels.grpo_loss import grpo_loss
 
     loss_sum = torch.zeros((), dtype=torch.float64)
     clipped = ratio = kl = 0.0
     nonfinite = 0
-    for mb, weight in mbs:
-        packed = pack_completions(
-            [s.prompt for s in mb], [s.response for s in mb], pad_id=PACK_PAD, device=device
-        )
-        seq = packed.seq
-        adv_N = torch.tensor([s.advantage for s in mb], dtype=torch.float32, device=device)[seq]  # (N,)
-        old_N = torch.cat([s.old_logp for s in mb]).to(device=device, dtype=torch.float32)  # (N,)
+    for mb in mbs:
+        packed, seqs, weight = mb.packed, mb.sequences, mb.weight
+        adv_N = torch.tensor([s.advantage for s in seqs], dtype=torch.float32, device=device)[
+            packed.seq
+        ]  # (N,)
+        old_N = torch.cat([s.old_logp for s in seqs]).to(device=device, dtype=torch.float32)  # (N,)
         ref_N = None
         if kl_coef > 0:
-            ref_N = torch.cat([s.ref_logp for s in mb]).to(device=device, dtype=torch.float32)
-        h = model.hidden(packed.tokens)  # (B, T, D)
+            ref_N = torch.cat([s.ref_logp for s in seqs]).to(device=device, dtype=torch.float32)
+        with autocast() if autocast else contextlib.nullcontext():
+            h = _hidden(model, packed)  # (B, T, D)
         out = grpo_loss(
             h[packed.rows, packed.cols],
             head(),

@@ -2,8 +2,12 @@
 
 Given this rank's kept sequences (`trainer.policy_loss.GRPOBatch`: prompt, response, behaviour
 log-probs, advantage), one update is:
-  1. micro-batches of `micro_batch_size` sequences, padded with zero-weight dummies to the max
-     count over ranks (FSDP needs every rank to run the same number of forward/backward passes);
+  1. micro-batches (`trainer.policy_loss.Layout`): by default each group's prompt appears ONCE per
+     row followed by its G responses (tree mask, positions restart after the prompt) and a
+     micro-batch holds at most `max_tokens` computed tokens; `shared_prefix = false` is the padded
+     reference path (one right-padded row per sequence, `micro_batch_size` sequences). Padded with
+     zero-weight dummies to the max count over ranks (FSDP needs every rank to run the same number
+     of forward/backward passes). Packed once, reused by the reference pass and every epoch;
   2. the frozen reference's log-probs of every response, when kl_coef > 0;
   3. the loss normalizer: the GLOBAL response-token count (all ranks, all micro-batches);
   4. `epochs` times: forward/backward of the clipped loss (kernels.grpo_loss) over all micro-batches,
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 from trainer.policy_loss import (
     GRPOBatch,
+    Layout,
     fill_reference_logprobs,
     global_response_tokens,
     grpo_forward_backward,
@@ -27,7 +32,7 @@ from trainer.policy_loss import (
 
 @dataclass(frozen=True)
 class UpdateSettings:
-    micro_batch_size: int
+    layout: Layout
     epochs: int
     clip_eps_low: float
     clip_eps_high: float
@@ -48,17 +53,13 @@ def policy_update(ctx, batch: GRPOBatch, settings: UpdateSettings, *, lr: float,
     (of the last epoch), grad_norm, lr, skipped, num_tokens.
     """
     device = ctx.info.device
-    mbs = micro_batches(batch, settings.micro_batch_size)
+    mbs = micro_batches(batch, settings.layout, device=device)
     if settings.kl_coef > 0:
         with timer("ref_logprobs"):
             fill_reference_logprobs(
-                ctx.ref,
-                lambda: ctx.ref.output.weight,
-                batch,
-                micro_batch_size=settings.micro_batch_size,
-                temperature=settings.temperature,
-                device=device,
-            )
+                ctx.ref, lambda: ctx.ref.output.weight, mbs, temperature=settings.temperature,
+                autocast=ctx.autocast,
+            )  # fmt: skip
     n_tok = global_response_tokens(batch)  # host sync: the normalizer must be known up front
     for _ in range(settings.epochs):
         with timer("fwd_bwd"):
@@ -72,6 +73,7 @@ def policy_update(ctx, batch: GRPOBatch, settings: UpdateSettings, *, lr: float,
                 kl_coef=settings.kl_coef,
                 temperature=settings.temperature,
                 device=device,
+                autocast=ctx.autocast,
             )
         with timer("optimizer"):
             norm, ok = ctx.apply_update(lr, stats["nonfinite"])

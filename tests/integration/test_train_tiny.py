@@ -44,6 +44,10 @@ def two_rank_run(tmp_path_factory):
     one = H.run_torchrun(
         one_args + ["--run.stages=sft", "--checkpoint.export_final=false", "--run.plots=false"]
     )
+    # The padded reference path of the policy update, on 2 ranks (the shared-prefix default above).
+    padded_args = [a if not a.startswith("--run.name=") else "--run.name=padded" for a in common]
+    H.run_torchrun(padded_args + ["--grpo.shared_prefix=false", "--checkpoint.export_final=false",
+                                  "--run.plots=false"], nproc=2)  # fmt: skip
     return root / "runs", two, one
 
 
@@ -99,3 +103,23 @@ def test_two_ranks_equal_one_rank_on_sft(two_rank_run):
         assert a["num_tokens"] == b["num_tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), f"step {a['step']}"
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=1e-6), f"step {a['step']}"
+
+
+def test_shared_prefix_grpo_logs_the_padded_paths_losses_on_two_ranks(two_rank_run):
+    """grpo.shared_prefix (default) vs the padded reference, seeded, 2 ranks of the hand FSDP: the
+    same rollouts, the same per-step losses and statistics to 1e-5."""
+    out, _, _ = two_rank_run
+    rows = {
+        n: [json.loads(x) for x in (out / n / "metrics.jsonl").read_text().splitlines()]
+        for n in ("two", "padded")
+    }
+    grpo = {n: [r for r in rows[n] if r["kind"] == "grpo"] for n in rows}
+    assert len(grpo["two"]) == len(grpo["padded"]) == H.GRPO_STEPS
+    trained = 0
+    for a, b in zip(grpo["padded"], grpo["two"]):
+        assert a["reward_mean"] == b["reward_mean"] and a["kept_sequences"] == b["kept_sequences"]
+        for key in ("loss", "clip_frac", "ratio", "kl", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), f"step {a['step']} {key}"
+        trained += not a.get("skipped")
+    assert trained, "at least one GRPO step must train for the comparison to mean anything"

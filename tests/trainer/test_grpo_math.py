@@ -8,7 +8,7 @@ import torch
 
 from model import LlamaConfig, Transformer
 from trainer.data import Example, batch_indices, pack_completions, rank_slice
-from trainer.policy_loss import GRPOBatch, Sequence, grpo_forward_backward, select_sequences
+from trainer.policy_loss import GRPOBatch, MicroBatch, Sequence, grpo_forward_backward, select_sequences
 from trainer.reward import expert_match_rewards, zero_variance_groups
 from trainer.stages.sft import sft_forward_backward
 
@@ -120,6 +120,12 @@ def _grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
+def _padded(seqs, weight=1.0):
+    """A micro-batch of right-padded rows (the reference layout)."""
+    packed = pack_completions([s.prompt for s in seqs], [s.response for s in seqs])
+    return MicroBatch(seqs, weight, packed)
+
+
 def _sequences(m, gen, n=5):
     """n sequences with random prompts/responses; old_logp = the current policy's (ratio exactly 1)."""
     from kernels.token_logprobs import token_logprobs
@@ -143,7 +149,7 @@ def test_grpo_loss_value_by_hand_and_token_normalization():
     seqs = _sequences(m, gen)
     n_tok = sum(len(s.response) for s in seqs)
     kw = dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0, temperature=1.0, device="cpu")
-    stats = grpo_forward_backward(m, lambda: m.output.weight, [(seqs, 1.0)], global_tokens=n_tok, **kw)
+    stats = grpo_forward_backward(m, lambda: m.output.weight, [_padded(seqs)], global_tokens=n_tok, **kw)
     # ratio == 1 on every token: loss = -sum_s A_s * len_s / N, nothing clipped.
     want = -sum(s.advantage * len(s.response) for s in seqs) / n_tok
     assert stats["loss"] == pytest.approx(want, abs=1e-6)
@@ -152,7 +158,7 @@ def test_grpo_loss_value_by_hand_and_token_normalization():
     one = _grads(m)
     m.zero_grad(set_to_none=True)
     # The same sequences in 2 micro-batches (+ a zero-weight dummy) give the same loss and gradients.
-    mbs = [(seqs[:2], 1.0), (seqs[2:], 1.0), ([seqs[0]], 0.0)]
+    mbs = [_padded(seqs[:2]), _padded(seqs[2:]), _padded([seqs[0]], 0.0)]
     stats2 = grpo_forward_backward(m, lambda: m.output.weight, mbs, global_tokens=n_tok, **kw)
     assert stats2["loss"] == pytest.approx(stats["loss"], abs=1e-6)
     two = _grads(m)
@@ -171,7 +177,7 @@ def test_grpo_gradient_matches_hand_derivation():
     seqs = _sequences(m, gen, n=3)
     n_tok = sum(len(s.response) for s in seqs)
     kw = dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0, temperature=1.0, device="cpu")
-    grpo_forward_backward(m, lambda: m.output.weight, [(seqs, 1.0)], global_tokens=n_tok, **kw)
+    grpo_forward_backward(m, lambda: m.output.weight, [_padded(seqs)], global_tokens=n_tok, **kw)
     got = _grads(m)
     m.zero_grad(set_to_none=True)
     pk = pack_completions([s.prompt for s in seqs], [s.response for s in seqs], pad_id=0)
@@ -193,10 +199,10 @@ def test_sft_micro_batches_compose_and_loss_is_mean_token_nll():
         t = torch.randint(1, 37, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen).tolist()
         exs.append(Example(p, t, {}))
     head = lambda: m.output.weight  # noqa: E731
-    s1 = sft_forward_backward(m, head, exs, micro_batch_size=5, pad_id=0, device="cpu")
+    s1 = sft_forward_backward(m, head, exs, micro_batch_size=5, device="cpu")
     g1 = _grads(m)
     m.zero_grad(set_to_none=True)
-    s2 = sft_forward_backward(m, head, exs, micro_batch_size=2, pad_id=0, device="cpu")
+    s2 = sft_forward_backward(m, head, exs, micro_batch_size=2, device="cpu")
     g2 = _grads(m)
     assert s1["num_tokens"] == s2["num_tokens"] == sum(len(e.target_ids) for e in exs)
     assert s2["loss"] == pytest.approx(s1["loss"], abs=1e-6)
@@ -219,7 +225,7 @@ def test_dummy_microbatch_adds_exactly_zero_gradient():
     m = _tiny_model(3)
     seqs = _sequences(m, torch.Generator().manual_seed(3), n=2)
     kw = dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0, temperature=1.0, device="cpu")
-    stats = grpo_forward_backward(m, lambda: m.output.weight, [(seqs, 0.0)], global_tokens=3.0, **kw)
+    stats = grpo_forward_backward(m, lambda: m.output.weight, [_padded(seqs, 0.0)], global_tokens=3.0, **kw)
     assert stats["loss"] == 0.0
     for n, p in m.named_parameters():
         assert p.grad is None or torch.count_nonzero(p.grad) == 0, n

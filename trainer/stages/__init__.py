@@ -17,6 +17,7 @@ end; a pre-RL stage), "rl" (grpo, ppo, grpo-multiturn: `--algo` choices, evaluat
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,23 @@ class StageContext:
         if not (Path(directory) / "config.json").exists():
             self.export(Path(directory))
         barrier()
+
+    def autocast(self):
+        """The training forwards' precision context (fsdp.autocast): bf16 autocast or a no-op."""
+        if self.cfg.fsdp.autocast == "bfloat16":
+            return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def layout(self, section):
+        """The policy update's packing (trainer.policy_loss.Layout) from a grpo/ppo config section."""
+        from trainer.policy_loss import Layout
+
+        return Layout(
+            shared_prefix=section.shared_prefix,
+            micro_batch_size=section.micro_batch_size,
+            max_tokens=section.max_tokens_per_micro_batch,
+            row_len=self.cfg.data.max_seq_len,
+        )
 
     @property
     def head(self):

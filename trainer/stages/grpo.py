@@ -123,7 +123,7 @@ class GRPOStage(Stage):
             ctx.skipped_steps += 1
         else:
             settings = UpdateSettings(
-                micro_batch_size=c.grpo.micro_batch_size,
+                layout=ctx.layout(c.grpo),
                 epochs=c.grpo.ppo_epochs,
                 clip_eps_low=c.grpo.clip_eps_low,
                 clip_eps_high=c.grpo.clip_eps_high,

@@ -141,7 +141,7 @@ class EpisodeStage(Stage):
             ctx.skipped_steps += 1
         else:
             settings = UpdateSettings(
-                micro_batch_size=c.micro_batch_size,
+                layout=ctx.layout(c),
                 epochs=c.ppo_epochs,
                 clip_eps_low=c.clip_eps_low,
                 clip_eps_high=c.clip_eps_high,

@@ -12,61 +12,106 @@ on one device, for any world size and micro-batch split.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
 from trainer.data import PACK_PAD, Example, batch_indices, chunks, pack_completions, rank_slice
-from trainer.dist import all_reduce_sum
+from trainer.dist import all_reduce_max, all_reduce_sum, all_reduce_sums
 from trainer.stages import Stage, StageContext, register
 
 
 def action_logprobs(model, head, packed) -> torch.Tensor:
-    """logp[N] fp32 of packed.targets under the model (differentiable): hidden -> gather -> fused head."""
-    from kernels.token_logprobs import token_logprobs
+    """logp[N] fp32 of packed.targets under the model (differentiable): hidden -> gather -> fused head.
 
-    h = model.hidden(packed.tokens)  # (B, T, D)
+    packed: padded rows (trainer.data.PackedBatch) or packed rows with positions and a mask
+    (model.masks.PackedRows)."""
+    from kernels.token_logprobs import token_logprobs
+    from trainer.policy_loss import _hidden
+
+    h = _hidden(model, packed)  # (B, T, D)
     h_N = h[packed.rows, packed.cols]  # (N, D)
     return token_logprobs(h_N, head(), packed.targets)  # (N,) fp32
 
 
+def _micro_batches(examples: list[Example], *, micro_batch_size, packing, max_tokens, row_len, device):
+    """[(packed inputs, index of the micro-batch's first example)]: padded chunks of micro_batch_size
+    examples, or (packing) block-diagonal causal rows of at most row_len tokens, max_tokens per
+    micro-batch (model.masks: every example exactly once, in order, no padding between them)."""
+    if not packing:
+        out = []
+        for k, mb in enumerate(chunks(examples, micro_batch_size)):
+            packed = pack_completions([e.prompt_ids for e in mb], [e.target_ids for e in mb], device=device)
+            out.append((packed, k * micro_batch_size))
+        return out
+    from model.masks import build_packed_causal_batch
+
+    pairs = [(e.prompt_ids, e.target_ids) for e in examples]
+    batches = build_packed_causal_batch(
+        pairs, max_tokens=max_tokens, row_len=row_len, pad_id=PACK_PAD, device=device
+    )
+    return [(p, 0) for p in batches]  # seq is already the example's index in `examples`
+
+
 def sft_forward_backward(
-    model, head, examples: list[Example], *, micro_batch_size: int, device, pad_id: int = PACK_PAD
+    model,
+    head,
+    examples: list[Example],
+    *,
+    micro_batch_size: int = 16,
+    device,
+    packing: bool = False,
+    max_tokens: int = 8192,
+    row_len: int | None = None,
+    autocast=None,
 ) -> dict[str, float]:
     """Accumulate this rank's gradients for one SFT step; returns globally reduced statistics.
 
-    `head()` returns the (gathered) LM head weight [V, D] valid outside a module forward.
-    Statistics: loss (mean NLL per action token), action_prob (mean probability of the whole expert
-    action under the model at T=1), num_tokens (global), nonfinite (micro-batches with a NaN/inf loss).
+    `head()` returns the (gathered) LM head weight [V, D] valid outside a module forward. Ranks run
+    the same number of forward/backward passes (FSDP): a rank with fewer micro-batches repeats its
+    first one with weight 0 (exactly zero gradient). Statistics: loss (mean NLL per action token),
+    action_prob (mean probability of the whole expert action under the model at T=1), num_tokens
+    (global), nonfinite (micro-batches with a NaN/inf loss).
     """
     local_tokens = sum(len(e.target_ids) for e in examples)
     global_tokens = all_reduce_sum(float(local_tokens))  # host sync: the normalizer must be known up front
+    mbs = _micro_batches(
+        examples, micro_batch_size=micro_batch_size, packing=packing, max_tokens=max_tokens,
+        row_len=row_len, device=device,
+    )  # fmt: skip
+    weights = [1.0] * len(mbs)
+    n = all_reduce_max(len(mbs))
+    mbs += [mbs[0]] * (n - len(mbs))
+    weights += [0.0] * (n - len(weights))
     loss_sum = torch.zeros((), dtype=torch.float64)
-    prob_sum = torch.zeros((), dtype=torch.float64)
+    seq_logp = torch.zeros(len(examples), dtype=torch.float64)  # (n_examples,) summed action log-probs
     nonfinite = 0
-    for mb in chunks(examples, micro_batch_size):
-        packed = pack_completions(
-            [e.prompt_ids for e in mb], [e.target_ids for e in mb], pad_id=pad_id, device=device
-        )
-        logp_N = action_logprobs(model, head, packed)  # (N,)
-        loss = -logp_N.sum() / global_tokens
+    for (packed, first), weight in zip(mbs, weights):
+        with autocast() if autocast else contextlib.nullcontext():
+            logp_N = action_logprobs(model, head, packed)  # (N,)
+        loss = -logp_N.sum() * weight / global_tokens
         loss.backward()
+        if not weight:
+            continue
         d = loss.detach()
         if not torch.isfinite(d):
             nonfinite += 1
         loss_sum += d.double().cpu()
-        seq_logp = torch.zeros(len(mb), dtype=torch.float64).index_add_(
-            0, packed.seq.cpu(), logp_N.detach().double().cpu()
-        )
-        prob_sum += seq_logp.exp().sum()
-    stats = torch.stack([loss_sum, prob_sum, torch.tensor(float(nonfinite), dtype=torch.float64)])
-    stats = all_reduce_sum(stats)
-    n_seq = all_reduce_sum(float(len(examples)))
+        seq_logp.index_add_(0, packed.seq.cpu() + first, logp_N.detach().double().cpu())
+    stats = all_reduce_sums(
+        {
+            "loss": float(loss_sum),
+            "prob": float(seq_logp.exp().sum()),
+            "nonfinite": nonfinite,
+            "n": len(examples),
+        }
+    )
     return {
-        "loss": float(stats[0]),
-        "action_prob": float(stats[1]) / max(n_seq, 1.0),
+        "loss": stats["loss"],
+        "action_prob": stats["prob"] / max(stats["n"], 1.0),
         "num_tokens": int(global_tokens),
-        "nonfinite": int(stats[2]),
+        "nonfinite": int(stats["nonfinite"]),
     }
 
 
@@ -93,12 +138,17 @@ class SFTStage(Stage):
     def step(self, ctx: StageContext, i: int) -> dict:
         t0 = time.perf_counter()
         local = self.examples(ctx, i)
+        sec = getattr(ctx.cfg, self.section)
         stats = sft_forward_backward(
             ctx.model,
             lambda: ctx.head,
             local,
-            micro_batch_size=getattr(ctx.cfg, self.section).micro_batch_size,
+            micro_batch_size=sec.micro_batch_size,
+            packing=sec.packing,
+            max_tokens=sec.max_tokens_per_micro_batch,
+            row_len=ctx.cfg.data.max_seq_len,
             device=ctx.info.device,
+            autocast=ctx.autocast,
         )
         self.postprocess(stats)
         lr = self.lr(ctx, i)
