@@ -123,6 +123,30 @@ def time_ms(
     return _quantiles(ms)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], *, reps: int, warmup: int = 0) -> dict[str, dict]:
+    """Time several variants of one job in one process: {name: {"ms_median", "ms_p20", "ms_p80", "reps"}}.
+
+    Every rep runs each variant once, in an order reversed every other rep, so a change of load on
+    shared cores (or a clock change) hits all variants alike and their ratio stays meaningful even
+    when the absolute times are noisy. Wall clock per call; on CUDA a synchronize before and after.
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    ms: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names if r % 2 == 0 else reversed(names):
+            sync()
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            ms[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _quantiles(v) for name, v in ms.items()}
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
     """Peak bytes allocated by fn() above what was allocated before it (outputs it keeps included).
 

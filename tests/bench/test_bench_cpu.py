@@ -210,3 +210,22 @@ def test_bench_train_step_two_ranks_cpu(tmp_path):
     assert len(rows) == 2 and all(r["world_size"] == 2 and not r.get("error") for r in rows), rows
     grpo = next(r for r in rows if r["algo"] == "grpo")
     assert grpo["time_ref_logprobs_s"] > 0 and grpo["tokens_per_step_per_gpu"] == 2 * 4 * 30
+
+
+def test_bench_prefix_sharing_cpu(tmp_path):
+    _run("bench_prefix_sharing.py", "--out-dir", str(tmp_path), "--cpu-smoke")
+    rows = _rows(tmp_path / "prefix_sharing.jsonl")
+    by = {(r["job"], r["layout"]): r for r in rows}
+    assert set(by) == {("grpo", "padded"), ("grpo", "shared"), ("sft", "padded"), ("sft", "packed")}
+    pad, shared = by["grpo", "padded"], by["grpo", "shared"]
+    # smoke: one group of G=4, prompt 40: padded = 4 rows of prompt + longest response; shared = 1 row, no pad
+    assert shared["tokens_computed"] == shared["tokens_useful"] == pad["tokens_useful"]
+    assert pad["tokens_computed"] % 4 == 0 and pad["tokens_computed"] >= 4 * 41
+    assert shared["tokens_ratio"] == pytest.approx(pad["tokens_computed"] / shared["tokens_computed"])
+    for r in rows:
+        assert r["ms_median"] > 0 and r["mem_peak_mb"] > 0 and r["git_sha"]
+        if r["layout"] != "padded":  # fp32: the layouts compute the same loss
+            assert r["loss_rel_diff"] < 1e-5, r
+            assert r["speedup"] == pytest.approx(by[r["job"], "padded"]["ms_median"] / r["ms_median"])
+    assert by["sft", "packed"]["tokens_computed"] == by["sft", "packed"]["tokens_useful"]
+    assert "| shared |" in (tmp_path / "prefix_sharing.md").read_text()

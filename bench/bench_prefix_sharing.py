@@ -1,0 +1,256 @@
+"""Prefix sharing and token packing: forward + backward of a training loss, packed rows vs padded rows.
+
+Two jobs, each timed as the two layouts the trainer can feed `model.hidden`:
+- grpo: one GRPO group (a prompt of ~300 tokens, G responses of ~8) through the fused GRPO loss
+  (`kernels.grpo_loss`, summed over the response tokens, backward into every parameter).
+  `padded` is today's trainer layout (`trainer.data.pack_completions`: G right-padded rows, the
+  prompt copied into each); `shared` is `model.masks.build_shared_prefix_batch`: one row
+  [prompt | r_1 | ... | r_G] under the tree mask, the prompt computed once.
+- sft: one SFT micro-batch (ragged prompts of ~300 tokens, ~8 target tokens) through the NLL of
+  `kernels.token_logprobs`. `padded` = `pack_completions`; `packed` / `packed-rowsN` =
+  `model.masks.build_packed_causal_batch` in one row / in rows of at most N tokens.
+Model shapes with random weights: `tiny-cpu` (the default `make train` model: dim 64, 3 layers, 2 heads,
+vocab 1024) and `smollm2-135m` (30 layers, dim 576, 9 heads, 3 KV heads, ffn 1536, vocab 49152, tied).
+Dtypes: float32, and bfloat16 autocast (fp32 weights, as the trainer's CPU default keeps them).
+
+Reported per (model, dtype, job, G, layout): tokens computed (B x T, padding included) and useful
+tokens, wall time (median, p20/p80 of `--reps`; the first run is a warm-up under the memory probe and
+not timed), peak memory above the model (CPU: the profiler's allocator events; CUDA: max allocated),
+the loss (the layouts must agree), and against `padded`: tokens_ratio, speedup, mem_ratio.
+The layouts of one configuration run interleaved in one process (`_common.time_interleaved`), so on
+shared cores the absolute times are noisy but the ratio is the measurement.
+
+    python bench/bench_prefix_sharing.py --model smollm2-135m --group-size 8 [--dtype float32 bfloat16]
+    python bench/bench_prefix_sharing.py --quick        # gpu_check.sh: G=8, bf16, both models
+    python bench/bench_prefix_sharing.py --cpu-smoke    # tiny shapes, seconds (tests/bench)
+
+On CUDA the packed layouts run FlexAttention (compiled; the first call per shape compiles, in the
+warm-up). Output: <out-dir>/prefix_sharing.jsonl (appended) and prefix_sharing.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shlex
+import sys
+
+import torch
+from _common import base_parser, env_info, markdown_table, peak_memory_bytes, time_interleaved, write_jsonl
+
+from kernels.grpo_loss import grpo_loss
+from kernels.token_logprobs import token_logprobs
+from model import LlamaConfig, Transformer, build_packed_causal_batch, build_shared_prefix_batch
+from trainer.data import pack_completions
+
+MODELS = {
+    "tiny-cpu": dict(dim=64, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=192, vocab_size=1024),
+    "smollm2-135m": dict(
+        dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, vocab_size=49152, rope_theta=100000.0
+    ),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COLUMNS = [
+    ("model", "model"), ("dtype", "dtype"), ("job", "job"), ("G", "G"), ("layout", "layout"),
+    ("shape", "B x T"), ("tokens_computed", "tokens computed"), ("tokens_useful", "useful"),
+    ("ms_median", "ms"), ("ms_p20", "p20"), ("ms_p80", "p80"), ("mem_peak_mb", "peak MB"),
+    ("tokens_ratio", "tokens ratio"), ("speedup", "speedup"), ("mem_ratio", "mem ratio"),
+    ("loss_rel_diff", "loss rel diff"),
+]  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--model", nargs="+", choices=sorted(MODELS), default=None)
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
+    p.add_argument("--group-size", nargs="+", type=int, default=None, help="G (default 4 8 16)")
+    p.add_argument("--jobs", nargs="+", choices=["grpo", "sft"], default=["grpo", "sft"])
+    p.add_argument("--prompt-len", type=int, default=None, help="GRPO prompt tokens (default 300)")
+    p.add_argument("--response-len", type=int, default=8, help="mean response tokens (drawn in [n-2, n+2])")
+    p.add_argument("--sft-examples", type=int, default=8, help="examples in the SFT micro-batch")
+    p.add_argument("--sft-row-len", nargs="+", type=int, default=[0, 1024], help="packed rows (0: one row)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per layout (default 3)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
+    smoke, quick = args.cpu_smoke, args.quick
+    args.model = args.model or (["tiny-cpu"] if smoke else ["tiny-cpu", "smollm2-135m"])
+    args.dtype = args.dtype or (["float32"] if smoke else ["bfloat16"] if quick else ["float32", "bfloat16"])
+    args.group_size = args.group_size or ([4] if smoke else [8] if quick else [4, 8, 16])
+    args.prompt_len = args.prompt_len or (40 if smoke else 300)
+    args.reps = args.reps or (1 if smoke else 3)
+    if smoke:
+        args.sft_examples = min(args.sft_examples, 4)
+        args.sft_row_len = [r for r in args.sft_row_len if r == 0 or r <= 128] or [0]
+    return args
+
+
+def build_model(name: str, device: str, seed: int) -> Transformer:
+    config = LlamaConfig(**MODELS[name], tie_word_embeddings=True, norm_eps=1e-5)
+    model = Transformer(config)
+    model.init_weights(seed)
+    return model.to(device)
+
+
+def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def grpo_layouts(model, group, device) -> dict:
+    """name -> (build the layout, then the loss of one group: forward + backward)."""
+    prompt, responses = group
+    G, W = len(responses), model.output.weight
+    n_tok = sum(len(r) for r in responses)
+    gen = torch.Generator().manual_seed(len(prompt) * 1000 + G)
+    adv_G = torch.randn(G, generator=gen)  # one advantage per response
+    seq = torch.tensor([j for j, r in enumerate(responses) for _ in r])
+    adv_N = adv_G[seq].to(device)
+    old_N = (-4.0 - torch.rand(n_tok, generator=gen)).to(device)  # plausible old log-probs
+
+    def loss_of(h, rows, cols, targets):
+        return grpo_loss(h[rows, cols], W, targets, adv_N, old_N).loss
+
+    def padded():
+        pb = pack_completions([prompt] * G, responses, pad_id=0, device=device)
+        return pb, model.hidden(pb.tokens), pb
+
+    def shared():
+        (mb,) = build_shared_prefix_batch([group], max_tokens=1 << 30, device=device)
+        return mb, model.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask), mb
+
+    return {"padded": (padded, loss_of), "shared": (shared, loss_of)}
+
+
+def sft_layouts(model, examples, row_lens, device) -> dict:
+    W = model.output.weight
+
+    def loss_of(h, rows, cols, targets):
+        return -token_logprobs(h[rows, cols], W, targets).sum()
+
+    def padded():
+        pb = pack_completions([p for p, _ in examples], [c for _, c in examples], pad_id=0, device=device)
+        return pb, model.hidden(pb.tokens), pb
+
+    def packed(row_len):
+        def run():
+            (mb,) = build_packed_causal_batch(
+                examples, max_tokens=1 << 30, row_len=row_len or None, device=device
+            )
+            return mb, model.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask), mb
+
+        return run
+
+    out = {"padded": (padded, loss_of)}
+    for r in row_lens:
+        out["packed" if r == 0 else f"packed-rows{r}"] = (packed(r), loss_of)
+    return out
+
+
+def measure(model, layouts: dict, useful: int, dtype, device, reps: int) -> list[dict]:
+    """Each layout: one warm-up under the memory probe, then `reps` interleaved timed runs.
+
+    useful: the distinct tokens the job needs (the prompt once + the responses; every example once).
+    """
+    autocast = (
+        torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        if dtype == torch.bfloat16
+        else contextlib.nullcontext()
+    )
+    info: dict[str, dict] = {}
+
+    def step_of(name):
+        build_forward, loss_of = layouts[name]
+
+        def step():
+            with autocast:
+                batch, h, mb = build_forward()
+                loss = loss_of(h, mb.rows, mb.cols, mb.targets)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            info[name] = {
+                "shape": "x".join(map(str, batch.tokens.shape)),
+                "tokens_computed": int(batch.tokens.numel()),
+                "tokens_useful": useful,
+                "loss": float(loss.detach()),  # host sync, once per step
+            }
+
+        return step
+
+    steps = {name: step_of(name) for name in layouts}
+    mem = {name: peak_memory_bytes(step, device) for name, step in steps.items()}  # = the warm-up
+    times = time_interleaved(steps, reps=reps)
+    rows = []
+    base = None
+    for name in layouts:
+        row = {"layout": name, **info[name], **times[name], "mem_peak_mb": mem[name] / 2**20}
+        if base is None:
+            base = row
+        else:
+            row["tokens_ratio"] = base["tokens_computed"] / row["tokens_computed"]
+            row["speedup"] = base["ms_median"] / row["ms_median"]
+            row["mem_ratio"] = base["mem_peak_mb"] / max(row["mem_peak_mb"], 1e-9)
+            row["loss_rel_diff"] = abs(row["loss"] - base["loss"]) / max(abs(base["loss"]), 1e-30)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = args.device
+    env = env_info()
+    env["threads"] = torch.get_num_threads()
+    rng = random.Random(args.seed)
+    rows = []
+    for model_name in args.model:
+        model = build_model(model_name, device, args.seed)
+        vocab = model.config.vocab_size
+        r_lo, r_hi = max(1, args.response_len - 2), args.response_len + 2
+        for dtype_name in args.dtype:
+            dtype = DTYPES[dtype_name]
+            configs = []
+            if "grpo" in args.jobs:
+                for G in args.group_size:
+                    group = (
+                        _tokens(rng, args.prompt_len, vocab),
+                        [_tokens(rng, rng.randint(r_lo, r_hi), vocab) for _ in range(G)],
+                    )
+                    useful = len(group[0]) + sum(map(len, group[1]))
+                    configs.append(("grpo", G, useful, grpo_layouts(model, group, device)))
+            if "sft" in args.jobs:
+                lo, hi = (2 * args.prompt_len) // 3, (4 * args.prompt_len) // 3
+                examples = [
+                    (_tokens(rng, rng.randint(lo, hi), vocab), _tokens(rng, rng.randint(r_lo, r_hi), vocab))
+                    for _ in range(args.sft_examples)
+                ]
+                useful = sum(len(p) + len(c) for p, c in examples)
+                configs.append(("sft", None, useful, sft_layouts(model, examples, args.sft_row_len, device)))
+            for job, G, useful, layouts in configs:
+                for row in measure(model, layouts, useful, dtype, device, args.reps):
+                    row = {**env, "bench": "prefix_sharing", "model": model_name, "dtype": dtype_name,
+                           "autocast": dtype == torch.bfloat16, "job": job, "G": G,
+                           "prompt_len": args.prompt_len, "device_kind": device, **row}  # fmt: skip
+                    rows.append(row)
+                    print(
+                        f"[{model_name} {dtype_name} {job} G={G}] {row['layout']:16s} {row['shape']:>9s} "
+                        f"tokens {row['tokens_computed']:6d}  {row['ms_median']:9.1f} ms "
+                        f"(p20 {row['ms_p20']:.1f}, p80 {row['ms_p80']:.1f})  peak {row['mem_peak_mb']:.0f} MB"
+                        + (f"  speedup {row['speedup']:.2f}x tokens {row['tokens_ratio']:.2f}x" if "speedup" in row else ""),
+                        flush=True,
+                    )  # fmt: skip
+        del model
+    write_jsonl(args.out_dir, "prefix_sharing", rows)
+    command = "python bench/bench_prefix_sharing.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path = args.out_dir / "prefix_sharing.md"
+    header = ", ".join(
+        f"{k} {env.get(k)}" for k in ("device", "threads", "torch", "triton", "cuda", "git_sha", "timestamp")
+    )
+    path.write_text(
+        "# prefix sharing and token packing: forward + backward, packed vs padded rows\n\n"
+        f"`{command}`\n\n{header}\n\n{markdown_table(rows, COLUMNS)}\n"
+    )  # fmt: skip
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
