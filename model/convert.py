@@ -111,7 +111,7 @@ def convert_gguf(
     except ValueError as e:
         raise GGUFError(f"{gguf_path}: {e}") from e
     tensors = _hf_tensors(reader, config, gguf_path)
-    with _atomic_dir(out_dir) as tmp:
+    with _atomic_dir(out_dir, overwrite) as tmp:
         backend.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(
             json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n"
@@ -119,23 +119,27 @@ def convert_gguf(
         # The file's own end ids (eos, and end-of-turn / end-of-message where it names them) ...
         ends = [meta[k] for k in (f"tokenizer.ggml.{n}_token_id" for n in ("eos", "eot", "eom")) if k in meta]
         (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": ends}) + "\n")
-        # ... and the ids every consumer will see: bos, pad, eos + the template's end of turn.
+        # ... then the ids every consumer will see: bos, pad, eos + the template's end of turn.
         tok = Tokenizer.from_file(tmp)
+        try:
+            generation = {
+                "bos_token_id": tok.bos_id,
+                "eos_token_id": list(tok.eos_ids),
+                "pad_token_id": tok.pad_id,
+            }
+            config.bos_id, config.eos_ids = tok.bos_id, tok.eos_ids
+        except ValueError as e:  # no bos / pad in the metadata
+            raise GGUFError(f"{gguf_path}: {e}") from e
+        if not tok.eos_ids:
+            raise GGUFError(f"{gguf_path}: no end-of-sequence token (tokenizer.ggml.eos_token_id is missing)")
         if tok.vocab_size > config.vocab_size:
             raise GGUFError(
                 f"{gguf_path}: the tokenizer has {tok.vocab_size} ids, the embedding {config.vocab_size}"
             )
-        config.bos_id, config.eos_ids = tok.bos_id, tok.eos_ids
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(dtype="float32"), indent=2) + "\n")
-        generation = {
-            "bos_token_id": tok.bos_id,
-            "eos_token_id": list(tok.eos_ids),
-            "pad_token_id": tok.pad_id,
-        }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(dtype="float32"), indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        # safetensors creates the file 0600; a converted model is shared data.
-        os.chmod(tmp / "model.safetensors", 0o644)
+        os.chmod(tmp / "model.safetensors", 0o644)  # safetensors makes it 0600; a converted model is shared
         record = {"gguf": gguf_path.name, "bytes": gguf_path.stat().st_size, "sha256": _sha256(gguf_path)}
         (tmp / CONVERSION_FILE).write_text(json.dumps({**record, **(source or {})}, indent=2) + "\n")
     return out_dir
@@ -294,25 +298,17 @@ def _llama_config(meta: dict, reader, path: Path) -> LlamaConfig:
 def _llama3_rope(factors: np.ndarray, theta: float, head_dim: int, meta: dict, path: Path) -> RopeScaling:
     """The RopeScaling whose llama3 frequency divisors are `factors` (llama.cpp's rope_freqs tensor)."""
     candidates = list(_KNOWN_LLAMA3_ROPE)
-    factor, ctx = (
-        meta.get("llama.rope.scaling.factor"),
-        meta.get("llama.rope.scaling.original_context_length"),
-    )
-    if factor and ctx:
-        candidates.insert(0, RopeScaling(factor=float(factor), original_max_position_embeddings=int(ctx)))
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    stated = (meta.get("llama.rope.scaling.factor"), meta.get("llama.rope.scaling.original_context_length"))
+    if all(stated):
+        candidates.insert(
+            0, RopeScaling(factor=float(stated[0]), original_max_position_embeddings=int(stated[1]))
+        )
+    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hd/2,)
     for c in candidates:
-        wavelen = 2 * math.pi / inv_freq
-        low, high = (
-            c.original_max_position_embeddings / c.low_freq_factor,
-            c.original_max_position_embeddings / c.high_freq_factor,
-        )
-        smooth = (c.original_max_position_embeddings / wavelen - c.low_freq_factor) / (
-            c.high_freq_factor - c.low_freq_factor
-        )
-        expected = np.where(
-            wavelen < high, 1.0, np.where(wavelen > low, c.factor, 1 / ((1 - smooth) / c.factor + smooth))
-        )
+        ctx = c.original_max_position_embeddings
+        smooth = (ctx / wavelen - c.low_freq_factor) / (c.high_freq_factor - c.low_freq_factor)
+        scaled = np.where(wavelen > ctx / c.low_freq_factor, c.factor, 1 / ((1 - smooth) / c.factor + smooth))
+        expected = np.where(wavelen < ctx / c.high_freq_factor, 1.0, scaled)
         if factors.shape == expected.shape and np.allclose(factors, expected, rtol=1e-5, atol=0):
             return c
     raise GGUFError(
@@ -373,14 +369,19 @@ def _hf_tensors(reader, config: LlamaConfig, path: Path) -> dict[str, torch.Tens
 
 
 @contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `out_dir`; on success it replaces `out_dir`, on failure it is removed."""
+def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir`; on success it becomes `out_dir`, on failure it is removed.
+
+    An `out_dir` that exists by then (another process was quicker) is replaced only when `overwrite`.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        if out_dir.exists() and not overwrite:
+            raise FileExistsError(f"{out_dir} appeared while converting; not replaced (overwrite=False)")
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)

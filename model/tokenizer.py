@@ -111,12 +111,25 @@ class Tokenizer:
             )
         return value
 
-    bos_id = property(lambda self: self._need("bos"), doc="Beginning-of-sequence id.")
-    eos_id = property(
-        lambda self: self._need("eos"), doc="End-of-sequence id (the first of eos_ids for LLaMA-3)."
-    )
-    eot_id = property(lambda self: self._need("eot"), doc="End-of-turn id: ends an assistant message.")
-    pad_id = property(lambda self: self._need("pad"), doc="Padding id (eos when none is named).")
+    @property
+    def bos_id(self) -> int:
+        """Beginning-of-sequence id."""
+        return self._need("bos")
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-sequence id (the first of eos_ids)."""
+        return self._need("eos")
+
+    @property
+    def eot_id(self) -> int:
+        """End-of-turn id: the token that closes an assistant message."""
+        return self._need("eot")
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id (eos when the checkpoint names none)."""
+        return self._need("pad")
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:

@@ -483,6 +483,12 @@ def test_smollm2_logits_and_greedy_decoding_equal_transformers(smollm2):
     model, _ = load_hf_checkpoint(out, dtype=torch.float32)
     tok = Tokenizer.from_file(out)
     assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.pad_id, tok.eos_ids) == (1, 2, 2, 2, (2,))
+    texts = [m["content"] for p in PROMPTS for m in p] + [
+        "take apple 1 from countertop 2",
+        "go to cabinet 10",
+    ]
+    for text in texts:
+        assert tok.encode(text) == ref_tok.encode(text, add_special_tokens=False), text
     for messages in PROMPTS:
         ids = tok.apply_chat_template(messages)
         expected = ref_tok.apply_chat_template(
