@@ -2,13 +2,11 @@
 check and the fresh-run guard, each tested by injecting the fault it guards against."""
 
 import json
+import multiprocessing
 import os
 import select
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
@@ -17,17 +15,44 @@ from trainer.config import build_config
 from trainer.run_dir import (
     RunDirError,
     RunDirLock,
+    _watch_parent,
     check_resume_config,
     config_diff,
+    exit_when_parent_dies,
     guard_fresh_run,
     open_run_dir,
     trajectory_settings,
 )
 
 
-def _python(code: str, *args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                          timeout=60, **kw)  # fmt: skip
+def _forked(fn, *args, timeout: float = 30.0):
+    """fn(*args) in a forked child process (a second process with its own open file descriptions
+    that starts in milliseconds: the modules are already imported); returns what it sent back."""
+    ctx = multiprocessing.get_context("fork")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=fn, args=(theirs, *args))
+    proc.start()
+    try:
+        assert mine.poll(timeout), f"{fn.__name__} sent nothing within {timeout} s"
+        return mine.recv()
+    finally:
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+
+
+def _try_lock(conn, run_dir):
+    try:
+        RunDirLock(run_dir).acquire()
+        conn.send("acquired")
+    except RunDirError as e:
+        conn.send(f"refused: {e}")
+
+
+def _lock_and_die(conn, run_dir):
+    RunDirLock(run_dir).acquire()
+    conn.send(os.getpid())
+    os._exit(0)  # dies holding the lock: no release, the lock file keeps its pid
 
 
 # --- RunDirLock
@@ -37,39 +62,17 @@ def test_second_process_on_a_locked_run_dir_is_refused(tmp_path):
     with RunDirLock(tmp_path / "run") as lock:
         holder = json.loads(lock.path.read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname(), holder
-        proc = _python(
-            """
-            import sys
-            from trainer.run_dir import RunDirError, RunDirLock
-            try:
-                RunDirLock(sys.argv[1]).acquire()
-            except RunDirError as e:
-                print(e)
-                sys.exit(3)
-            """,
-            str(tmp_path / "run"),
-        )
-        assert proc.returncode == 3, f"the second process got the lock:\n{proc.stdout}{proc.stderr}"
-        assert f"in use by pid {os.getpid()} on host {socket.gethostname()}" in proc.stdout, proc.stdout
+        got = _forked(_try_lock, tmp_path / "run")
+        assert got.startswith("refused: "), f"the second process got the lock: {got}"
+        assert f"in use by pid {os.getpid()} on host {socket.gethostname()}" in got, got
         # flock belongs to the open file description: a second open in this process is refused too
         with pytest.raises(RunDirError, match=f"pid {os.getpid()}"):
             RunDirLock(tmp_path / "run").acquire()
-    RunDirLock(tmp_path / "run").acquire().release()  # released: free again
+    assert _forked(_try_lock, tmp_path / "run") == "acquired"  # released: free again
 
 
 def test_stale_lock_of_a_dead_process_is_retaken(tmp_path, caplog):
-    proc = _python(
-        """
-        import os, sys
-        from trainer.run_dir import RunDirLock
-        RunDirLock(sys.argv[1]).acquire()
-        print(os.getpid())
-        os._exit(0)  # dies holding the lock: no release, the lock file stays with its pid
-        """,
-        str(tmp_path / "run"),
-    )
-    assert proc.returncode == 0, proc.stderr
-    dead = int(proc.stdout)
+    dead = _forked(_lock_and_die, tmp_path / "run")
     assert json.loads((tmp_path / "run" / ".lock").read_text())["pid"] == dead
     with caplog.at_level("WARNING", logger="trainer.run_dir"), RunDirLock(tmp_path / "run") as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
@@ -78,53 +81,56 @@ def test_stale_lock_of_a_dead_process_is_retaken(tmp_path, caplog):
 
 # --- exit_when_parent_dies
 
-_PARENT = """
-import subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", sys.argv[1]])  # inherits our stdout
-print(child.pid, flush=True)
-time.sleep(120)
-"""
 
-_CHILD = """
-import sys, time
-from trainer.run_dir import {fn}
-{call}
-print("ready", flush=True)
-time.sleep(120)  # an orphaned worker that would keep training
-"""
-
-
-@pytest.mark.parametrize(
-    "fn, call",
-    [
-        ("exit_when_parent_dies", "assert exit_when_parent_dies() == 'prctl'"),
-        ("_watch_parent", "import os, signal; _watch_parent(os.getppid(), signal.SIGTERM, 0.05)"),
-    ],
-    ids=["prctl", "poll"],
-)
-def test_worker_exits_when_its_launcher_is_killed(fn, call):
-    """A parent (the torchrun agent) starts a child (the worker) and is SIGKILLed; the child must
-    die too. The child holds the stdout pipe, so EOF on it means the child is gone."""
-    child_code = _CHILD.format(fn=fn, call=call)
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, child_code], stdout=subprocess.PIPE, text=True)
-    child_pid = None
+def _launcher_and_worker(w: int, use_prctl: bool) -> None:
+    """Runs in a forked 'launcher': forks a 'worker' that arms the watchdog, then both sleep. Both
+    hold the pipe's write end `w`; never returns (os._exit)."""
     try:
-        child_pid = int(parent.stdout.readline())
-        assert parent.stdout.readline().strip() == "ready"
-        parent.kill()
-        parent.wait()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([parent.stdout], [], [], deadline - time.monotonic())
-            if ready and parent.stdout.read() == "":  # EOF: every writer (the child) has exited
-                child_pid = None
-                break
-        assert child_pid is None, f"the child {child_pid} outlived its killed parent by 20 s"
+        worker = os.fork()
+        if worker == 0:
+            try:
+                if use_prctl:
+                    assert exit_when_parent_dies() == "prctl"
+                else:
+                    _watch_parent(os.getppid(), signal.SIGTERM, 0.05)
+                os.write(w, b"ready\n")
+                time.sleep(60)  # an orphaned worker would train on here
+            finally:
+                os._exit(0)
+        os.write(w, f"{worker}\n".encode())
+        time.sleep(60)
     finally:
-        if parent.poll() is None:
-            parent.kill()
-        if child_pid is not None:
-            os.kill(child_pid, signal.SIGKILL)
+        os._exit(0)
+
+
+@pytest.mark.parametrize("use_prctl", [True, False], ids=["prctl", "poll"])
+def test_worker_exits_when_its_launcher_is_killed(use_prctl):
+    """A launcher (torchrun's agent) starts a worker and is SIGKILLed: the worker must die too.
+    Both hold the write end of a pipe, so EOF on its read end means the worker is gone."""
+    r, w = os.pipe()
+    launcher = os.fork()
+    if launcher == 0:
+        os.close(r)
+        _launcher_and_worker(w, use_prctl)
+    os.close(w)
+    worker = None
+    with os.fdopen(r) as out:
+        try:
+            worker = int(out.readline())
+            assert out.readline() == "ready\n"
+            os.kill(launcher, signal.SIGKILL)
+            os.waitpid(launcher, 0)
+            ready, _, _ = select.select([out], [], [], 20)
+            assert ready and out.read() == "", f"worker {worker} outlived its killed launcher by 20 s"
+            worker = None  # EOF: it is gone
+        finally:
+            if worker is not None:
+                os.kill(worker, signal.SIGKILL)
+            try:
+                os.kill(launcher, signal.SIGKILL)
+                os.waitpid(launcher, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
 
 
 # --- config_diff, the resume hash, check_resume_config
