@@ -20,19 +20,22 @@ What each guard prevents:
 Which settings may change on resume (`RESUME_FREE_KEYS`), i.e. stay out of `TrainConfig.hash()`:
 checkpoint.every / keep_last / export_final / resume / overwrite (when and what to save, not what
 is trained: lowering keep_last after a full disk is fine), eval.* (evaluation reads the weights and
-never feeds back into training), run.plots, run.num_threads (CPU threads: same math), run.log_every,
+never feeds back into training, nor draws from the training RNGs), run.plots, run.num_threads
+(CPU threads: the same math, though a CPU run's last bits may differ), run.log_every,
 run.stop_after_step (debug stop), run.out_dir and run.name (where the run lives, so a moved run
 directory resumes). Every other setting, including new ones by default, changes the trajectory:
 model.*, data.* (the states, tokenizer, prompt format, shuffle), optim.*, fsdp.*, every stage's
 section, rollout.*, run.seed and run.stages. Paths in model/data stay in: another path may be
 other data, and telling cheaply that two paths hold the same bytes is not possible.
 
-Run start (trainer/runner.py), three calls, in this order:
-    exit_when_parent_dies()            # every rank, first thing in main (before init_distributed)
-    lock = open_run_dir(cfg)           # every rank (collective), before anything writes run_dir:
-                                       # lock, then check_resume_config or guard_fresh_run, then
-                                       # config.json; raises RunDirError on every rank
-    ...train...; lock.release() if lock else None   # optional: process exit releases it too
+Run start, three calls, in this order:
+    if "LOCAL_RANK" in os.environ:      # trainer/main.py, first thing: a torchrun worker (not a
+        exit_when_parent_dies()         # plain `python`, whose parent is a shell or nohup)
+    lock = open_run_dir(cfg)            # Trainer start (trainer/train.py), every rank (collective),
+                                        # before anything writes into run_dir: lock, then
+                                        # guard_fresh_run and, with --resume, check_resume_config,
+                                        # then config.json; RunDirError (a ConfigError) on every rank
+    ...train...; if lock: lock.release()   # optional: process exit releases it too
 """
 
 from __future__ import annotations
