@@ -27,9 +27,10 @@ each hashes its own file at save and 1/W of the files at load, so 8 ranks hash 1
 Loading (`load_latest_checkpoint`) walks `step_N/` from the newest and verifies each (manifest
 present, parseable and matching its own checksum; every listed file present with its recorded size
 and crc32; every safetensors header valid and covering the file; every rank's `extra` unpickles),
-logs and skips a bad one with its path and reason, and loads the first good one. When checkpoints
-exist but none is usable it raises `CheckpointError` listing each and why, so a resumed run stops
-instead of silently starting over; it returns None only when there is no checkpoint at all.
+logs and skips a bad one with its path and reason, and loads the first good one; the skipped
+(newer) ones are renamed to `step_N.corrupt`, so pruning never keeps them over new saves. When
+checkpoints exist but none is usable it raises `CheckpointError` listing each and why, so a resumed
+run stops instead of silently starting over; it returns None only when there is no checkpoint.
 Manifests written before checksums existed (byte sizes only) are checked by size.
 The flat layout of a unit does not depend on the world size (only the zero padding does), so a
 checkpoint written by W ranks loads on W' ranks: each rank reads just the slices of the old shards
@@ -336,16 +337,31 @@ def _select_checkpoint(root: Path) -> tuple[Path, dict, dict] | None:
         if why is None:
             extra, why = _load_extra(path, manifest)
         if why is None:
+            if is_main():
+                _quarantine([p for p, _ in skipped])
+            barrier()
             return path, manifest, extra
-        skipped.append(f"  {path}: {why}")
+        skipped.append((path, why))
         if is_main():
             log.warning(f"skipping checkpoint {path}: {why}")
     if skipped:
         raise CheckpointError(
-            f"{len(skipped)} checkpoint(s) in {root} and none is usable:\n" + "\n".join(skipped) + "\n"
-            "Restore or move them away, or start a fresh run (a new run.name, or --overwrite)."
+            f"{len(skipped)} checkpoint(s) in {root} and none is usable:\n"
+            + "".join(f"  {p}: {why}\n" for p, why in skipped)
+            + "Restore or move them away, or start a fresh run (a new run.name, or --overwrite)."
         )
     return None
+
+
+def _quarantine(paths: list[Path]) -> None:
+    """Rename unusable checkpoints (all newer than the one loaded) to step_N.corrupt[-k]: kept for
+    inspection, and out of the way of pruning, which would keep them over the resumed run's saves."""
+    for p in paths:
+        dst, k = p.with_name(f"{p.name}.corrupt"), 1
+        while dst.exists():
+            dst, k = p.with_name(f"{p.name}.corrupt-{k}"), k + 1
+        os.rename(p, dst)
+        log.warning(f"moved the unusable checkpoint {p} to {dst.name}")
 
 
 def _read_range(path: Path, old: dict, key: str, lo: int, hi: int) -> torch.Tensor:

@@ -191,6 +191,8 @@ def test_same_size_corruption_is_detected_and_the_previous_checkpoint_loads(tmp_
     for name, t in fsdp.sharded_state_dict().items():
         assert torch.equal(t, shards[1][name]), f"{name}: not the step-1 weights"
     assert any(str(step2) in r.getMessage() and want in r.getMessage() for r in caplog.records), caplog.text
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_1", "step_2.corrupt"], f"{names}: the bad checkpoint is not set aside"
 
 
 def _rewrite_manifest_entry(ckpt, name: str) -> None:
