@@ -35,8 +35,10 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# --resume: a second `make train` continues (or, when finished, re-prints) the same run instead of
+# refusing to overwrite it; a changed config is refused with the differing keys (use a new run.name).
 train: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) trainer/main.py --config $(CONFIG)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) trainer/main.py --config $(CONFIG) --resume
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q

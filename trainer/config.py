@@ -178,6 +178,9 @@ class OptimConfig:
     """'constant' or 'cosine' (to min_lr_ratio * lr at the end of the stage)."""
     min_lr_ratio: float = 0.1
     """Final lr / peak lr for the cosine schedule."""
+    guard_updates: bool = True
+    """Copy the fp32 master shards and the AdamW state before each step and restore them when the
+    update made a parameter non-finite (3x the shard bytes per rank; off: such a step stops the run)."""
 
     def __post_init__(self):
         _check_finite(self, "optim")
@@ -212,7 +215,9 @@ class FSDPConfig:
         for k in ("param_dtype", "reduce_dtype"):
             v = getattr(self, k)
             _check(v in ("float32", "bfloat16"), f"fsdp.{k}={v!r}: 'float32' or 'bfloat16'")
-        _check(self.autocast in ("none", "bfloat16"), f"fsdp.autocast={self.autocast!r}: 'none' or 'bfloat16'")
+        _check(
+            self.autocast in ("none", "bfloat16"), f"fsdp.autocast={self.autocast!r}: 'none' or 'bfloat16'"
+        )
 
 
 @dataclass(kw_only=True)
@@ -474,6 +479,8 @@ class RunConfig:
     """torch intra-op threads per rank (0: cpu_count // local ranks)."""
     plots: bool = True
     """Write plots/*.png at the end."""
+    max_nonfinite_steps: int = 3
+    """Consecutive non-finite updates (loss, gradient norm or update) that stop the run (exit 4)."""
 
     def __post_init__(self):
         _check(
@@ -486,6 +493,10 @@ class RunConfig:
         _check(not bad, f"run.stages has unknown stages {bad}; choose from {list(known)}")
         _check(len(set(self.stages)) == len(self.stages), "run.stages has duplicates")
         _check(self.stop_after_step >= 0 and self.log_every >= 1 and self.num_threads >= 0, "run: bad counts")
+        _check(
+            self.max_nonfinite_steps >= 1,
+            f"run.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}",
+        )
 
 
 @dataclass(kw_only=True)

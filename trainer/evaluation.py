@@ -51,7 +51,13 @@ class Evaluator:
         dt = time.perf_counter() - t0
         self.clock.add(f"eval/{label}", dt)
         row = {"kind": "eval", "step": step, "label": label, "time_eval": dt}
-        keys = ("success_rate", "action_accuracy", "mean_steps_success", "invalid_action_rate")
+        keys = (
+            "success_rate",
+            "action_accuracy",
+            "mean_steps_success",
+            "invalid_action_rate",
+            "env_failures",
+        )
         row.update({k: rep.get(k) for k in keys})
         for task, v in (rep.get("per_task") or {}).items():
             row[f"success/{task}"] = v["success_rate"] if isinstance(v, dict) else v
@@ -59,7 +65,7 @@ class Evaluator:
         if is_main():
             print(
                 f"[eval] {label} @ step {step}: success {row['success_rate']:.3f} "
-                f"action acc {row['action_accuracy']:.3f} ({dt:.0f}s)",
+                f"action acc {row['action_accuracy']:.3f} env failures {row['env_failures']} ({dt:.0f}s)",
                 flush=True,
             )
 
@@ -148,7 +154,7 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
     head = (
         ["policy", "success"]
         + [_SHORT.get(t, t) for t in tasks]
-        + ["action acc", "steps (expert)", "invalid"]
+        + ["action acc", "steps (expert)", "invalid", "env failures"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows:
@@ -161,13 +167,17 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
             _pct(r.get("action_accuracy")),
             f"{_num(steps)} ({_num(expert)})",
             _pct(r.get("invalid_action_rate")),
+            str(r.get("env_failures", "-")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     n = rows[0][1].get("episodes") if rows else None
     if isinstance(n, list):
         n = len(n)
     lines.append("")
-    lines.append(f"{n} held-out episodes per policy; success per task type; steps = mean steps on successes.")
+    lines.append(
+        f"{n} held-out episodes per policy; success per task type; steps = mean steps on successes; "
+        "env failures = episodes lost to an env crash or hang (counted as not won)."
+    )
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ gloo on CPU; multi-node is torchrun's job), check what depends on the world size
 
 Errors a user fixes stop with one line on stderr, printed by local rank 0 only: `config error: ...`
 (exit 2) for a bad config, a locked or already-used run directory, a --resume with other settings;
-`checkpoint error: ...` (exit 3) when checkpoints exist but none is intact. Config checks, the
+`checkpoint error: ...` (exit 3) when checkpoints exist but none is intact; `non-finite error: ...`
+(exit 4) after run.max_nonfinite_steps consecutive non-finite updates (none reached the weights). Config checks, the
 world-size ones included (WORLD_SIZE from torchrun's environment), run before the process group
 exists. Under torchrun the worker also writes the message to TORCHELASTIC_ERROR_FILE, so torchrun's
 failure summary names it as the root cause; that summary itself (a Python traceback ending in
@@ -27,6 +28,7 @@ import torch
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, parse_args, validate_for_world
 from trainer.dist import destroy, init_distributed
+from trainer.optim import NonFiniteError
 
 
 def _set_threads(num_threads: int) -> None:
@@ -50,6 +52,10 @@ def _fail(kind: str, e: Exception, code: int) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if "LOCAL_RANK" in os.environ:  # a torchrun worker: never outlive the launcher (no orphan training)
+        from trainer.run_dir import exit_when_parent_dies
+
+        exit_when_parent_dies()
     try:
         cfg = parse_args(argv)
         validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's; before any work
@@ -66,6 +72,8 @@ def main(argv: list[str]) -> int:
         return _fail("config error", e, 2)
     except CheckpointError as e:
         return _fail("checkpoint error", e, 3)
+    except NonFiniteError as e:
+        return _fail("non-finite error", e, 4)
     finally:
         destroy()
     return 0

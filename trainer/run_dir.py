@@ -22,7 +22,8 @@ checkpoint.every / keep_last / export_final / resume / overwrite (when and what 
 is trained: lowering keep_last after a full disk is fine), eval.* (evaluation reads the weights and
 never feeds back into training, nor draws from the training RNGs), run.plots, run.num_threads
 (CPU threads: the same math, though a CPU run's last bits may differ), run.log_every,
-run.stop_after_step (debug stop), run.out_dir and run.name (where the run lives, so a moved run
+run.stop_after_step (debug stop), run.max_nonfinite_steps (when to give up, not what is trained),
+run.out_dir and run.name (where the run lives, so a moved run
 directory resumes). Every other setting, including new ones by default, changes the trajectory:
 model.*, data.* (the states, tokenizer, prompt format, shuffle), optim.*, fsdp.*, every stage's
 section, rollout.*, run.seed and run.stages. Paths in model/data stay in: another path may be
@@ -82,6 +83,7 @@ RESUME_FREE_KEYS = (
     "run.num_threads",
     "run.log_every",
     "run.stop_after_step",
+    "run.max_nonfinite_steps",
     "run.out_dir",
     "run.name",
 )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import random
 import resource
-import shutil
 import time
 
 import numpy as np
@@ -26,7 +25,7 @@ from trainer.config import ConfigError, TrainConfig, format_config
 from trainer.dist import barrier, is_main
 from trainer.evaluation import Evaluator, comparison_table, load_eval, policy_spec
 from trainer.metrics import MetricsLogger, write_plots
-from trainer.optim import make_optimizer
+from trainer.optim import NonFiniteError, make_optimizer
 from trainer.stages import STAGES, Stage, StageContext, StageSpan, stage_spans
 
 
@@ -83,6 +82,7 @@ class Checkpointer:
             "rng": rng_state(),
             "data_position": step,
             "skipped_steps": ctx.skipped_steps,
+            "nonfinite_steps": ctx.nonfinite_steps,
             "stage_state": stage.state_dict(),  # e.g. the ppo critic (replicated, every rank)
         }
         save_checkpoint(
@@ -106,6 +106,7 @@ class Checkpointer:
                 f"(hash {extra['config_hash']} vs {self.cfg.hash()}); use a new run.name"
             )
         ctx.skipped_steps = int(extra.get("skipped_steps", 0))
+        ctx.nonfinite_steps = int(extra.get("nonfinite_steps", 0))
         set_rng_state(extra["rng"])
         _log0(f"[resume] continuing after step {extra['step']}")
         return extra
@@ -169,16 +170,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ parts
     def _start_run_dir(self) -> None:
-        cfg, run_dir = self.cfg, self.cfg.run_dir
+        """Take the run directory before anything writes into it (trainer/run_dir.py): an exclusive
+        lock, no fresh run over an earlier run's files (--resume or --overwrite), a --resume only
+        with the same training settings (differing keys listed), then config.json."""
+        from trainer.run_dir import open_run_dir
+
         if is_main():
-            print(format_config(cfg), flush=True)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            if not cfg.checkpoint.resume and (run_dir / "checkpoints").exists():
-                print(f"[run] fresh run: removing old checkpoints in {run_dir / 'checkpoints'}", flush=True)
-                shutil.rmtree(run_dir / "checkpoints")
-                shutil.rmtree(run_dir / "eval", ignore_errors=True)
-        barrier()
+            print(format_config(self.cfg), flush=True)
+        self.lock = open_run_dir(self.cfg)  # held until the process exits
 
     def _build(self):
         """Data (games, states, tokenizer, examples), the model, its FSDP wrapper, the stage context."""
@@ -258,8 +257,17 @@ class Trainer:
 
     def _step(self, stage: Stage, span: StageSpan, step: int) -> None:
         i = step - span.first
-        row = stage.step(self.ctx, i)
-        row.update(kind=span.name, step=step, stage_step=i + 1, skipped_total=self.ctx.skipped_steps)
+        try:
+            row = stage.step(self.ctx, i)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"step {step} ({span.name}): {e}") from None
+        row.update(
+            kind=span.name, step=step, stage_step=i + 1, skipped_total=self.ctx.skipped_steps,
+            nonfinite_total=self.ctx.nonfinite_steps,
+        )  # fmt: skip
+        if self.ctx.last_skip:
+            row["skip_reason"] = self.ctx.last_skip
+            self.ctx.last_skip = ""
         row["peak_mem_mb"] = peak_memory_mb(self.info.device)
         self.metrics.log(row)
         self.metrics.progress(span.name, step, span.last, row, stage.log_keys)
@@ -293,7 +301,11 @@ class Trainer:
             write_plots(run_dir)
         (run_dir / "timings.json").write_text(json.dumps(self.clock.t, indent=2))
         print("[timings] " + ", ".join(f"{k} {v:.1f}s" for k, v in self.clock.t.items()), flush=True)
-        print(f"[run] done: {run_dir} (skipped non-finite/empty steps: {self.ctx.skipped_steps})", flush=True)
+        c = self.ctx
+        print(
+            f"[run] done: {run_dir} (skipped steps: {c.skipped_steps}, of them non-finite: {c.nonfinite_steps})",
+            flush=True,
+        )
 
 
 def _export(directory, fsdp, model_cfg, tokenizer, tokenizer_path, export_final) -> None:

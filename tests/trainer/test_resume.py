@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -150,8 +151,46 @@ def test_resume_with_a_different_config_is_refused(runs, tmp_path):
         "--resume",
         "--optim.lr=1e-2",
     ]
+    saved = (out / "killed" / "config.json").read_text()
+    proc = _launch(args)
+    assert proc.returncode != 0, proc.stderr[-2000:]  # torchrun exits 1 when a worker exits 2
+    assert "optim.lr" in proc.stderr and "0.003" in proc.stderr, "the differing key with both values"
+    assert (out / "killed" / "config.json").read_text() == saved, "a refused resume writes nothing"
+
+
+def _launch(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=1", str(REPO / "trainer/main.py"), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "different config" in proc.stderr
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_rerun_without_resume_keeps_the_checkpoints(runs):
+    out, _, _ = runs
+    root = out.parent
+    before = sorted(p.name for p in (out / "full" / "checkpoints").iterdir())
+    proc = _launch(tiny_args(root, root / "states.jsonl", root / "tokenizer.json", "full"))
+    assert proc.returncode != 0 and "--resume" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "full" / "checkpoints").iterdir()) == before
+
+
+def test_huge_lr_stops_the_run_and_never_saves_nonfinite_weights(runs):
+    """lr 1e30: the first update leaves huge (finite) weights, every later loss is non-finite and is
+    skipped; run.max_nonfinite_steps=3 consecutive ones stop the run with exit 4, and no checkpoint
+    or export holds a non-finite value."""
+    from safetensors.torch import load_file
+
+    out, _, _ = runs
+    root = out.parent
+    args = tiny_args(root, root / "states.jsonl", root / "tokenizer.json", "huge-lr") + [
+        "--optim.lr=1e30", "--sft.lr=0", "--checkpoint.every=1",
+    ]  # fmt: skip
+    proc = _launch(args)
+    assert proc.returncode != 0 and "exitcode  : 4" in proc.stderr, proc.stderr[-2000:]
+    assert "step 4 (sft): 3 consecutive non-finite updates (last: nonfinite_" in proc.stderr
+    rows = [json.loads(x) for x in (out / "huge-lr" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in rows if r.get("skip_reason")]  # the third one stopped the run before its row
+    assert [r["step"] for r in skipped] == [2, 3] and skipped[-1]["nonfinite_total"] == 2
+    assert all(r["skip_reason"] in ("nonfinite_loss", "nonfinite_grad_norm") for r in skipped)
+    for shard in (out / "huge-lr" / "checkpoints").glob("step_*/shard_rank*.safetensors"):
+        for name, t in load_file(shard).items():
+            assert torch.isfinite(t).all(), f"{shard}: {name}"

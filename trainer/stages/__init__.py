@@ -25,8 +25,8 @@ from typing import ClassVar
 
 import torch
 
-from trainer.dist import barrier
-from trainer.optim import lr_at, optimizer_step
+from trainer.dist import barrier, is_main
+from trainer.optim import NonFiniteError, lr_at, optimizer_step
 
 __all__ = ["STAGES", "Stage", "StageContext", "StageSpan", "register", "stage_spans", "rl_stage_names"]
 
@@ -64,6 +64,11 @@ class StageContext:
     """Where the SFT weights go when a later stage needs them as its frozen reference."""
     skipped_steps: int = 0
     """Steps whose update was skipped (non-finite, or nothing to learn from)."""
+    nonfinite_steps: int = 0
+    """Of those, updates skipped because a loss, the gradient norm or the update was non-finite."""
+    nonfinite_streak: int = 0
+    """Consecutive non-finite updates (optim.max_nonfinite_steps of them stop the run)."""
+    last_skip: str = ""
 
     def export_once(self, directory: Path) -> None:
         """`export` unless the directory already holds a checkpoint (a resumed run)."""
@@ -94,13 +99,33 @@ class StageContext:
         return self.model.output.weight
 
     def apply_update(self, lr: float, nonfinite: int) -> tuple[float, bool]:
-        """Clip + AdamW step through the NaN/inf guard (trainer/optim.py); counts skipped steps."""
+        """Clip + AdamW step through the NaN/inf guard (trainer/optim.py); counts skipped steps and
+        stops the run (NonFiniteError) after optim.max_nonfinite_steps consecutive non-finite ones."""
+        o = self.cfg.optim
         res = optimizer_step(
-            self.fsdp, self.optimizer, lr=lr, grad_clip=self.cfg.optim.grad_clip, nonfinite=nonfinite
+            self.fsdp,
+            self.optimizer,
+            lr=lr,
+            grad_clip=o.grad_clip,
+            nonfinite=nonfinite,
+            guard=o.guard_updates,
         )
-        if not res.applied:
-            self.skipped_steps += 1
-        return res.grad_norm, res.applied
+        self.last_skip = res.cause
+        if res.applied:
+            self.nonfinite_streak = 0
+            return res.grad_norm, True
+        self.skipped_steps += 1
+        self.nonfinite_steps += 1
+        self.nonfinite_streak += 1
+        if is_main():
+            print(f"[guard] update skipped: {res.cause} (grad norm {res.grad_norm:.4g})", flush=True)
+        if self.nonfinite_streak >= self.cfg.run.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_streak} consecutive non-finite updates (last: {res.cause}); "
+                f"run.max_nonfinite_steps={self.cfg.run.max_nonfinite_steps}. The weights and the last checkpoint "
+                "hold no non-finite value: lower the lr (or fix the data) and --resume"
+            )
+        return res.grad_norm, False
 
 
 @dataclass
