@@ -188,8 +188,8 @@ def test_collect_episodes_records_the_policys_own_turns(real_games):
     from harness import render_prompt
     from model import train_tokenizer
     from trainer.data import pack_completions
-    from trainer.fsdp import apply_fsdp
     from trainer.episodes import collect_episodes
+    from trainer.fsdp import apply_fsdp
     from trainer.stages.sft import action_logprobs
 
     tok = train_tokenizer(["go to countertop 1", "take cloth 1 from sinkbasin 1", "Your task is to"], 300)
