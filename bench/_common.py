@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -70,6 +71,8 @@ def env_info() -> dict:
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
         "num_gpus": torch.cuda.device_count() if cuda else 0,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
@@ -77,6 +80,14 @@ def env_info() -> dict:
         "git_sha": git_sha(),
         "host": platform.node(),
     }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 def _quantiles(ms: Sequence[float]) -> dict:

@@ -51,7 +51,7 @@ MODELS = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COLUMNS = [
-    ("model", "model"), ("dtype", "dtype"), ("job", "job"), ("G", "G"), ("layout", "layout"),
+    ("model", "model"), ("n_layers", "layers"), ("dtype", "dtype"), ("job", "job"), ("G", "G"), ("layout", "layout"),
     ("shape", "B x T"), ("tokens_computed", "tokens computed"), ("tokens_useful", "useful"),
     ("ms_median", "ms"), ("ms_p20", "p20"), ("ms_p80", "p80"), ("mem_peak_mb", "peak MB"),
     ("tokens_ratio", "tokens ratio"), ("speedup", "speedup"), ("mem_ratio", "mem ratio"),
@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--sft-row-len", nargs="+", type=int, default=[0, 1024], help="packed rows (0: one row)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per layout (default 3)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--n-layers", type=int, default=None, help="override the layer count (the widths stay)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
@@ -86,8 +87,9 @@ def parse_args(argv=None):
     return args
 
 
-def build_model(name: str, device: str, seed: int) -> Transformer:
-    config = LlamaConfig(**MODELS[name], tie_word_embeddings=True, norm_eps=1e-5)
+def build_model(name: str, device: str, seed: int, n_layers: int | None = None) -> Transformer:
+    shape = dict(MODELS[name], **({"n_layers": n_layers} if n_layers else {}))
+    config = LlamaConfig(**shape, tie_word_embeddings=True, norm_eps=1e-5)
     model = Transformer(config)
     model.init_weights(seed)
     return model.to(device)
@@ -200,10 +202,11 @@ def main(argv=None) -> None:
     device = args.device
     env = env_info()
     env["threads"] = torch.get_num_threads()
+    env["cpu_isa"] = torch.backends.cpu.get_cpu_capability()  # AVX2 has no native bf16 GEMM
     rng = random.Random(args.seed)
     rows = []
     for model_name in args.model:
-        model = build_model(model_name, device, args.seed)
+        model = build_model(model_name, device, args.seed, args.n_layers)
         vocab = model.config.vocab_size
         r_lo, r_hi = max(1, args.response_len - 2), args.response_len + 2
         for dtype_name in args.dtype:
@@ -229,7 +232,7 @@ def main(argv=None) -> None:
                 for row in measure(model, layouts, useful, dtype, device, args.reps):
                     row = {**env, "bench": "prefix_sharing", "model": model_name, "dtype": dtype_name,
                            "autocast": dtype == torch.bfloat16, "job": job, "G": G,
-                           "prompt_len": args.prompt_len, "device_kind": device, **row}  # fmt: skip
+                           "n_layers": model.config.n_layers, "prompt_len": args.prompt_len, "device_kind": device, **row}  # fmt: skip
                     rows.append(row)
                     print(
                         f"[{model_name} {dtype_name} {job} G={G}] {row['layout']:16s} {row['shape']:>9s} "
@@ -243,7 +246,19 @@ def main(argv=None) -> None:
     command = "python bench/bench_prefix_sharing.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path = args.out_dir / "prefix_sharing.md"
     header = ", ".join(
-        f"{k} {env.get(k)}" for k in ("device", "threads", "torch", "triton", "cuda", "git_sha", "timestamp")
+        f"{k} {env.get(k)}"
+        for k in (
+            "device",
+            "cpu",
+            "cpu_count",
+            "cpu_isa",
+            "threads",
+            "torch",
+            "triton",
+            "cuda",
+            "git_sha",
+            "timestamp",
+        )
     )
     path.write_text(
         "# prefix sharing and token packing: forward + backward, packed vs padded rows\n\n"
