@@ -8,7 +8,7 @@ Two jobs, each timed as the two layouts the trainer can feed `model.hidden`:
   [prompt | r_1 | ... | r_G] under the tree mask, the prompt computed once.
 - sft: one SFT micro-batch (ragged prompts of ~300 tokens, ~8 target tokens) through the NLL of
   `kernels.token_logprobs`. `padded` = `pack_completions`; `packed` / `packed-rowsN` =
-  `model.masks.build_packed_causal_batch` in one row / in rows of at most N tokens.
+  `model.masks.build_packed_causal_batch` in one row / in rows of at most N tokens (first fit decreasing).
 Model shapes with random weights: `tiny-cpu` (the default `make train` model: dim 64, 3 layers, 2 heads,
 vocab 1024) and `smollm2-135m` (30 layers, dim 576, 9 heads, 3 KV heads, ffn 1536, vocab 49152, tied).
 Dtypes: float32, and bfloat16 autocast (fp32 weights, as the trainer's CPU default keeps them).
@@ -21,7 +21,7 @@ The layouts of one configuration run interleaved in one process (`_common.time_i
 shared cores the absolute times are noisy but the ratio is the measurement.
 
     python bench/bench_prefix_sharing.py --model smollm2-135m --group-size 8 [--dtype float32 bfloat16]
-    python bench/bench_prefix_sharing.py --quick        # gpu_check.sh: G=8, bf16, both models
+    python bench/bench_prefix_sharing.py --quick        # gpu_check.sh: smollm2-135m, G=8, bf16
     python bench/bench_prefix_sharing.py --cpu-smoke    # tiny shapes, seconds (tests/bench)
 
 On CUDA the packed layouts run FlexAttention (compiled; the first call per shape compiles, in the
@@ -31,9 +31,11 @@ warm-up). Output: <out-dir>/prefix_sharing.jsonl (appended) and prefix_sharing.m
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 from _common import base_parser, env_info, markdown_table, peak_memory_bytes, time_interleaved, write_jsonl
@@ -68,22 +70,24 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=None, help="GRPO prompt tokens (default 300)")
     p.add_argument("--response-len", type=int, default=8, help="mean response tokens (drawn in [n-2, n+2])")
     p.add_argument("--sft-examples", type=int, default=8, help="examples in the SFT micro-batch")
-    p.add_argument("--sft-row-len", nargs="+", type=int, default=[0, 1024], help="packed rows (0: one row)")
+    p.add_argument("--sft-row-len", nargs="+", type=int, default=[0, 640], help="packed rows (0: one row)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per layout (default 3)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--n-layers", type=int, default=None, help="override the layer count (the widths stay)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     smoke, quick = args.cpu_smoke, args.quick
-    args.model = args.model or (["tiny-cpu"] if smoke else ["tiny-cpu", "smollm2-135m"])
+    args.model = args.model or (["tiny-cpu"] if smoke else ["smollm2-135m"] if quick else list(MODELS))
     args.dtype = args.dtype or (["float32"] if smoke else ["bfloat16"] if quick else ["float32", "bfloat16"])
     args.group_size = args.group_size or ([4] if smoke else [8] if quick else [4, 8, 16])
     args.prompt_len = args.prompt_len or (40 if smoke else 300)
     args.reps = args.reps or (1 if smoke else 3)
+    if smoke or quick:  # one packed SFT variant: on CUDA each new row shape is another flex compile
+        args.sft_row_len = [0]
     if smoke:
         args.sft_examples = min(args.sft_examples, 4)
-        args.sft_row_len = [r for r in args.sft_row_len if r == 0 or r <= 128] or [0]
     return args
 
 
@@ -137,7 +141,7 @@ def sft_layouts(model, examples, row_lens, device) -> dict:
     def packed(row_len):
         def run():
             (mb,) = build_packed_causal_batch(
-                examples, max_tokens=1 << 30, row_len=row_len or None, device=device
+                examples, max_tokens=1 << 30, row_len=row_len or None, order="length", device=device
             )
             return mb, model.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask), mb
 
@@ -197,74 +201,92 @@ def measure(model, layouts: dict, useful: int, dtype, device, reps: int) -> list
     return rows
 
 
+def job_configs(args, model, rng: random.Random) -> list[tuple]:
+    """(job, G, useful tokens, layouts) for this model: one GRPO group per G, one SFT micro-batch."""
+    vocab = model.config.vocab_size
+    r_lo, r_hi = max(1, args.response_len - 2), args.response_len + 2
+    configs = []
+    if "grpo" in args.jobs:
+        for G in args.group_size:
+            prompt = _tokens(rng, args.prompt_len, vocab)
+            group = (prompt, [_tokens(rng, rng.randint(r_lo, r_hi), vocab) for _ in range(G)])
+            useful = len(prompt) + sum(map(len, group[1]))
+            configs.append(("grpo", G, useful, grpo_layouts(model, group, args.device)))
+    if "sft" in args.jobs:
+        lo, hi = (2 * args.prompt_len) // 3, (4 * args.prompt_len) // 3
+        examples = [
+            (_tokens(rng, rng.randint(lo, hi), vocab), _tokens(rng, rng.randint(r_lo, r_hi), vocab))
+            for _ in range(args.sft_examples)
+        ]
+        useful = sum(len(p) + len(c) for p, c in examples)
+        configs.append(("sft", None, useful, sft_layouts(model, examples, args.sft_row_len, args.device)))
+    return configs
+
+
+ENV_KEYS = (
+    "device",
+    "cpu",
+    "cpu_count",
+    "cpu_isa",
+    "threads",
+    "torch",
+    "triton",
+    "cuda",
+    "git_sha",
+    "timestamp",
+)
+
+
+def write_report(out_dir, rows: list[dict]) -> None:
+    """Append rows to prefix_sharing.jsonl; rewrite prefix_sharing.md from every run in that file
+    (one section per run: its command, its environment, its table), so separate runs accumulate."""
+    path = write_jsonl(out_dir, "prefix_sharing", rows)
+    runs: dict[tuple, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            runs.setdefault((r.get("timestamp"), r.get("command")), []).append(r)
+    parts = ["# Prefix sharing and token packing: forward + backward, packed vs padded rows\n"]
+    for (_, command), run in runs.items():
+        env = ", ".join(f"{k} {run[0].get(k)}" for k in ENV_KEYS)
+        parts.append(f"## `{command}`\n\n{env}\n\n{markdown_table(run, COLUMNS)}\n")
+    (Path(out_dir) / "prefix_sharing.md").write_text("\n".join(parts))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = args.device
+    if args.threads:
+        # On oversubscribed cores (a shared CI box) every OpenMP barrier waits for a time slice: with 2
+        # threads a tiny model's step was measured 140x slower than with 1; one thread avoids that.
+        torch.set_num_threads(args.threads)
     env = env_info()
     env["threads"] = torch.get_num_threads()
     env["cpu_isa"] = torch.backends.cpu.get_cpu_capability()  # AVX2 has no native bf16 GEMM
+    env["command"] = "python bench/bench_prefix_sharing.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     rng = random.Random(args.seed)
     rows = []
     for model_name in args.model:
-        model = build_model(model_name, device, args.seed, args.n_layers)
-        vocab = model.config.vocab_size
-        r_lo, r_hi = max(1, args.response_len - 2), args.response_len + 2
+        model = build_model(model_name, args.device, args.seed, args.n_layers)
         for dtype_name in args.dtype:
             dtype = DTYPES[dtype_name]
-            configs = []
-            if "grpo" in args.jobs:
-                for G in args.group_size:
-                    group = (
-                        _tokens(rng, args.prompt_len, vocab),
-                        [_tokens(rng, rng.randint(r_lo, r_hi), vocab) for _ in range(G)],
-                    )
-                    useful = len(group[0]) + sum(map(len, group[1]))
-                    configs.append(("grpo", G, useful, grpo_layouts(model, group, device)))
-            if "sft" in args.jobs:
-                lo, hi = (2 * args.prompt_len) // 3, (4 * args.prompt_len) // 3
-                examples = [
-                    (_tokens(rng, rng.randint(lo, hi), vocab), _tokens(rng, rng.randint(r_lo, r_hi), vocab))
-                    for _ in range(args.sft_examples)
-                ]
-                useful = sum(len(p) + len(c) for p, c in examples)
-                configs.append(("sft", None, useful, sft_layouts(model, examples, args.sft_row_len, device)))
-            for job, G, useful, layouts in configs:
-                for row in measure(model, layouts, useful, dtype, device, args.reps):
+            for job, G, useful, layouts in job_configs(args, model, rng):
+                for row in measure(model, layouts, useful, dtype, args.device, args.reps):
                     row = {**env, "bench": "prefix_sharing", "model": model_name, "dtype": dtype_name,
                            "autocast": dtype == torch.bfloat16, "job": job, "G": G,
-                           "n_layers": model.config.n_layers, "prompt_len": args.prompt_len, "device_kind": device, **row}  # fmt: skip
+                           "n_layers": model.config.n_layers, "prompt_len": args.prompt_len, **row}  # fmt: skip
                     rows.append(row)
                     print(
-                        f"[{model_name} {dtype_name} {job} G={G}] {row['layout']:16s} {row['shape']:>9s} "
-                        f"tokens {row['tokens_computed']:6d}  {row['ms_median']:9.1f} ms "
-                        f"(p20 {row['ms_p20']:.1f}, p80 {row['ms_p80']:.1f})  peak {row['mem_peak_mb']:.0f} MB"
+                        f"[{model_name} L{row['n_layers']} {dtype_name} {job} G={G}] {row['layout']:16s} "
+                        f"{row['shape']:>9s} tokens {row['tokens_computed']:6d} {row['ms_median']:9.1f} ms "
+                        f"(p20 {row['ms_p20']:.1f}, p80 {row['ms_p80']:.1f}) peak {row['mem_peak_mb']:.0f} MB"
                         + (f"  speedup {row['speedup']:.2f}x tokens {row['tokens_ratio']:.2f}x" if "speedup" in row else ""),
                         flush=True,
                     )  # fmt: skip
         del model
-    write_jsonl(args.out_dir, "prefix_sharing", rows)
-    command = "python bench/bench_prefix_sharing.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    path = args.out_dir / "prefix_sharing.md"
-    header = ", ".join(
-        f"{k} {env.get(k)}"
-        for k in (
-            "device",
-            "cpu",
-            "cpu_count",
-            "cpu_isa",
-            "threads",
-            "torch",
-            "triton",
-            "cuda",
-            "git_sha",
-            "timestamp",
-        )
-    )
-    path.write_text(
-        "# prefix sharing and token packing: forward + backward, packed vs padded rows\n\n"
-        f"`{command}`\n\n{header}\n\n{markdown_table(rows, COLUMNS)}\n"
-    )  # fmt: skip
-    print(path.read_text())
+    write_report(args.out_dir, rows)
+    print((args.out_dir / "prefix_sharing.md").read_text())
 
 
 if __name__ == "__main__":

@@ -42,9 +42,10 @@ PackedRows fields (N = response/target tokens in the micro-batch):
     targets [N] int64, seq [N] int64.
 `build_packed_causal_batch(examples, max_tokens=...)` takes (prompt, completion) pairs and gathers the
 completion tokens exactly like `trainer.data.pack_completions`; for plain LM packing pass
-(ids[:1], ids[1:]). `pack_by_tokens` is the packer both use: items in input order fill rows of at most
-`row_len` tokens (next fit), rows fill micro-batches of at most `max_tokens` computed tokens; an item
-longer than the budget gets its own row and micro-batch (never dropped).
+(ids[:1], ids[1:]). `pack_by_tokens` is the packer both use: items fill rows of at most `row_len`
+tokens (next fit in input order; or first fit decreasing with order="length", for ragged SFT), rows
+fill micro-batches of at most `max_tokens` computed tokens; an item longer than the budget gets its
+own row and micro-batch (never dropped).
 
 References: PyTorch FlexAttention (`create_block_mask`, document masking, `BlockMask.from_kv_blocks`);
 the shared-prefix / tree-attention packing of prompts with their sampled completions (e.g. verl's and
@@ -263,27 +264,45 @@ def pack_by_tokens(
     row_len: int | None = None,
     items_per_row: int | None = None,
     pad_to: int = 1,
+    order: str = "input",
 ) -> list[list[list[int]]]:
-    """Item lengths -> micro-batches -> rows -> item indices, every item exactly once, in input order.
+    """Item lengths -> micro-batches -> rows -> item indices, every item exactly once.
 
-    Rows: next fit in input order, at most `row_len` tokens (default max_tokens) and `items_per_row`
-    items (default unbounded). Micro-batches: consecutive rows while rows x width <= max_tokens, the
-    width being the longest row rounded up to a multiple of `pad_to`. An item longer than row_len
-    is a row of its own, and a row wider than max_tokens a micro-batch of its own: never dropped.
+    Rows hold at most `row_len` tokens (default max_tokens) and `items_per_row` items (default
+    unbounded). order="input": next fit in input order, micro-batches consecutive in input order.
+    order="length": first fit decreasing (longest item first, into the first row it fits), rows
+    grouped longest first: fewer rows and less padding for ragged lengths (SFT), items out of order.
+    Micro-batches: rows while rows x width <= max_tokens, the width being the longest row rounded up
+    to a multiple of `pad_to`. An item longer than row_len is a row of its own, and a row wider than
+    max_tokens a micro-batch of its own: never dropped.
     """
     row_len = max_tokens if row_len is None else row_len
     if max_tokens < 1 or row_len < 1 or pad_to < 1 or (items_per_row is not None and items_per_row < 1):
         raise ValueError(f"bad budget: max_tokens={max_tokens} row_len={row_len} pad_to={pad_to}")
+    if order not in ("input", "length"):
+        raise ValueError(f"order must be 'input' or 'length', got {order!r}")
     rows: list[list[int]] = []
     used: list[int] = []
-    for i, n in enumerate(lengths):
-        fits = rows and used[-1] + n <= row_len and (items_per_row is None or len(rows[-1]) < items_per_row)
-        if fits:
-            rows[-1].append(i)
-            used[-1] += n
-        else:
+    if order == "input":
+        items = list(range(len(lengths)))
+    else:
+        items = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    for i in items:
+        n = lengths[i]
+        candidates = range(max(len(rows) - 1, 0), len(rows)) if order == "input" else range(len(rows))
+        r = next(
+            (r for r in candidates if used[r] + n <= row_len and (items_per_row is None or len(rows[r]) < items_per_row)),
+            None,
+        )  # fmt: skip
+        if r is None:
             rows.append([i])
             used.append(n)
+        else:
+            rows[r].append(i)
+            used[r] += n
+    if order == "length":  # longest rows first, so each micro-batch's rows are alike in width
+        by_len = sorted(range(len(rows)), key=lambda k: -used[k])
+        rows, used = [rows[k] for k in by_len], [used[k] for k in by_len]
     batches: list[list[list[int]]] = []
     width = 0
     for row, n in zip(rows, used):
@@ -304,6 +323,7 @@ def build_shared_prefix_batch(
     row_len: int | None = None,
     items_per_row: int | None = None,
     pad_to: int = 1,
+    order: str = "input",
     pad_id: int = 0,
     device: torch.device | str = "cpu",
 ) -> list[PackedRows]:
@@ -311,7 +331,8 @@ def build_shared_prefix_batch(
 
     Each group is one segment [prompt | r_1 | ... | r_G] (never split across rows); response j's
     token k sits at RoPE position P + k and is predicted by the prompt's last token (k = 0) or by its
-    own token k - 1. seq numbers the responses in input order across groups. Budgets: `pack_by_tokens`.
+    own token k - 1. seq numbers the responses in input order across groups (whatever the placement).
+    Budgets and `order`: `pack_by_tokens`.
     Empty responses are allowed (they add no tokens); empty prompts and groups without responses are not.
     """
     items, seq0 = [], 0
@@ -331,7 +352,7 @@ def build_shared_prefix_batch(
             item.seq += [seq0 + j] * n
         seq0 += len(responses)
         items.append(item)
-    return _materialize(items, max_tokens, row_len, items_per_row, pad_to, pad_id, device)
+    return _materialize(items, max_tokens, row_len, items_per_row, pad_to, order, pad_id, device)
 
 
 def build_packed_causal_batch(
@@ -341,6 +362,7 @@ def build_packed_causal_batch(
     row_len: int | None = None,
     items_per_row: int | None = None,
     pad_to: int = 1,
+    order: str = "input",
     pad_id: int = 0,
     device: torch.device | str = "cpu",
 ) -> list[PackedRows]:
@@ -357,10 +379,12 @@ def build_packed_causal_batch(
         P, n = len(prompt), len(completion)
         items.append(_Item(ids, list(range(len(ids))), [0] * len(ids), list(range(P - 1, P - 1 + n)),
                            list(completion), [e] * n))  # fmt: skip
-    return _materialize(items, max_tokens, row_len, items_per_row, pad_to, pad_id, device)
+    return _materialize(items, max_tokens, row_len, items_per_row, pad_to, order, pad_id, device)
 
 
-def _materialize(items, max_tokens, row_len, items_per_row, pad_to, pad_id, device) -> list[PackedRows]:
+def _materialize(
+    items, max_tokens, row_len, items_per_row, pad_to, order, pad_id, device
+) -> list[PackedRows]:
     """Place items into rows (pack_by_tokens), pad each micro-batch to its width, build the tensors."""
     plan = pack_by_tokens(
         [len(it.tokens) for it in items],
@@ -368,6 +392,7 @@ def _materialize(items, max_tokens, row_len, items_per_row, pad_to, pad_id, devi
         row_len=row_len,
         items_per_row=items_per_row,
         pad_to=pad_to,
+        order=order,
     )
     out = []
     for batch in plan:

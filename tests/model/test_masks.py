@@ -127,18 +127,27 @@ def test_pack_by_tokens_fixture():
     # pad_to rounds each width up: rows [3], [2] would be 4 + 4 tokens; rounded to 8 they do not share.
     assert pack_by_tokens([3, 2], max_tokens=8, row_len=3) == [[[0], [1]]]
     assert pack_by_tokens([3, 2], max_tokens=8, row_len=3, pad_to=8) == [[[0]], [[1]]]
+    # First fit decreasing: 9, then 5 (new row), 4 (joins the 5), 3 (new row), 2 (joins the 3).
+    assert pack_by_tokens(lengths, max_tokens=10, order="length") == [[[2]], [[0, 4]], [[1, 3]]]
+    assert pack_by_tokens(lengths, max_tokens=20, row_len=10, order="length") == [[[2], [0, 4]], [[1, 3]]]
     with pytest.raises(ValueError):
         pack_by_tokens(lengths, max_tokens=0)
+    with pytest.raises(ValueError, match="order"):
+        pack_by_tokens(lengths, max_tokens=8, order="random")
 
 
+@pytest.mark.parametrize("order", ["input", "length"])
 @pytest.mark.parametrize("seed", range(4))
-def test_pack_by_tokens_budget_and_order(seed):
+def test_pack_by_tokens_budget_and_order(seed, order):
     rng = random.Random(seed)
     lengths = [rng.randint(1, 60) for _ in range(37)]
     max_tokens, row_len, pad_to = 64, rng.choice([16, 40, 64]), rng.choice([1, 8])
-    batches = pack_by_tokens(lengths, max_tokens=max_tokens, row_len=row_len, pad_to=pad_to)
+    batches = pack_by_tokens(lengths, max_tokens=max_tokens, row_len=row_len, pad_to=pad_to, order=order)
     flat = [i for batch in batches for row in batch for i in row]
-    assert flat == list(range(len(lengths))), "every item exactly once, in input order"
+    if order == "input":
+        assert flat == list(range(len(lengths))), "every item exactly once, in input order"
+    else:
+        assert sorted(flat) == list(range(len(lengths))), "every item exactly once"
     for batch in batches:
         widths = [sum(lengths[i] for i in row) for row in batch]
         for row, w in zip(batch, widths):
@@ -221,11 +230,13 @@ def _logp(model, h_N, targets):
 
 
 def _packed_logp(model, batches) -> torch.Tensor:
+    """Per-token log-probs in input order (sequence by sequence), whatever the placement order."""
     out = []
     for mb in batches:
         h = model.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask)  # (B, T, D)
         out.append(_logp(model, h[mb.rows, mb.cols], mb.targets))
-    return torch.cat(out)
+    seq = torch.cat([mb.seq for mb in batches])  # a sequence's tokens are contiguous, in order
+    return torch.cat(out)[torch.argsort(seq, stable=True)]
 
 
 def _padded_logp(model, pairs) -> torch.Tensor:
@@ -298,8 +309,9 @@ def _check_layout(model, packed_fn, pairs, reference_fn, seed):
         (dict(n_kv_heads=2, tie=False), dict(max_tokens=4096)),  # every group in one row
         (dict(n_kv_heads=1, tie=True), dict(max_tokens=512, row_len=128)),  # several rows + padding
         (dict(n_kv_heads=4, tie=False, rope_scaling=False), dict(max_tokens=256, items_per_row=2)),
+        (dict(n_kv_heads=2, tie=True), dict(max_tokens=256, row_len=128, order="length")),  # out of order
     ],
-    ids=["one-row-gqa2", "rows-mqa-tied", "two-per-row-mha"],
+    ids=["one-row-gqa2", "rows-mqa-tied", "two-per-row-mha", "rows-ffd"],
 )
 def test_shared_prefix_equals_per_sequence_forward(hf_pair, case, budget):
     _, model = hf_pair(seed=3, **case)
@@ -311,7 +323,13 @@ def test_shared_prefix_equals_per_sequence_forward(hf_pair, case, budget):
 
 
 @pytest.mark.parametrize(
-    "budget", [dict(max_tokens=4096), dict(max_tokens=300, row_len=100)], ids=["one-row", "rows"]
+    "budget",
+    [
+        dict(max_tokens=4096),
+        dict(max_tokens=300, row_len=100),
+        dict(max_tokens=300, row_len=100, order="length"),
+    ],
+    ids=["one-row", "rows", "rows-ffd"],
 )
 def test_packed_sft_equals_padded_sft(hf_pair, budget):
     _, model = hf_pair(seed=6, n_kv_heads=2, tie=True)
