@@ -25,7 +25,7 @@ shared cores the absolute times are noisy but the ratio is the measurement.
     python bench/bench_prefix_sharing.py --cpu-smoke    # tiny shapes, seconds (tests/bench)
 
 On CUDA the packed layouts run FlexAttention (compiled; the first call per shape compiles, in the
-warm-up). Output: <out-dir>/prefix_sharing.jsonl (appended) and prefix_sharing.md.
+warm-up). Output: <out-dir>/prefix_sharing_<cpu|cuda>.jsonl (appended) and .md (every run in the JSONL).
 """
 
 from __future__ import annotations
@@ -112,7 +112,11 @@ def grpo_layouts(model, group, device) -> dict:
     adv_G = torch.randn(G, generator=gen)  # one advantage per response
     seq = torch.tensor([j for j, r in enumerate(responses) for _ in r])
     adv_N = adv_G[seq].to(device)
-    old_N = (-4.0 - torch.rand(n_tok, generator=gen)).to(device)  # plausible old log-probs
+    with torch.no_grad():  # old log-probs = the current ones (the first epoch: ratio 1, unclipped)
+        (mb,) = build_shared_prefix_batch([group], max_tokens=1 << 30, device=device)
+        h = model.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask)
+        old_N = token_logprobs(h[mb.rows, mb.cols], W, mb.targets)  # (N,) fp32
+    assert old_N.numel() == n_tok
 
     def loss_of(h, rows, cols, targets):
         return grpo_loss(h[rows, cols], W, targets, adv_N, old_N).loss
@@ -237,10 +241,10 @@ ENV_KEYS = (
 )
 
 
-def write_report(out_dir, rows: list[dict]) -> None:
-    """Append rows to prefix_sharing.jsonl; rewrite prefix_sharing.md from every run in that file
-    (one section per run: its command, its environment, its table), so separate runs accumulate."""
-    path = write_jsonl(out_dir, "prefix_sharing", rows)
+def write_report(out_dir, topic: str, rows: list[dict]) -> Path:
+    """Append rows to <topic>.jsonl; rewrite <topic>.md from every run in that file (one section
+    per run: its command, its environment, its table), so separate runs accumulate."""
+    path = write_jsonl(out_dir, topic, rows)
     runs: dict[tuple, list[dict]] = {}
     for line in path.read_text().splitlines():
         if line.strip():
@@ -250,7 +254,9 @@ def write_report(out_dir, rows: list[dict]) -> None:
     for (_, command), run in runs.items():
         env = ", ".join(f"{k} {run[0].get(k)}" for k in ENV_KEYS)
         parts.append(f"## `{command}`\n\n{env}\n\n{markdown_table(run, COLUMNS)}\n")
-    (Path(out_dir) / "prefix_sharing.md").write_text("\n".join(parts))
+    md = Path(out_dir) / f"{topic}.md"
+    md.write_text("\n".join(parts))
+    return md
 
 
 def main(argv=None) -> None:
@@ -285,8 +291,9 @@ def main(argv=None) -> None:
                         flush=True,
                     )  # fmt: skip
         del model
-    write_report(args.out_dir, rows)
-    print((args.out_dir / "prefix_sharing.md").read_text())
+    # One file per device kind, so a GPU run (gpu_check.sh) never mixes into the CPU measurements.
+    md = write_report(args.out_dir, f"prefix_sharing_{torch.device(args.device).type}", rows)
+    print(md.read_text())
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ def test_bench_train_step_two_ranks_cpu(tmp_path):
 
 def test_bench_prefix_sharing_cpu(tmp_path):
     _run("bench_prefix_sharing.py", "--out-dir", str(tmp_path), "--cpu-smoke")
-    rows = _rows(tmp_path / "prefix_sharing.jsonl")
+    rows = _rows(tmp_path / "prefix_sharing_cpu.jsonl")
     by = {(r["job"], r["layout"]): r for r in rows}
     assert set(by) == {("grpo", "padded"), ("grpo", "shared"), ("sft", "padded"), ("sft", "packed")}
     pad, shared = by["grpo", "padded"], by["grpo", "shared"]
@@ -228,4 +228,4 @@ def test_bench_prefix_sharing_cpu(tmp_path):
             assert r["loss_rel_diff"] < 1e-5, r
             assert r["speedup"] == pytest.approx(by[r["job"], "padded"]["ms_median"] / r["ms_median"])
     assert by["sft", "packed"]["tokens_computed"] == by["sft", "packed"]["tokens_useful"]
-    assert "| shared |" in (tmp_path / "prefix_sharing.md").read_text()
+    assert "| shared |" in (tmp_path / "prefix_sharing_cpu.md").read_text()
