@@ -415,6 +415,8 @@ class EvalConfig:
     """Run multi-turn evaluation at all (off for smoke tests without games)."""
     random_baseline: bool = True
     """Also evaluate the uniform-random policy (the table's floor)."""
+    max_games: int = 0
+    """Evaluate only the first N games of each eval split (0: all): a quicker, noisier estimate."""
     zero_shot: bool = False
     """Also evaluate the model before any training (label 'zero-shot': a pre-trained checkpoint's
     own competence, the row every fine-tuned policy is compared with)."""

@@ -220,7 +220,8 @@ class Trainer:
         _log0(
             f"[model] {num_params(model) / 1e6:.2f}M parameters, {model_cfg.n_layers} layers, dim {model_cfg.dim}"
         )
-        games = [g for split in cfg.data.eval_splits for g in art.eval_games.get(split, [])]
+        n = cfg.eval.max_games or None
+        games = [g for split in cfg.data.eval_splits for g in art.eval_games.get(split, [])[:n]]
         return ctx, model_cfg, art.tokenizer_path, games
 
     def _examples(self, build_examples, art, tokenizer) -> list:

