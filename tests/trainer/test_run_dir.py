@@ -116,8 +116,10 @@ def test_worker_exits_when_its_launcher_is_killed(use_prctl):
     worker = None
     with os.fdopen(r) as out:
         try:
-            worker = int(out.readline())
-            assert out.readline() == "ready\n"
+            # The launcher's pid line and the worker's "ready" race for the pipe: take them in any order.
+            lines = sorted([out.readline(), out.readline()])  # digits sort before "ready"
+            assert lines[1] == "ready\n", lines
+            worker = int(lines[0])
             os.kill(launcher, signal.SIGKILL)
             os.waitpid(launcher, 0)
             ready, _, _ = select.select([out], [], [], 20)
