@@ -308,7 +308,9 @@ def _generate_one(args) -> tuple[str, int, dict]:
         if not any(path.parent.parent.iterdir()):
             path.parent.parent.rmdir()
     raise RuntimeError(
-        f"game {split}/{seed}/{index} ({task_type}): no expert-solvable instance in {cfg.max_attempts}"
+        f"game {split}/{seed}/{index} ({task_type}): the handcoded expert won none of {cfg.max_attempts} "
+        f"instances within max_expert_steps={cfg.max_expert_steps} (the trainer passes eval.max_steps "
+        "for held-out games: raise it)"
     )
 
 
