@@ -210,6 +210,17 @@ class PolicySpec:
     max_steps: int = 50
     """Episode step limit of the evaluation."""
 
+    def policy(self, model, tokenizer) -> ModelPolicy:
+        """The ModelPolicy this spec describes, over `model` (full weights) and its tokenizer."""
+        return ModelPolicy(
+            model,
+            tokenizer,
+            max_new_tokens=self.max_new_tokens,
+            max_seq_len=model.config.max_seq_len,
+            constrained=self.constrained,
+            decoding=self.decoding,
+        )
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / POLICY_FILE
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -236,17 +247,10 @@ def load_policy(
     from model.tokenizer import Tokenizer
 
     spec = PolicySpec.load(directory)
-    model, config = load_hf_checkpoint(directory, device=device, dtype=torch.float32)
+    model, _ = load_hf_checkpoint(directory, device=device, dtype=torch.float32)
     for p in model.parameters():  # parameters only, as fsdp.summon_full_params(dtype) gives them
         p.data = p.data.to(DTYPES[spec.dtype])
     tokenizer = Tokenizer.from_file(directory)
-    policy = ModelPolicy(
-        model,
-        tokenizer,
-        max_new_tokens=spec.max_new_tokens,
-        max_seq_len=config.max_seq_len,
-        constrained=spec.constrained,
-        decoding=spec.decoding,
-    )
+    policy = spec.policy(model, tokenizer)
     policy.name = str(directory)
     return policy, spec

@@ -39,7 +39,7 @@ def lower_bound(
     """Per-step expert agreement along the expert trajectories and the product bounds (module doc)."""
     from harness import parse_action, render_prompt
     from model import Tokenizer, load_hf_checkpoint
-    from model.policy import ModelPolicy, encode_prompt
+    from model.policy import encode_prompt
     from trainer.data import pack_completions
     from trainer.stages.sft import action_logprobs
 
@@ -64,14 +64,9 @@ def lower_bound(
             .tolist()
         )
     # The evaluation's own deterministic policy (decoding and constraints), so the check is exact.
-    policy = ModelPolicy(
-        model,
-        tok,
-        max_new_tokens=ev.max_new_tokens,
-        max_seq_len=mcfg.max_seq_len,
-        constrained=ev.constrained,
-        decoding=ev.decoding,
-    )
+    from trainer.evaluation import policy_spec
+
+    policy = policy_spec(train_cfg).policy(model, tok)
     messages = [render_prompt(s, hw, train_cfg.data.system_prompt) for s in states]
     kw = {"admissible": [s["admissible"] for s in states]} if policy.wants_admissible else {}
     texts = policy(messages, **kw) if states else []

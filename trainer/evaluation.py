@@ -83,20 +83,13 @@ class Evaluator:
         )
 
     def _model(self, label: str) -> dict:
-        from model.policy import DTYPES, ModelPolicy
+        from model.policy import DTYPES
 
         t0 = time.perf_counter()
         report = None
         with self.fsdp.summon_full_params(dtype=DTYPES[self.spec.dtype]):
             if is_main():
-                policy = ModelPolicy(
-                    self.model,
-                    self.tokenizer,
-                    max_new_tokens=self.spec.max_new_tokens,
-                    max_seq_len=self.model.config.max_seq_len,
-                    constrained=self.spec.constrained,
-                    decoding=self.spec.decoding,
-                )
+                policy = self.spec.policy(self.model, self.tokenizer)
                 report = _save(self._play(policy), label, self.run_dir, time.perf_counter() - t0)
             barrier()
         return broadcast_object(report)
