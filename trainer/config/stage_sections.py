@@ -119,7 +119,7 @@ class GRPOConfig:
 
 @dataclass(kw_only=True)
 class PPOConfig:
-    """The multi-turn baselines (trainer/ppo.py): stages 'ppo' and 'grpo-multiturn'."""
+    """The multi-turn baselines (trainer/stages/ppo.py, grpo_multiturn.py): stages 'ppo' and 'grpo-multiturn'."""
 
     steps: int = 20
     """Rollout batches of episodes (each followed by ppo_epochs policy steps)."""
