@@ -64,17 +64,21 @@ def select_sequences(
     *,
     adv_scale: str = "std",
     max_groups: int | None = None,
+    keep_zero_variance: bool = False,
 ) -> GRPOBatch:
     """Advantages per group, then keep the sequences of groups with reward variance.
 
     max_groups: keep at most this many (the first ones in order); later groups with variance are
     dropped too (not counted as zero-variance). None: keep all.
+    keep_zero_variance: train the zero-variance groups too (advantage 0: no policy gradient, but
+    their tokens count in the loss normalization and cost a forward/backward, as in TRL's
+    GRPOTrainer). Off in training; bench/bench_vs_trl.py uses it to measure equal work.
     """
     from kernels.group_advantages import group_advantages
 
     adv = group_advantages(rewards, group_size, scale=adv_scale)  # (B*G,) fp32
     zero_var = zero_variance_groups(rewards, group_size)  # (B,)
-    keep = (~zero_var).tolist()
+    keep = [True] * len(zero_var) if keep_zero_variance else (~zero_var).tolist()
     if max_groups is not None:
         rank = (~zero_var).cumsum(0).tolist()  # 1-based position among the groups with variance
         keep = [k and n <= max_groups for k, n in zip(keep, rank)]

@@ -59,6 +59,11 @@ def test_zero_variance_groups_and_advantages_by_hand():
     assert [s.advantage for s in none.sequences] == pytest.approx(
         [0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5]
     )
+    # keep_zero_variance (TRL's work, for bench_vs_trl): all 16 sequences, the dropped ones at A = 0.
+    every = select_sequences(prompts, responses, logps, r, 4, adv_scale="std", keep_zero_variance=True)
+    assert [s.prompt for s in every.sequences] == [[g] for g in range(1, 5) for _ in range(4)]
+    assert [s.advantage for s in every.sequences] == pytest.approx([0.0] * 8 + want, abs=1e-5)
+    assert every.zero_var_groups == 2
 
 
 def test_dynamic_sampling_keeps_the_first_groups_with_variance():
