@@ -1,5 +1,6 @@
-"""The comparison driver end to end on a toy budget: SFT, PPO, multi-turn GRPO and single-turn GRPO
-runs (tiny model, 2 train games, 1 eval game, 1 step each), the lower-bound check, the outputs."""
+"""The comparison driver end to end on a toy budget: SFT, PPO, multi-turn GRPO, single-turn GRPO and
+grpo-dagger runs (tiny model, 2 train games, 1 eval game, 1 step each), the lower-bound check, the
+outputs."""
 
 import json
 import os
@@ -13,9 +14,9 @@ os.environ.setdefault("ALFWORLD_DATA", str(REPO / "data" / "alfworld"))
 TOY = """
 [compare]
 base = "{base}"
-methods = ["sft", "ppo", "grpo-multiturn", "grpo"]
+methods = ["sft", "ppo", "grpo-multiturn", "grpo", "grpo-dagger"]
 seeds = [0]
-sample_budget = 8
+sample_budget = 10
 out_dir = "{out}"
 bound_sampled_episodes = 1
 
@@ -64,6 +65,14 @@ group_size = 2
 max_steps = 2
 num_workers = 1
 
+[dagger]
+every = 1
+episodes = 1
+max_steps = 2
+num_workers = 1
+mix_ratio = 0.5
+pool_size = 8
+
 [eval]
 max_steps = 10
 num_workers = 1
@@ -84,15 +93,17 @@ def test_compare_toy_budget(tmp_path):
     assert rl_steps("grpo", raw, 8) == (1, 8) and rl_steps("ppo", raw, 8) == (1, 8)
     over = {**raw, "grpo": {**raw["grpo"], "oversample": 3}}
     assert rl_steps("grpo", over, 48) == (2, 24), "dynamic sampling: every drawn sample counts"
+    assert rl_steps("grpo-dagger", raw, 10) == (1, 10), "grpo's 8 + the play's 1 episode x 2 steps / K=1"
     specs = plan_runs(cc, raw)
-    assert [s.name for s in specs] == ["sft-s0", "ppo-s0", "grpo-multiturn-s0", "grpo-s0"]
+    assert [s.name for s in specs] == ["sft-s0", "ppo-s0", "grpo-multiturn-s0", "grpo-s0", "grpo-dagger-s0"]
     assert specs[1].raw["model"]["path"] == str(out / "sft-s0" / "final")
     assert specs[0].raw["run"]["stages"] == ["lm", "sft"], "the SFT run keeps the base's pre-RL stages"
 
     doc = run_comparison(str(cfg))
-    assert set(doc["summary"]) == {"sft", "ppo", "grpo-multiturn", "grpo"}
+    assert set(doc["summary"]) == {"sft", "ppo", "grpo-multiturn", "grpo", "grpo-dagger"}
     runs = {r["method"]: r for r in doc["runs"]}
     assert runs["grpo"]["samples"] == 8 and runs["grpo"]["env_steps"] == 0
+    _check_dagger_run(out, runs["grpo-dagger"])
     assert 0 < runs["ppo"]["samples"] <= 8 and runs["ppo"]["env_steps"] == runs["ppo"]["samples"]
     assert runs["grpo-multiturn"]["steps"] == 1
     assert runs["sft"]["steps"] == 3 and runs["sft"]["stages"] == ["lm", "sft"]
@@ -141,6 +152,19 @@ def test_shipped_compare_configs_parse(name, tmp_path):
     specs = plan_runs(cc, raw)
     assert len(specs) == len(cc.seeds) * (1 + len([m for m in cc.methods if m != "sft"]))
     assert all(s.raw["run"]["out_dir"] == cc.out_dir for s in specs)
+
+
+def _check_dagger_run(out, run):
+    """One step with a refresh first (K = 1): the policy played 1 train game (<= 2 env steps), its
+    states joined the pool and half the batch; its play decisions count as samples, within budget."""
+    from trainer.metrics import read_metrics
+
+    assert run["steps"] == 1 and 0 < run["env_steps"] <= 2 and 8 < run["samples"] <= 10, run
+    (row,) = [
+        r for r in read_metrics(out / "grpo-dagger-s0" / "metrics.jsonl") if r.get("kind") == "grpo-dagger"
+    ]
+    assert row["dagger_episodes"] == 1 and row["pool_size"] == row["dagger_added"] > 0
+    assert row["policy_states"] == min(2, row["pool_size"]) and row["samples"] == run["samples"]
 
 
 def _check_greedy_bound_scores_the_eval_policy(out, run):

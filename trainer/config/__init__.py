@@ -10,7 +10,7 @@ lists: comma separated); unknown sections/keys, values of the wrong type, non-fi
 out-of-range values are errors that name the key; a TOML syntax error names the file, line and column.
 
 Layout: checks.py (ConfigError, shared checks), sections.py (model, data, optim, fsdp, eval,
-checkpoint, run), stage_sections.py (lm, sft, rollout, grpo, ppo), train_config.py (TrainConfig,
+checkpoint, run), stage_sections.py (lm, sft, rollout, grpo, ppo, dagger), train_config.py (TrainConfig,
 validate_for_world), cli.py (TOML + CLI parsing, dump_toml / load_toml).
 """
 
@@ -34,13 +34,21 @@ from trainer.config.sections import (
     OptimConfig,
     RunConfig,
 )
-from trainer.config.stage_sections import GRPOConfig, LMConfig, PPOConfig, RolloutConfig, SFTConfig
+from trainer.config.stage_sections import (
+    DaggerConfig,
+    GRPOConfig,
+    LMConfig,
+    PPOConfig,
+    RolloutConfig,
+    SFTConfig,
+)
 from trainer.config.train_config import TrainConfig, validate_for_world
 
 __all__ = [
     "DECODINGS",
     "CheckpointConfig",
     "ConfigError",
+    "DaggerConfig",
     "DataConfig",
     "EvalConfig",
     "FSDPConfig",

@@ -116,7 +116,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
     --resume sets checkpoint.resume, --overwrite checkpoint.overwrite (both flags take no value).
 
-    --algo A (sft | grpo | ppo | grpo-multiturn) keeps the config's pre-RL stages and runs algorithm
+    --algo A (sft | grpo | ppo | grpo-multiturn | grpo-dagger) keeps the config's pre-RL stages and runs algorithm
     A after them: `--algo ppo` on a ["lm", "sft", "grpo"] config runs ["lm", "sft", "ppo"].
     """
     config_path = algo = None

@@ -1,4 +1,5 @@
-"""The sections of the training stages: lm, sft, rollout, grpo, ppo (the multi-turn baselines)."""
+"""The sections of the training stages: lm, sft, rollout, grpo, ppo (the multi-turn baselines),
+dagger (grpo-dagger's policy-state pool)."""
 
 from __future__ import annotations
 
@@ -192,3 +193,35 @@ class PPOConfig:
         _check(self.value_hidden_dim >= 0, f"ppo.value_hidden_dim must be >= 0, got {self.value_hidden_dim}")
         _check(self.adv_scale in ("std", "none"), f"ppo.adv_scale={self.adv_scale!r}: 'std' or 'none'")
         _check(self.lr >= 0, f"ppo.lr must be >= 0, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class DaggerConfig:
+    """The `grpo-dagger` stage (trainer/stages/grpo_dagger.py): single-turn GRPO whose state pool also
+    holds the policy's own states, labelled by the expert. Its steps, batch, lr and update are [grpo]'s;
+    this section sets how the policy states are collected and mixed in."""
+
+    every: int = 4
+    """K: the current sampling policy plays `episodes` train games before stage steps K-1, 2K-1, ...
+    (so n steps play n // K refreshes and never overspend the per-step sample bound)."""
+    episodes: int = 8
+    """Train games played per refresh (one episode each, split over ranks)."""
+    max_steps: int = 30
+    """Episode step limit of the refresh play."""
+    num_workers: int = 2
+    """Env worker processes per rank for the refresh play."""
+    mix_ratio: float = 0.5
+    """Fraction of each step's rollout states drawn from the policy pool (at most the pool's size;
+    the rest are grpo's expert states). 0: grpo's batches exactly (the play still runs and counts)."""
+    pool_size: int = 1024
+    """Most policy states kept; a refresh that overfills the pool evicts the oldest states first (FIFO:
+    the pool holds the most recent policies' states)."""
+
+    def __post_init__(self):
+        _check_finite(self, "dagger")
+        _check(self.every >= 1, f"dagger.every must be >= 1 (refresh every K steps), got {self.every}")
+        _check(0 <= self.mix_ratio <= 1, f"dagger.mix_ratio must be in [0, 1], got {self.mix_ratio}")
+        _check(self.pool_size >= 1, f"dagger.pool_size must be >= 1, got {self.pool_size}")
+        _check(self.episodes >= 1, f"dagger.episodes must be >= 1, got {self.episodes}")
+        _check(self.max_steps >= 1, f"dagger.max_steps must be >= 1, got {self.max_steps}")
+        _check(self.num_workers >= 1, f"dagger.num_workers must be >= 1, got {self.num_workers}")

@@ -18,7 +18,14 @@ from trainer.config.sections import (
     OptimConfig,
     RunConfig,
 )
-from trainer.config.stage_sections import GRPOConfig, LMConfig, PPOConfig, RolloutConfig, SFTConfig
+from trainer.config.stage_sections import (
+    DaggerConfig,
+    GRPOConfig,
+    LMConfig,
+    PPOConfig,
+    RolloutConfig,
+    SFTConfig,
+)
 
 
 @dataclass(kw_only=True)
@@ -32,6 +39,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dagger: DaggerConfig = field(default_factory=DaggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)

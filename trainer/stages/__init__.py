@@ -11,7 +11,7 @@ unless a checkpoint taken mid-stage is being resumed), then `step(ctx, i)` runs 
 optimizer (the PPO critic) goes through `state_dict` / `load_state_dict` into the checkpoint.
 
 Stage kinds: "warmup" (lm: not a policy yet, never evaluated), "supervised" (sft: evaluated at its
-end; a pre-RL stage), "rl" (grpo, ppo, grpo-multiturn: `--algo` choices, evaluated every
+end; a pre-RL stage), "rl" (grpo, ppo, grpo-multiturn, grpo-dagger: `--algo` choices, evaluated every
 `eval.every` steps and at the end; `samples(rows)` counts the sampled responses they drew).
 """
 
@@ -221,4 +221,4 @@ def rl_stage_names() -> tuple[str, ...]:
 
 
 # The registry: one import per stage file (registration order = table order).
-from trainer.stages import lm, sft, grpo, ppo, grpo_multiturn  # noqa: E402, F401, I001
+from trainer.stages import lm, sft, grpo, ppo, grpo_multiturn, grpo_dagger  # noqa: E402, F401, I001

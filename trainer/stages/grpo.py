@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from trainer.data import Example
 from trainer.dist import all_reduce_sums
 from trainer.policy_loss import select_sequences
 from trainer.reward import expert_match_rewards
@@ -62,11 +63,15 @@ class GRPOStage(Stage):
     def samples(cls, cfg, rows: list[dict]) -> int:
         return sum(int(r.get("groups", 0)) * cfg.rollout.group_size for r in rows)
 
+    def batch(self, ctx: StageContext, i: int) -> list[Example]:
+        """This rank's rollout states of step i: expert states (grpo-dagger mixes in the policy's own)."""
+        return local_examples(ctx, i, ctx.cfg.grpo.batch_size * ctx.cfg.grpo.oversample)
+
     def step(self, ctx: StageContext, i: int) -> dict:
         from model.policy import sample_completions
 
         c, G = ctx.cfg, ctx.cfg.rollout.group_size
-        local = local_examples(ctx, i, c.grpo.batch_size * c.grpo.oversample)
+        local = self.batch(ctx, i)
         t0 = time.perf_counter()
         with ctx.fsdp.summon_full_params(dtype=rollout_dtype(c)):
             done = sample_completions(
