@@ -158,7 +158,13 @@ def check_resume_config(run_dir, cfg) -> list[str]:
             f"--resume: {path} is unreadable ({e}); restore it or start a new run.name"
         ) from None
     new = _as_json(cfg)
-    blocking = config_diff(trajectory_settings(saved), trajectory_settings(new))
+    # A key the saved config lacks (added in a later version) blocks only when it is not at its default.
+    defaults = _flatten(_as_json(type(cfg)()))
+    saved_flat = _flatten(saved)
+    saved_flat.update(
+        {k: v for k, v in defaults.items() if k not in saved_flat and _flatten(new).get(k) == v}
+    )
+    blocking = config_diff(trajectory_settings(saved_flat), trajectory_settings(new))
     if blocking:
         raise RunDirError(
             f"--resume: {run_dir} was trained with other settings that change the training trajectory: "

@@ -188,6 +188,39 @@ def test_resume_with_other_training_settings_is_refused_before_writing(tmp_path)
     RunDirLock(saved.run_dir).acquire().release()  # the refused resume released its lock
 
 
+def test_a_key_added_in_a_later_version_blocks_resume_only_off_its_default(tmp_path):
+    """A run saved before a config key existed resumes when the new key is at its default (the new
+    code then behaves as the old one did); set off its default, the key blocks as any change."""
+    saved = _run_dir_with_config(tmp_path)
+    old = json.loads((saved.run_dir / "config.json").read_text())
+    del old["dagger"], old["grpo"]["max_tokens_per_micro_batch"]  # as a file written before they existed
+    (saved.run_dir / "config.json").write_text(json.dumps(old))
+    same = build_config({"run": {"out_dir": str(tmp_path), "name": "r"}})
+    lines = check_resume_config(saved.run_dir, same)  # not refused; the added keys are reported
+    assert (
+        "dagger.every: <absent> -> 4" in lines
+        and "grpo.max_tokens_per_micro_batch: <absent> -> 8192" in lines
+    )
+    off = build_config({"run": {"out_dir": str(tmp_path), "name": "r"}, "dagger": {"every": 2}})
+    with pytest.raises(RunDirError, match=r"dagger\.every: <absent> -> 2"):
+        check_resume_config(saved.run_dir, off)
+
+
+def test_resume_hash_leaves_out_default_settings_and_keeps_the_legacy_hash():
+    import hashlib
+
+    cfg = build_config({"optim": {"lr": 0.002}})
+    # Only non-default settings are hashed: a key added later at its default changes nothing.
+    want = hashlib.sha256(json.dumps({"optim.lr": 0.002}, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.hash() == want
+    # Checkpoints written before that rule hashed every trajectory setting but the [dagger] section.
+    legacy = {k: v for k, v in trajectory_settings(cfg.to_dict()).items() if not k.startswith("dagger.")}
+    assert (
+        cfg.hash(legacy=True) == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    )
+    assert build_config({"dagger": {"every": 2}}).hash(legacy=True) != build_config({}).hash(legacy=True)
+
+
 def test_resume_with_a_lower_keep_last_is_allowed_and_reported(tmp_path):
     saved = _run_dir_with_config(tmp_path)
     new = build_config({"run": {"out_dir": str(tmp_path), "name": "r"},
