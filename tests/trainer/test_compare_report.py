@@ -202,3 +202,21 @@ def test_pairing_refuses_different_games(comparison):
     grpo1["episodes"] += [dropped, dict(dropped)]
     with pytest.raises(ValueError, match="evaluated twice"):
         summarize(results, cc)
+
+
+@pytest.mark.parametrize("pretrained, want", [(False, [True, True]), (True, [True, False])])
+def test_zero_shot_is_evaluated_once_for_a_shared_pretrained_start(tmp_path, pretrained, want):
+    """A pre-trained start is one model for every seed (deterministic decoding): only the first seed's
+    SFT run evaluates it. From scratch (no model.path) each seed's initialization is its own."""
+    cfg = tmp_path / "compare.toml"
+    (tmp_path / "ckpt").mkdir()
+    for name in ("config.json", "tokenizer.json"):  # plan_runs checks that they exist, reads neither
+        (tmp_path / "ckpt" / name).write_text("{}")
+    extra = f'\n[eval]\nzero_shot = true\n\n[model]\npath = "{tmp_path / "ckpt" if pretrained else ""}"\n'
+    cfg.write_text(
+        COMPARE.format(base=REPO / "configs/tiny-cpu.toml", out=tmp_path / "o", games=tmp_path) + extra
+    )
+    cc, raw = load_compare_config(cfg)
+    sft = [s for s in plan_runs(cc, raw) if s.method == "sft"]
+    assert [s.raw["eval"]["zero_shot"] for s in sft] == want
+    assert [s.raw["eval"]["random_baseline"] for s in sft] == [True, False]
