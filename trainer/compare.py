@@ -145,7 +145,8 @@ def plan_runs(cc: CompareConfig, train_raw: dict) -> list[RunSpec]:
                 {
                     "run": {"name": f"{method}-s{seed}", "stages": [method]},
                     "model": {"path": str(out_dir / sft_name / "final")},
-                    "eval": {"random_baseline": False},
+                    # its start is the seed's SFT row, already evaluated: no zero-shot or random row
+                    "eval": {"random_baseline": False, "zero_shot": False},
                     section: {"steps": steps},
                 },
             )

@@ -220,3 +220,5 @@ def test_zero_shot_is_evaluated_once_for_a_shared_pretrained_start(tmp_path, pre
     sft = [s for s in plan_runs(cc, raw) if s.method == "sft"]
     assert [s.raw["eval"]["zero_shot"] for s in sft] == want
     assert [s.raw["eval"]["random_baseline"] for s in sft] == [True, False]
+    rl = [s for s in plan_runs(cc, raw) if s.method != "sft"]  # their start is SFT's row: never re-evaluated
+    assert rl and not any(s.raw["eval"]["zero_shot"] or s.raw["eval"]["random_baseline"] for s in rl)
