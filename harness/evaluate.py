@@ -147,25 +147,45 @@ def evaluate(
     seed: int = 0,
     step_timeout: float = 60.0,
     pool=None,
+    episodes_log=None,
 ) -> EvalReport:
     """Play each game once with `policy`; see the module docstring. Returns an `EvalReport`.
 
     pool: an existing `EnvPool` over `games` to play in (default: a fresh one, closed after).
+    episodes_log: a JSONL path each finished episode is appended to as it ends; the episodes already
+    there (an evaluation killed part-way) are reused and only the other games are played, so a
+    resumed evaluation loses at most the episodes in flight. (With deterministic decoding the
+    resumed report equals an uninterrupted one up to batch-composition rounding on near-ties.)
     """
     games = [str(g) for g in games]
     act, name = _policy_act(policy, history_window, seed, system_prompt)
+    done = read_episodes_log(episodes_log, games) if episodes_log else {}
+    todo = [i for i in range(len(games)) if i not in done]
     t0 = time.perf_counter()
-    episodes = run_episodes(
-        games,
-        act,
-        max_steps=max_steps,
-        num_workers=num_workers,
-        expert=expert,
-        batch_size=batch_size,
-        step_timeout=step_timeout,
-        pool=pool,
-    )
+    log = open(episodes_log, "a") if episodes_log else None  # closed below
+    try:
+
+        def keep(j: int, ep: Episode) -> None:  # j indexes `todo`
+            log.write(json.dumps({"index": todo[j], **ep.to_dict()}) + "\n")
+            log.flush()
+
+        played = run_episodes(
+            [games[i] for i in todo],
+            act,
+            max_steps=max_steps,
+            num_workers=num_workers,
+            expert=expert,
+            batch_size=batch_size,
+            step_timeout=step_timeout,
+            pool=pool if not done else None,  # a pool is built over the full list
+            on_episode=keep if log else None,
+        ) if todo else []  # fmt: skip
+    finally:
+        if log:
+            log.close()
     seconds = time.perf_counter() - t0
+    by_index = {**done, **dict(zip(todo, played))}
+    episodes = [by_index[i] for i in range(len(games))]
     if policy == "expert":  # the episodes just played are the expert's own
         expert_steps = {e.game: e.steps if e.won else None for e in episodes}
     else:
@@ -191,10 +211,38 @@ def evaluate(
         "system_prompt": system_prompt,
         "num_workers": num_workers,
         "seconds": round(seconds, 2),
-        "env_steps_per_s": round(sum(e.steps for e in episodes) / max(seconds, 1e-9), 1),
+        "env_steps_per_s": round(sum(e.steps for e in played) / max(seconds, 1e-9), 1),
+        "resumed_episodes": len(done),
         "versions": versions(),
     }
     return report
+
+
+def read_episodes_log(path, games: list[str]) -> dict[int, Episode]:
+    """{game index: Episode} from an `evaluate(episodes_log=)` file (missing file: {}). A last line cut
+    by a kill is dropped (it is replayed); any other bad line, or an episode of another games list,
+    is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    lines = path.read_text().split("\n")
+    out: dict[int, Episode] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError:
+            if n == len(lines):  # no newline after it: the write in flight when the run died
+                break
+            raise ValueError(f"{path}:{n}: not a JSON episode") from None
+        i = d.pop("index", None)
+        if not isinstance(i, int) or not 0 <= i < len(games) or d.get("game") != games[i]:
+            raise ValueError(
+                f"{path}:{n}: episode of game {d.get('game')!r} at index {i} is not in this games list"
+            )
+        out[i] = Episode(**d)
+    return out
 
 
 def _summarize(episodes: list[Episode], expert_steps: dict) -> EvalReport:

@@ -59,6 +59,7 @@ def run_episodes(
     stop_without_expert: bool = False,
     step_timeout: float = 60.0,
     pool: EnvPool | None = None,
+    on_episode=None,
 ) -> list[Episode]:
     """Play every game once; returns episodes in `games` order.
 
@@ -67,6 +68,7 @@ def run_episodes(
     on_state: called as on_state(state, episode_index) before acting (e.g. to keep states).
     stop_without_expert: end an episode (as lost) when the expert has no action to offer.
     batch_size: live episodes at once (default 8 per worker).
+    on_episode: called as on_episode(episode_index, episode) as each episode ends (e.g. to log it).
     """
     games = [str(g) for g in games]
     batch_size = batch_size or 8 * num_workers
@@ -88,6 +90,8 @@ def run_episodes(
                 episodes[i].task_type = res.task_type
                 if res.failed:
                     episodes[i].failed, episodes[i].error = True, res.error
+                    if on_episode is not None:
+                        on_episode(i, episodes[i])
                     refill([slot])
                     continue
                 live[slot] = {"index": i, "res": res, "history": []}
@@ -134,7 +138,9 @@ def run_episodes(
                 elif ep.steps >= max_steps:
                     finished.append(s)
             for s in finished:
-                live.pop(s)
+                e = live.pop(s)
+                if on_episode is not None:
+                    on_episode(e["index"], episodes[e["index"]])
             refill(finished)
     finally:
         if own_pool:

@@ -4,7 +4,8 @@
 uniform-random policy over admissible actions, the table's floor) with `harness.evaluate` on
 rank 0 and writes eval/<label>.json and eval/<label>.md; every rank must call it (the model's full
 weights are gathered collectively with `fsdp.summon_full_params`; rank 0 plays, the others wait).
-A label already evaluated (its json exists: a resumed run) is not evaluated again. The policy is
+A label already evaluated (its json exists: a resumed run) is not evaluated again; one killed
+part-way resumes from eval/<label>.episodes.jsonl (its finished episodes). The policy is
 `model.policy.ModelPolicy` with the run's `PolicySpec` (decoding, constraints, dtype, prompt
 settings), the same spec `final/policy.json` carries for `python -m harness evaluate`.
 `comparison_table` renders the table the run prints.
@@ -69,9 +70,11 @@ class Evaluator:
                 flush=True,
             )
 
-    def _play(self, policy, seed: int = 0):
+    def _play(self, policy, label: str, seed: int = 0):
         from harness.evaluate import evaluate
 
+        log = self.run_dir / "eval" / f"{label}.episodes.jsonl"  # a killed evaluation resumes from it
+        log.parent.mkdir(parents=True, exist_ok=True)
         return evaluate(
             policy,
             self.games,
@@ -80,6 +83,7 @@ class Evaluator:
             history_window=self.spec.history_window,
             system_prompt=self.spec.system_prompt,
             seed=seed,
+            episodes_log=log,
         )
 
     def _model(self, label: str) -> dict:
@@ -90,7 +94,7 @@ class Evaluator:
         with self.fsdp.summon_full_params(dtype=DTYPES[self.spec.dtype]):
             if is_main():
                 policy = self.spec.policy(self.model, self.tokenizer)
-                report = _save(self._play(policy), label, self.run_dir, time.perf_counter() - t0)
+                report = _save(self._play(policy, label), label, self.run_dir, time.perf_counter() - t0)
             barrier()
         return broadcast_object(report)
 
@@ -98,7 +102,7 @@ class Evaluator:
         t0 = time.perf_counter()
         report = None
         if is_main():
-            rep = self._play("random", seed=self.cfg.run.seed)
+            rep = self._play("random", label, seed=self.cfg.run.seed)
             report = _save(rep, label, self.run_dir, time.perf_counter() - t0)
         barrier()
         return broadcast_object(report)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from harness import EvalReport, evaluate
 
 
@@ -43,3 +45,31 @@ def test_random_policy_floor_and_callable_policy(train_games):
     assert rep.success_rate == 0.0 and rep.invalid_action_rate == 0.0 and seen == [2, 2, 2]
     # The handcoded expert's first action is always 'look': one match per episode out of 3 states.
     assert rep.action_accuracy == round(2 / 6, 4)
+
+
+def test_a_killed_evaluation_resumes_from_its_episodes_log(train_games, tmp_path):
+    """evaluate(episodes_log=) appends each episode as it ends; re-run after a kill, it plays only the
+    games missing from the log (a last line cut mid-write is replayed) and reports as if never killed."""
+    from harness.evaluate import read_episodes_log
+
+    games = train_games[:4]
+    whole = evaluate("random", games, max_steps=6, seed=3)
+    log = tmp_path / "random.episodes.jsonl"
+    first = evaluate("random", games, max_steps=6, seed=3, episodes_log=log)
+    assert first.episodes == whole.episodes and first.meta["resumed_episodes"] == 0
+    lines = log.read_text().splitlines()
+    assert sorted(json.loads(x)["index"] for x in lines) == [0, 1, 2, 3]
+    # Killed after two episodes, the third one's line half written.
+    log.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:17])
+    assert len(read_episodes_log(log, [str(g) for g in games])) == 2
+    resumed = evaluate("random", games, max_steps=6, seed=3, episodes_log=log)
+    assert resumed.meta["resumed_episodes"] == 2
+    assert resumed.episodes == whole.episodes and resumed.success_rate == whole.success_rate
+    assert resumed.action_accuracy == whole.action_accuracy
+    # A log written for another games list is refused, naming the file and line.
+    with pytest.raises(ValueError, match=r"random\.episodes\.jsonl:1: episode of game"):
+        evaluate("random", list(reversed(games)), max_steps=6, seed=3, episodes_log=log)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n" + lines[0] + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: not a JSON episode"):
+        read_episodes_log(bad, [str(g) for g in games])
