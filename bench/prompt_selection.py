@@ -1,0 +1,92 @@
+"""Prompt settings chosen by measurement on held-out TRAINING games (never the evaluation games).
+
+For a checkpoint, ranked decoding's agreement with the expert (the admissible command with the
+highest total log-prob == the expert's action) on states of the last `--held-out-games` training
+games (sorted by path; a random sample of `--states` of their states, seed 0), for each prompt
+variant: history window K, and with or without the `Admissible actions:` line (the variant without
+it cuts the rendered user message before that line: ranking scores the admissible commands anyway,
+so the line is only context, and it is ~40% of a SmolLM2 prompt). Also the mean prompt tokens and the
+seconds per state (ranked scoring, one state per forward) of each variant, so the cost is visible.
+
+    python bench/prompt_selection.py --model data/models/SmolLM2-135M-Instruct \
+        --states data/games/states-train-n300-s0.jsonl [--windows 2 1] [--states-sampled 60]
+
+Writes <out-dir>/prompt_selection.jsonl and .md (default bench/results/).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import torch
+from _common import base_parser, env_info, markdown_table, write_jsonl, write_markdown
+
+from harness import read_states, render_prompt
+from model.hf_io import load_hf_checkpoint
+from model.policy import ModelPolicy
+from model.tokenizer import Tokenizer
+
+_ADMISSIBLE_LINE = "\nAdmissible actions: "
+
+
+def messages(state: dict, window: int, system_prompt: bool, admissible: bool) -> list[dict]:
+    m = render_prompt(state, history_window=window, system_prompt=system_prompt)
+    if not admissible:
+        text = m[-1]["content"]
+        m[-1] = {"role": "user", "content": text[: text.rindex(_ADMISSIBLE_LINE)]}
+    return m
+
+
+def main(argv=None) -> int:
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--states", required=True)
+    p.add_argument("--held-out-games", type=int, default=30)
+    p.add_argument("--states-sampled", type=int, default=60)
+    p.add_argument("--windows", type=int, nargs="+", default=[2, 1])
+    p.add_argument("--system-prompt", action="store_true", help="with the project's system message")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tok = Tokenizer.from_file(args.model)
+    model, _ = load_hf_checkpoint(args.model, device="cpu", dtype=torch.float32)
+    model.eval()
+    rows = read_states(args.states)
+    held = set(sorted({r["game"] for r in rows})[-args.held_out_games :])
+    pool = [r for r in rows if r["game"] in held]
+    sample = random.Random(0).sample(pool, min(args.states_sampled, len(pool)))
+    policy = ModelPolicy(model, tok, max_new_tokens=16, max_seq_len=4096, decoding="rank", max_batch=1)
+    out = []
+    for window in args.windows:
+        for admissible in (True, False):
+            t0, hits, tokens = time.perf_counter(), 0, 0
+            for s in sample:
+                m = messages(s, window, args.system_prompt, admissible)
+                tokens += len(tok.apply_chat_template(m))
+                hits += policy([m], [s["admissible"]])[0] == s["expert_action"]
+            n = len(sample)
+            row = {
+                "model": args.model, "history_window": window, "admissible_in_prompt": admissible,
+                "system_prompt": args.system_prompt, "states": n, "agreement": hits / n, "hits": hits,
+                "prompt_tokens_mean": tokens / n, "s_per_state": (time.perf_counter() - t0) / n,
+                "threads": args.threads, "held_out_games": len(held),
+            }  # fmt: skip
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    env = env_info()
+    out = [{**env, **r} for r in out]
+    write_jsonl(args.out_dir, "prompt_selection", out)
+    cols = [("history_window", "history K"), ("admissible_in_prompt", "admissible line"),
+            ("hits", "agree"), ("states", "states"), ("agreement", "agreement"),
+            ("prompt_tokens_mean", "prompt tokens"), ("s_per_state", "s/state")]  # fmt: skip
+    write_markdown(
+        args.out_dir, "prompt_selection", "Ranked agreement on held-out training states", out, cols
+    )
+    print(markdown_table(out, cols))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
