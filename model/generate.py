@@ -15,10 +15,14 @@ Sampling goes through `kernels.sample_tokens` with offset = decode step and the 
 the Philox counter, so a draw depends only on (seed, step, row): reproducible on any device.
 
 `score_continuations(model, prompts, continuations)` is the scoring counterpart (ranking a fixed set
-of candidate actions by their total log-prob): one forward per prompt over the prompt followed by
-all its candidates under a tree mask (each candidate sees the prompt and itself; the shared-prefix
-layout of model/masks.py, the one GRPO training uses), so a state with 40 admissible commands costs
-one pass over ~prompt + 40 x 6 tokens, not 40 prompts.
+of candidate actions by their total log-prob): one forward per prompt over the row [prompt | trie],
+the trie holding one slot per distinct candidate token-prefix (`go to cabinet 1` .. `go to cabinet 4`
+share the slots of `go`, `to`, `cabinet`). A trie node sits at RoPE position len(prompt) + depth and
+attends to the whole prompt, its ancestors and itself (a dense bool [B, T, T] mask), so its hidden
+state and its token's log-prob are those of a plain causal forward over prompt + any candidate
+through it, computed once for all of them; the LM head runs once per slot that predicts a node (the
+prompt's last token and the trie's inner nodes). A state with 40 admissible commands (~140 candidate
+tokens, ~90 distinct prefixes) costs one pass over ~prompt + 90 tokens, not 40 prompts.
 
 References: gpt-fast `generate.py` (static cache, prefill/decode split); vLLM's prefix sharing
 across a request's n samples.
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.sampling import sample_tokens
-from model.masks import build_shared_prefix_batch
+from model.masks import pack_by_tokens
 from model.transformer import Transformer
 
 __all__ = ["Samples", "generate", "score_continuations"]
@@ -163,33 +167,119 @@ def score_continuations(
 ) -> list[list[float]]:
     """Total log-prob (fp32 log-softmax, summed in fp64) of each continuation after its prompt.
 
-    continuations[b] lists prompt b's candidates (token-id lists, non-empty); the result has the same
-    nesting. One row per prompt: the prompt, then every candidate, under tree attention (a candidate
-    sees the prompt and its own earlier tokens, at RoPE positions len(prompt)+t), so the prompt is
-    encoded once and nothing is cached. Rows are grouped into forwards of at most `max_tokens`
-    (padded) tokens; only the positions that predict a candidate token go through the LM head.
+    continuations[b] lists prompt b's candidates (token-id lists, non-empty; duplicates and candidates
+    that are prefixes of others allowed); the result has the same nesting and order. One row per
+    prompt: the prompt, then the token trie of its candidates (see the module docstring), so the
+    prompt and every shared candidate prefix are encoded once and nothing is cached. Rows are grouped,
+    in input order, into forwards of at most `max_tokens` padded tokens (B x T; a longer row is a
+    forward of its own); only the slots that predict a trie node go through the LM head.
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuation lists")
-    groups = []
     for b, (p, cands) in enumerate(zip(prompts, continuations)):
         if not p or not cands or any(len(c) == 0 for c in cands):
             raise ValueError(f"prompt {b}: needs a non-empty prompt and non-empty candidates")
-        groups.append((list(p), [list(c) for c in cands]))
+    prompts = [list(p) for p in prompts]
+    tries = [_token_trie(cands) for cands in continuations]
     device = model.tok_embeddings.weight.device
     # One prompt per row (items_per_row=1); rows x longest row <= max_tokens per forward.
-    batches = build_shared_prefix_batch(groups, max_tokens=max_tokens, items_per_row=1, device=device)
-    logp: list[float] = []
-    for mb in batches:
-        h = model.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask)  # (B, T, D)
-        h_N = h[mb.rows, mb.cols]  # (N, D): the slots that predict a candidate token
-        logp_N = model.output(h_N).float().log_softmax(-1).gather(1, mb.targets[:, None])  # (N, 1)
-        logp += logp_N[:, 0].double().cpu().tolist()
-    out, k = [], 0  # targets come candidate by candidate, in input order
-    for _, cands in groups:
-        row = []
-        for c in cands:
-            row.append(float(sum(logp[k : k + len(c)])))
-            k += len(c)
-        out.append(row)
-    return out
+    lengths = [len(p) + len(t.tokens) for p, t in zip(prompts, tries)]
+    plan = pack_by_tokens(lengths, max_tokens=max_tokens, items_per_row=1)
+    node_logp: list[list[float]] = []  # prompt b's trie nodes -> log-prob of the node's token
+    for batch in plan:
+        idx = [row[0] for row in batch]  # consecutive prompts, in input order
+        rows = _trie_rows([prompts[i] for i in idx], [tries[i] for i in idx])
+        tokens, positions, mask = (x.to(device) for x in (rows.tokens, rows.positions, rows.mask))
+        h = model.hidden(tokens, positions=positions, attn_mask=mask)  # (B, T, D)
+        h_S = h[rows.rows.to(device), rows.cols.to(device)]  # (S, D): the slots that predict some node
+        logp_SV = model.output(h_S).float().log_softmax(-1)  # (S, V) fp32
+        logp_N = logp_SV[rows.slot.to(device), rows.targets.to(device)]  # (N,) every node of the batch
+        flat = logp_N.double().cpu().tolist()  # host sync, once per forward
+        k = 0
+        for i in idx:
+            n = len(tries[i].tokens)
+            node_logp.append(flat[k : k + n])
+            k += n
+    # A candidate's score: the fp64 sum over its path, root first (a duplicate gets the same path).
+    return [[float(sum(lp[v] for v in path)) for path in t.paths] for lp, t in zip(node_logp, tries)]
+
+
+@dataclass
+class _Trie:
+    """Token trie of one prompt's candidates: nodes in creation order (a parent before its children)."""
+
+    tokens: list[int]  # node -> its token id
+    parent: list[int]  # node -> parent node, -1 at depth 0
+    depth: list[int]  # node -> 0 for a candidate's first token
+    paths: list[list[int]]  # candidate -> its nodes, root first (len = the candidate's length)
+
+
+def _token_trie(cands: Sequence[Sequence[int]]) -> _Trie:
+    """One node per distinct token-prefix of `cands`; each candidate's path through it."""
+    t = _Trie([], [], [], [])
+    child: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    for c in cands:
+        node, path = -1, []
+        for tok in c:
+            nxt = child.get((node, tok))
+            if nxt is None:
+                nxt = child[(node, tok)] = len(t.tokens)
+                t.tokens.append(int(tok))
+                t.parent.append(node)
+                t.depth.append(0 if node < 0 else t.depth[node] + 1)
+            node = nxt
+            path.append(node)
+        t.paths.append(path)
+    return t
+
+
+@dataclass
+class _TrieRows:
+    """Rows [prompt | trie nodes | pad] for one forward (S predicting slots, N = all trie nodes)."""
+
+    tokens: torch.Tensor  # (B, T) int64
+    positions: torch.Tensor  # (B, T) int64: prompt 0..P-1, node len(prompt) + depth, pad 0
+    mask: torch.Tensor  # (B, T, T) bool, True where query i may attend key j
+    rows: torch.Tensor  # (S,) int64 \ the hidden state at (rows[s], cols[s]) predicts the nodes
+    cols: torch.Tensor  # (S,) int64 / whose slot[n] == s
+    slot: torch.Tensor  # (N,) int64, nodes prompt by prompt, in node order
+    targets: torch.Tensor  # (N,) int64: the node's token
+
+
+def _trie_rows(prompts: Sequence[list[int]], tries: Sequence[_Trie]) -> _TrieRows:
+    """Tokens, positions, the dense trie mask and the LM-head gather indices of rows [prompt | trie]."""
+    B = len(prompts)
+    T = max(len(p) + len(t.tokens) for p, t in zip(prompts, tries))
+    tokens = torch.zeros((B, T), dtype=torch.int64)  # pad id 0: any valid id, no one attends to it
+    positions = torch.zeros((B, T), dtype=torch.int64)
+    mask = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)  # every slot sees itself: no all-masked pad row
+    rows, cols, slot, targets = [], [], [], []
+    for b, (p, t) in enumerate(zip(prompts, tries)):
+        P, M = len(p), len(t.tokens)
+        tokens[b, :P] = torch.as_tensor(p, dtype=torch.int64)
+        tokens[b, P : P + M] = torch.as_tensor(t.tokens, dtype=torch.int64)
+        positions[b, :P] = torch.arange(P)
+        positions[b, P : P + M] = P + torch.as_tensor(t.depth, dtype=torch.int64)
+        mask[b, :P, :P] = torch.ones((P, P), dtype=torch.bool).tril()  # the prompt is causal
+        mask[b, P : P + M, :P] = True  # every node sees the whole prompt
+        anc: list[list[int]] = []  # node -> its ancestors' columns and its own, root first
+        q, kv = [], []
+        for i, par in enumerate(t.parent):
+            anc.append((anc[par] if par >= 0 else []) + [P + i])  # parent < i: already listed
+            q += [P + i] * len(anc[i])
+            kv += anc[i]
+        mask[b, q, kv] = True
+        seen: dict[int, int] = {}  # predicting column -> its slot among the batch's S
+        for par, tok in zip(t.parent, t.tokens):
+            col = P - 1 if par < 0 else P + par  # the prompt's last token predicts depth 0
+            if col not in seen:
+                seen[col] = len(rows)
+                rows.append(b)
+                cols.append(col)
+            slot.append(seen[col])
+            targets.append(tok)
+
+    def t64(x):
+        return torch.as_tensor(x, dtype=torch.int64)
+
+    return _TrieRows(tokens, positions, mask, t64(rows), t64(cols), t64(slot), t64(targets))

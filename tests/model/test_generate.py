@@ -268,3 +268,134 @@ def test_score_continuations_rejects_bad_input(hf_pair):
         score_continuations(model, [[1, 2]], [])
     with pytest.raises(ValueError, match="non-empty"):
         score_continuations(model, [[1, 2]], [[[3], []]])
+
+
+# --- score_continuations over a token trie: brute force, edge cases, grouping, computed tokens ---
+
+TRIE_FIXTURE = [[1, 2, 3, 4], [1, 2, 3, 5], [6]]  # 'go to a 1', 'go to a 2', 'look': 6 nodes, not 9 tokens
+
+
+def _tiny_llama(seed=0):
+    """model.PRESETS['tiny'] shrunk (fp32, random, untied) with weights ~ N(0, 0.1): peaked logits."""
+    import dataclasses
+
+    from model import PRESETS, Transformer
+
+    cfg = dataclasses.replace(PRESETS["tiny"], dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160,
+                              vocab_size=V, tie_word_embeddings=False)  # fmt: skip
+    model = Transformer(cfg)
+    model.init_weights(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(5.0)  # 0.02 -> 0.1
+    return model.eval()
+
+
+def _brute_force_scores(model, prompts, conts):
+    """A plain causal forward of prompt + candidate alone; fp32 log-softmax, summed in fp64."""
+    out = []
+    with torch.no_grad():
+        for p, cands in zip(prompts, conts):
+            row = []
+            for c in cands:
+                logp = model(torch.tensor([p + c]))[0].float().log_softmax(-1)  # (P + n, V)
+                row.append(sum(float(logp[len(p) - 1 + t, tok]) for t, tok in enumerate(c)))
+            out.append(row)
+    return out
+
+
+def _edge_case_inputs():
+    """Four prompts (37, 3, 13, 21 tokens): duplicates, prefixes of others, single tokens, one candidate."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (37, 3, 13, 21)]
+    go, to = 17, 29
+    alfworld = [[go, to, r, k, 2] for r in (101, 102, 103) for k in (7, 8)] + [[555, 2], [556, 2], [go, 2]]
+    conts = [
+        [[5, 6, 7, 8], [5, 6, 7, 9], [5, 6, 7], [5, 6, 7, 8], [10], [5], [11, 12], [5, 6, 7, 9, 13]],
+        [[40, 41, 42]],  # a prompt with one candidate
+        [[4], [7], [4], [9]],  # single tokens, one duplicated
+        alfworld,
+    ]
+    return prompts, conts
+
+
+def _count_forwards(monkeypatch, model):
+    """Record the (B, T) of every `model.hidden` call."""
+    shapes, hidden = [], model.hidden
+
+    def counted(tokens, **kw):
+        shapes.append(tuple(tokens.shape))
+        return hidden(tokens, **kw)
+
+    monkeypatch.setattr(model, "hidden", counted)
+    return shapes
+
+
+@pytest.mark.parametrize("max_tokens", [8192, 1, 100])  # one forward; one per prompt; grouped by B x T
+def test_score_continuations_trie_equals_brute_force(monkeypatch, max_tokens):
+    from model.generate import _token_trie, score_continuations
+
+    model = _tiny_llama(seed=3)
+    prompts, conts = _edge_case_inputs()
+    shapes = _count_forwards(monkeypatch, model)
+    got = score_continuations(model, prompts, conts, max_tokens=max_tokens)
+    forwards = list(shapes)  # before the brute force adds its own
+    ref = _brute_force_scores(model, prompts, conts)
+    assert [len(r) for r in got] == [len(c) for c in conts]
+    for b, (g_row, r_row) in enumerate(zip(got, ref)):
+        for j, (x, y) in enumerate(zip(g_row, r_row)):
+            assert abs(x - y) <= 1e-5, f"prompt {b} candidate {j}: {x} vs {y} (diff {abs(x - y):.2e})"
+    # Duplicates score identically (one path); the scores are not all alike (the model is not flat).
+    assert got[0][0] == got[0][3] and got[0][1] != got[0][0] and got[2][0] == got[2][2]
+    # The forwards: row b is [prompt | trie nodes], rows packed in order while B x T <= max_tokens.
+    widths = [len(p) + len(_token_trie(c).tokens) for p, c in zip(prompts, conts)]  # flat: 61, 6, 17, 57
+    assert widths == [46, 6, 16, 43]
+    expected = {8192: [(4, 46)], 1: [(1, 46), (1, 6), (1, 16), (1, 43)], 100: [(2, 46), (2, 43)]}
+    assert forwards == expected[max_tokens]
+
+
+def test_token_trie_shares_prefixes():
+    from model.generate import _token_trie
+
+    t = _token_trie(TRIE_FIXTURE)
+    assert t.tokens == [1, 2, 3, 4, 5, 6] and sum(map(len, TRIE_FIXTURE)) == 9
+    assert t.parent == [-1, 0, 1, 2, 2, -1] and t.depth == [0, 1, 2, 3, 3, 0]
+    assert t.paths == [[0, 1, 2, 3], [0, 1, 2, 4], [5]]
+    t = _token_trie([[1, 2], [1], [1, 2], [3, 1, 2]])  # a prefix, a duplicate, a shared suffix (not merged)
+    assert t.tokens == [1, 2, 3, 1, 2] and t.parent == [-1, 0, -1, 2, 3]
+    assert t.paths == [[0, 1], [0], [0, 1], [2, 3, 4]]
+
+
+def test_trie_rows_mask_positions_and_head_slots():
+    """Node i sees the prompt, its ancestors and itself; pads only themselves; one head row per predictor."""
+    from model.generate import _token_trie, _trie_rows
+
+    prompts = [[50, 51, 52], [60, 61, 62, 63, 64]]  # row 1 is padded to T = 9
+    tries = [_token_trie(TRIE_FIXTURE), _token_trie([[9]])]
+    r = _trie_rows(prompts, tries)
+    T = 9
+    assert r.tokens.tolist() == [
+        [50, 51, 52, 1, 2, 3, 4, 5, 6],
+        [60, 61, 62, 63, 64, 9, 0, 0, 0],
+    ]
+    assert r.positions.tolist() == [[0, 1, 2, 3, 4, 5, 6, 6, 3], [0, 1, 2, 3, 4, 5, 0, 0, 0]]
+    want = torch.zeros(2, T, T, dtype=torch.bool)
+    for b, (p, t) in enumerate(zip(prompts, tries)):
+        P = len(p)
+        for q in range(T):
+            want[b, q, q] = True
+            if q < P:
+                want[b, q, :q] = True
+            elif q < P + len(t.tokens):
+                want[b, q, :P] = True
+                node = q - P
+                while node >= 0:
+                    want[b, q, P + node] = True
+                    node = t.parent[node]
+    bad = (r.mask != want).nonzero().tolist()
+    assert not bad, f"mask differs at (b, q, kv) {bad[:5]}"
+    assert r.mask.any(-1).all()  # no all-masked row (pads see themselves)
+    # Head rows: row 0's prompt end (-> 1 and 6), nodes 1, 2, 3 (3 -> 4 and 5); row 1's prompt end.
+    assert list(zip(r.rows.tolist(), r.cols.tolist())) == [(0, 2), (0, 3), (0, 4), (0, 5), (1, 4)]
+    assert r.slot.tolist() == [0, 1, 2, 3, 3, 0, 4] and r.targets.tolist() == [1, 2, 3, 4, 5, 6, 9]
