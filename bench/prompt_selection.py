@@ -2,14 +2,16 @@
 
 For a checkpoint, ranked decoding's agreement with the expert (the admissible command with the
 highest total log-prob == the expert's action) on states of the last `--held-out-games` training
-games (sorted by path; a random sample of `--states` of their states, seed 0), for each prompt
-variant: history window K, and with or without the `Admissible actions:` line (the variant without
-it cuts the rendered user message before that line: ranking scores the admissible commands anyway,
-so the line is only context, and it is ~40% of a SmolLM2 prompt). Also the mean prompt tokens and the
-seconds per state (ranked scoring, one state per forward) of each variant, so the cost is visible.
+games (sorted by path; a random sample of `--states` of their states, seed 0), for each variant,
+one change at a time from the config's choice (history window 2, the admissible line, no system
+message, ranked decoding): history window 1 and 3; without the `Admissible actions:` line (the user
+message cut before it: ranking scores the admissible commands anyway, so the line is only context,
+and it is ~40% of a SmolLM2 prompt); with the project's system message (harness SYSTEM_PROMPT);
+trie-greedy decoding (token by token under the admissible-command trie) instead of ranking. Also
+the mean prompt tokens and the seconds per state of each variant, so the cost is visible.
 
     python bench/prompt_selection.py --model data/models/SmolLM2-135M-Instruct \
-        --states data/games/states-train-n300-s0.jsonl [--windows 2 1] [--states-sampled 60]
+        --states data/games/states-train-n300-s0.jsonl [--states-sampled 60]
 
 Writes <out-dir>/prompt_selection.jsonl and .md (default bench/results/).
 """
@@ -45,8 +47,6 @@ def main(argv=None) -> int:
     p.add_argument("--states", required=True)
     p.add_argument("--held-out-games", type=int, default=30)
     p.add_argument("--states-sampled", type=int, default=60)
-    p.add_argument("--windows", type=int, nargs="+", default=[2, 1])
-    p.add_argument("--system-prompt", action="store_true", help="with the project's system message")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -57,28 +57,33 @@ def main(argv=None) -> int:
     held = set(sorted({r["game"] for r in rows})[-args.held_out_games :])
     pool = [r for r in rows if r["game"] in held]
     sample = random.Random(0).sample(pool, min(args.states_sampled, len(pool)))
-    policy = ModelPolicy(model, tok, max_new_tokens=16, max_seq_len=4096, decoding="rank", max_batch=1)
+    base = {"history_window": 2, "admissible_in_prompt": True, "system_prompt": False, "decoding": "rank"}
+    variants = [base, {**base, "history_window": 1}, {**base, "history_window": 3},
+                {**base, "admissible_in_prompt": False}, {**base, "system_prompt": True},
+                {**base, "decoding": "trie-greedy"}]  # fmt: skip
     out = []
-    for window in args.windows:
-        for admissible in (True, False):
-            t0, hits, tokens = time.perf_counter(), 0, 0
-            for s in sample:
-                m = messages(s, window, args.system_prompt, admissible)
-                tokens += len(tok.apply_chat_template(m))
-                hits += policy([m], [s["admissible"]])[0] == s["expert_action"]
-            n = len(sample)
-            row = {
-                "model": args.model, "history_window": window, "admissible_in_prompt": admissible,
-                "system_prompt": args.system_prompt, "states": n, "agreement": hits / n, "hits": hits,
-                "prompt_tokens_mean": tokens / n, "s_per_state": (time.perf_counter() - t0) / n,
-                "threads": args.threads, "held_out_games": len(held),
-            }  # fmt: skip
-            out.append(row)
-            print(json.dumps(row), flush=True)
+    for v in variants:
+        decoding, constrained = ("greedy", True) if v["decoding"] == "trie-greedy" else ("rank", False)
+        policy = ModelPolicy(model, tok, max_new_tokens=16, max_seq_len=4096, decoding=decoding,
+                             constrained=constrained, max_batch=1)  # fmt: skip
+        t0, hits, tokens = time.perf_counter(), 0, 0
+        for s in sample:
+            m = messages(s, v["history_window"], v["system_prompt"], v["admissible_in_prompt"])
+            tokens += len(tok.apply_chat_template(m))
+            hits += policy([m], [s["admissible"]])[0] == s["expert_action"]
+        n = len(sample)
+        row = {
+            "model": args.model, **v, "states": n, "agreement": hits / n, "hits": hits,
+            "prompt_tokens_mean": tokens / n, "s_per_state": (time.perf_counter() - t0) / n,
+            "threads": args.threads, "held_out_games": len(held),
+        }  # fmt: skip
+        out.append(row)
+        print(json.dumps(row), flush=True)
     env = env_info()
     out = [{**env, **r} for r in out]
     write_jsonl(args.out_dir, "prompt_selection", out)
     cols = [("history_window", "history K"), ("admissible_in_prompt", "admissible line"),
+            ("system_prompt", "system message"), ("decoding", "decoding"),
             ("hits", "agree"), ("states", "states"), ("agreement", "agreement"),
             ("prompt_tokens_mean", "prompt tokens"), ("s_per_state", "s/state")]  # fmt: skip
     write_markdown(
