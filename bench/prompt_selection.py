@@ -25,7 +25,7 @@ import time
 import torch
 from _common import base_parser, env_info, markdown_table, write_jsonl, write_markdown
 
-from harness import read_states, render_prompt
+from harness import parse_action, read_states, render_prompt
 from model.hf_io import load_hf_checkpoint
 from model.policy import ModelPolicy
 from model.tokenizer import Tokenizer
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         for s in sample:
             m = messages(s, v["history_window"], v["system_prompt"], v["admissible_in_prompt"])
             tokens += len(tok.apply_chat_template(m))
-            hits += policy([m], [s["admissible"]])[0] == s["expert_action"]
+            hits += parse_action(policy([m], [s["admissible"]])[0], s["admissible"]) == s["expert_action"]
         n = len(sample)
         row = {
             "model": args.model, **v, "states": n, "agreement": hits / n, "hits": hits,
