@@ -8,7 +8,8 @@ same ids), the same reward (1{parse_action(response) == expert action}, trainer/
 samples per state, `--states` states per optimizer step, max new tokens, temperature 1, top-p 1,
 the same end-of-turn stop ids, AdamW with the same betas/eps/weight decay at a constant lr, grad
 clip 1.0, one epoch per batch (TRL: `num_iterations=1`, `beta=0`, `loss_type="dapo"`,
-`scale_rewards="group"`, one generation per optimizer step), fp32, `--threads` torch threads.
+`scale_rewards="group"`, one generation per optimizer step, no gradient checkpointing: its default
+is on, ours has none), fp32, `--threads` torch threads.
 
 Each side runs in its own subprocess (its own peak RSS, no shared caches), one after the other:
   trl                  TRL's GRPOTrainer (its own generation and loss);
@@ -235,6 +236,7 @@ def run_trl(args) -> dict:
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
         adam_beta1=o.beta1, adam_beta2=o.beta2, adam_epsilon=o.eps, weight_decay=o.weight_decay,
         shuffle_dataset=False, dataloader_num_workers=0, disable_dropout=True,
+        gradient_checkpointing=False,  # TRL's GRPOConfig defaults to True; ours recomputes nothing
     )  # fmt: skip
     # TRL's dataset repeat: each prompt appears G times in a row; a step's states are ours, in order.
     trainer = GRPOTrainer(
