@@ -34,6 +34,7 @@ def collect_states(
     system_prompt: bool = True,
     seed: int = 0,
     only_won: bool = True,
+    episodes: list | None = None,
 ) -> int:
     """Play `games` and write one row per visited state to `out_jsonl`; returns the row count.
 
@@ -41,6 +42,8 @@ def collect_states(
     the policy acts, except with probability `beta` per step where the expert does (DAgger's
     mixture); rows are still labelled with the expert's action. `only_won`: keep only episodes
     that reach the goal (expert runs; ignored with a policy, whose failures are the point).
+    episodes: a list to append the played `Episode`s to, in games order (won, steps, env failures:
+    what the rows alone do not say).
     """
     rng = random.Random(seed)
     rows: dict[int, list] = {}
@@ -54,7 +57,7 @@ def collect_states(
         actions = policy_actions(policy, states, history_window, system_prompt)
         return [s["expert_action"] if rng.random() < beta else a for s, a in zip(states, actions)]
 
-    episodes = run_episodes(
+    played = run_episodes(
         games,
         act,
         max_steps=max_steps,
@@ -67,12 +70,14 @@ def collect_states(
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(out_jsonl, "w") as f:
-        for i, ep in enumerate(episodes):  # games order, steps in order: the file is deterministic
+        for i, ep in enumerate(played):  # games order, steps in order: the file is deterministic
             if ep.failed or (policy is None and only_won and not ep.won):
                 continue
             for row in rows.get(i, []):
                 f.write(json.dumps(row) + "\n")
                 n += 1
+    if episodes is not None:
+        episodes.extend(played)
     return n
 
 

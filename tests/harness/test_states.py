@@ -47,9 +47,13 @@ def test_dagger_labels_policy_states(train_games, tmp_path):
         prompts.extend(batch)
         return ["Action: look"] * len(batch)
 
-    n = collect_states(train_games[:2], out, policy=always_look, max_steps=4)
+    played = []
+    n = collect_states(train_games[:2], out, policy=always_look, max_steps=4, episodes=played)
     rows = read_states(out)
     assert n == len(rows) == 8 and len(prompts) == 8
+    # The played episodes, in games order: 4 steps each of `look`, never won, no env failure.
+    assert [e.game for e in played] == [str(g) for g in train_games[:2]]
+    assert [(e.steps, e.won, e.failed) for e in played] == [(4, False, False)] * 2
     assert all(r["history"][-1][1] == "look" for r in rows if r["step"] > 0)
     assert all(r["expert_action"] in r["admissible"] for r in rows)
     assert prompts[0][0]["role"] == "system"  # the policy saw render_prompt messages

@@ -177,6 +177,11 @@ def test_play_labels_the_policys_own_states(world, monkeypatch):
 
     rows, counts = play(5)
     assert counts["decisions"] == sum(map(len, asked.values())) >= counts["env_steps"] == len(rows) > 0
+    assert (
+        counts["states"] == len(rows)
+        and counts["env_failures"] == 0
+        and 0 <= counts["won"] <= len(world.games)
+    )
     walkthrough = {g: json.loads(Path(g).read_text())["walkthrough"] for g in world.games}
     by_game: dict[str, list[dict]] = {}
     for r in rows:
@@ -233,6 +238,9 @@ def test_stage_mixes_policy_states_and_counts_the_budget(world):
     assert row["policy_states"] == min(2, len(stage.pool)) > 0
     assert row["samples"] == row["groups"] * 2 + row["play_samples"] <= per
     assert row["play_samples"] >= row["env_steps"]
+    # The play's training-episode win rate (harness.collect_states(episodes=)), no env failure here.
+    assert 0 <= row["dagger_won"] <= row["dagger_episodes"] and row["dagger_env_failures"] == 0
+    assert row["dagger_win_rate"] == row["dagger_won"] / row["dagger_episodes"]
     pool_ids = {id(e) for e in stage.pool.examples}
     assert sum(id(e) in pool_ids for e in stage.batch(ctx, 0)) == row["policy_states"]
     assert STAGES["grpo-dagger"].samples(ctx.cfg, [row]) == row["samples"]

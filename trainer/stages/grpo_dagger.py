@@ -23,8 +23,9 @@ sampling and the update are grpo's (trainer/stages/grpo.py, trainer/update.py); 
   (data seed, step)) and the first B - k of grpo's expert batch, shuffled together (same seed) so
   every rank's slice mixes both; k = 0 is exactly grpo's batch.
 - Budget: each play decision is a sampled response and each labelled state one env step (an episode
-  an env failure ends is dropped by collect_states, its steps uncounted); rows report `samples`
-  (GRPO responses + play decisions) and `env_steps`, like the multi-turn stages.
+  an env failure ends is dropped by collect_states, its steps still counted); rows report `samples`
+  (GRPO responses + play decisions), `env_steps` and the play's training-episode win rate
+  (`dagger_win_rate`), like the multi-turn stages.
 """
 
 from __future__ import annotations
@@ -132,8 +133,9 @@ def play_policy_states(
 ) -> tuple[list[dict], dict]:  # fmt: skip
     """Play `games` (one episode each) with the sampling policy; every visited state, labelled with
     the expert's action (harness.collect_states with a policy). Returns (states.jsonl rows in games
-    order, steps in order; counts: decisions = sampled responses, env_steps = labelled states,
-    truncated prompts, response tokens). Collective (the weights are gathered) even without games."""
+    order, steps in order; counts: decisions = sampled responses, env_steps = the env steps taken
+    (= labelled states, plus the steps of episodes an env failure ended, whose states are dropped),
+    won / env_failures = episodes, truncated prompts, response tokens). Collective (the weights are gathered) even without games."""
     from harness import collect_states, read_states
     from model.policy import DTYPES
 
@@ -145,6 +147,7 @@ def play_policy_states(
         seed=seed,
     )
     rows: list[dict] = []
+    played: list = []
     with fsdp.summon_full_params(dtype=DTYPES[rollout_cfg.dtype]), torch.no_grad():
         if games:
             with tempfile.TemporaryDirectory(prefix="dagger-") as tmp:
@@ -152,11 +155,15 @@ def play_policy_states(
                 n = collect_states(
                     games, path, policy=policy, max_steps=max_steps, num_workers=num_workers,
                     history_window=history_window, system_prompt=system_prompt, seed=seed,
+                    episodes=played,
                 )  # fmt: skip
                 rows = read_states(path) if n else []
     counts = {
         "decisions": policy.decisions,
-        "env_steps": len(rows),
+        "states": len(rows),
+        "env_steps": sum(e.steps for e in played),  # every env step, an env-failed episode's too
+        "won": sum(e.won for e in played),
+        "env_failures": sum(e.failed for e in played),
         "truncated": policy.truncated,
         "response_tokens": policy.response_tokens,
     }
@@ -218,7 +225,11 @@ class GRPODaggerStage(GRPOStage):
         sums = all_reduce_sums({"episodes": float(len(games)), **{k: float(v) for k, v in counts.items()}})
         return {
             "dagger_episodes": int(sums["episodes"]),
-            "dagger_states": int(sums["env_steps"]),
+            "dagger_states": int(sums["states"]),
+            "dagger_won": int(sums["won"]),
+            "dagger_win_rate": sums["won"]
+            / max(sums["episodes"], 1.0),  # the play's training-episode win rate
+            "dagger_env_failures": int(sums["env_failures"]),
             "dagger_added": len(examples),
             "dagger_dropped": dropped,
             "dagger_evicted": evicted,
