@@ -159,11 +159,8 @@ def check_resume_config(run_dir, cfg) -> list[str]:
         ) from None
     new = _as_json(cfg)
     # A key the saved config lacks (added in a later version) blocks only when it is not at its default.
-    defaults = _flatten(_as_json(type(cfg)()))
-    saved_flat = _flatten(saved)
-    saved_flat.update(
-        {k: v for k, v in defaults.items() if k not in saved_flat and _flatten(new).get(k) == v}
-    )
+    defaults, new_flat, saved_flat = _flatten(_as_json(type(cfg)())), _flatten(new), _flatten(saved)
+    saved_flat.update({k: v for k, v in defaults.items() if k not in saved_flat and new_flat.get(k) == v})
     blocking = config_diff(trajectory_settings(saved_flat), trajectory_settings(new))
     if blocking:
         raise RunDirError(

@@ -77,7 +77,7 @@ class TrainConfig:
                 if not (k.partition(".")[0] in _ADDED_SECTIONS and v == defaults[k])
             }
         else:
-            d = {k: v for k, v in d.items() if k not in defaults or v != defaults[k]}
+            d = {k: v for k, v in d.items() if v != defaults.get(k)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
