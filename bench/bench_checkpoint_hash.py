@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _common import REPO, base_parser, env_info, time_ms, write_jsonl, write_markdown
 
-from trainer.checkpoint import file_crc32
+from singleturn.trainer.checkpoint import file_crc32
 
 PRESET_1B_PARAMS = 1_235_814_400  # sum of numel of Transformer(PRESETS["llama3.2-1b"])
 BYTES_PER_PARAM = 12  # fp32 param + exp_avg + exp_avg_sq

@@ -27,7 +27,7 @@ from bench_token_logprobs import (
     with_backend,
 )
 
-from kernels.grpo_loss import LOG_RATIO_CLAMP, grpo_loss
+from singleturn.kernels.grpo_loss import LOG_RATIO_CLAMP, grpo_loss
 
 KL_COEF, EPS_LO, EPS_HI = 0.04, 0.2, 0.28
 
@@ -88,7 +88,7 @@ def make_grpo_inputs(N, D, V, dtype, device):
 
 
 def token_logprobs_detached(hidden, weight, targets):
-    from kernels.token_logprobs import token_logprobs
+    from singleturn.kernels.token_logprobs import token_logprobs
 
     return token_logprobs(hidden.detach(), weight.detach(), targets)
 

@@ -58,7 +58,7 @@ def _latency(games, expert: str, caches: bool, steps: int, seed: int = 0) -> dic
     code = f"""
 import json, random, sys, time
 paths = json.loads(sys.argv[1])
-from harness.env import AlfredGame
+from singleturn.harness.env import AlfredGame
 g = AlfredGame({expert!r}, caches={caches})
 load, load2, reset, step = [], [], [], []
 for p in paths:
@@ -95,8 +95,8 @@ def main() -> None:
     os.environ.setdefault("ALFWORLD_DATA", str(REPO / "data" / "alfworld"))
     os.environ["HARNESS_CACHE_DIR"] = str(work / "cache")  # cold translation cache for honest timings
 
-    import harness
-    from harness.rollout import run_episodes
+    from singleturn import harness
+    from singleturn.harness.rollout import run_episodes
 
     rows = []
 

@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 from _common import base_parser, env_info, markdown_table, peak_memory_bytes, time_interleaved, write_jsonl
 
-from kernels.grpo_loss import grpo_loss
-from kernels.token_logprobs import token_logprobs
-from model import LlamaConfig, Transformer, build_packed_causal_batch, build_shared_prefix_batch
-from trainer.data import pack_completions
+from singleturn.kernels.grpo_loss import grpo_loss
+from singleturn.kernels.token_logprobs import token_logprobs
+from singleturn.model import LlamaConfig, Transformer, build_packed_causal_batch, build_shared_prefix_batch
+from singleturn.trainer.data import pack_completions
 
 MODELS = {
     "tiny-cpu": dict(dim=64, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=192, vocab_size=1024),

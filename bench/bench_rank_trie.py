@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from _common import REPO, env_info, markdown_table, time_interleaved, write_jsonl
 
-from model import PRESETS, Transformer, build_shared_prefix_batch, score_continuations
-from model.generate import _token_trie, _trie_rows
+from singleturn.model import PRESETS, Transformer, build_shared_prefix_batch, score_continuations
+from singleturn.model.generate import _token_trie, _trie_rows
 
 CHECKPOINT = REPO / "data" / "models" / "SmolLM2-135M-Instruct"
 STATES = REPO / "data" / "games" / "states-train-n300-s0.jsonl"
@@ -67,10 +67,10 @@ def score_flat(model, prompts, continuations, *, max_tokens=8192):
 
 def real_cases(n: int, seed: int, device):
     """(model, [(prompt ids, candidate ids)]) for n seeded states of the states file."""
-    from harness.prompts import render_prompt
-    from model.hf_io import load_hf_checkpoint
-    from model.policy import encode_prompt
-    from model.tokenizer import Tokenizer
+    from singleturn.harness.prompts import render_prompt
+    from singleturn.model.hf_io import load_hf_checkpoint
+    from singleturn.model.policy import encode_prompt
+    from singleturn.model.tokenizer import Tokenizer
 
     model, _ = load_hf_checkpoint(CHECKPOINT, device=device, dtype=torch.float32)
     tok = Tokenizer.from_file(CHECKPOINT)

@@ -48,7 +48,7 @@ from _common import (  # bench/ is sys.path[0] for scripts
 )
 from bench_train_step import build_model
 
-from model import PRESETS, LlamaConfig, generate
+from singleturn.model import PRESETS, LlamaConfig, generate
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -20,8 +20,8 @@ import functools
 import torch
 from _common import base_parser, env_info, time_ms, write_jsonl, write_markdown
 
-from kernels import _csrc
-from kernels.sampling import sample_tokens_reference
+from singleturn.kernels import _csrc
+from singleturn.kernels.sampling import sample_tokens_reference
 
 V = 128256
 # (temperature, top_p, top_k): plain softmax sampling, nucleus, top-k + nucleus.

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from _common import base_parser, env_info, peak_memory_bytes, time_ms, write_jsonl, write_markdown
 
-from kernels.token_logprobs import token_logprobs
+from singleturn.kernels.token_logprobs import token_logprobs
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 MODEL_FLOPS_PER_NDV = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}

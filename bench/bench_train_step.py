@@ -48,18 +48,18 @@ from _common import (  # bench/ is sys.path[0] for scripts
     write_markdown,
 )
 
-from model import PRESETS, LlamaConfig, Transformer, generate
-from model.policy import DTYPES as _DTYPES
-from trainer.config import OptimConfig, build_config
-from trainer.data import Example
-from trainer.dist import destroy, init_distributed
-from trainer.fsdp import apply_fsdp
-from trainer.optim import make_optimizer, optimizer_step
-from trainer.policy_loss import Layout, select_sequences
-from trainer.stages import StageContext
-from trainer.stages.sft import sft_forward_backward
-from trainer.train import peak_memory_mb
-from trainer.update import UpdateSettings, policy_update
+from singleturn.model import PRESETS, LlamaConfig, Transformer, generate
+from singleturn.model.policy import DTYPES as _DTYPES
+from singleturn.trainer.config import OptimConfig, build_config
+from singleturn.trainer.data import Example
+from singleturn.trainer.dist import destroy, init_distributed
+from singleturn.trainer.fsdp import apply_fsdp
+from singleturn.trainer.optim import make_optimizer, optimizer_step
+from singleturn.trainer.policy_loss import Layout, select_sequences
+from singleturn.trainer.stages import StageContext
+from singleturn.trainer.stages.sft import sft_forward_backward
+from singleturn.trainer.train import peak_memory_mb
+from singleturn.trainer.update import UpdateSettings, policy_update
 
 # Top-level phases (they add up to the step with "other") and the rollout's parts.
 PHASES = ("rollout", "ref_logprobs", "fwd_bwd", "optimizer", "other")

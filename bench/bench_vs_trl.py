@@ -82,8 +82,8 @@ def synthetic_job(root: Path) -> tuple[Path, Path]:
     """(checkpoint dir, states.jsonl): a random 1-layer LLaMA, its BPE tokenizer, 8 one-step states."""
     import dataclasses
 
-    from harness import render_prompt
-    from model import PRESETS, Transformer, save_hf_checkpoint, train_tokenizer
+    from singleturn.harness import render_prompt
+    from singleturn.model import PRESETS, Transformer, save_hf_checkpoint, train_tokenizer
 
     states = []
     for i, room in enumerate(_ROOMS * 2):
@@ -110,9 +110,9 @@ def synthetic_job(root: Path) -> tuple[Path, Path]:
 
 def job(args):
     """(tokenizer, per-step example lists): the states each step trains, in our trainer's order."""
-    from harness import read_states
-    from model.tokenizer import Tokenizer
-    from trainer.data import batch_indices, build_examples
+    from singleturn.harness import read_states
+    from singleturn.model.tokenizer import Tokenizer
+    from singleturn.trainer.data import batch_indices, build_examples
 
     tok = Tokenizer.from_file(args.model)
     examples, _ = build_examples(
@@ -127,7 +127,7 @@ def job(args):
 
 
 def train_config(args, side: str):
-    from trainer.config import build_config
+    from singleturn.trainer.config import build_config
 
     return build_config(
         {
@@ -150,13 +150,13 @@ def train_config(args, side: str):
 def run_ours(args, side: str) -> dict:
     import torch
 
-    import trainer.stages.grpo as grpo_stage
-    from model import load_hf_checkpoint
-    from trainer.dist import init_distributed
-    from trainer.fsdp import apply_fsdp
-    from trainer.optim import make_optimizer
-    from trainer.policy_loss import select_sequences
-    from trainer.stages import StageContext, StageSpan
+    import singleturn.trainer.stages.grpo as grpo_stage
+    from singleturn.model import load_hf_checkpoint
+    from singleturn.trainer.dist import init_distributed
+    from singleturn.trainer.fsdp import apply_fsdp
+    from singleturn.trainer.optim import make_optimizer
+    from singleturn.trainer.policy_loss import select_sequences
+    from singleturn.trainer.stages import StageContext, StageSpan
 
     tok, examples, _ = job(args)
     cfg = train_config(args, side)
@@ -188,9 +188,9 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from model.policy import stop_ids
-    from trainer.config import OptimConfig
-    from trainer.reward import expert_match_rewards
+    from singleturn.model.policy import stop_ids
+    from singleturn.trainer.config import OptimConfig
+    from singleturn.trainer.reward import expert_match_rewards
 
     tok, _, steps = job(args)
     rows = [e for step in steps for e in step]
@@ -267,7 +267,7 @@ def run_trl(args) -> dict:
 
 
 def _messages(example, args):
-    from trainer.data import prompt_messages
+    from singleturn.trainer.data import prompt_messages
 
     return prompt_messages(example.state, args.history_window, args.system_prompt)
 

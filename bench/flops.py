@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import LlamaConfig
+from singleturn.model.config import LlamaConfig
 
 __all__ = [
     "DevicePeak",

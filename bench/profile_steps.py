@@ -30,7 +30,7 @@ import bench_train_step as bts
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from trainer.dist import destroy, init_distributed
+from singleturn.trainer.dist import destroy, init_distributed
 
 
 def _top_rows(prof, on_cuda: bool, limit: int) -> list[dict]:

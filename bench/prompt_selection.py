@@ -25,10 +25,10 @@ import time
 import torch
 from _common import base_parser, env_info, markdown_table, write_jsonl, write_markdown
 
-from harness import parse_action, read_states, render_prompt
-from model.hf_io import load_hf_checkpoint
-from model.policy import ModelPolicy
-from model.tokenizer import Tokenizer
+from singleturn.harness import parse_action, read_states, render_prompt
+from singleturn.model.hf_io import load_hf_checkpoint
+from singleturn.model.policy import ModelPolicy
+from singleturn.model.tokenizer import Tokenizer
 
 _ADMISSIBLE_LINE = "\nAdmissible actions: "
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import LlamaConfig, Transformer
+from singleturn.model import LlamaConfig, Transformer
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"

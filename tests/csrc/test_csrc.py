@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _csrc
-from kernels.sampling import philox_uniform, sample_tokens_reference
+from singleturn.kernels import _csrc
+from singleturn.kernels.sampling import philox_uniform, sample_tokens_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"

@@ -16,14 +16,14 @@ os.environ.setdefault("ALFWORLD_DATA", str(REPO / "data" / "alfworld"))
 @pytest.fixture(scope="session")
 def train_games(tmp_path_factory):
     """One expert-checked train game per task type (seed 0), in TASK_TYPES order."""
-    from harness import generate_games
+    from singleturn.harness import generate_games
 
     return generate_games(tmp_path_factory.mktemp("games") / "train", "train", 6, seed=0, num_workers=2)
 
 
 @pytest.fixture(scope="session")
 def unseen_games(tmp_path_factory):
-    from harness import generate_games
+    from singleturn.harness import generate_games
 
     return generate_games(
         tmp_path_factory.mktemp("games") / "valid_unseen", "valid_unseen", 6, seed=0, num_workers=2

@@ -1,4 +1,4 @@
-"""`python -m harness generate | expert | evaluate` end to end on two games."""
+"""`python -m singleturn.harness generate | expert | evaluate` end to end on two games."""
 
 import json
 import os
@@ -7,7 +7,9 @@ import sys
 
 
 def _run(*args, env=None):
-    proc = subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "singleturn.harness", *args], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -43,8 +45,8 @@ def test_cli_evaluate_checkpoint_policy(tmp_path, train_games):
     """`--policy <checkpoint dir>` loads an HF checkpoint + tokenizer.json and decodes greedily."""
     import dataclasses
 
-    from harness import collect_states, read_states, render_prompt
-    from model import PRESETS, Transformer, save_hf_checkpoint, train_tokenizer
+    from singleturn.harness import collect_states, read_states, render_prompt
+    from singleturn.model import PRESETS, Transformer, save_hf_checkpoint, train_tokenizer
 
     states = tmp_path / "states.jsonl"
     collect_states(train_games[:1], states)

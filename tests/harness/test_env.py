@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from harness.env import AlfredGame, expert_patch_installed, install_expert_patch
-from harness.games import play_expert
+from singleturn.harness.env import AlfredGame, expert_patch_installed, install_expert_patch
+from singleturn.harness.games import play_expert
 
 # Plays random admissible actions (seeded) and prints every observation + admissible list.
 _TRANSCRIPT = """
 import json, random, sys
 caches, paths, steps = sys.argv[1] == "1", json.loads(sys.argv[2]), int(sys.argv[3])  # before loading
-from harness.env import AlfredGame
+from singleturn.harness.env import AlfredGame
 game = AlfredGame("handcoded", caches=caches)
 out = []
 for path in paths:
@@ -68,7 +68,7 @@ def test_caches_keep_play_byte_identical_many(train_games, unseen_games):
 def test_disk_cache_round_trip(train_games, tmp_path, monkeypatch):
     """A game loaded from the pickled logic/translation plays exactly like a fresh load."""
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
-    from harness.env import clear_memory_caches
+    from singleturn.harness.env import clear_memory_caches
 
     clear_memory_caches()  # an earlier test in this process may have loaded the same game in memory
     game = AlfredGame("handcoded")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harness import EvalReport, evaluate
+from singleturn.harness import EvalReport, evaluate
 
 
 def test_expert_policy_scores_100_percent(train_games, tmp_path):
@@ -50,7 +50,7 @@ def test_random_policy_floor_and_callable_policy(train_games):
 def test_a_killed_evaluation_resumes_from_its_episodes_log(train_games, tmp_path):
     """evaluate(episodes_log=) appends each episode as it ends; re-run after a kill, it plays only the
     games missing from the log (a last line cut mid-write is replayed) and reports as if never killed."""
-    from harness.evaluate import read_episodes_log
+    from singleturn.harness.evaluate import read_episodes_log
 
     games = train_games[:4]
     whole = evaluate("random", games, max_steps=6, seed=3)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harness import TASK_TYPES, evaluate, generate_games
+from singleturn.harness import TASK_TYPES, evaluate, generate_games
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,16 @@ import shutil
 
 import pytest
 
-from harness import TASK_TYPES, find_games, generate_games
-from harness.env import AlfredGame
-from harness.games import play_expert
-from harness.scenes import SPLIT_FLOORPLANS, TRAIN_FLOORPLANS, UNSEEN_FLOORPLANS, load_scene, room_type
+from singleturn.harness import TASK_TYPES, find_games, generate_games
+from singleturn.harness.env import AlfredGame
+from singleturn.harness.games import play_expert
+from singleturn.harness.scenes import (
+    SPLIT_FLOORPLANS,
+    TRAIN_FLOORPLANS,
+    UNSEEN_FLOORPLANS,
+    load_scene,
+    room_type,
+)
 
 
 def _traj(game):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from harness import parse_action, render_prompt
-from harness.prompts import SYSTEM_PROMPT, clean_observation
+from singleturn.harness import parse_action, render_prompt
+from singleturn.harness.prompts import SYSTEM_PROMPT, clean_observation
 
 ADMISSIBLE = ["go to cabinet 1", "go to countertop 2", "take mug 1 from countertop 2", "look", "inventory"]
 INTRO = (
@@ -150,7 +150,7 @@ def test_render_prompt_memory_edges():
 
 
 def test_room_receptacles_of_a_real_intro():
-    from harness.prompts import room_receptacles
+    from singleturn.harness.prompts import room_receptacles
 
     intro = (
         "-= Welcome to TextWorld, ALFRED! =-\n\nYou are in the middle of a room. Looking quickly around "
@@ -162,7 +162,7 @@ def test_room_receptacles_of_a_real_intro():
 
 
 def test_episode_memory_matches_a_real_expert_episode():
-    from harness.prompts import episode_memory
+    from singleturn.harness.prompts import episode_memory
 
     actions = ["look", "go to toilet 1", "take cloth 2 from toilet 1", "go to sinkbasin 1"]
     visited, holding = episode_memory([("obs", a) for a in actions])

@@ -2,8 +2,8 @@
 
 import json
 
-from harness import collect_states, read_states
-from harness.states import STATE_KEYS
+from singleturn.harness import collect_states, read_states
+from singleturn.harness.states import STATE_KEYS
 
 
 def test_states_schema_and_history(train_games, tmp_path):

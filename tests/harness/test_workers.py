@@ -3,9 +3,9 @@
 import os
 import signal
 
-from harness import EnvPool, evaluate
-from harness.env import AlfredGame
-from harness.games import expert_episode_seed
+from singleturn.harness import EnvPool, evaluate
+from singleturn.harness.env import AlfredGame
+from singleturn.harness.games import expert_episode_seed
 
 
 def test_pool_matches_single_env(train_games):

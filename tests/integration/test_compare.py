@@ -84,7 +84,7 @@ every = 0
 
 
 def test_compare_toy_budget(tmp_path):
-    from trainer.compare import load_compare_config, plan_runs, rl_steps, run_comparison
+    from singleturn.trainer.compare import load_compare_config, plan_runs, rl_steps, run_comparison
 
     cfg = tmp_path / "compare.toml"
     out = tmp_path / "cmp"
@@ -133,8 +133,8 @@ def test_shipped_compare_configs_parse(name, tmp_path):
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
 
-    from trainer.compare import load_compare_config, plan_runs
-    from trainer.config import dump_toml
+    from singleturn.trainer.compare import load_compare_config, plan_runs
+    from singleturn.trainer.config import dump_toml
 
     path = REPO / "configs" / f"{name}.toml"
     with open(path, "rb") as f:
@@ -157,7 +157,7 @@ def test_shipped_compare_configs_parse(name, tmp_path):
 def _check_dagger_run(out, run):
     """One step with a refresh first (K = 1): the policy played 1 train game (<= 2 env steps), its
     states joined the pool and half the batch; its play decisions count as samples, within budget."""
-    from trainer.metrics import read_metrics
+    from singleturn.trainer.metrics import read_metrics
 
     assert run["steps"] == 1 and 0 < run["env_steps"] <= 2 and 8 < run["samples"] <= 10, run
     (row,) = [
@@ -171,9 +171,9 @@ def _check_greedy_bound_scores_the_eval_policy(out, run):
     """g_t is the evaluation's own deterministic action (the base's eval.decoding = rank) == expert."""
     import torch
 
-    from harness import parse_action, read_states, render_prompt
-    from model import Tokenizer, load_hf_checkpoint
-    from model.policy import ModelPolicy
+    from singleturn.harness import parse_action, read_states, render_prompt
+    from singleturn.model import Tokenizer, load_hf_checkpoint
+    from singleturn.model.policy import ModelPolicy
 
     final = out / run["run"] / "final"
     model, mcfg = load_hf_checkpoint(final, device=torch.device("cpu"), dtype=torch.float32)
@@ -189,7 +189,7 @@ def _check_greedy_bound_scores_the_eval_policy(out, run):
 
 
 def _check_harness_cli_reproduces_the_eval(run_dir, label, games):
-    """`python -m harness evaluate --policy RUN/final` plays exactly the policy the trainer evaluated
+    """`python -m singleturn.harness evaluate --policy RUN/final` plays exactly the policy the trainer evaluated
     (final/policy.json: ranked decoding, history 2, no system prompt, the eval step limit), so its
     report equals the trainer's eval/<label>.json episode for episode."""
     import subprocess
@@ -198,7 +198,7 @@ def _check_harness_cli_reproduces_the_eval(run_dir, label, games):
     spec = json.loads((run_dir / "final" / "policy.json").read_text())
     assert spec["decoding"] == "rank" and spec["history_window"] == 2 and spec["system_prompt"] is False
     out = run_dir / "cli-eval"
-    cmd = [sys.executable, "-m", "harness", "evaluate", "--policy", str(run_dir / "final"),
+    cmd = [sys.executable, "-m", "singleturn.harness", "evaluate", "--policy", str(run_dir / "final"),
            "--games", str(games), "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

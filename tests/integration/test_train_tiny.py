@@ -80,7 +80,7 @@ def test_run_directory_layout(two_rank_run):
 
 
 def test_final_export_loads(two_rank_run):
-    from model import Tokenizer, load_hf_checkpoint
+    from singleturn.model import Tokenizer, load_hf_checkpoint
 
     out, _, _ = two_rank_run
     final = out / "two" / "final"

@@ -39,10 +39,12 @@ def _compile_all(all_configs: bool) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import _token_logprobs_kernels as K
+    from singleturn.kernels import _token_logprobs_kernels as K
 
-    GA = importlib.import_module("kernels.group_advantages")  # modules: the package exports the functions
-    GL = importlib.import_module("kernels.grpo_loss")
+    GA = importlib.import_module(
+        "singleturn.kernels.group_advantages"
+    )  # modules: the package exports the functions
+    GL = importlib.import_module("singleturn.kernels.grpo_loss")
 
     target = GPUTarget("cuda", 90, 32)
     blocks = {

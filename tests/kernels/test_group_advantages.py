@@ -7,7 +7,7 @@ forward is checked against fp64 with the error-ratio rule, plus the exact-zero c
 import pytest
 import torch
 
-from kernels.group_advantages import group_advantages
+from singleturn.kernels.group_advantages import group_advantages
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -75,7 +75,7 @@ def test_rejects_bad_inputs():
 
 
 def test_backend_selection(monkeypatch):
-    from kernels._backend import select_backend
+    from singleturn.kernels._backend import select_backend
 
     cpu = torch.zeros(1)
     monkeypatch.delenv("KERNELS_BACKEND", raising=False)

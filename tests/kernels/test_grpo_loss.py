@@ -8,7 +8,7 @@ d_weight, every statistic, ignored rows, zero advantages, the log-ratio clamp, n
 import pytest
 import torch
 
-from kernels.grpo_loss import LOG_RATIO_CLAMP, GRPOLossOutput, grpo_loss
+from singleturn.kernels.grpo_loss import LOG_RATIO_CLAMP, GRPOLossOutput, grpo_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

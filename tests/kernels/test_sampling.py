@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _csrc
-from kernels.sampling import (
+from singleturn.kernels import _csrc
+from singleturn.kernels.sampling import (
     _as_int64,
     philox_uniform,
     sample_tokens,

@@ -10,10 +10,10 @@ import importlib
 import pytest
 import torch
 
-from kernels.token_logprobs import token_logprobs, token_logprobs_and_entropy
+from singleturn.kernels.token_logprobs import token_logprobs, token_logprobs_and_entropy
 
 # The module (its chunk-size knobs); the attribute `kernels.token_logprobs` is the exported function.
-tlp = importlib.import_module("kernels.token_logprobs")
+tlp = importlib.import_module("singleturn.kernels.token_logprobs")
 
 BACKENDS = ["torch", "triton"]
 # Without a GPU the Triton kernels run in the interpreter on CPU tensors (tests/conftest.py); with one,

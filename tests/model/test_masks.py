@@ -17,8 +17,8 @@ import warnings
 import pytest
 import torch
 
-from kernels.token_logprobs import token_logprobs
-from model.masks import (
+from singleturn.kernels.token_logprobs import token_logprobs
+from singleturn.model.masks import (
     SegmentMask,
     _block_tables,
     _pad_to_blocks,

@@ -4,7 +4,7 @@ an admissible command, the greedy best among them), and harness.evaluate passing
 import pytest
 import torch
 
-from model.constrained import ActionTrie, action_trie, allowed_tokens_fn
+from singleturn.model.constrained import ActionTrie, action_trie, allowed_tokens_fn
 
 ACTIONS = [
     "go to countertop 1",
@@ -19,7 +19,7 @@ ACTIONS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    from model import train_tokenizer
+    from singleturn.model import train_tokenizer
 
     return train_tokenizer(ACTIONS + ["Your task is to put a clean cloth in countertop."], 300)
 
@@ -31,7 +31,7 @@ STATES = [  # two eval states: the full action list, and a two-command one
 
 
 def _tiny_model(vocab: int, seed: int = 0):
-    from model import LlamaConfig, Transformer
+    from singleturn.model import LlamaConfig, Transformer
 
     cfg = LlamaConfig(
         dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=vocab, ffn_dim=64, max_seq_len=512
@@ -64,8 +64,8 @@ def test_action_trie_is_the_sft_target_format(tok):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_constrained_policy_outputs_the_best_admissible_action(tok, seed):
-    from harness import parse_action, render_prompt
-    from model.policy import ModelPolicy
+    from singleturn.harness import parse_action, render_prompt
+    from singleturn.model.policy import ModelPolicy
 
     torch.manual_seed(seed)
     model = _tiny_model(tok.vocab_size, seed=seed)
@@ -92,7 +92,7 @@ def test_constrained_policy_outputs_the_best_admissible_action(tok, seed):
 
 
 def test_evaluate_passes_admissible_to_policies_that_want_it():
-    from harness.evaluate import _policy_act
+    from singleturn.harness.evaluate import _policy_act
 
     seen = {}
 
@@ -113,8 +113,8 @@ def test_evaluate_passes_admissible_to_policies_that_want_it():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rank_policy_plays_the_most_probable_admissible_action(tok, seed):
     """decoding='rank': the argmax over admissible commands of the teacher-forced total log-prob."""
-    from harness import render_prompt
-    from model.policy import ModelPolicy
+    from singleturn.harness import render_prompt
+    from singleturn.model.policy import ModelPolicy
 
     model = _tiny_model(tok.vocab_size, seed=seed)
     states = STATES

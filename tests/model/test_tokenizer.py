@@ -5,7 +5,7 @@ Templates of other checkpoints (ChatML, config files, save_pretrained) are in te
 
 import pytest
 
-from model.tokenizer import SPECIAL_TOKENS, ChatTemplateError, Tokenizer, train_tokenizer
+from singleturn.model.tokenizer import SPECIAL_TOKENS, ChatTemplateError, Tokenizer, train_tokenizer
 
 CORPUS = [
     "You are in the middle of a room. Looking quickly around you, you see a cabinet 1, a drawer 2.",

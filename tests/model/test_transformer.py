@@ -7,8 +7,8 @@ own bf16-vs-fp32 error plus a small floor (the flash-attention test rule).
 import pytest
 import torch
 
-from model.config import LlamaConfig
-from model.transformer import Transformer, rope_inv_freq
+from singleturn.model.config import LlamaConfig
+from singleturn.model.transformer import Transformer, rope_inv_freq
 
 CASES = [
     dict(n_kv_heads=1, tie=False, rope_scaling=True, vocab_size=1003),
@@ -45,7 +45,7 @@ def test_fp32_gradients_match_hf(hf_pair, case):
     loss_fn = torch.nn.functional.cross_entropy
     loss_fn(hf(tokens).logits.flatten(0, 1), targets.flatten()).backward()
     loss_fn(ours(tokens).flatten(0, 1), targets.flatten()).backward()
-    from model.hf_io import hf_to_ours
+    from singleturn.model.hf_io import hf_to_ours
 
     ours_params = dict(ours.named_parameters())
     for name, p in hf.named_parameters():
@@ -121,7 +121,7 @@ def test_param_count_presets():
 
 
 def test_inv_freq_bands():
-    from model.config import RopeScaling
+    from singleturn.model.config import RopeScaling
 
     plain = rope_inv_freq(16, 10000.0, None)
     scaled = rope_inv_freq(16, 10000.0, RopeScaling(factor=8.0, original_max_position_embeddings=32))
@@ -135,7 +135,7 @@ def test_inv_freq_bands():
 def test_hidden_takes_a_segment_mask_or_its_dense_tensor(hf_pair):
     """`hidden(..., attn_mask=SegmentMask)` is the dense bool path on CPU, bit for bit; one packed
     causal example is the plain causal forward."""
-    from model.masks import build_packed_causal_batch, build_shared_prefix_batch
+    from singleturn.model.masks import build_packed_causal_batch, build_shared_prefix_batch
 
     _, ours = hf_pair(seed=7, n_kv_heads=2)
     groups = [([5, 6, 7, 8, 9, 10, 11], [[20, 21, 22], [23], [24, 25]]), ([12, 13], [[26, 27]])]
@@ -152,7 +152,7 @@ def test_hidden_takes_a_segment_mask_or_its_dense_tensor(hf_pair):
 
 
 def test_rmsnorm_fp64_stays_fp64():
-    from model.transformer import RMSNorm
+    from singleturn.model.transformer import RMSNorm
 
     norm = RMSNorm(37).double()
     with torch.no_grad():

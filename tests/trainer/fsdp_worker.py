@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.config import LlamaConfig
-from model.transformer import Transformer
-from trainer.checkpoint import export_final, load_latest_checkpoint, save_checkpoint
-from trainer.dist import all_reduce_sum, barrier, destroy, init_distributed
-from trainer.fsdp import apply_fsdp
+from singleturn.model.config import LlamaConfig
+from singleturn.model.transformer import Transformer
+from singleturn.trainer.checkpoint import export_final, load_latest_checkpoint, save_checkpoint
+from singleturn.trainer.dist import all_reduce_sum, barrier, destroy, init_distributed
+from singleturn.trainer.fsdp import apply_fsdp
 
 V, B, T = 101, 4, 13  # vocab and sequence length deliberately unaligned
 STEPS, LR, WD, CLIP = 3, 3e-3, 0.1, 0.5  # CLIP below the gradient norms: clipping is active
@@ -288,7 +288,7 @@ def phase_ckpt_dist(out: Path, info):
         (root / "step_5" / "shard_rank0.safetensors").write_bytes(b"")
     barrier()
     collect = _Collect()
-    logging.getLogger("trainer.checkpoint").addHandler(collect)
+    logging.getLogger("singleturn.trainer.checkpoint").addHandler(collect)
     model = build_model(tied=False)
     fsdp = apply_fsdp(model)
     loaded = load_latest_checkpoint(bad, fsdp=fsdp, optimizer=make_opt(fsdp.parameters()))
@@ -299,7 +299,7 @@ def phase_ckpt_dist(out: Path, info):
 
 def scenario_export(info, out: Path):
     """export_final -> HF directory; model.load_hf_checkpoint must give back the trained weights."""
-    from model.hf_io import load_hf_checkpoint
+    from singleturn.model.hf_io import load_hf_checkpoint
 
     model = build_model(tied=True)
     fsdp = apply_fsdp(model)

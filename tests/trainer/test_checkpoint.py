@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from test_fsdp import assert_losses_equal, run_worker
 
-from trainer.checkpoint import (
+from singleturn.trainer.checkpoint import (
     CheckpointError,
     _manifest_checksum,
     _read_range,
@@ -31,8 +31,8 @@ from trainer.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from trainer.dist import DistInfo
-from trainer.fsdp import apply_fsdp
+from singleturn.trainer.dist import DistInfo
+from singleturn.trainer.fsdp import apply_fsdp
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_same_size_corruption_is_detected_and_the_previous_checkpoint_loads(tmp_
         mf.write_text(mf.read_text().replace('"step": 2', '"step": 7'))
         want = "manifest.json checksum mismatch"
     assert want in (verify_checkpoint(step2) or ""), verify_checkpoint(step2)
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="singleturn.trainer.checkpoint"):
         extra, fsdp = _load(tmp_path)
     assert (extra["step"], extra["tag"]) == (1, "step1"), f"loaded {extra}"
     for name, t in fsdp.sharded_state_dict().items():
@@ -212,7 +212,7 @@ def test_extra_that_does_not_unpickle_is_skipped_and_named(tmp_path, caplog):
     (step2 / "extra_rank0.pt").write_bytes(b"\x80\x04this is not a pickle")
     _rewrite_manifest_entry(step2, "extra_rank0.pt")
     assert verify_checkpoint(step2) is None
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="singleturn.trainer.checkpoint"):
         extra, _ = _load(tmp_path)
     assert extra["step"] == 1, f"loaded {extra}"
     assert any(str(step2) in r.getMessage() and "extra_rank0.pt does not unpickle" in r.getMessage()

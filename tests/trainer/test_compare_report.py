@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.compare import (
+from singleturn.trainer.compare import (
     collect_result,
     collect_zero_shot,
     load_compare_config,
@@ -16,7 +16,7 @@ from trainer.compare import (
     summarize,
     to_markdown,
 )
-from trainer.stats import wilson_interval
+from singleturn.trainer.stats import wilson_interval
 
 REPO = Path(__file__).resolve().parents[2]
 

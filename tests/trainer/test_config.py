@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, build_config, parse_args, validate_for_world
+from singleturn.trainer.config import ConfigError, build_config, parse_args, validate_for_world
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -99,8 +99,8 @@ def test_memory_report_is_half_per_rank(results):
 
 
 def _tiny(tied=False):
-    from model.config import LlamaConfig
-    from model.transformer import Transformer
+    from singleturn.model.config import LlamaConfig
+    from singleturn.model.transformer import Transformer
 
     cfg = LlamaConfig(
         dim=16, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=37, ffn_dim=24, tie_word_embeddings=tied
@@ -118,7 +118,7 @@ def test_world1_two_forwards_one_backward_and_summon(tied):
 
     import torch
 
-    from trainer.fsdp import apply_fsdp
+    from singleturn.trainer.fsdp import apply_fsdp
 
     ref = _tiny(tied)
     model = copy.deepcopy(ref)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from trainer.gae import compute_gae, episode_rewards, masked_whiten, turn_mask, value_loss
-from trainer.value import ValueHead, state_features
+from singleturn.trainer.gae import compute_gae, episode_rewards, masked_whiten, turn_mask, value_loss
+from singleturn.trainer.value import ValueHead, state_features
 
 
 def _close(actual, expected, what, atol=1e-6):
@@ -155,7 +155,7 @@ def test_value_head_starts_at_zero_and_regresses():
 
 
 def test_state_features_pick_last_prompt_token():
-    from model import LlamaConfig, Transformer
+    from singleturn.model import LlamaConfig, Transformer
 
     torch.manual_seed(0)
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=61, ffn_dim=64, max_seq_len=64)

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer.config import ConfigError, RolloutConfig, build_config, parse_args
-from trainer.data import Example, batch_indices, build_examples
-from trainer.stages import STAGES, StageContext, StageSpan
-from trainer.stages.grpo_dagger import (
+from singleturn.trainer.config import ConfigError, RolloutConfig, build_config, parse_args
+from singleturn.trainer.data import Example, batch_indices, build_examples
+from singleturn.trainer.stages import STAGES, StageContext, StageSpan
+from singleturn.trainer.stages.grpo_dagger import (
     PolicyPool,
     mixed_batch,
     play_policy_states,
@@ -115,8 +115,8 @@ def test_refresh_schedule_games_and_sample_bound():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """2 generated train games, their expert states, a BPE tokenizer trained on the prompts."""
-    from harness import collect_states, generate_games, read_states, render_prompt
-    from model import train_tokenizer
+    from singleturn.harness import collect_states, generate_games, read_states, render_prompt
+    from singleturn.model import train_tokenizer
 
     root = tmp_path_factory.mktemp("dagger_games")
     games = [
@@ -132,8 +132,8 @@ def world(tmp_path_factory):
 
 
 def _model(tok):
-    from model import LlamaConfig, Transformer
-    from trainer.fsdp import apply_fsdp
+    from singleturn.model import LlamaConfig, Transformer
+    from singleturn.trainer.fsdp import apply_fsdp
 
     cfg = LlamaConfig(
         dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tok.vocab_size, ffn_dim=64, max_seq_len=2048
@@ -150,11 +150,11 @@ def _any_admissible(text: str, admissible: list[str]) -> str:
 
 
 def test_play_labels_the_policys_own_states(world, monkeypatch):
-    import harness.prompts
-    import model.policy as policy_mod
-    from harness import render_prompt
+    import singleturn.harness.prompts as harness_prompts
+    import singleturn.model.policy as policy_mod
+    from singleturn.harness import render_prompt
 
-    monkeypatch.setattr(harness.prompts, "parse_action", _any_admissible)
+    monkeypatch.setattr(harness_prompts, "parse_action", _any_admissible)
 
     model, fsdp = _model(world.tok)
     asked: dict[tuple, list[str]] = {}  # prompt ids -> the responses the policy sampled for them
@@ -206,7 +206,7 @@ def test_play_labels_the_policys_own_states(world, monkeypatch):
 
 
 def _stage(world, **dagger):
-    from trainer.optim import make_optimizer
+    from singleturn.trainer.optim import make_optimizer
 
     cfg = build_config({
         "data": {"games_dir": str(world.root), "history_window": 2, "system_prompt": False, "max_seq_len": 2048},
@@ -226,7 +226,7 @@ def _stage(world, **dagger):
 
 
 def test_stage_mixes_policy_states_and_counts_the_budget(world):
-    from trainer.stages.sft import local_examples
+    from singleturn.trainer.stages.sft import local_examples
 
     ctx, stage = _stage(world)
     per = STAGES["grpo-dagger"].samples_per_step(ctx.cfg)

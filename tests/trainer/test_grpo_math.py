@@ -6,11 +6,17 @@ import math
 import pytest
 import torch
 
-from model import LlamaConfig, Transformer
-from trainer.data import Example, batch_indices, pack_completions, rank_slice
-from trainer.policy_loss import GRPOBatch, MicroBatch, Sequence, grpo_forward_backward, select_sequences
-from trainer.reward import expert_match_rewards, zero_variance_groups
-from trainer.stages.sft import sft_forward_backward
+from singleturn.model import LlamaConfig, Transformer
+from singleturn.trainer.data import Example, batch_indices, pack_completions, rank_slice
+from singleturn.trainer.policy_loss import (
+    GRPOBatch,
+    MicroBatch,
+    Sequence,
+    grpo_forward_backward,
+    select_sequences,
+)
+from singleturn.trainer.reward import expert_match_rewards, zero_variance_groups
+from singleturn.trainer.stages.sft import sft_forward_backward
 
 ADM = ["go to desk 1", "take mug 1 from desk 1", "look"]
 
@@ -133,7 +139,7 @@ def _padded(seqs, weight=1.0):
 
 def _sequences(m, gen, n=5):
     """n sequences with random prompts/responses; old_logp = the current policy's (ratio exactly 1)."""
-    from kernels.token_logprobs import token_logprobs
+    from singleturn.kernels.token_logprobs import token_logprobs
 
     seqs = []
     for i in range(n):
@@ -175,7 +181,7 @@ def test_grpo_loss_value_by_hand_and_token_normalization():
 
 def test_grpo_gradient_matches_hand_derivation():
     """d loss / d logp_i = -A_i / N at ratio 1 (unclipped): compare with autograd of that surrogate."""
-    from kernels.token_logprobs import token_logprobs
+    from singleturn.kernels.token_logprobs import token_logprobs
 
     m = _tiny_model(1)
     gen = torch.Generator().manual_seed(1)

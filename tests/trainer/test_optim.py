@@ -4,14 +4,14 @@ or the AdamW state, each skip names its cause, and consecutive ones stop the run
 import pytest
 import torch
 
-from trainer.config import build_config
-from trainer.fsdp import apply_fsdp
-from trainer.optim import NonFiniteError, make_optimizer, optimizer_step
-from trainer.stages import StageContext
+from singleturn.trainer.config import build_config
+from singleturn.trainer.fsdp import apply_fsdp
+from singleturn.trainer.optim import NonFiniteError, make_optimizer, optimizer_step
+from singleturn.trainer.stages import StageContext
 
 
 def _setup(lr: float):
-    from model import LlamaConfig, Transformer
+    from singleturn.model import LlamaConfig, Transformer
 
     m = Transformer(LlamaConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=31, ffn_dim=32))
     m.init_weights(seed=0)

@@ -19,13 +19,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import trainer.stages.multiturn as mt_mod
-from trainer.config import RolloutConfig, build_config
-from trainer.episodes import CollectStats, EpisodeRollout, Turn, step_games
-from trainer.optim import make_optimizer
-from trainer.stages import STAGES, StageContext, StageSpan
-from trainer.stages.grpo_multiturn import group_episode_advantages
-from trainer.stages.ppo import ppo_advantages
+import singleturn.trainer.stages.multiturn as mt_mod
+from singleturn.trainer.config import RolloutConfig, build_config
+from singleturn.trainer.episodes import CollectStats, EpisodeRollout, Turn, step_games
+from singleturn.trainer.optim import make_optimizer
+from singleturn.trainer.stages import STAGES, StageContext, StageSpan
+from singleturn.trainer.stages.grpo_multiturn import group_episode_advantages
+from singleturn.trainer.stages.ppo import ppo_advantages
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("ALFWORLD_DATA", str(REPO / "data" / "alfworld"))
@@ -35,7 +35,7 @@ TOY_PROMPTS = [[2, 10, 11], [2, 12, 13, 14]]  # turn 0 and turn 1 (game id appen
 
 
 def _tiny_model(vocab: int, seed: int = 0, max_seq_len: int = 512):
-    from model import LlamaConfig, Transformer
+    from singleturn.model import LlamaConfig, Transformer
 
     cfg = LlamaConfig(
         dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=vocab, ffn_dim=64, max_seq_len=max_seq_len
@@ -47,8 +47,8 @@ def _tiny_model(vocab: int, seed: int = 0, max_seq_len: int = 512):
 
 def _toy_collect(model, fsdp, tokenizer, games, *, rollout_cfg, seed, with_features, device, **_):
     """Stand-in for the env: 2 turns per episode, won iff both turns' first token < V // 2."""
-    from model import generate
-    from trainer.value import state_features
+    from singleturn.model import generate
+    from singleturn.trainer.value import state_features
 
     episodes = []
     with fsdp.summon_full_params(dtype=torch.float32), torch.no_grad():
@@ -85,7 +85,7 @@ def _good_prob(model) -> float:
 
 def _build_stage(algo: str, cfg, info, total: int):
     """(model, fsdp, ctx, stage) of a registered multi-turn stage on a fresh tiny model."""
-    from trainer.fsdp import apply_fsdp
+    from singleturn.trainer.fsdp import apply_fsdp
 
     torch.manual_seed(0)
     model = _tiny_model(V)
@@ -167,7 +167,7 @@ def test_group_episode_advantages_and_games():
 
 def test_stage_spans_cover_multiturn_stages():
     cfg = build_config({"run": {"stages": ["sft", "ppo"]}, "sft": {"steps": 3}, "ppo": {"steps": 2}})
-    from trainer.stages import stage_spans
+    from singleturn.trainer.stages import stage_spans
 
     spans = stage_spans(cfg)
     assert [(s.name, s.first, s.last) for s in spans] == [("sft", 1, 3), ("ppo", 4, 5)]
@@ -175,7 +175,7 @@ def test_stage_spans_cover_multiturn_stages():
 
 @pytest.fixture(scope="module")
 def real_games(tmp_path_factory):
-    from harness import generate_games
+    from singleturn.harness import generate_games
 
     root = tmp_path_factory.mktemp("mt_games")
     return [
@@ -185,12 +185,12 @@ def real_games(tmp_path_factory):
 
 
 def test_collect_episodes_records_the_policys_own_turns(real_games):
-    from harness import render_prompt
-    from model import train_tokenizer
-    from trainer.data import pack_completions
-    from trainer.episodes import collect_episodes
-    from trainer.fsdp import apply_fsdp
-    from trainer.stages.sft import action_logprobs
+    from singleturn.harness import render_prompt
+    from singleturn.model import train_tokenizer
+    from singleturn.trainer.data import pack_completions
+    from singleturn.trainer.episodes import collect_episodes
+    from singleturn.trainer.fsdp import apply_fsdp
+    from singleturn.trainer.stages.sft import action_logprobs
 
     tok = train_tokenizer(["go to countertop 1", "take cloth 1 from sinkbasin 1", "Your task is to"], 300)
     torch.manual_seed(0)
@@ -228,7 +228,7 @@ def test_collect_episodes_records_the_policys_own_turns(real_games):
 
 def _worker(out: Path) -> None:
     """2-rank gloo run of both stages on the toy task (launched by the test below via torchrun)."""
-    from trainer.dist import destroy, init_distributed
+    from singleturn.trainer.dist import destroy, init_distributed
 
     info = init_distributed()
     torch.set_num_threads(1)

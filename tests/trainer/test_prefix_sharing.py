@@ -10,21 +10,21 @@ SFT / LM: packed rows equal right-padded rows likewise.
 import pytest
 import torch
 
-from trainer.data import Example
-from trainer.policy_loss import (
+from singleturn.trainer.data import Example
+from singleturn.trainer.policy_loss import (
     Layout,
     fill_reference_logprobs,
     grpo_forward_backward,
     micro_batches,
     select_sequences,
 )
-from trainer.stages.sft import action_logprobs, sft_forward_backward
+from singleturn.trainer.stages.sft import action_logprobs, sft_forward_backward
 
 V = 53
 
 
 def _model(seed: int):
-    from model import LlamaConfig, Transformer
+    from singleturn.model import LlamaConfig, Transformer
 
     cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, ffn_dim=64, max_seq_len=256)
     m = Transformer(cfg)
@@ -35,8 +35,8 @@ def _model(seed: int):
 def _batch(m, G: int, seed: int):
     """A GRPO batch: 5 states of ragged prompt length, G ragged responses each, 0/1 rewards with
     two zero-variance groups (dropped), behaviour log-probs = the policy's own plus noise."""
-    from kernels.token_logprobs import token_logprobs
-    from trainer.data import pack_completions
+    from singleturn.kernels.token_logprobs import token_logprobs
+    from singleturn.trainer.data import pack_completions
 
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, V, (int(n),), generator=gen).tolist() for n in (7, 19, 3, 12, 30)]
@@ -123,7 +123,7 @@ def test_shared_prefix_update_equals_padded(G, kl_coef):
 
 def test_zero_weight_dummies_pad_the_shared_layout(monkeypatch):
     """A rank with fewer micro-batches than another runs zero-weight dummies: exactly zero gradient."""
-    import trainer.policy_loss as pl
+    import singleturn.trainer.policy_loss as pl
 
     m = _model(0)
     batch = _batch(m, 3, seed=3)

@@ -28,8 +28,8 @@ _PLACES = ["desk", "shelf", "table", "drawer", "fridge", "sinkbasin"]
 def write_synthetic_inputs(root: Path, n: int = 32, seed: int = 0) -> tuple[Path, Path]:
     """A states.jsonl in the harness schema (a toy task whose expert action is inferable from the
     prompt) and a byte-level BPE tokenizer trained on its rendered prompts."""
-    from harness import render_prompt
-    from model import train_tokenizer
+    from singleturn.harness import render_prompt
+    from singleturn.model import train_tokenizer
 
     rng = random.Random(seed)
     rows = []

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from trainer.config import build_config
-from trainer.run_dir import (
+from singleturn.trainer.config import build_config
+from singleturn.trainer.run_dir import (
     RunDirError,
     RunDirLock,
     _watch_parent,
@@ -74,7 +74,10 @@ def test_second_process_on_a_locked_run_dir_is_refused(tmp_path):
 def test_stale_lock_of_a_dead_process_is_retaken(tmp_path, caplog):
     dead = _forked(_lock_and_die, tmp_path / "run")
     assert json.loads((tmp_path / "run" / ".lock").read_text())["pid"] == dead
-    with caplog.at_level("WARNING", logger="trainer.run_dir"), RunDirLock(tmp_path / "run") as lock:
+    with (
+        caplog.at_level("WARNING", logger="singleturn.trainer.run_dir"),
+        RunDirLock(tmp_path / "run") as lock,
+    ):
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     assert f"stale lock; its holder, pid {dead}" in caplog.text, caplog.text
 

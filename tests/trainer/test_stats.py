@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainer.stats import (
+from singleturn.trainer.stats import (
     Z95,
     mcnemar_exact,
     paired_outcomes,

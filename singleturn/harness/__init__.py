@@ -1,0 +1,43 @@
+"""ALFWorld harness: game generation/discovery, env workers, expert states, prompts, evaluation.
+
+Never imports torch; the trainer meets it at states.jsonl and at a batched policy callable.
+
+The names below are exported lazily (PEP 562): prompts and states files need neither ALFWorld nor
+TextWorld, so `from singleturn.harness import render_prompt, parse_action, read_states` works on a
+machine without them (a bare GPU image training from a states file); game generation, env workers,
+expert play and evaluation import alfworld when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "EvalReport": "evaluate",
+    "evaluate": "evaluate",
+    "TASK_TYPES": "games",
+    "GenConfig": "games",
+    "find_games": "games",
+    "generate_games": "games",
+    "versions": "games",
+    "parse_action": "prompts",
+    "render_prompt": "prompts",
+    "collect_states": "states",
+    "read_states": "states",
+    "EnvPool": "workers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'singleturn.harness' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"singleturn.harness.{module}"), name)
+    globals()[name] = value  # once: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

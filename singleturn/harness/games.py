@@ -1,0 +1,433 @@
+"""Generate ALFWorld games offline, in ALFWorld's own domain, and find games on disk.
+
+A game is a task instance in one ALFRED floor plan (`scenes.py`): the six ALFWorld task types with
+the goal PDDL and sentence templates of `alfworld.gen.goal_library`, objects placed in receptacles
+that accept them (`constants.VAL_RECEPTACLE_OBJECTS`). Files written per game, the layout the
+official data uses (`json_2.1.1/<split>/<task>-<Obj>-<MRecep>-<Parent>-<scene>/trial_<id>/`):
+- `game.tw-pddl`: JSON {pddl_domain (alfred.pddl), grammar (alfred.twl2 with the goal sentence),
+  pddl_problem, solvable: true, walkthrough (the handcoded expert's winning actions)};
+- `traj_data.json`: {task_type, pddl_params, scene, turk_annotations, harness: generation record},
+  which ALFWorld's expert wrapper reads.
+
+Every game is played by the (patched, seeded) handcoded expert at generation time; a game it does
+not win within `max_expert_steps` is regenerated with the next attempt's seed (counted in the
+manifest). Deterministic for (split, seed, index): re-running with the same arguments over an
+existing directory reuses the games listed in its `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import alfworld.gen.constants as C
+import alfworld.gen.goal_library as glib
+
+from singleturn.harness import scenes
+
+log = logging.getLogger(__name__)  # warnings print even when logging is not configured
+
+TASK_TYPES = (
+    "pick_and_place_simple",
+    "look_at_obj_in_light",
+    "pick_clean_then_place_in_recep",
+    "pick_heat_then_place_in_recep",
+    "pick_cool_then_place_in_recep",
+    "pick_two_obj_and_place",
+)
+SPLITS = ("train", "valid_seen", "valid_unseen")
+GENERATOR_VERSION = 1
+_DATA = Path(C.__file__).parents[1] / "data"
+# The appliance each state-change task needs, and the PDDL constants every problem declares.
+_APPLIANCE = {
+    "pick_clean_then_place_in_recep": "SinkBasin",
+    "pick_heat_then_place_in_recep": "Microwave",
+    "pick_cool_then_place_in_recep": "Fridge",
+}
+_ACTION_CLASS = {
+    "pick_clean_then_place_in_recep": "Cleanable",
+    "pick_heat_then_place_in_recep": "Heatable",
+    "pick_cool_then_place_in_recep": "Coolable",
+}
+_CONST_OTYPES = ("KnifeType", "ButterKnifeType")
+_CONST_RTYPES = ("SinkBasinType", "MicrowaveType", "FridgeType")
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """Knobs of one generation run (all recorded in the manifest)."""
+
+    max_distractors: int = 10  # objects besides the targets (the planner slows with many)
+    max_expert_steps: int = 50  # the handcoded expert must win within this many steps
+    max_attempts: int = 20  # per game index, before giving up loudly
+
+
+# --------------------------------------------------------------------------- PDDL text
+def mangle(thor_id: str) -> str:
+    """THOR id -> PDDL name, ALFWorld's way (`-`->`_minus_`, `|`->`_bar_`, ...)."""
+    for a, b in (("-", "_minus_"), ("|", "_bar_"), ("+", "_plus_"), (".", "_dot_"), (",", "_comma_")):
+        thor_id = thor_id.replace(a, b)
+    return thor_id
+
+
+def _obj_id(cls: str, rng: random.Random) -> str:
+    x, y, z = (rng.uniform(-3, 3) for _ in range(3))
+    return f"{cls}|{x:+06.2f}|{abs(y):+06.2f}|{z:+06.2f}"
+
+
+@dataclass
+class _Task:
+    task_type: str
+    floorplan: int
+    obj: str
+    parent: str  # "" for look_at_obj_in_light
+    toggle: str  # "" unless look_at_obj_in_light
+
+
+def _feasible(task_type: str, scene: scenes.Scene) -> list[_Task]:
+    """Every (object class, parent/toggle class) this floor plan supports for the task type."""
+    out = []
+    rclasses = scene.receptacle_classes
+    for obj in scene.object_classes:
+        starts = {r.cls for r in scene.holders(obj)}
+        if task_type == "look_at_obj_in_light":
+            out += [_Task(task_type, scene.floorplan, obj, "", t) for t in scene.toggles if starts]
+            continue
+        if task_type in _APPLIANCE:
+            if (
+                _APPLIANCE[task_type] not in rclasses
+                or obj not in C.VAL_ACTION_OBJECTS[_ACTION_CLASS[task_type]]
+            ):
+                continue
+        for parent in sorted(rclasses):
+            if obj not in C.VAL_RECEPTACLE_OBJECTS.get(parent, ()) or parent == _APPLIANCE.get(task_type):
+                continue
+            if not starts - {parent}:  # the target must start outside the parent type
+                continue
+            out.append(_Task(task_type, scene.floorplan, obj, parent, ""))
+    return out
+
+
+def _goal_text(task: _Task, rng: random.Random) -> str:
+    template = rng.choice(glib.gdict[task.task_type]["templates"])
+    return template.format(
+        obj=task.obj.lower(), recep=task.parent.lower(), toggle=task.toggle.lower(), mrecep=""
+    )
+
+
+def _goal_pddl(task: _Task) -> str:
+    pddl = glib.gdict[task.task_type]["pddl"].format(
+        obj=task.obj, recep=task.parent, toggle=task.toggle, mrecep=""
+    )
+    return pddl.replace("#", "-")  # the library writes types as '?o # object'
+
+
+def _build_problem(task: _Task, scene: scenes.Scene, rng: random.Random, cfg: GenConfig, name: str) -> str:
+    """The PDDL problem: receptacles and locations of the room, targets, distractors, the goal."""
+    placements: list[tuple[str, str, scenes.Receptacle]] = []  # (object id, class, receptacle)
+
+    def place(cls: str, avoid: str = "") -> None:
+        holders = [r for r in scene.holders(cls) if r.cls != avoid]
+        placements.append((_obj_id(cls, rng), cls, rng.choice(holders)))
+
+    n_targets = rng.randint(2, 3) if task.task_type == "pick_two_obj_and_place" else rng.randint(1, 2)
+    for _ in range(n_targets):
+        place(task.obj, avoid=task.parent)  # never inside the parent type: the game would be won
+    others = [c for c in scene.object_classes if c != task.obj]
+    for cls in rng.sample(
+        others, min(len(others), rng.randint(cfg.max_distractors // 2, cfg.max_distractors))
+    ):
+        place(cls)
+    lamps = []
+    if task.toggle:
+        stand = rng.choice([r for r in scene.receptacles if r.cls in scenes.LAMP_STANDS])
+        lamps.append((_obj_id(task.toggle, rng), task.toggle, stand))
+
+    used_locs = {r.location for r in scene.receptacles}
+    while True:  # the agent starts where no receptacle is
+        agent_loc = f"loc|{rng.randint(-20, 20)}|{rng.randint(-20, 20)}|{rng.choice((0, 90, 180, 270))}|30"
+        if agent_loc not in used_locs:
+            break
+
+    otypes = (
+        {cls for _, cls, _ in placements + lamps} | {task.obj} | ({task.toggle} if task.toggle else set())
+    )
+    rtypes = scene.receptacle_classes | ({task.parent} if task.parent else set())
+    objects = ["agent1 - agent"]
+    objects += [
+        f"{t}Type - otype" for t in sorted({f"{c}" for c in otypes}) if f"{t}Type" not in _CONST_OTYPES
+    ]
+    objects += [f"{t} - otype" for t in _CONST_OTYPES]
+    objects += [f"{t}Type - rtype" for t in sorted(rtypes) if f"{t}Type" not in _CONST_RTYPES]
+    objects += [f"{t} - rtype" for t in _CONST_RTYPES]
+    objects += [f"{mangle(oid)} - object" for oid, _, _ in placements + lamps]
+    objects += [f"{mangle(r.thor_id)} - receptacle" for r in scene.receptacles]
+    objects += [f"{mangle(loc)} - location" for loc in sorted(used_locs | {agent_loc})]
+
+    init = [f"(atLocation agent1 {mangle(agent_loc)})"]
+    for r in scene.receptacles:
+        rid = mangle(r.thor_id)
+        init += [f"(receptacleType {rid} {r.cls}Type)", f"(receptacleAtLocation {rid} {mangle(r.location)})"]
+        if r.cls in C.OPENABLE_CLASS_SET:
+            init.append(f"(openable {rid})")
+    for oid, cls, r in placements + lamps:
+        o = mangle(oid)
+        init += [
+            f"(objectType {o} {cls}Type)",
+            f"(inReceptacle {o} {mangle(r.thor_id)})",
+            f"(objectAtLocation {o} {mangle(r.location)})",
+        ]
+        if cls in scenes.TOGGLES:
+            init.append(f"(toggleable {o})")
+            continue
+        init.append(f"(pickupable {o})")
+        for pred, group in (
+            ("cleanable", "Cleanable"),
+            ("heatable", "Heatable"),
+            ("coolable", "Coolable"),
+            ("sliceable", "Sliceable"),
+        ):
+            if cls in C.VAL_ACTION_OBJECTS[group]:
+                init.append(f"({pred} {o})")
+        if cls in C.MOVABLE_RECEPTACLES_SET:
+            init.append(f"(isReceptacleObject {o})")
+    for rt in sorted(rtypes):
+        for ot in sorted(otypes):
+            if ot in C.VAL_RECEPTACLE_OBJECTS.get(rt, ()):
+                init.append(f"(canContain {rt}Type {ot}Type)")
+
+    body = "\n        ".join(objects)
+    facts = "\n        ".join(init)
+    return (
+        f"(define (problem {name})\n(:domain alfred)\n(:objects\n        {body}\n        )\n"
+        f"(:init\n        {facts}\n        )\n{_goal_pddl(task)}"
+    )
+
+
+# --------------------------------------------------------------------------- one game
+def _game_rng(split: str, seed: int, index: int, attempt: int) -> random.Random:
+    return random.Random(f"{split}/{seed}/{index}/{attempt}")  # str seeds hash with sha512: stable
+
+
+def _pick_task(task_type: str, split: str, rng: random.Random) -> _Task:
+    plans = [fp for fp in scenes.SPLIT_FLOORPLANS[split] if _feasible(task_type, scenes.load_scene(fp))]
+    fp = rng.choice(plans)
+    return rng.choice(_feasible(task_type, scenes.load_scene(fp)))
+
+
+def _write_game(
+    out_dir: Path, split: str, seed: int, index: int, attempt: int, task_type: str, cfg: GenConfig
+):
+    rng = _game_rng(split, seed, index, attempt)
+    task = _pick_task(task_type, split, rng)
+    scene = scenes.load_scene(task.floorplan)
+    trial = f"trial_{split}_s{seed}_{index:05d}"
+    folder = f"{task.task_type}-{task.obj}-None-{task.parent or task.toggle}-{task.floorplan}"
+    game_dir = out_dir / folder / trial
+    goal = _goal_text(task, rng)
+    problem = _build_problem(task, scene, rng, cfg, name=f"plan_{trial}")
+    grammar = (_DATA / "alfred.twl2").read_text().replace("UNKNOWN GOAL", goal)
+    game = {
+        "pddl_domain": (_DATA / "alfred.pddl").read_text(),
+        "grammar": grammar,
+        "pddl_problem": problem,
+        "solvable": True,
+    }
+    traj = {
+        "task_type": task.task_type,
+        "task_id": trial,
+        "pddl_params": {
+            "object_target": task.obj,
+            "parent_target": task.parent,
+            "toggle_target": task.toggle,
+            "mrecep_target": "",
+            "object_sliced": False,
+        },
+        "scene": {"floor_plan": f"FloorPlan{task.floorplan}", "scene_num": task.floorplan},
+        "turk_annotations": {"anns": [{"task_desc": goal}]},
+        "harness": {
+            "split": split,
+            "seed": seed,
+            "index": index,
+            "attempt": attempt,
+            "version": GENERATOR_VERSION,
+        },
+    }
+    game_dir.mkdir(parents=True, exist_ok=True)
+    (game_dir / "traj_data.json").write_text(json.dumps(traj, indent=1))
+    (game_dir / "game.tw-pddl").write_text(json.dumps(game))
+    return game_dir / "game.tw-pddl"
+
+
+def expert_episode_seed(game_path: str | Path, seed: int = 0) -> int:
+    """The seed for the handcoded expert's random choices in one game's episode."""
+    key = f"{Path(game_path).parent.parent.name}/{Path(game_path).parent.name}/{seed}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+def play_expert(game, game_path: str | Path, max_steps: int, seed: int = 0) -> list[str] | None:
+    """Play the game's own expert from reset; the winning action list, or None."""
+    res = game.reset(seed=expert_episode_seed(game_path, seed))
+    actions = []
+    for _ in range(max_steps):
+        if res.expert_action is None:
+            return None
+        actions.append(res.expert_action)
+        res = game.step(res.expert_action)
+        if res.won:
+            return actions
+    return None
+
+
+def _generate_one(args) -> tuple[str, int, dict]:
+    out_dir, split, seed, index, task_type, cfg = args
+    from singleturn.harness.env import AlfredGame
+
+    game = AlfredGame("handcoded")
+    for attempt in range(cfg.max_attempts):
+        path = _write_game(Path(out_dir), split, seed, index, attempt, task_type, cfg)
+        game.load(path)
+        walkthrough = play_expert(game, path, cfg.max_expert_steps)
+        if walkthrough is not None:
+            data = json.loads(path.read_text())
+            data["walkthrough"] = walkthrough
+            path.write_text(json.dumps(data))
+            traj = json.loads((path.parent / "traj_data.json").read_text())
+            traj["harness"]["expert_steps"] = {"handcoded": len(walkthrough)}
+            (path.parent / "traj_data.json").write_text(json.dumps(traj, indent=1))
+            return str(path.relative_to(out_dir)), attempt, {}
+        shutil.rmtree(path.parent)
+        if not any(path.parent.parent.iterdir()):
+            path.parent.parent.rmdir()
+    raise RuntimeError(
+        f"game {split}/{seed}/{index} ({task_type}): the handcoded expert won none of {cfg.max_attempts} "
+        f"instances within max_expert_steps={cfg.max_expert_steps} (the trainer passes eval.max_steps "
+        "for held-out games: raise it)"
+    )
+
+
+# --------------------------------------------------------------------------- public API
+def generate_games(
+    out_dir: str | Path,
+    split: str,
+    num_games: int,
+    seed: int,
+    task_types=None,
+    *,
+    num_workers: int = 1,
+    config: GenConfig | None = None,
+) -> list[Path]:
+    """Write `num_games` expert-checked games for `split` under `out_dir`; return their paths.
+
+    Task types are assigned round-robin (balanced). Deterministic in (split, seed, index);
+    `out_dir/manifest.json` records the arguments, and a re-run with the same arguments returns the
+    existing games without regenerating them. Unsolvable draws are counted in the manifest
+    (`regenerated`).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    task_types = tuple(task_types or TASK_TYPES)
+    bad = [t for t in task_types if t not in TASK_TYPES]
+    if bad:
+        raise ValueError(f"unknown task types {bad}; known: {TASK_TYPES}")
+    cfg = config or GenConfig()
+    out_dir = Path(out_dir)
+    args = {
+        "split": split,
+        "num_games": num_games,
+        "seed": seed,
+        "task_types": list(task_types),
+        "config": cfg.__dict__,
+        "version": GENERATOR_VERSION,
+    }
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        paths = [out_dir / p for p in manifest["games"]]
+        if manifest["args"] == args and all(p.exists() for p in paths):
+            return paths
+        for p in paths:  # different arguments: replace the previous generation
+            if p.parent.exists():
+                shutil.rmtree(p.parent)
+            if p.parent.parent.exists() and not any(p.parent.parent.iterdir()):
+                p.parent.parent.rmdir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(out_dir), split, seed, i, task_types[i % len(task_types)], cfg) for i in range(num_games)]
+    t0 = time.perf_counter()
+    if num_workers > 1:
+        with ProcessPoolExecutor(num_workers) as pool:
+            results = list(pool.map(_generate_one, jobs))
+    else:
+        results = [_generate_one(j) for j in jobs]
+    manifest = {
+        "args": args,
+        "games": [r[0] for r in results],
+        "regenerated": sum(r[1] for r in results),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "versions": versions(),
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return [out_dir / r[0] for r in results]
+
+
+def find_games(root: str | Path, split: str | None = None) -> list[Path]:
+    """Sorted `game.tw-pddl` paths under `root` (or `root/<split>`) that ALFWorld would load.
+
+    Accepts our generated directories and the official data (`$ALFWORLD_DATA/json_2.1.1`, with
+    `split` in train/valid_seen/valid_unseen). Like `AlfredTWEnv.collect_game_files`: a game needs
+    a `traj_data.json` next to it and `solvable: true`; movable/sliced trajectories are skipped.
+    Unreadable game files are left out with a warning each; `scan_games` returns them instead.
+    """
+    games, unreadable = scan_games(root, split)
+    for path, why in unreadable:
+        log.warning(f"skipping unreadable game {path} ({why})")
+    return games
+
+
+def scan_games(root: str | Path, split: str | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(games, unreadable): `find_games`'s list, and the `game.tw-pddl` files it left out because
+    they cannot be read or parsed, each with the reason (missing: a dangling link; unreadable;
+    invalid JSON; not a JSON object). One cheap JSON parse per game (which `solvable` needs anyway); a game whose
+    files parse but fail to load later is an env failure of the worker that plays it."""
+    root = Path(os.path.expandvars(str(root)))
+    if split is not None and (root / split).is_dir():
+        root = root / split
+    games, unreadable = [], []
+    # os.walk, not Path.rglob: rglob drops a dangling game.tw-pddl link silently (a missing game);
+    # like rglob it does not descend into symlinked directories.
+    found = [Path(d) / "game.tw-pddl" for d, dirs, files in os.walk(root) if "game.tw-pddl" in files + dirs]
+    for path in sorted(found):
+        if not (path.parent / "traj_data.json").exists():
+            continue
+        if "movable" in str(path.parent) or "Sliced" in str(path.parent):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                game = json.load(f)
+        except OSError as e:
+            unreadable.append((path, f"unreadable: {e.strerror or e}"))
+            continue
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            unreadable.append((path, f"invalid JSON: {e}"))
+            continue
+        if not isinstance(game, dict):
+            unreadable.append((path, f"not a JSON object ({type(game).__name__})"))
+            continue
+        if game.get("solvable", False):
+            games.append(path)
+    return games, unreadable
+
+
+def versions() -> dict:
+    """alfworld/textworld versions: recorded with every report (version drift breaks comparisons)."""
+    from importlib.metadata import version
+
+    return {"alfworld": version("alfworld"), "textworld": version("textworld")}

@@ -1,0 +1,125 @@
+"""The paper's lower-bound check, per evaluated checkpoint (used by the comparison driver).
+
+Along the expert trajectory of every eval game, record p_t = pi(a*_t | s_t) (the probability of
+sampling exactly the expert's action, T = 1) and g_t = 1{the evaluation's deterministic action ==
+a*_t} (its `eval.decoding`, greedy or ranked, under the same constraints). If the policy takes the
+expert's action at every step it replays the expert's winning episode, so
+    P(success) >= prod_t p_t   (sampling policy)      success_greedy >= prod_t g_t   (greedy)
+averaged over games. The greedy check is exact against the evaluation's success; the sampling
+check plays `sampled_episodes` sampled episodes per game (a binomial 2-sigma margin).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+
+def expert_trajectories(games: list[str], cache: Path, *, max_steps: int) -> dict[str, list[dict]]:
+    """game -> the expert's states in step order (games the expert cannot win in max_steps: [])."""
+    from singleturn.harness import collect_states, read_states
+
+    if not cache.exists():
+        tmp = cache.with_suffix(".tmp")
+        collect_states(games, tmp, max_steps=max_steps, num_workers=2)
+        tmp.rename(cache)
+    out: dict[str, list[dict]] = {g: [] for g in games}
+    for row in read_states(cache):
+        out.setdefault(row["game"], []).append(row)
+    return out
+
+
+@torch.no_grad()
+def lower_bound(
+    final_dir: Path, trajectories: dict[str, list[dict]], train_cfg, *, sampled_episodes: int, seed: int
+) -> dict:
+    """Per-step expert agreement along the expert trajectories and the product bounds (module doc)."""
+    from singleturn.harness import parse_action, render_prompt
+    from singleturn.model import Tokenizer, load_hf_checkpoint
+    from singleturn.model.policy import encode_prompt
+    from singleturn.trainer.data import pack_completions
+    from singleturn.trainer.stages.sft import action_logprobs
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, mcfg = load_hf_checkpoint(final_dir, device=device, dtype=torch.float32)
+    tok = Tokenizer.from_file(str(final_dir / "tokenizer.json"))
+    hw, ev = train_cfg.data.history_window, train_cfg.eval
+    max_prompt = mcfg.max_seq_len - ev.max_new_tokens
+    states = [s for g in trajectories for s in trajectories[g]]
+    # The same prompt encoding and length policy as the evaluation policy.
+    prompts = [
+        encode_prompt(tok, render_prompt(s, hw, train_cfg.data.system_prompt), max_prompt)[0] for s in states
+    ]
+    targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in states]
+    logp = []
+    for i in range(0, len(states), 16):
+        packed = pack_completions(prompts[i : i + 16], targets[i : i + 16], device=device)
+        lp = action_logprobs(model, lambda: model.output.weight, packed)  # (N,)
+        logp.extend(
+            torch.zeros(len(packed.tokens), dtype=torch.float64)
+            .index_add_(0, packed.seq.cpu(), lp.double().cpu())
+            .tolist()
+        )
+    # The evaluation's own deterministic policy (decoding and constraints), so the check is exact.
+    from singleturn.trainer.evaluation import policy_spec
+
+    policy = policy_spec(train_cfg).policy(model, tok)
+    messages = [render_prompt(s, hw, train_cfg.data.system_prompt) for s in states]
+    kw = {"admissible": [s["admissible"] for s in states]} if policy.wants_admissible else {}
+    texts = policy(messages, **kw) if states else []
+    greedy = [parse_action(t, s["admissible"]) == s["expert_action"] for t, s in zip(texts, states)]
+    per_game, k = {}, 0
+    for g, traj in trajectories.items():
+        lp = logp[k : k + len(traj)]
+        gt = greedy[k : k + len(traj)]
+        k += len(traj)
+        per_game[g] = {
+            "steps": len(traj),
+            "logp": [round(x, 4) for x in lp],  # log p_t (p_t itself underflows for weak policies)
+            "greedy": gt,
+            "bound_sampled": math.exp(sum(lp)) if traj else 0.0,
+            "bound_greedy": float(all(gt)) if traj else 0.0,
+        }
+    n = max(len(per_game), 1)
+    out = {
+        "mean_step_prob": statistics.fmean([x for v in per_game.values() for x in map(math.exp, v["logp"])])
+        if states
+        else None,
+        "greedy_step_accuracy": statistics.fmean(greedy) if greedy else None,
+        "bound_sampled": sum(v["bound_sampled"] for v in per_game.values()) / n,
+        "bound_greedy": sum(v["bound_greedy"] for v in per_game.values()) / n,
+        "per_game": per_game,
+    }
+    if sampled_episodes > 0:
+        out.update(
+            _sampled_success(model, tok, list(trajectories), train_cfg, sampled_episodes, seed, device)
+        )
+    return out
+
+
+def _sampled_success(model, tok, games, train_cfg, k, seed, device) -> dict:
+    from singleturn.trainer.config import RolloutConfig
+    from singleturn.trainer.episodes import collect_episodes
+    from singleturn.trainer.fsdp import apply_fsdp
+
+    fsdp = apply_fsdp(model)  # world 1: collect_episodes gathers "full" weights through it
+    rcfg = RolloutConfig(temperature=1.0, max_new_tokens=train_cfg.eval.max_new_tokens)
+    eps, _ = collect_episodes(
+        model, fsdp, tok, [g for g in games for _ in range(k)], rollout_cfg=rcfg,
+        history_window=train_cfg.data.history_window, system_prompt=train_cfg.data.system_prompt,
+        max_steps=train_cfg.eval.max_steps,
+        max_seq_len=model.config.max_seq_len, seed=seed, device=device, num_workers=train_cfg.eval.num_workers,
+    )  # fmt: skip
+    return {"sampled_success": sum(e.won for e in eps) / max(len(eps), 1), "sampled_episodes": len(eps)}
+
+
+def check_bound(res: dict, b: dict) -> dict:
+    """Greedy: exact. Sampled: success + 2 binomial standard errors >= bound."""
+    out = {"greedy_ok": res["success_rate"] + 1e-9 >= b["bound_greedy"]}
+    if "sampled_success" in b:
+        n, p = max(b["sampled_episodes"], 1), b["bound_sampled"]
+        out["sampled_ok"] = b["sampled_success"] + 2 * math.sqrt(p * (1 - p) / n) + 1e-9 >= p
+    return out

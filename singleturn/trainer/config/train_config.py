@@ -1,0 +1,92 @@
+"""TrainConfig (every section) and the checks that depend on the launch."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from singleturn.trainer.config.checks import _check, _stages
+from singleturn.trainer.config.sections import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    FSDPConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+)
+from singleturn.trainer.config.stage_sections import (
+    DaggerConfig,
+    GRPOConfig,
+    LMConfig,
+    PPOConfig,
+    RolloutConfig,
+    SFTConfig,
+)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dagger: DaggerConfig = field(default_factory=DaggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.model.path and not self.data.tokenizer_path and not self.model.gguf_wheel:
+            tok = Path(self.model.path) / "tokenizer.json"
+            _check(
+                tok.is_file(),
+                f"model.path={self.model.path!r} has no tokenizer.json (set data.tokenizer_path)",
+            )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self, *, legacy: bool = False) -> str:
+        """Hash of the settings that determine the training trajectory, checked on resume: all but
+        trainer/run_dir.py's RESUME_FREE_KEYS (checkpoint cadence, eval.*, logging, run location).
+
+        Only the settings that differ from their defaults are hashed, so a key added in a later
+        version (at its default) does not orphan older checkpoints. legacy=True: the hash checkpoints
+        written before that rule carry (every setting but the sections added since, at defaults)."""
+        from singleturn.trainer.run_dir import trajectory_settings  # run_dir imports ConfigError from here
+
+        d = trajectory_settings(self.to_dict())
+        defaults = trajectory_settings(TrainConfig().to_dict())
+        if legacy:
+            d = {
+                k: v
+                for k, v in d.items()
+                if not (k.partition(".")[0] in _ADDED_SECTIONS and v == defaults[k])
+            }
+        else:
+            d = {k: v for k, v in d.items() if v != defaults.get(k)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ADDED_SECTIONS = ("dagger",)
+"""Sections added after the all-settings hash (TrainConfig.hash(legacy=True) leaves them out)."""
+
+
+def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
+    """Checks that depend on the launch; call on every rank before any work."""
+    for name in cfg.run.stages:
+        what, n = _stages()[name].global_batch(cfg)  # split evenly over ranks every step
+        _check(n % world_size == 0, f"{what}={n} is not divisible by the world size {world_size}")

@@ -1,0 +1,204 @@
+"""On-policy multi-turn episodes in the harness env workers, with what the RL losses need per turn
+(the rollouts of the multi-turn baselines, trainer/stages/ppo.py and grpo_multiturn.py).
+
+`collect_episodes` plays a list of games with the CURRENT policy, sampling (not greedy), through
+`harness.rollout.run_episodes` (the same loop `harness.evaluate` and `collect_states` drive, on an
+`EnvPool` of worker processes). Each turn records:
+  - the prompt ids: `harness.render_prompt(state)` through `model.policy.encode_prompt`, exactly the
+    single-turn format (its length policy: left-truncated to fit the context, counted),
+  - the sampled response ids (stop token included) and their sampling log-probs (the behaviour
+    policy of the PPO ratio),
+  - the parsed action (None: invalid) and whether it equals the expert's action in that env state,
+  - optionally the state feature for the critic (`trainer.value.state_features`).
+Each episode records its success (the sparse reward), steps, invalid actions and env failures.
+
+The full weights are gathered ONCE for the whole collection (`fsdp.summon_full_params`, in
+rollout.dtype) and freed on exit; no collective runs inside, so ranks may play different numbers of
+turns. Sampling seeds are a pure function of (run seed, step, rank, turn batch): reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from singleturn.trainer.data import batch_indices, prompt_messages, rank_slice
+
+
+@dataclass
+class Turn:
+    prompt: list[int]
+    response: list[int]
+    logprobs: torch.Tensor  # (len(response),) fp32 sampling log-probs (cpu)
+    action: str | None
+    """The admissible action the response named (None: invalid, the env got a no-op)."""
+    expert_match: bool | None
+    """action == the expert's action in this state (None when the expert offered none)."""
+
+
+@dataclass
+class EpisodeRollout:
+    game: str
+    task_type: str
+    won: bool
+    failed: bool
+    """Env failure (crash/hang): the episode is dropped from training."""
+    turns: list[Turn] = field(default_factory=list)
+    features: torch.Tensor | None = None
+    """(len(turns), D) fp32 critic features of each turn's state, when requested."""
+
+    @property
+    def steps(self) -> int:
+        return len(self.turns)
+
+
+@dataclass
+class CollectStats:
+    episodes: int
+    env_steps: int
+    samples: int
+    """Sampled responses (one per turn): the sample budget unit."""
+    response_tokens: int
+    prompt_tokens: int
+    truncated_prompts: int
+    seconds: float
+
+
+def _act_fn(model, tokenizer, rollout_cfg, *, history_window, system_prompt, max_prompt, seed, pending, log):
+    """The `run_episodes` act callable: sample one response per live state, record the turns."""
+    from singleturn.harness import parse_action
+    from singleturn.model.policy import encode_prompt, sample_completions
+
+    calls = [0]
+
+    def act(states: list[dict]) -> list[str | None]:
+        prompts, trunc = [], 0
+        for s in states:
+            ids, cut = encode_prompt(tokenizer, prompt_messages(s, history_window, system_prompt), max_prompt)
+            trunc += cut
+            prompts.append(ids)
+        done = sample_completions(
+            model,
+            tokenizer,
+            prompts,
+            num_samples=1,
+            max_new_tokens=rollout_cfg.max_new_tokens,
+            temperature=rollout_cfg.temperature,
+            top_p=rollout_cfg.top_p,
+            top_k=rollout_cfg.top_k,
+            seed=(seed + 7919 * calls[0]) & 0x7FFF_FFFF,
+        )
+        calls[0] += 1
+        episode_of = pending[-len(states) :]  # on_state ran once per state, in this order
+        del pending[-len(states) :]
+        actions = []
+        for i, (s, c) in enumerate(zip(states, done)):
+            action = parse_action(c.text, s["admissible"])
+            match = None if s["expert_action"] is None else action == s["expert_action"]
+            log[episode_of[i]].append(Turn(prompts[i], c.tokens, c.logprobs, action, match))
+            actions.append(action)
+        log["truncated"] += trunc
+        return actions
+
+    return act
+
+
+def collect_episodes(
+    model,
+    fsdp,
+    tokenizer,
+    games: list[str],
+    *,
+    rollout_cfg,
+    history_window: int,
+    max_steps: int,
+    max_seq_len: int,
+    system_prompt: bool = True,
+    seed: int,
+    device,
+    num_workers: int = 1,
+    batch_size: int | None = None,
+    with_features: bool = False,
+) -> tuple[list[EpisodeRollout], CollectStats]:
+    """Play `games` (one episode each, in order; repeat a game for a group) with the sampling policy.
+
+    rollout_cfg: `RolloutConfig` (temperature, top_p, top_k, max_new_tokens, dtype). Prompts are
+    left-truncated to max_seq_len - max_new_tokens. with_features: also compute each turn's critic
+    feature with the same gathered weights. Returns episodes in `games` order and the counts.
+    """
+    from singleturn.harness.rollout import run_episodes
+
+    t0 = time.perf_counter()
+    log: dict = {i: [] for i in range(len(games))}
+    log["truncated"] = 0
+    pending: list[int] = []
+    max_prompt = max_seq_len - rollout_cfg.max_new_tokens
+    from singleturn.model.policy import DTYPES
+
+    with fsdp.summon_full_params(dtype=DTYPES[rollout_cfg.dtype]), torch.no_grad():
+        act = _act_fn(
+            model,
+            tokenizer,
+            rollout_cfg,
+            history_window=history_window,
+            system_prompt=system_prompt,
+            max_prompt=max_prompt,
+            seed=seed,
+            pending=pending,
+            log=log,
+        )
+        played = run_episodes(
+            games,
+            act,
+            max_steps=max_steps,
+            num_workers=num_workers,
+            batch_size=batch_size,
+            on_state=lambda state, index: pending.append(index),
+        )
+        episodes = [
+            EpisodeRollout(game=ep.game, task_type=ep.task_type, won=ep.won, failed=ep.failed, turns=log[i])
+            for i, ep in enumerate(played)
+        ]
+        if with_features:
+            from singleturn.trainer.value import state_features
+
+            prompts = [t.prompt for ep in episodes for t in ep.turns]
+            feats = state_features(model, prompts, device=device)  # (n, D)
+            start = 0
+            for ep in episodes:
+                ep.features = feats[start : start + len(ep.turns)]
+                start += len(ep.turns)
+    turns = [t for ep in episodes for t in ep.turns]
+    stats = CollectStats(
+        episodes=len(episodes),
+        env_steps=sum(ep.steps for ep in episodes),
+        samples=len(turns),
+        response_tokens=sum(len(t.response) for t in turns),
+        prompt_tokens=sum(len(t.prompt) for t in turns),
+        truncated_prompts=log["truncated"],
+        seconds=time.perf_counter() - t0,
+    )
+    return episodes, stats
+
+
+def train_games(data_cfg) -> list[str]:
+    """The train-split game files the multi-turn stages play (the games the expert states came from)."""
+    from singleturn.harness import find_games
+
+    games = [str(g) for g in find_games(Path(data_cfg.games_dir), "train")]
+    if not games:
+        raise FileNotFoundError(f"no train games under {data_cfg.games_dir!r} for the multi-turn stages")
+    return games
+
+
+def step_games(
+    games: list[str], step_in_stage: int, *, episodes: int, group_size: int, seed: int, rank: int, world: int
+) -> list[str]:
+    """This rank's games for one rollout batch: `episodes // group_size` distinct games (a pure
+    function of the step, like the single-turn sampler), each repeated group_size times, contiguous."""
+    distinct = batch_indices(step_in_stage, episodes // group_size, len(games), seed)
+    local = rank_slice(distinct, rank, world)
+    return [games[i] for i in local for _ in range(group_size)]

@@ -1,0 +1,186 @@
+"""Multi-turn evaluation on held-out games and the run's results table.
+
+`Evaluator(label, step)` evaluates the run's current policy (or, for label "random", the
+uniform-random policy over admissible actions, the table's floor) with `harness.evaluate` on
+rank 0 and writes eval/<label>.json and eval/<label>.md; every rank must call it (the model's full
+weights are gathered collectively with `fsdp.summon_full_params`; rank 0 plays, the others wait).
+A label already evaluated (its json exists: a resumed run) is not evaluated again; one killed
+part-way resumes from eval/<label>.episodes.jsonl (its finished episodes). The policy is
+`model.policy.ModelPolicy` with the run's `PolicySpec` (decoding, constraints, dtype, prompt
+settings), the same spec `final/policy.json` carries for `python -m singleturn.harness evaluate`.
+`comparison_table` renders the table the run prints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from singleturn.trainer.dist import barrier, broadcast_object, is_main
+
+
+def policy_spec(cfg):
+    """The `model.policy.PolicySpec` the run evaluates with (and exports next to its weights)."""
+    from singleturn.model.policy import PolicySpec
+
+    return PolicySpec(
+        decoding=cfg.eval.decoding,
+        constrained=cfg.eval.constrained,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        dtype=cfg.rollout.dtype,
+        history_window=cfg.data.history_window,
+        system_prompt=cfg.data.system_prompt,
+        max_steps=cfg.eval.max_steps,
+    )
+
+
+class Evaluator:
+    """Evaluates a label once (all ranks call), logs the `[eval]` line and the metrics row."""
+
+    def __init__(self, cfg, *, games: list[str], model, fsdp, tokenizer, metrics, clock):
+        self.cfg, self.games, self.spec = cfg, games, policy_spec(cfg)
+        self.model, self.fsdp, self.tokenizer = model, fsdp, tokenizer
+        self.metrics, self.clock = metrics, clock
+        self.run_dir = cfg.run_dir
+
+    def __call__(self, label: str, step: int) -> None:
+        if not self.cfg.eval.enabled or not self.games or load_eval(self.run_dir, label) is not None:
+            return
+        t0 = time.perf_counter()
+        rep = self._random(label) if label == "random" else self._model(label)
+        dt = time.perf_counter() - t0
+        self.clock.add(f"eval/{label}", dt)
+        row = {"kind": "eval", "step": step, "label": label, "time_eval": dt}
+        keys = (
+            "success_rate",
+            "action_accuracy",
+            "mean_steps_success",
+            "invalid_action_rate",
+            "env_failures",
+        )
+        row.update({k: rep.get(k) for k in keys})
+        for task, v in (rep.get("per_task") or {}).items():
+            row[f"success/{task}"] = v["success_rate"] if isinstance(v, dict) else v
+        self.metrics.log(row)
+        if is_main():
+            print(
+                f"[eval] {label} @ step {step}: success {row['success_rate']:.3f} "
+                f"action acc {row['action_accuracy']:.3f} env failures {row['env_failures']} ({dt:.0f}s)",
+                flush=True,
+            )
+
+    def _play(self, policy, label: str, seed: int = 0):
+        from singleturn.harness.evaluate import evaluate
+
+        log = self.run_dir / "eval" / f"{label}.episodes.jsonl"  # a killed evaluation resumes from it
+        log.parent.mkdir(parents=True, exist_ok=True)
+        return evaluate(
+            policy,
+            self.games,
+            max_steps=self.spec.max_steps,
+            num_workers=self.cfg.eval.num_workers,
+            history_window=self.spec.history_window,
+            system_prompt=self.spec.system_prompt,
+            seed=seed,
+            episodes_log=log,
+        )
+
+    def _model(self, label: str) -> dict:
+        from singleturn.model.policy import DTYPES
+
+        t0 = time.perf_counter()
+        report = None
+        with self.fsdp.summon_full_params(dtype=DTYPES[self.spec.dtype]):
+            if is_main():
+                policy = self.spec.policy(self.model, self.tokenizer)
+                report = _save(self._play(policy, label), label, self.run_dir, time.perf_counter() - t0)
+            barrier()
+        return broadcast_object(report)
+
+    def _random(self, label: str) -> dict:
+        t0 = time.perf_counter()
+        report = None
+        if is_main():
+            rep = self._play("random", label, seed=self.cfg.run.seed)
+            report = _save(rep, label, self.run_dir, time.perf_counter() - t0)
+        barrier()
+        return broadcast_object(report)
+
+
+def _save(rep, label: str, run_dir: Path, seconds: float) -> dict:
+    out = Path(run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    d = rep.to_dict()
+    d["label"] = label
+    d["eval_seconds"] = round(seconds, 2)
+    (out / f"{label}.json").write_text(json.dumps(d, indent=2))
+    (out / f"{label}.md").write_text(rep.to_markdown())
+    return d
+
+
+def load_eval(run_dir: Path, label: str) -> dict | None:
+    """A previously written eval/<label>.json (resume), or None."""
+    path = Path(run_dir) / "eval" / f"{label}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _task_rates(report: dict) -> dict[str, float]:
+    out = {}
+    for task, v in (report.get("per_task") or {}).items():
+        out[task] = v["success_rate"] if isinstance(v, dict) else float(v)
+    return out
+
+
+_SHORT = {
+    "pick_and_place_simple": "pick",
+    "look_at_obj_in_light": "look",
+    "pick_clean_then_place_in_recep": "clean",
+    "pick_heat_then_place_in_recep": "heat",
+    "pick_cool_then_place_in_recep": "cool",
+    "pick_two_obj_and_place": "pick2",
+}
+
+
+def comparison_table(rows: list[tuple[str, dict]]) -> str:
+    """Markdown table: one row per (policy name, report dict)."""
+    tasks = sorted(
+        {t for _, r in rows for t in _task_rates(r)},
+        key=lambda t: list(_SHORT).index(t) if t in _SHORT else 99,
+    )
+    head = (
+        ["policy", "success"]
+        + [_SHORT.get(t, t) for t in tasks]
+        + ["action acc", "steps (expert)", "invalid", "env failures"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows:
+        rates = _task_rates(r)
+        steps = r.get("mean_steps_success")
+        expert = r.get("expert_mean_steps")
+        cells = [name, _pct(r.get("success_rate"))]
+        cells += [_pct(rates.get(t)) for t in tasks]
+        cells += [
+            _pct(r.get("action_accuracy")),
+            f"{_num(steps)} ({_num(expert)})",
+            _pct(r.get("invalid_action_rate")),
+            str(r.get("env_failures", "-")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = rows[0][1].get("episodes") if rows else None
+    if isinstance(n, list):
+        n = len(n)
+    lines.append("")
+    lines.append(
+        f"{n} held-out episodes per policy; success per task type; steps = mean steps on successes; "
+        "env failures = episodes lost to an env crash or hang (counted as not won)."
+    )
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100.0 * float(v):.1f}%"
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{float(v):.1f}"

@@ -1,0 +1,337 @@
+"""Guards of the run directory: one writer at a time, no mixing of two runs, resume only with the
+same training settings, and no orphaned torchrun worker training on after its launcher died.
+
+What each guard prevents:
+- `RunDirLock`: two processes training into one `runs/<name>/` (an orphaned worker and a new
+  `--resume` interleaving metrics.jsonl and both writing step_N/ and final/). An exclusive
+  `fcntl.flock` on `run_dir/.lock`, held while the process lives (the kernel drops it when the
+  process dies, however it dies), the file naming the holder (pid, host, start time). A lock file
+  left by a dead process is not held by anyone and is simply re-taken (with a warning naming the
+  previous holder). flock works across processes of one host and, on Linux NFS (v4, or v3 with
+  lockd), across hosts; on filesystems without lock support the lock only guards one host.
+- `exit_when_parent_dies`: killing torchrun (its agent) must not leave a worker training: on
+  Linux `prctl(PR_SET_PDEATHSIG, SIGTERM)`, elsewhere a daemon thread polling `os.getppid()`.
+- `check_resume_config`: `--resume` with settings that change the trajectory (the resumed run would
+  be neither the old run nor a new one). Compared key by key against the saved config.json, before
+  anything is written, the error lists every differing key with both values.
+- `guard_fresh_run`: a fresh run (no --resume) in a directory holding an earlier run's
+  checkpoints/final/eval/metrics, which it would silently mix with or delete.
+
+Which settings may change on resume (`RESUME_FREE_KEYS`), i.e. stay out of `TrainConfig.hash()`:
+checkpoint.every / keep_last / export_final / resume / overwrite (when and what to save, not what
+is trained: lowering keep_last after a full disk is fine), eval.* (evaluation reads the weights and
+never feeds back into training, nor draws from the training RNGs), run.plots, run.num_threads
+(CPU threads: the same math, though a CPU run's last bits may differ), run.log_every,
+run.stop_after_step (debug stop), run.max_nonfinite_steps (when to give up, not what is trained),
+run.out_dir and run.name (where the run lives, so a moved run
+directory resumes). Every other setting, including new ones by default, changes the trajectory:
+model.*, data.* (the states, tokenizer, prompt format, shuffle), optim.*, fsdp.*, every stage's
+section, rollout.*, run.seed and run.stages. Paths in model/data stay in: another path may be
+other data, and telling cheaply that two paths hold the same bytes is not possible.
+
+Run start, three calls, in this order:
+    if "LOCAL_RANK" in os.environ:      # trainer/main.py, first thing: a torchrun worker (not a
+        exit_when_parent_dies()         # plain `python`, whose parent is a shell or nohup)
+    lock = open_run_dir(cfg)            # Trainer start (trainer/train.py), every rank (collective),
+                                        # before anything writes into run_dir: lock, then
+                                        # guard_fresh_run and, with --resume, check_resume_config,
+                                        # then config.json; RunDirError (a ConfigError) on every rank
+    ...train...; if lock: lock.release()   # optional: process exit releases it too
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from singleturn.trainer.config import ConfigError
+
+__all__ = [
+    "RESUME_FREE_KEYS",
+    "RUN_ARTIFACTS",
+    "RunDirError",
+    "RunDirLock",
+    "check_resume_config",
+    "config_diff",
+    "exit_when_parent_dies",
+    "guard_fresh_run",
+    "open_run_dir",
+    "trajectory_settings",
+]
+
+log = logging.getLogger(__name__)  # warnings print even when logging is not configured
+
+RESUME_FREE_KEYS = (
+    "checkpoint.every",
+    "checkpoint.keep_last",
+    "checkpoint.export_final",
+    "checkpoint.resume",
+    "checkpoint.overwrite",
+    "eval.*",
+    "run.plots",
+    "run.num_threads",
+    "run.log_every",
+    "run.stop_after_step",
+    "run.max_nonfinite_steps",
+    "run.out_dir",
+    "run.name",
+)
+"""Settings that may differ between a run and its resume (see the module docstring for why);
+'section.*' covers a whole section."""
+
+RUN_ARTIFACTS = ("checkpoints", "final", "sft_model", "eval", "metrics.jsonl", "plots", "timings.json")
+"""What a run writes into its directory besides config.json and .lock; `--overwrite` removes these."""
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be used as asked: locked by another process, holding an earlier
+    run, or resumed with other settings. A ConfigError: the entry point prints one line, exits 2."""
+
+
+def _flatten(d: dict) -> dict:
+    """{"section": {"key": v}} -> {"section.key": v}; keys that are already flat pass through."""
+    out = {}
+    for section, values in d.items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            out[section] = values
+    return out
+
+
+def _resume_free(key: str) -> bool:
+    section = key.partition(".")[0]
+    return key in RESUME_FREE_KEYS or f"{section}.*" in RESUME_FREE_KEYS
+
+
+def trajectory_settings(config: dict) -> dict:
+    """The settings of a `TrainConfig.to_dict()` (nested or flat) that change the training
+    trajectory, as a flat {"section.key": value} dict: everything but RESUME_FREE_KEYS."""
+    return {k: v for k, v in _flatten(config).items() if not _resume_free(k)}
+
+
+_ABSENT = "<absent>"
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """'section.key: old -> new' for every key whose value differs (values as JSON; a key missing
+    on one side shows as <absent>), sorted by key. Takes nested or flat config dicts."""
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for k in sorted(a.keys() | b.keys()):
+        va, vb = a.get(k, _ABSENT), b.get(k, _ABSENT)
+        if va != vb:
+            show = [v if v is _ABSENT else json.dumps(v) for v in (va, vb)]
+            lines.append(f"{k}: {show[0]} -> {show[1]}")
+    return lines
+
+
+def _as_json(cfg) -> dict:
+    return json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists: compares like the saved file
+
+
+def check_resume_config(run_dir, cfg) -> list[str]:
+    """Compare `cfg` with `run_dir/config.json` before a resume writes anything. Raises RunDirError
+    listing every trajectory setting that differs (both values); returns the config_diff lines of
+    the allowed changes (RESUME_FREE_KEYS) for the caller to log. No config.json: nothing to
+    compare, returns [] (the checkpoint's own config hash is still checked when it loads)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise RunDirError(
+            f"--resume: {path} is unreadable ({e}); restore it or start a new run.name"
+        ) from None
+    new = _as_json(cfg)
+    # A key the saved config lacks (added in a later version) blocks only when it is not at its default.
+    defaults, new_flat, saved_flat = _flatten(_as_json(type(cfg)())), _flatten(new), _flatten(saved)
+    saved_flat.update({k: v for k, v in defaults.items() if k not in saved_flat and new_flat.get(k) == v})
+    blocking = config_diff(trajectory_settings(saved_flat), trajectory_settings(new))
+    if blocking:
+        raise RunDirError(
+            f"--resume: {run_dir} was trained with other settings that change the training trajectory: "
+            + "; ".join(blocking)
+            + f". Resume with the saved values ({path}) or start a new run.name"
+        )
+    return config_diff(saved, new)
+
+
+def guard_fresh_run(run_dir, *, resume: bool, overwrite: bool) -> list[str]:
+    """A fresh run (resume False) must not start in a directory holding an earlier run's outputs
+    (RUN_ARTIFACTS; an empty checkpoints/ does not count): RunDirError telling to pass --resume, a
+    new run.name, or --overwrite. With overwrite those outputs are deleted first. Returns the names
+    removed. Call before anything writes into run_dir (rank 0)."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other: continue the run, or delete it")
+    if resume:
+        return []
+    found = []
+    for name in RUN_ARTIFACTS:
+        p = run_dir / name
+        if p.is_dir() and name == "checkpoints" and not any(p.iterdir()):
+            continue
+        if p.exists():
+            found.append(name)
+    if found and not overwrite:
+        raise RunDirError(
+            f"{run_dir} already holds a run ({', '.join(found)}): pass --resume to continue it, set a new "
+            f"run.name, or pass --overwrite to delete {', '.join(found)} and start over"
+        )
+    for name in found:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return found
+
+
+def _describe(holder: dict) -> str:
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (started {holder.get('started', '?')})"
+
+
+class RunDirLock:
+    """Exclusive lock on `run_dir/.lock` (fcntl.flock), held until `release()` or process exit.
+
+    `acquire()` creates run_dir if needed, raises RunDirError naming the holder when another process
+    holds the lock, and re-takes (with a warning) a lock file whose process is gone. flock belongs
+    to the open file description: a forked child shares it (it keeps the lock while it lives), a
+    second `open` of the file, in this process or another, does not.
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> RunDirLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunDirError(
+                f"run directory {self.run_dir} is in use by {_describe(holder)}: another process is "
+                f"training into it. Stop that process, or set another run.name"
+            ) from None
+        previous = _read_holder(fd)
+        if previous:
+            log.warning(f"{self.path}: re-taking a stale lock; its holder, {_describe(previous)}, is gone")
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Unlock (the file stays: deleting it would let a third process lock a fresh inode while a
+        second one still waits on the old one)."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return holder if isinstance(holder, dict) else {}
+    except ValueError:  # empty or half-written by a holder that died mid-write
+        return {}
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_when_parent_dies(sig: int = signal.SIGTERM, poll_s: float = 1.0) -> str:
+    """Send this process `sig` when its parent dies (call first thing in a torchrun worker: when the
+    agent is killed, even by SIGKILL, the worker stops instead of training on as an orphan).
+
+    Linux: prctl(PR_SET_PDEATHSIG), delivered by the kernel at once. PDEATHSIG fires when the
+    parent *thread* that forked us exits; torchrun forks its workers from the agent's main thread.
+    Elsewhere (or if prctl fails): a daemon thread checks os.getppid() every `poll_s` seconds.
+    Returns the mechanism used: "prctl" or "poll".
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols include libc's
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os.kill(os.getpid(), sig)
+            return "prctl"
+    _watch_parent(parent, sig, poll_s)
+    return "poll"
+
+
+def _watch_parent(parent: int, sig: int, poll_s: float) -> threading.Thread:
+    """The portable fallback: a daemon thread that sends `sig` to this process once it has been
+    re-parented (its parent, `parent`, died)."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), sig)
+
+    t = threading.Thread(target=watch, name="exit-when-parent-dies", daemon=True)
+    t.start()
+    return t
+
+
+def open_run_dir(cfg) -> RunDirLock | None:
+    """Take the run directory for `cfg` (collective: every rank calls it; rank 0 does the work):
+    lock it, then with --resume check_resume_config (allowed changes printed), else
+    guard_fresh_run(overwrite=cfg.checkpoint.overwrite), then write config.json. Raises RunDirError
+    with rank 0's message on every rank; returns the held lock on rank 0, None on the others."""
+    from singleturn.trainer.dist import (  # imports torch: only where a collective runs
+        broadcast_object,
+        is_main,
+    )
+
+    lock, error = None, None
+    if is_main():
+        run_dir = cfg.run_dir
+        try:
+            lock = RunDirLock(run_dir).acquire()
+            resume, overwrite = cfg.checkpoint.resume, cfg.checkpoint.overwrite
+            for name in guard_fresh_run(run_dir, resume=resume, overwrite=overwrite):
+                print(f"[run] --overwrite: removed {run_dir / name}", flush=True)
+            if resume:
+                for line in check_resume_config(run_dir, cfg):
+                    print(f"[resume] allowed change: {line}", flush=True)
+            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        except (ConfigError, OSError) as e:  # OSError: e.g. run.out_dir not writable
+            error = str(e)
+            if lock is not None:
+                lock.release()
+    error = broadcast_object(error)
+    if error is not None:
+        raise RunDirError(error)
+    return lock

@@ -1,0 +1,177 @@
+"""The `sft` stage: supervised fine-tuning on expert actions, cross-entropy over the action tokens
+(+ the end-of-turn token) only.
+
+One optimizer step = a global batch of states split evenly over ranks and into micro-batches.
+For each micro-batch the model runs `hidden` over prompt+action, the hidden states at the positions
+that predict action tokens are gathered (`h[rows, cols]`, N x D), and `kernels.token_logprobs` fuses
+the LM head with the log-softmax so no [N, V] (let alone [B, T, V]) logits exist. The loss is the
+summed negative log-likelihood divided by the GLOBAL number of action tokens (all-reduced before the
+first micro-batch), and the FSDP gradients are summed over ranks: so the step equals one big batch
+on one device, for any world size and micro-batch split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from singleturn.trainer.data import PACK_PAD, Example, batch_indices, chunks, pack_completions, rank_slice
+from singleturn.trainer.dist import all_reduce_max, all_reduce_sum, all_reduce_sums
+from singleturn.trainer.stages import Stage, StageContext, register
+
+
+def action_logprobs(model, head, packed) -> torch.Tensor:
+    """logp[N] fp32 of packed.targets under the model (differentiable): hidden -> gather -> fused head.
+
+    packed: padded rows (trainer.data.PackedBatch) or packed rows with positions and a mask
+    (model.masks.PackedRows)."""
+    from singleturn.kernels.token_logprobs import token_logprobs
+    from singleturn.trainer.policy_loss import _hidden
+
+    h = _hidden(model, packed)  # (B, T, D)
+    h_N = h[packed.rows, packed.cols]  # (N, D)
+    return token_logprobs(h_N, head(), packed.targets)  # (N,) fp32
+
+
+def _micro_batches(examples: list[Example], *, micro_batch_size, packing, max_tokens, row_len, device):
+    """[(packed inputs, index of the micro-batch's first example)]: padded chunks of micro_batch_size
+    examples, or (packing) block-diagonal causal rows of at most row_len tokens, max_tokens per
+    micro-batch (model.masks: every example exactly once, in order, no padding between them)."""
+    if not packing:
+        out = []
+        for k, mb in enumerate(chunks(examples, micro_batch_size)):
+            packed = pack_completions([e.prompt_ids for e in mb], [e.target_ids for e in mb], device=device)
+            out.append((packed, k * micro_batch_size))
+        return out
+    from singleturn.model.masks import build_packed_causal_batch
+
+    pairs = [(e.prompt_ids, e.target_ids) for e in examples]
+    batches = build_packed_causal_batch(
+        pairs, max_tokens=max_tokens, row_len=row_len, pad_id=PACK_PAD, device=device
+    )
+    return [(p, 0) for p in batches]  # seq is already the example's index in `examples`
+
+
+def sft_forward_backward(
+    model,
+    head,
+    examples: list[Example],
+    *,
+    micro_batch_size: int = 16,
+    device,
+    packing: bool = False,
+    max_tokens: int = 8192,
+    row_len: int | None = None,
+    autocast=None,
+) -> dict[str, float]:
+    """Accumulate this rank's gradients for one SFT step; returns globally reduced statistics.
+
+    `head()` returns the (gathered) LM head weight [V, D] valid outside a module forward. Ranks run
+    the same number of forward/backward passes (FSDP): a rank with fewer micro-batches repeats its
+    first one with weight 0 (exactly zero gradient). Statistics: loss (mean NLL per action token),
+    action_prob (mean probability of the whole expert action under the model at T=1), num_tokens
+    (global), nonfinite (micro-batches with a NaN/inf loss).
+    """
+    local_tokens = sum(len(e.target_ids) for e in examples)
+    global_tokens = all_reduce_sum(float(local_tokens))  # host sync: the normalizer must be known up front
+    mbs = _micro_batches(
+        examples, micro_batch_size=micro_batch_size, packing=packing, max_tokens=max_tokens,
+        row_len=row_len, device=device,
+    )  # fmt: skip
+    weights = [1.0] * len(mbs)
+    n = all_reduce_max(len(mbs))
+    mbs += [mbs[0]] * (n - len(mbs))
+    weights += [0.0] * (n - len(weights))
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    seq_logp = torch.zeros(len(examples), dtype=torch.float64)  # (n_examples,) summed action log-probs
+    nonfinite = 0
+    for (packed, first), weight in zip(mbs, weights):
+        with autocast() if autocast else contextlib.nullcontext():
+            logp_N = action_logprobs(model, head, packed)  # (N,)
+        loss = -logp_N.sum() * weight / global_tokens
+        loss.backward()
+        if not weight:
+            continue
+        d = loss.detach()
+        if not torch.isfinite(d):
+            nonfinite += 1
+        loss_sum += d.double().cpu()
+        seq_logp.index_add_(0, packed.seq.cpu() + first, logp_N.detach().double().cpu())
+    stats = all_reduce_sums(
+        {
+            "loss": float(loss_sum),
+            "prob": float(seq_logp.exp().sum()),
+            "nonfinite": nonfinite,
+            "n": len(examples),
+        }
+    )
+    return {
+        "loss": stats["loss"],
+        "action_prob": stats["prob"] / max(stats["n"], 1.0),
+        "num_tokens": int(global_tokens),
+        "nonfinite": int(stats["nonfinite"]),
+    }
+
+
+def local_examples(ctx: StageContext, i: int, batch_size: int) -> list[Example]:
+    """This rank's share of global batch i (a pure function of the step: resume needs no state)."""
+    idx = batch_indices(i, batch_size, len(ctx.examples), ctx.cfg.data.seed)
+    return [ctx.examples[j] for j in rank_slice(idx, ctx.info.rank, ctx.info.world_size)]
+
+
+@register
+class SFTStage(Stage):
+    """One step = one global batch of expert states, loss on the expert action + end-of-turn."""
+
+    name = section = "sft"
+    label = "SFT"
+    method = "SFT"
+    kind = "supervised"
+    log_keys = ("loss", "action_prob", "grad_norm", "tokens_per_s")
+    plot_keys = {"loss": "loss", "accuracy": "action_prob"}
+
+    def examples(self, ctx: StageContext, i: int) -> list[Example]:
+        return local_examples(ctx, i, getattr(ctx.cfg, self.section).batch_size)
+
+    def step(self, ctx: StageContext, i: int) -> dict:
+        t0 = time.perf_counter()
+        local = self.examples(ctx, i)
+        sec = getattr(ctx.cfg, self.section)
+        stats = sft_forward_backward(
+            ctx.model,
+            lambda: ctx.head,
+            local,
+            micro_batch_size=sec.micro_batch_size,
+            packing=sec.packing,
+            max_tokens=sec.max_tokens_per_micro_batch,
+            row_len=ctx.cfg.data.max_seq_len,
+            device=ctx.info.device,
+            autocast=ctx.autocast,
+        )
+        self.postprocess(stats)
+        lr = self.lr(ctx, i)
+        norm, ok = ctx.apply_update(lr, stats["nonfinite"])
+        dt = time.perf_counter() - t0
+        tokens = all_reduce_sum(float(sum(len(e.prompt_ids) + len(e.target_ids) for e in local)))
+        return {
+            **stats,
+            "grad_norm": norm,
+            "lr": lr,
+            "skipped": not ok,
+            "tokens_per_s": tokens / dt / ctx.info.world_size,
+            "time_train": dt,
+        }
+
+    def postprocess(self, stats: dict) -> None:
+        """Stage-specific edits of the statistics row (the lm stage drops action_prob)."""
+
+    @classmethod
+    def finish(cls, ctx: StageContext) -> None:
+        """Export the SFT weights when a later stage needs them as its frozen reference."""
+        from singleturn.trainer.stages import STAGES
+
+        later = ctx.cfg.run.stages[ctx.cfg.run.stages.index(cls.name) + 1 :]
+        if any(STAGES[s].needs_reference(ctx.cfg) for s in later):
+            ctx.export_once(ctx.reference_dir)

