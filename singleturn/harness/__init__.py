@@ -19,6 +19,8 @@ _EXPORTS = {
     "GenConfig": "games",
     "find_games": "games",
     "generate_games": "games",
+    "generation_dir": "games",
+    "GenerationError": "games",
     "versions": "games",
     "parse_action": "prompts",
     "render_prompt": "prompts",

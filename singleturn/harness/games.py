@@ -13,6 +13,12 @@ Every game is played by the (patched, seeded) handcoded expert at generation tim
 not win within `max_expert_steps` is regenerated with the next attempt's seed (counted in the
 manifest). Deterministic for (split, seed, index): re-running with the same arguments over an
 existing directory reuses the games listed in its `manifest.json`.
+
+Generated directories are shared (several runs read `data/games`), so a generation never rewrites
+or deletes games in place: it is written under a temporary name next to `out_dir` and renamed to
+`out_dir` when complete (a reader sees all of it or nothing), and a directory holding another
+generation is refused, never replaced. The trainer keys its directories by the arguments
+(`generation_dir`), so runs with different settings get different directories.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -68,6 +75,11 @@ class GenConfig:
     max_distractors: int = 10  # objects besides the targets (the planner slows with many)
     max_expert_steps: int = 50  # the handcoded expert must win within this many steps
     max_attempts: int = 20  # per game index, before giving up loudly
+
+
+class GenerationError(RuntimeError):
+    """A generation that cannot be done or reused as asked (the expert wins no instance of a game,
+    or `out_dir` holds something other than this generation); the message says what to change."""
 
 
 # --------------------------------------------------------------------------- PDDL text
@@ -307,7 +319,7 @@ def _generate_one(args) -> tuple[str, int, dict]:
         shutil.rmtree(path.parent)
         if not any(path.parent.parent.iterdir()):
             path.parent.parent.rmdir()
-    raise RuntimeError(
+    raise GenerationError(
         f"game {split}/{seed}/{index} ({task_type}): the handcoded expert won none of {cfg.max_attempts} "
         f"instances within max_expert_steps={cfg.max_expert_steps} (the trainer passes eval.max_steps "
         "for held-out games: raise it)"
@@ -315,6 +327,67 @@ def _generate_one(args) -> tuple[str, int, dict]:
 
 
 # --------------------------------------------------------------------------- public API
+def _generation_args(split: str, num_games: int, seed: int, task_types, cfg: GenConfig) -> dict:
+    return {
+        "split": split,
+        "num_games": num_games,
+        "seed": seed,
+        "task_types": list(task_types),
+        "config": cfg.__dict__,
+        "version": GENERATOR_VERSION,
+    }
+
+
+def generation_dir(
+    root: str | Path, split: str, num_games: int, seed: int, task_types=None, config: GenConfig | None = None
+) -> Path:
+    """`root/<split>/n<num_games>-s<seed>-<hash of every generation argument>`: the directory a
+    shared games root keeps this generation in, so generations with other arguments (another
+    eval_games or max_expert_steps) live side by side instead of replacing each other."""
+    args = _generation_args(split, num_games, seed, tuple(task_types or TASK_TYPES), config or GenConfig())
+    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(root) / split / f"n{num_games}-s{seed}-{digest}"
+
+
+def _reuse(out_dir: Path, args: dict) -> list[Path] | None:
+    """The games of a finished generation in `out_dir` made with `args`; None when `out_dir` is
+    absent or empty; GenerationError when it holds anything else (never deleted: another run may
+    be reading it)."""
+    manifest_path = out_dir / "manifest.json"
+    if not manifest_path.exists():
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            raise GenerationError(
+                f"{out_dir} holds files but no manifest.json (not a finished generation): "
+                "generate into another directory, or delete it if no run uses it"
+            )
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        games, old_args = manifest["games"], manifest["args"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GenerationError(
+            f"{manifest_path} is unreadable ({e}): delete {out_dir} to regenerate"
+        ) from None
+    if old_args != args:
+        diff = "; ".join(
+            f"{k}: {json.dumps(old_args.get(k))} -> {json.dumps(args[k])}"
+            for k in args
+            if old_args.get(k) != args[k]
+        )
+        raise GenerationError(
+            f"{out_dir} holds games generated with other arguments ({diff}): generate into another "
+            "directory (the trainer keys its directories by these arguments), or delete it if no run uses it"
+        )
+    paths = [out_dir / p for p in games]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise GenerationError(
+            f"{len(missing)} of the {len(paths)} games listed in {manifest_path} are missing "
+            f"(first: {missing[0]}): delete {out_dir} to regenerate"
+        )
+    return paths
+
+
 def generate_games(
     out_dir: str | Path,
     split: str,
@@ -330,7 +403,10 @@ def generate_games(
     Task types are assigned round-robin (balanced). Deterministic in (split, seed, index);
     `out_dir/manifest.json` records the arguments, and a re-run with the same arguments returns the
     existing games without regenerating them. Unsolvable draws are counted in the manifest
-    (`regenerated`).
+    (`regenerated`). Atomic: the games and manifest are written to a temporary directory beside
+    `out_dir` and renamed to it once complete; a failed generation leaves nothing. Raises
+    GenerationError, deleting nothing, when `out_dir` holds another generation (see `generation_dir`)
+    or the expert wins no instance of some game within `config.max_expert_steps`.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -340,27 +416,34 @@ def generate_games(
         raise ValueError(f"unknown task types {bad}; known: {TASK_TYPES}")
     cfg = config or GenConfig()
     out_dir = Path(out_dir)
-    args = {
-        "split": split,
-        "num_games": num_games,
-        "seed": seed,
-        "task_types": list(task_types),
-        "config": cfg.__dict__,
-        "version": GENERATOR_VERSION,
-    }
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        paths = [out_dir / p for p in manifest["games"]]
-        if manifest["args"] == args and all(p.exists() for p in paths):
+    args = _generation_args(split, num_games, seed, task_types, cfg)
+    if (paths := _reuse(out_dir, args)) is not None:
+        return paths
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")  # ours alone
+    tmp.mkdir()
+    try:
+        manifest = _generate_into(tmp, args, task_types, cfg, num_workers)
+        try:
+            os.rename(tmp, out_dir)  # the commit point; replaces only an absent or empty out_dir
+        except OSError:
+            # Another process finished the same generation first (or put something else there).
+            if (paths := _reuse(out_dir, args)) is None:
+                raise
+            shutil.rmtree(tmp)
             return paths
-        for p in paths:  # different arguments: replace the previous generation
-            if p.parent.exists():
-                shutil.rmtree(p.parent)
-            if p.parent.parent.exists() and not any(p.parent.parent.iterdir()):
-                p.parent.parent.rmdir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out_dir), split, seed, i, task_types[i % len(task_types)], cfg) for i in range(num_games)]
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out_dir / p for p in manifest["games"]]
+
+
+def _generate_into(out_dir: Path, args: dict, task_types: tuple, cfg: GenConfig, num_workers: int) -> dict:
+    """Generate every game of `args` into `out_dir` (a fresh directory) and write its manifest."""
+    split, seed = args["split"], args["seed"]
+    jobs = [
+        (str(out_dir), split, seed, i, task_types[i % len(task_types)], cfg) for i in range(args["num_games"])
+    ]
     t0 = time.perf_counter()
     if num_workers > 1:
         with ProcessPoolExecutor(num_workers) as pool:
@@ -374,8 +457,8 @@ def generate_games(
         "seconds": round(time.perf_counter() - t0, 2),
         "versions": versions(),
     }
-    manifest_path.write_text(json.dumps(manifest, indent=1))
-    return [out_dir / r[0] for r in results]
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
 
 
 def find_games(root: str | Path, split: str | None = None) -> list[Path]:

@@ -185,10 +185,14 @@ def collect_episodes(
 
 
 def train_games(data_cfg) -> list[str]:
-    """The train-split game files the multi-turn stages play (the games the expert states came from)."""
-    from singleturn.harness import find_games
+    """The train-split game files the multi-turn stages play (the games the expert states came from):
+    this run's own generation (`harness.generation_dir`) when the trainer generated it, else every
+    train game under data.games_dir (games given with data.states_path, or the official layout)."""
+    from singleturn.harness import find_games, generation_dir
 
-    games = [str(g) for g in find_games(Path(data_cfg.games_dir), "train")]
+    own = generation_dir(data_cfg.games_dir, "train", data_cfg.train_games, data_cfg.games_seed)
+    root = own if (own / "manifest.json").is_file() else Path(data_cfg.games_dir)  # not another run's
+    games = [str(g) for g in find_games(root, "train")]
     if not games:
         raise FileNotFoundError(f"no train games under {data_cfg.games_dir!r} for the multi-turn stages")
     return games

@@ -1,13 +1,18 @@
 """What a run prepares before training: games -> expert states -> tokenizer, and the model.
 
 Default (from-scratch) run, everything cached under data.games_dir and reused when present:
-1. `harness.generate_games` for the train split and the held-out eval splits;
+1. `harness.generate_games` for the train split and the held-out eval splits, each in the directory
+   keyed by its generation arguments (`harness.generation_dir`): runs sharing data.games_dir with
+   other eval_games or eval.max_steps read their own games and never touch each other's;
 2. `harness.collect_states` over the train games (the expert's states, one JSONL row per step);
 3. `model.train_tokenizer` (byte-level BPE with the LLaMA-3 specials) on the rendered prompts and
    expert actions, so domain words compress to few tokens and prompts stay short;
 4. a LLaMA built from the model section's sizes (or an HF checkpoint from model.path).
 Only rank 0 generates/collects/trains the tokenizer; the other ranks wait at a barrier and read the
-files (paths broadcast), so every rank sees identical data.
+files (paths broadcast), so every rank sees identical data. Every cached file is written under a
+name of its own (pid) and renamed into place: concurrent runs never see or clobber a partial one.
+A generation that cannot be done (`harness.GenerationError`, e.g. the expert wins no instance of a
+game within eval.max_steps) is a ConfigError on every rank.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from singleturn.trainer.config import ConfigError
 from singleturn.trainer.data import prompt_messages
 from singleturn.trainer.dist import barrier, broadcast_object, is_main
 
@@ -51,42 +57,64 @@ def prepare_data(
     Eval games are drawn so that the handcoded expert wins each within `eval_max_steps` (the episode
     limit): every held-out game is winnable within the evaluation's step budget.
     """
-    result = None
+    if data_cfg.states_path and not need_eval_games:  # nothing to generate: ALFWorld is not needed
+        GenerationError = ()  # noqa: N806 - `except ()` catches nothing
+    else:
+        from singleturn.harness import GenerationError
+
+    result, error = None, None
     if is_main():
-        result = _prepare_on_main(
-            data_cfg, model_path=model_path, need_eval_games=need_eval_games, eval_max_steps=eval_max_steps
-        )
+        try:
+            result = _prepare_on_main(
+                data_cfg,
+                model_path=model_path,
+                need_eval_games=need_eval_games,
+                eval_max_steps=eval_max_steps,
+            )
+        except GenerationError as e:
+            error = str(e)
     barrier()
-    return broadcast_object(result)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise ConfigError(f"data: {error}")
+    return result
 
 
 def _prepare_on_main(
     data_cfg, *, model_path: str, need_eval_games: bool, eval_max_steps: int
 ) -> DataArtifacts:
-    from singleturn import harness
-    from singleturn.harness.games import GenConfig
+    from singleturn import harness  # lazy: games and play import ALFWorld, states files do not
 
     timings: dict[str, float] = {}
     root = Path(data_cfg.games_dir)
     if data_cfg.states_path:
         states_path = Path(data_cfg.states_path)
     else:
+        from singleturn.harness.games import generation_dir
+
         train_games = _timed(
             timings,
             "generate_train_games",
             lambda: harness.generate_games(
-                root / "train", "train", data_cfg.train_games, data_cfg.games_seed, num_workers=_WORKERS
+                generation_dir(root, "train", data_cfg.train_games, data_cfg.games_seed),
+                "train",
+                data_cfg.train_games,
+                data_cfg.games_seed,
+                num_workers=_WORKERS,
             ),
         )
         states_path = root / f"states-train-n{data_cfg.train_games}-s{data_cfg.games_seed}.jsonl"
         if not states_path.exists():
-            tmp = states_path.with_suffix(".tmp")
-            n = _timed(
-                timings,
-                "collect_states",
-                lambda: harness.collect_states(train_games, tmp, num_workers=_WORKERS),
-            )
-            tmp.rename(states_path)  # atomic: a killed collection never leaves a partial states file
+            tmp = _private_tmp(states_path)
+            try:
+                n = _timed(
+                    timings,
+                    "collect_states",
+                    lambda: harness.collect_states(train_games, tmp, num_workers=_WORKERS),
+                )
+                os.replace(tmp, states_path)  # atomic: nobody sees a partial states file
+            finally:
+                tmp.unlink(missing_ok=True)
             print(
                 f"[data] collected {n} expert states from {len(train_games)} games -> {states_path}",
                 flush=True,
@@ -95,17 +123,17 @@ def _prepare_on_main(
             timings["collect_states"] = 0.0
     eval_games: dict[str, list[str]] = {}
     if need_eval_games:
+        from singleturn.harness.games import GenConfig, generation_dir
+
+        gen_cfg = GenConfig(max_expert_steps=eval_max_steps)
+        seed = data_cfg.games_seed + 1
         for split in data_cfg.eval_splits:
+            out = generation_dir(root, split, data_cfg.eval_games, seed, config=gen_cfg)
             games = _timed(
                 timings,
                 f"generate_{split}_games",
-                lambda split=split: harness.generate_games(
-                    root / split,
-                    split,
-                    data_cfg.eval_games,
-                    data_cfg.games_seed + 1,
-                    num_workers=_WORKERS,
-                    config=GenConfig(max_expert_steps=eval_max_steps),
+                lambda split=split, out=out: harness.generate_games(
+                    out, split, data_cfg.eval_games, seed, num_workers=_WORKERS, config=gen_cfg
                 ),
             )
             eval_games[split] = [str(g) for g in games]
@@ -139,10 +167,19 @@ def _train_tokenizer(states_path: Path, data_cfg, root: Path) -> Path:
         texts.append(state["expert_action"])
     tok = train_tokenizer(texts, data_cfg.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tok.save(str(tmp))
-    tmp.rename(path)
+    tmp = _private_tmp(path)
+    try:
+        tok.save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _private_tmp(path: Path) -> Path:
+    """A temporary name beside `path` that no other process uses (two runs sharing data.games_dir
+    may build the same file at once: each writes its own, the last rename wins, both are whole)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def load_tokenizer(path: str):

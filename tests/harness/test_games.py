@@ -7,7 +7,7 @@ import pytest
 
 from singleturn.harness import TASK_TYPES, find_games, generate_games
 from singleturn.harness.env import AlfredGame
-from singleturn.harness.games import play_expert
+from singleturn.harness.games import GenConfig, GenerationError, generation_dir, play_expert
 from singleturn.harness.scenes import (
     SPLIT_FLOORPLANS,
     TRAIN_FLOORPLANS,
@@ -104,9 +104,63 @@ def test_same_seed_same_games_and_reuse(tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in a]
     again = generate_games(tmp_path / "a", "valid_seen", 2, seed=7, task_types=TASK_TYPES[:2])
     assert again == a and [p.stat().st_mtime_ns for p in a] == mtimes
-    # A different seed gives different instances, and replaces the old generation in that folder.
-    c = generate_games(tmp_path / "a", "valid_seen", 2, seed=8, task_types=TASK_TYPES[:2])
-    assert c != a and sorted(find_games(tmp_path / "a")) == sorted(c)
+    # Another seed in the same folder is refused, and deletes nothing: another run may read those games.
+    with pytest.raises(GenerationError, match=r"other arguments \(seed: 7 -> 8\)"):
+        generate_games(tmp_path / "a", "valid_seen", 2, seed=8, task_types=TASK_TYPES[:2])
+    assert sorted(find_games(tmp_path / "a")) == sorted(a) and [p.stat().st_mtime_ns for p in a] == mtimes
+    c = generate_games(tmp_path / "c", "valid_seen", 2, seed=8, task_types=TASK_TYPES[:2])
+    assert [p.read_bytes() for p in c] != [p.read_bytes() for p in a]
+
+
+def test_generation_dir_keys_every_argument(tmp_path):
+    same = generation_dir(tmp_path, "valid_seen", 12, 1, config=GenConfig(max_expert_steps=30))
+    assert same == generation_dir(tmp_path, "valid_seen", 12, 1, TASK_TYPES, GenConfig(max_expert_steps=30))
+    assert same.parent == tmp_path / "valid_seen" and same.name.startswith("n12-s1-")
+    others = [
+        generation_dir(tmp_path, "valid_seen", 3, 1, config=GenConfig(max_expert_steps=30)),
+        generation_dir(tmp_path, "valid_seen", 12, 2, config=GenConfig(max_expert_steps=30)),
+        generation_dir(tmp_path, "valid_seen", 12, 1, config=GenConfig(max_expert_steps=50)),
+        generation_dir(tmp_path, "valid_seen", 12, 1, TASK_TYPES[:2], GenConfig(max_expert_steps=30)),
+        generation_dir(tmp_path, "valid_unseen", 12, 1, config=GenConfig(max_expert_steps=30)),
+    ]
+    assert len({same, *others}) == 6
+
+
+def test_a_failed_generation_leaves_nothing(tmp_path):
+    """The expert cannot win in 1 step: no games, no manifest, no temporary directory stay behind."""
+    with pytest.raises(GenerationError, match="max_expert_steps=1"):
+        generate_games(tmp_path / "g", "valid_seen", 1, seed=7, task_types=TASK_TYPES[:1],
+                       config=GenConfig(max_expert_steps=1, max_attempts=2))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_concurrent_generation_that_finished_first_is_reused(tmp_path, monkeypatch):
+    """Two runs generate the same directory at once: the loser's rename fails, it drops its own
+    copy and returns the winner's games; neither rewrites a game the other returned."""
+    from singleturn.harness import games as games_mod
+
+    out, generate_into = tmp_path / "g", games_mod._generate_into
+    winner = {}
+
+    def race(tmp, *args):
+        manifest = generate_into(tmp, *args)
+        out.mkdir()
+        winner["manifest"] = generate_into(out, *args)  # the other run renames first
+        winner["mtimes"] = [p.stat().st_mtime_ns for p in out.rglob("game.tw-pddl")]
+        return manifest
+
+    monkeypatch.setattr(games_mod, "_generate_into", race)
+    paths = generate_games(out, "valid_seen", 1, seed=7, task_types=TASK_TYPES[:1])
+    assert paths == [out / g for g in winner["manifest"]["games"]]
+    assert [p.stat().st_mtime_ns for p in out.rglob("game.tw-pddl")] == winner["mtimes"]
+    assert [p.name for p in tmp_path.iterdir()] == ["g"], "the loser's temporary copy is left behind"
+
+
+def test_a_directory_without_a_manifest_is_refused_not_deleted(tmp_path):
+    (tmp_path / "g" / "mine").mkdir(parents=True)
+    with pytest.raises(GenerationError, match="no manifest.json"):
+        generate_games(tmp_path / "g", "valid_seen", 1, seed=7, task_types=TASK_TYPES[:1])
+    assert (tmp_path / "g" / "mine").is_dir()
 
 
 def test_find_games_accepts_official_layout(tmp_path, train_games):

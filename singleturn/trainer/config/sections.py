@@ -65,7 +65,8 @@ class DataConfig:
     """Expert states JSONL (harness.collect_states). Empty: generate games and collect states
     under games_dir (reused when present)."""
     games_dir: str = "data/games"
-    """Root of generated games: <games_dir>/<split>/... (reused when present)."""
+    """Root of generated games: <games_dir>/<split>/n<games>-s<seed>-<hash>/..., one directory per
+    set of generation arguments (reused when present, shareable between runs)."""
     train_games: int = 60
     """Games generated for the train split (states for SFT/GRPO)."""
     eval_games: int = 12
