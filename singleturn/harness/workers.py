@@ -9,6 +9,11 @@ Failures are never silent: a worker that raises, dies, or misses its deadline
 (`step_timeout` seconds per env in the call) is killed and restarted, and every slot it held gets
 a `StepResult(failed=True, error=...)`; callers record those episodes as env failures.
 
+Workers die with the process that started them (`parent_death.exit_when_parent_dies`, SIGKILL: a
+worker busy in a step, or stopped, still goes) and never hold the run directory's lock (the trainer's
+`RunDirLock` closes its descriptor in every forked child): a killed trainer leaves no worker behind
+that keeps the run locked.
+
 Usage (the multi-turn PPO baseline can drive this directly):
 
     with EnvPool(games, num_workers=2, expert="handcoded") as pool:
@@ -21,13 +26,16 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import time
 from pathlib import Path
 
 from singleturn.harness.env import AlfredGame, StepResult
+from singleturn.harness.parent_death import exit_when_parent_dies
 
 
-def _worker_main(conn, expert: str, patch_expert: bool) -> None:
+def _worker_main(conn, expert: str, patch_expert: bool, parent: int) -> None:
+    exit_when_parent_dies(signal.SIGKILL, parent=parent)  # first: an orphan must not live on
     games: dict[int, AlfredGame] = {}
     while True:
         try:
@@ -68,7 +76,8 @@ def _failure(error: str, game: str = "") -> StepResult:
 class _Worker:
     def __init__(self, ctx, expert: str, patch_expert: bool):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, expert, patch_expert), daemon=True)
+        args = (child, expert, patch_expert, os.getpid())
+        self.proc = ctx.Process(target=_worker_main, args=args, daemon=True)
         self.proc.start()
         child.close()
 

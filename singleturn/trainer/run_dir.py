@@ -9,8 +9,12 @@ What each guard prevents:
   left by a dead process is not held by anyone and is simply re-taken (with a warning naming the
   previous holder). flock works across processes of one host and, on Linux NFS (v4, or v3 with
   lockd), across hosts; on filesystems without lock support the lock only guards one host.
-- `exit_when_parent_dies`: killing torchrun (its agent) must not leave a worker training: on
-  Linux `prctl(PR_SET_PDEATHSIG, SIGTERM)`, elsewhere a daemon thread polling `os.getppid()`.
+- `exit_when_parent_dies` (harness/parent_death.py): killing torchrun (its agent) must not leave a
+  worker training: on Linux `prctl(PR_SET_PDEATHSIG, SIGTERM)`, elsewhere a daemon thread polling
+  `os.getppid()`. Env workers use the same call (SIGKILL) to die with the trainer.
+- Forked children never hold the lock: `fork` duplicates the lock's file descriptor, and a child
+  that outlived a killed trainer (an env worker, a generation process) would keep the run locked
+  by a dead pid; a fork hook closes the descriptor in every child (the parent keeps the lock).
 - `check_resume_config`: `--resume` with settings that change the trajectory (the resumed run would
   be neither the old run nor a new one). Compared key by key against the saved config.json, before
   anything is written, the error lists every differing key with both values.
@@ -41,20 +45,16 @@ Run start, three calls, in this order:
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import fcntl
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
-import sys
-import threading
-import time
 from pathlib import Path
 
+from singleturn.harness.parent_death import exit_when_parent_dies
 from singleturn.trainer.config import ConfigError
 
 __all__ = [
@@ -211,8 +211,10 @@ class RunDirLock:
 
     `acquire()` creates run_dir if needed, raises RunDirError naming the holder when another process
     holds the lock, and re-takes (with a warning) a lock file whose process is gone. flock belongs
-    to the open file description: a forked child shares it (it keeps the lock while it lives), a
-    second `open` of the file, in this process or another, does not.
+    to the open file description, which a forked child would share (keeping the lock while it
+    lives): a fork hook closes the child's copy (`_close_in_child`; closing does not unlock, the
+    parent's copy still holds it). A second `open` of the file, in this process or another, does
+    not share it. The descriptor is also close-on-exec (os.open's default).
     """
 
     def __init__(self, run_dir):
@@ -243,6 +245,7 @@ class RunDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         self._fd = fd
+        _HELD.add(self)
         return self
 
     def release(self) -> None:
@@ -252,6 +255,7 @@ class RunDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+        _HELD.discard(self)
 
     def __enter__(self) -> RunDirLock:
         return self.acquire()
@@ -260,49 +264,28 @@ class RunDirLock:
         self.release()
 
 
+_HELD: set[RunDirLock] = set()  # the locks this process holds (held until released or exit)
+
+
+def _close_in_child() -> None:
+    """After fork, in the child: close its copies of the held lock descriptors (never LOCK_UN,
+    which would unlock the parent's too) and forget them, so the child neither holds nor releases."""
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            os.close(lock._fd)
+            lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
 def _read_holder(fd: int) -> dict:
     try:
         holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
         return holder if isinstance(holder, dict) else {}
     except ValueError:  # empty or half-written by a holder that died mid-write
         return {}
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def exit_when_parent_dies(sig: int = signal.SIGTERM, poll_s: float = 1.0) -> str:
-    """Send this process `sig` when its parent dies (call first thing in a torchrun worker: when the
-    agent is killed, even by SIGKILL, the worker stops instead of training on as an orphan).
-
-    Linux: prctl(PR_SET_PDEATHSIG), delivered by the kernel at once. PDEATHSIG fires when the
-    parent *thread* that forked us exits; torchrun forks its workers from the agent's main thread.
-    Elsewhere (or if prctl fails): a daemon thread checks os.getppid() every `poll_s` seconds.
-    Returns the mechanism used: "prctl" or "poll".
-    """
-    parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols include libc's
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
-            if os.getppid() != parent:  # the parent died before prctl took effect
-                os.kill(os.getpid(), sig)
-            return "prctl"
-    _watch_parent(parent, sig, poll_s)
-    return "poll"
-
-
-def _watch_parent(parent: int, sig: int, poll_s: float) -> threading.Thread:
-    """The portable fallback: a daemon thread that sends `sig` to this process once it has been
-    re-parented (its parent, `parent`, died)."""
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os.kill(os.getpid(), sig)
-
-    t = threading.Thread(target=watch, name="exit-when-parent-dies", daemon=True)
-    t.start()
-    return t
 
 
 def open_run_dir(cfg) -> RunDirLock | None:

@@ -1,11 +1,14 @@
 """EnvPool: batched reset/step match a single env; killed or hung workers are restarted and reported."""
 
 import os
+import select
 import signal
+import time
 
 from singleturn.harness import EnvPool, evaluate
 from singleturn.harness.env import AlfredGame
 from singleturn.harness.games import expert_episode_seed
+from singleturn.trainer.run_dir import RunDirLock
 
 
 def test_pool_matches_single_env(train_games):
@@ -77,3 +80,43 @@ def test_worker_killed_mid_episode_counts_as_env_failure(train_games):
     ok = [e for e in report.episodes if not e["failed"]][0]
     assert ok["steps"] == 6 and ok["invalid"] == 6
     assert report.success_rate == 0.0 and report.invalid_action_rate == 1.0
+
+
+def _trainer_with_a_worker(w: int, run_dir) -> None:
+    """A forked stand-in for the trainer: holds the run directory's lock, starts one env worker,
+    checks it is serving (so its start-up ran), reports its pid on `w` and waits to be killed.
+    The worker inherits `w`: EOF on the pipe's read end means both are gone. Never returns."""
+    try:
+        RunDirLock(run_dir).acquire()
+        pool = EnvPool([], num_workers=1)
+        assert pool.step({0: "look"})[0].failed  # answered: no env in that slot, but it serves
+        os.write(w, f"{pool.worker_pids()[0]}\n".encode())
+        time.sleep(60)
+    finally:
+        os._exit(0)
+
+
+def test_workers_of_a_killed_trainer_die_and_never_hold_its_lock(tmp_path):
+    """kill -9 of the trainer mid-evaluation (issue 23, fault 2): its env worker, busy in a step
+    (stopped here, so it reads no EOF on its pipe), must not keep the run directory locked by a dead
+    pid, and must die with the trainer."""
+    r, w = os.pipe()
+    trainer = os.fork()
+    if trainer == 0:
+        os.close(r)
+        _trainer_with_a_worker(w, tmp_path / "run")
+    os.close(w)
+    worker = None
+    with os.fdopen(r) as out:
+        try:
+            worker = int(out.readline())
+            os.kill(worker, signal.SIGSTOP)
+            os.kill(trainer, signal.SIGKILL)
+            os.waitpid(trainer, 0)
+            RunDirLock(tmp_path / "run").acquire().release()  # refused while a worker holds it
+            ready, _, _ = select.select([out], [], [], 20)
+            assert ready and out.read() == "", f"env worker {worker} outlived its killed trainer by 20 s"
+            worker = None
+        finally:
+            if worker is not None:
+                os.kill(worker, signal.SIGKILL)

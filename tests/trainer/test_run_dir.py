@@ -11,11 +11,11 @@ import time
 
 import pytest
 
+from singleturn.harness.parent_death import _watch_parent
 from singleturn.trainer.config import build_config
 from singleturn.trainer.run_dir import (
     RunDirError,
     RunDirLock,
-    _watch_parent,
     check_resume_config,
     config_diff,
     exit_when_parent_dies,
