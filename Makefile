@@ -77,7 +77,7 @@ format: $(STAMP)
 # CPU: every benchmark at smoke sizes, so the scripts never rot (results in runs/bench/, ignored).
 bench: $(STAMP)
 ifeq ($(HAS_CUDA),1)
-	PY=$(PY) bash bench/gpu_check.sh
+	PY=$(PY) bash bench/device_run.sh runs/device_run
 else
 	set -e; for b in bench/bench_*.py; do echo "== $$b"; $(TEST_ENV) $(PY) $$b --cpu-smoke --out-dir runs/bench; done
 endif

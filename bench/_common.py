@@ -2,7 +2,7 @@
 
 Every bench/bench_<topic>.py script imports this (bench/ is sys.path[0] when a script runs) and
 accepts the common flags from `base_parser`: `--out-dir` (default bench/results), `--quick` (few
-shapes, short timings: what bench/gpu_check.sh runs) and `--cpu-smoke` (tiny CPU shapes, seconds).
+shapes, short timings: what bench/device_run.sh runs) and `--cpu-smoke` (tiny CPU shapes, seconds).
 Rows are dicts; `env_info()` is merged into each so a JSONL line says where and what it measured.
 
 Timing follows triton.testing.do_bench: warm-up excluded, the L2 cache flushed before every rep on
@@ -29,10 +29,10 @@ RESULTS = REPO / "bench" / "results"
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-    """An ArgumentParser with the flags every benchmark accepts (gpu_check.sh relies on them)."""
+    """An ArgumentParser with the flags every benchmark accepts (device_run.sh relies on them)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where <topic>.jsonl / <topic>.md go")
-    p.add_argument("--quick", action="store_true", help="few shapes, short timings (gpu_check.sh)")
+    p.add_argument("--quick", action="store_true", help="few shapes, short timings (device_run.sh)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, torch providers only")
     return p
 

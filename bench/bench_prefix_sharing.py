@@ -21,7 +21,7 @@ The layouts of one configuration run interleaved in one process (`_common.time_i
 shared cores the absolute times are noisy but the ratio is the measurement.
 
     python bench/bench_prefix_sharing.py --model smollm2-135m --group-size 8 [--dtype float32 bfloat16]
-    python bench/bench_prefix_sharing.py --quick        # gpu_check.sh: smollm2-135m, G=8, bf16
+    python bench/bench_prefix_sharing.py --quick        # device_run.sh: smollm2-135m, G=8, bf16
     python bench/bench_prefix_sharing.py --cpu-smoke    # tiny shapes, seconds (tests/bench)
 
 On CUDA the packed layouts run FlexAttention (compiled; the first call per shape compiles, in the
@@ -291,7 +291,7 @@ def main(argv=None) -> None:
                         flush=True,
                     )  # fmt: skip
         del model
-    # One file per device kind, so a GPU run (gpu_check.sh) never mixes into the CPU measurements.
+    # One file per device kind, so a GPU run (device_run.sh) never mixes into the CPU measurements.
     md = write_report(args.out_dir, f"prefix_sharing_{torch.device(args.device).type}", rows)
     print(md.read_text())
 

@@ -3,7 +3,9 @@
 The extension (csrc/bindings.cpp + csrc/sampling.cu) is compiled by `torch.utils.cpp_extension.load`
 at first use on a machine with a CUDA device, cached under `$SINGLETURN_RL_BUILD_DIR` (default
 `~/.cache/singleturn_rl/csrc/<torch>-<cuda>`), and loaded as a torch op library. CPU-only machines
-never try. A failed build is reported by ONE warning and the callers fall back to the PyTorch
+never try. `SINGLETURN_RL_PREBUILT=/path/to/singleturn_rl_csrc.so` loads a library built ahead of time
+(for the same torch and CUDA; e.g. with nvcc on a machine without a GPU) and skips the build; one that
+does not load is reported and the build runs as usual. A failed build is reported by ONE warning and the callers fall back to the PyTorch
 reference. `register_fake` gives the ops shape semantics for FakeTensor / torch.compile tracing.
 References: pytorch/extension-cpp (TORCH_LIBRARY op + register_fake, loaded lazily).
 """
@@ -94,6 +96,19 @@ def _try_load() -> bool:
         return True
     if not torch.cuda.is_available():
         return False
+    prebuilt = os.environ.get("SINGLETURN_RL_PREBUILT")
+    if prebuilt:
+        try:
+            torch.ops.load_library(prebuilt)
+            if op_registered():
+                return True
+            raise RuntimeError("the library loaded but registers no singleturn_rl::sample_tokens")
+        except Exception as exc:  # noqa: BLE001 -- a stale or foreign library: build instead
+            warnings.warn(
+                f"kernels: SINGLETURN_RL_PREBUILT={prebuilt} did not load ({type(exc).__name__}: {exc}); building",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     try:
         _build_and_load()
     except Exception as exc:  # noqa: BLE001 -- any build failure means: use the reference

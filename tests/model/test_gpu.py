@@ -1,5 +1,6 @@
-"""CUDA checks (run by bench/gpu_check.sh): flash-attn path vs SDPA, generate on the GPU vs the CPU, and
-FlexAttention (packed rows, model/masks.py) vs the dense SDPA mask."""
+"""CUDA checks (run by bench/device_run.sh): our model vs transformers in bf16 on the GPU (the 2x rule),
+flash-attn path vs SDPA, generate on the GPU vs the CPU, and FlexAttention (packed rows, model/masks.py)
+vs the dense SDPA mask."""
 
 import copy
 import random
@@ -13,6 +14,23 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+
+
+@pytest.mark.parametrize("seq", [37, 300])
+def test_bf16_on_cuda_error_at_most_twice_hf(hf_pair, seq):
+    """Both models in bf16 on the GPU (SDPA picks its fused kernels there), against HF in float64: our
+    error is at most twice HF's own plus a small floor."""
+    hf, ours = hf_pair(seed=3, n_kv_heads=2, tie=False, rope_scaling=True)
+    tokens = torch.randint(0, 1003, (3, seq), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad():
+        ref = copy.deepcopy(hf).double().cuda()(tokens).logits
+        hf_err = (
+            (copy.deepcopy(hf).to(torch.bfloat16).cuda()(tokens).logits.double() - ref).abs().max().item()
+        )
+        out = copy.deepcopy(ours).to(torch.bfloat16).cuda()(tokens)
+    assert out.dtype == torch.bfloat16 and out.is_cuda
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 2 * hf_err + 1e-3, f"bf16 error {err:.3e} > 2 x HF's {hf_err:.3e} + 1e-3"
 
 
 def test_flash_attn_matches_sdpa(hf_pair, monkeypatch):

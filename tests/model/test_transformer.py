@@ -110,7 +110,12 @@ def test_meta_construction_then_init():
 
 def test_param_count_presets():
     # Meta-device build (no memory): counts of the released checkpoints.
-    expected = {"llama3.2-1b": 1_235_814_400, "llama3.2-3b": 3_212_749_824, "llama3.1-8b": 8_030_261_248}
+    expected = {
+        "smollm2-135m": 134_515_008,  # HF SmolLM2-135M-Instruct: 134.5M (tied head)
+        "llama3.2-1b": 1_235_814_400,
+        "llama3.2-3b": 3_212_749_824,
+        "llama3.1-8b": 8_030_261_248,
+    }
     for name, n in expected.items():
         with torch.device("meta"):
             model = Transformer(LlamaConfig.from_preset(name))

@@ -8,7 +8,6 @@ it and a ~20k-parameter model; evaluation is off. Three launches: uninterrupted,
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,50 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from singleturn.trainer.synthetic import write_synthetic_inputs
+
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 SFT_STEPS, GRPO_STEPS = 5, 3
 STOP = SFT_STEPS + 1  # inside GRPO
-_OBJECTS = ["mug", "apple", "book", "pen", "cup", "knife"]
-_PLACES = ["desk", "shelf", "table", "drawer", "fridge", "sinkbasin"]
-
-
-def write_synthetic_inputs(root: Path, n: int = 32, seed: int = 0) -> tuple[Path, Path]:
-    """A states.jsonl in the harness schema (a toy task whose expert action is inferable from the
-    prompt) and a byte-level BPE tokenizer trained on its rendered prompts."""
-    from singleturn.harness import render_prompt
-    from singleturn.model import train_tokenizer
-
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        obj, place = rng.choice(_OBJECTS), rng.choice(_PLACES)
-        k = rng.randint(1, 3)
-        adm = [f"go to {p} {k}" for p in _PLACES] + [f"take {obj} {k} from {place} {k}", "inventory", "look"]
-        # Short expert actions a few SFT steps make likely, so GRPO groups get mixed rewards.
-        expert = "look" if i % 2 == 0 else "inventory"
-        rows.append(
-            {
-                "game": f"synthetic/{i}",
-                "task_type": "pick_and_place_simple",
-                "step": i % 3,
-                "goal": f"put a {obj} in {place}",
-                "history": [["You are in a room.", "look"]] if i % 3 else [],
-                "observation": f"You see a {obj} {k} on the {place} {k}.",
-                "admissible": adm,
-                "expert_action": expert,
-            }
-        )
-    states = root / "states.jsonl"
-    states.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    texts = [m["content"] for r in rows for m in render_prompt(r, history_window=1)] + [
-        r["expert_action"] for r in rows
-    ]
-    tok = train_tokenizer(texts, 400)
-    tok_path = root / "tokenizer.json"
-    tok.save(str(tok_path))
-    return states, tok_path
 
 
 def tiny_args(root: Path, states: Path, tok: Path, name: str) -> list[str]:
