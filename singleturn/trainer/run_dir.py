@@ -33,13 +33,15 @@ model.*, data.* (the states, tokenizer, prompt format, shuffle), optim.*, fsdp.*
 section, rollout.*, run.seed and run.stages. Paths in model/data stay in: another path may be
 other data, and telling cheaply that two paths hold the same bytes is not possible.
 
-Run start, three calls, in this order:
+Run start, in this order:
     if "LOCAL_RANK" in os.environ:      # trainer/main.py, first thing: a torchrun worker (not a
         exit_when_parent_dies()         # plain `python`, whose parent is a shell or nohup)
     lock = open_run_dir(cfg)            # Trainer start (trainer/train.py), every rank (collective),
                                         # before anything writes into run_dir: lock, then
-                                        # guard_fresh_run and, with --resume, check_resume_config,
-                                        # then config.json; RunDirError (a ConfigError) on every rank
+                                        # guard_fresh_run and, with --resume, check_resume_config;
+                                        # RunDirError (a ConfigError) on every rank
+    ...data, model, the checkpoint (its config hash: the last check that can refuse a resume)...
+    write_run_config(cfg)               # config.json, only now: a refused run changes nothing
     ...train...; if lock: lock.release()   # optional: process exit releases it too
 """
 
@@ -68,6 +70,7 @@ __all__ = [
     "guard_fresh_run",
     "open_run_dir",
     "trajectory_settings",
+    "write_run_config",
 ]
 
 log = logging.getLogger(__name__)  # warnings print even when logging is not configured
@@ -291,8 +294,10 @@ def _read_holder(fd: int) -> dict:
 def open_run_dir(cfg) -> RunDirLock | None:
     """Take the run directory for `cfg` (collective: every rank calls it; rank 0 does the work):
     lock it, then with --resume check_resume_config (allowed changes printed), else
-    guard_fresh_run(overwrite=cfg.checkpoint.overwrite), then write config.json. Raises RunDirError
-    with rank 0's message on every rank; returns the held lock on rank 0, None on the others."""
+    guard_fresh_run(overwrite=cfg.checkpoint.overwrite). Writes nothing but the lock (and what
+    --overwrite removes): config.json waits for `write_run_config`, after every check that can
+    refuse the run. Raises RunDirError with rank 0's message on every rank; returns the held lock
+    on rank 0, None on the others."""
     from singleturn.trainer.dist import (  # imports torch: only where a collective runs
         broadcast_object,
         is_main,
@@ -309,7 +314,6 @@ def open_run_dir(cfg) -> RunDirLock | None:
             if resume:
                 for line in check_resume_config(run_dir, cfg):
                     print(f"[resume] allowed change: {line}", flush=True)
-            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         except (ConfigError, OSError) as e:  # OSError: e.g. run.out_dir not writable
             error = str(e)
             if lock is not None:
@@ -318,3 +322,15 @@ def open_run_dir(cfg) -> RunDirLock | None:
     if error is not None:
         raise RunDirError(error)
     return lock
+
+
+def write_run_config(cfg) -> Path:
+    """Write `run_dir/config.json` (rank 0 calls it; atomic: a temporary file renamed into place).
+    Call once every check that can refuse the run has passed (for a resume, the checkpoint's own
+    config hash): a refused `--resume` must leave the saved settings as they were, or the run could
+    never resume with them again."""
+    path = Path(cfg.run_dir) / "config.json"
+    tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+    os.replace(tmp, path)
+    return path

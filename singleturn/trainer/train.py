@@ -26,6 +26,7 @@ from singleturn.trainer.dist import barrier, is_main
 from singleturn.trainer.evaluation import Evaluator, comparison_table, load_eval, policy_spec
 from singleturn.trainer.metrics import MetricsLogger, write_plots
 from singleturn.trainer.optim import NonFiniteError, make_optimizer
+from singleturn.trainer.run_dir import write_run_config
 from singleturn.trainer.stages import STAGES, Stage, StageContext, StageSpan, stage_spans
 
 
@@ -117,9 +118,16 @@ class Trainer:
         self.cfg, self.info, self.clock = cfg, info, Clock()
         self.t_start = time.perf_counter()
         self._start_run_dir()
-        self.ctx, self.model_cfg, self.tokenizer_path, games = self._build()
-        self.checkpointer = Checkpointer(cfg, self.clock)
-        self.resumed = self.checkpointer.resume(self.ctx) if cfg.checkpoint.resume else {}
+        try:
+            self.ctx, self.model_cfg, self.tokenizer_path, games = self._build()
+            self.checkpointer = Checkpointer(cfg, self.clock)
+            self.resumed = self.checkpointer.resume(self.ctx) if cfg.checkpoint.resume else {}
+        except BaseException:
+            if self.lock is not None:  # a refused run: free the directory now, not at process exit
+                self.lock.release()
+            raise
+        if is_main():  # every check that can refuse the run has passed (the checkpoint's hash last)
+            write_run_config(cfg)
         self.start = int(self.resumed.get("step", 0))
         self.metrics = MetricsLogger(
             cfg.run_dir, enabled=is_main(), resume_step=self.start, log_every=cfg.run.log_every
@@ -172,7 +180,8 @@ class Trainer:
     def _start_run_dir(self) -> None:
         """Take the run directory before anything writes into it (trainer/run_dir.py): an exclusive
         lock, no fresh run over an earlier run's files (--resume or --overwrite), a --resume only
-        with the same training settings (differing keys listed), then config.json."""
+        with the same training settings (differing keys listed). config.json is written later, once
+        the checkpoint's config hash has been checked too (`write_run_config`)."""
         from singleturn.trainer.run_dir import open_run_dir
 
         if is_main():

@@ -22,6 +22,7 @@ from singleturn.trainer.run_dir import (
     guard_fresh_run,
     open_run_dir,
     trajectory_settings,
+    write_run_config,
 )
 
 
@@ -233,8 +234,11 @@ def test_resume_with_a_lower_keep_last_is_allowed_and_reported(tmp_path):
         "checkpoint.resume: false -> true",
     ]
     lock = open_run_dir(new)
-    try:
+    try:  # open_run_dir writes nothing; config.json comes once every check passed (the checkpoint's)
+        assert json.loads((saved.run_dir / "config.json").read_text())["checkpoint"]["keep_last"] == 3
+        write_run_config(new)
         assert json.loads((saved.run_dir / "config.json").read_text())["checkpoint"]["keep_last"] == 1
+        assert sorted(p.name for p in saved.run_dir.iterdir()) == [".lock", "config.json"]
     finally:
         lock.release()
 

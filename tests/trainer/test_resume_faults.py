@@ -1,0 +1,80 @@
+"""A resume after a partial failure loses and mixes nothing (issue 23): refused resumes leave the
+run directory as it was, and a resume that finds evaluations without their checkpoints says so.
+
+In-process runs (a plain process is world size 1: no torchrun) of a ~20k-parameter model on a toy
+states file and a tokenizer trained on it (no ALFWorld); SFT only, evaluation off.
+"""
+
+import json
+import random
+
+import pytest
+
+from singleturn.trainer.config import ConfigError, build_config
+from singleturn.trainer.dist import init_distributed
+from singleturn.trainer.train import Trainer
+
+_PLACES = ["desk", "shelf", "table", "drawer"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """(states.jsonl, tokenizer.json): 16 toy states in the harness schema and a BPE trained on them."""
+    from singleturn.harness import render_prompt
+    from singleturn.model import train_tokenizer
+
+    root, rng = tmp_path_factory.mktemp("inputs"), random.Random(0)
+    rows = []
+    for i in range(16):
+        place = rng.choice(_PLACES)
+        rows.append({
+            "game": f"toy/{i}", "task_type": "pick_and_place_simple", "step": 0, "goal": f"look at {place}",
+            "history": [], "observation": f"You see a {place} 1.",
+            "admissible": [f"go to {p} 1" for p in _PLACES] + ["look"], "expert_action": f"go to {place} 1",
+        })  # fmt: skip
+    states = root / "states.jsonl"
+    states.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = [m["content"] for r in rows for m in render_prompt(r, history_window=1)] + [
+        r["expert_action"] for r in rows
+    ]
+    tok = root / "tokenizer.json"
+    train_tokenizer(texts, 300).save(str(tok))
+    return states, tok
+
+
+def _cfg(root, inputs, **sections):
+    states, tok = inputs
+    raw = {
+        "run": {"name": "r", "out_dir": str(root), "num_threads": 1, "plots": False, "stages": ["sft"]},
+        "data": {"states_path": str(states), "tokenizer_path": str(tok), "games_dir": str(root / "games"),
+                 "history_window": 1, "max_seq_len": 512},
+        "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64, "max_seq_len": 512},
+        "sft": {"steps": 2, "batch_size": 4, "micro_batch_size": 4},
+        "eval": {"enabled": False},
+        "checkpoint": {"every": 1, "export_final": False},
+    }  # fmt: skip
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return build_config(raw)
+
+
+def _train(cfg) -> None:
+    trainer = Trainer(cfg, init_distributed())
+    try:
+        trainer.train()
+    finally:
+        trainer.lock.release()
+
+
+def test_a_refused_resume_writes_no_config_json(tmp_path, inputs):
+    """config.json gone, `--resume --optim.lr=5e-3`: the checkpoint's config hash refuses it, and
+    config.json must stay absent, so the same run still resumes with its own settings."""
+    _train(_cfg(tmp_path, inputs, run={"stop_after_step": 1}))
+    run_dir = tmp_path / "r"
+    (run_dir / "config.json").unlink()
+    with pytest.raises(ConfigError, match="written with a different config"):
+        Trainer(_cfg(tmp_path, inputs, optim={"lr": 5e-3}, checkpoint={"resume": True}), init_distributed())
+    assert not (run_dir / "config.json").exists(), "the refused resume wrote config.json"
+    _train(_cfg(tmp_path, inputs, checkpoint={"resume": True}))  # not refused: lock released, no config
+    assert json.loads((run_dir / "config.json").read_text())["optim"]["lr"] == 1e-3
+    assert (run_dir / "checkpoints" / "step_2").is_dir()
