@@ -22,6 +22,35 @@ from singleturn.harness.env import EXPERTS
 from singleturn.harness.games import SPLITS, TASK_TYPES
 
 
+def _int_at_least(low: int):
+    """An argparse type: an int >= `low` (a step limit of 0 or -1 workers is an error, not a run)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"  # how argparse names the type in its messages
+    return parse
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+_POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m singleturn.harness", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -29,29 +58,40 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate expert-checked ALFWorld games")
     g.add_argument("--out", required=True)
     g.add_argument("--split", choices=SPLITS, required=True)
-    g.add_argument("--num-games", type=int, required=True)
+    g.add_argument("--num-games", type=_POSITIVE, required=True)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--task-types", nargs="+", choices=TASK_TYPES, default=None)
-    g.add_argument("--workers", type=int, default=1)
-    g.add_argument("--max-distractors", type=int, default=10)
+    g.add_argument("--workers", type=_POSITIVE, default=1)
+    g.add_argument("--max-distractors", type=_NON_NEGATIVE, default=10)
     g.add_argument(
-        "--max-expert-steps", type=int, default=50, help="keep games the handcoded expert wins within this"
+        "--max-expert-steps",
+        type=_POSITIVE,
+        default=50,
+        help="keep games the handcoded expert wins within this",
     )
 
     def games_args(sp):
         sp.add_argument("--games", required=True, help="games directory or official data root")
         sp.add_argument("--split", choices=SPLITS, default=None)
-        sp.add_argument("--limit", type=int, default=0, help="use only the first N games (0: all)")
-        sp.add_argument("--workers", type=int, default=1)
-        sp.add_argument("--max-steps", type=int, default=None, help="default: the checkpoint's, else 50")
+        sp.add_argument(
+            "--limit", type=_POSITIVE, default=None, help="use only the first N games (default: all)"
+        )
+        sp.add_argument("--workers", type=_POSITIVE, default=1)
+        sp.add_argument(
+            "--max-steps", type=_POSITIVE, default=None, help="default: the checkpoint's, else 50"
+        )
         sp.add_argument("--expert", choices=EXPERTS, default="handcoded")
-        sp.add_argument("--history-window", type=int, default=None, help="default: the checkpoint's, else 3")
+        sp.add_argument(
+            "--history-window", type=_NON_NEGATIVE, default=None, help="default: the checkpoint's, else 3"
+        )
 
     e = sub.add_parser("expert", help="write expert states (JSONL), or label a policy's states")
     games_args(e)
     e.add_argument("--out", required=True)
     e.add_argument("--policy-states", default=None, help="checkpoint dir: the policy acts, the expert labels")
-    e.add_argument("--beta", type=float, default=0.0, help="with --policy-states: P(expert acts) per step")
+    e.add_argument(
+        "--beta", type=_probability, default=0.0, help="with --policy-states: P(expert acts) per step"
+    )
 
     v = sub.add_parser("evaluate", help="multi-turn evaluation of a policy")
     games_args(v)

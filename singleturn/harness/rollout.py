@@ -70,6 +70,10 @@ def run_episodes(
     batch_size: live episodes at once (default 8 per worker).
     on_episode: called as on_episode(episode_index, episode) as each episode ends (e.g. to log it).
     """
+    bad = {k: v for k, v in (("max_steps", max_steps), ("num_workers", num_workers),
+                             ("batch_size", batch_size)) if v is not None and v < 1}  # fmt: skip
+    if bad:  # 0 steps or 0 workers would report unplayed episodes as lost ones
+        raise ValueError(", ".join(f"{k} must be at least 1, got {v}" for k, v in bad.items()))
     games = [str(g) for g in games]
     batch_size = batch_size or 8 * num_workers
     own_pool = pool is None

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(*args, env=None):
     proc = subprocess.run(
@@ -102,3 +104,50 @@ def test_cli_skips_unreadable_games_and_names_them(tmp_path, train_games):
     assert f"states from 1 games -> {states}" in out, out
     out = _run("evaluate", "--games", str(root), "--policy", "expert", "--max-steps", "30")
     assert skipped in out and "| **all** | 1 | 100.0% |" in out, out
+
+
+@pytest.mark.parametrize(
+    "args, flag, why",
+    [
+        (["evaluate", "--max-steps", "0"], "--max-steps", "must be at least 1, got 0"),
+        (["evaluate", "--max-steps", "-1"], "--max-steps", "must be at least 1, got -1"),
+        (["evaluate", "--workers", "0"], "--workers", "must be at least 1, got 0"),
+        (["evaluate", "--limit", "-1"], "--limit", "must be at least 1, got -1"),
+        (["evaluate", "--limit", "0"], "--limit", "must be at least 1, got 0"),
+        (["evaluate", "--history-window", "-2"], "--history-window", "must be at least 0, got -2"),
+        (["evaluate", "--max-steps", "ten"], "--max-steps", "expected an integer, got 'ten'"),
+        (["expert", "--out", "x.jsonl", "--beta", "1.5"], "--beta", "must be in [0, 1], got 1.5"),
+        (
+            ["generate", "--out", "g", "--split", "train", "--num-games", "0"],
+            "--num-games",
+            "must be at least 1, got 0",
+        ),
+        (
+            ["generate", "--out", "g", "--split", "train", "--num-games", "1", "--max-expert-steps", "0"],
+            "--max-expert-steps",
+            "must be at least 1, got 0",
+        ),
+    ],
+)
+def test_cli_rejects_meaningless_numbers(tmp_path, args, flag, why):
+    """Issue 23, fault 6: `--max-steps 0` exited 0 with an accuracy, `--workers 0` reported unplayed
+    episodes as lost, `--limit -1` dropped the last game. Each is a one-line usage error (exit 2)
+    before any game is loaded or file written."""
+    games = [] if args[0] == "generate" else ["--games", str(tmp_path)]
+    policy = ["--policy", "random"] if args[0] == "evaluate" else []
+    proc = subprocess.run(
+        [sys.executable, "-m", "singleturn.harness", *args, *games, *policy],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"argument {flag}: {why}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_run_episodes_rejects_zero_steps_and_workers():
+    from singleturn.harness.rollout import run_episodes
+
+    with pytest.raises(ValueError, match="max_steps must be at least 1, got 0"):
+        run_episodes(["g"], lambda states: [], max_steps=0)
+    with pytest.raises(ValueError, match="num_workers must be at least 1, got 0"):
+        run_episodes(["g"], lambda states: [], num_workers=0)
