@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from singleturn.harness.atomic import write_text_atomic
 from singleturn.harness.games import versions
 from singleturn.harness.prompts import policy_actions
 from singleturn.harness.rollout import Episode, run_episodes
@@ -82,14 +83,15 @@ class EvalReport:
         return "\n".join(lines) + "\n"
 
     def write(self, out_prefix) -> tuple[Path, Path]:
-        """Write `<prefix>.json` and `<prefix>.md` (a `.json`/`.md` suffix on the prefix is dropped)."""
+        """Write `<prefix>.json` and `<prefix>.md`, each atomically (a `.json`/`.md` suffix on the
+        prefix is dropped)."""
         out_prefix = Path(out_prefix)
         if out_prefix.suffix in (".json", ".md"):
             out_prefix = out_prefix.with_suffix("")
         out_prefix.parent.mkdir(parents=True, exist_ok=True)
         js, md = out_prefix.with_suffix(".json"), out_prefix.with_suffix(".md")
-        js.write_text(json.dumps(self.to_dict(), indent=1))
-        md.write_text(self.to_markdown())
+        write_text_atomic(js, json.dumps(self.to_dict(), indent=1))
+        write_text_atomic(md, self.to_markdown())
         return js, md
 
 

@@ -5,7 +5,9 @@ uniform-random policy over admissible actions, the table's floor) with `harness.
 rank 0 and writes eval/<label>.json and eval/<label>.md; every rank must call it (the model's full
 weights are gathered collectively with `fsdp.summon_full_params`; rank 0 plays, the others wait).
 A label already evaluated (its json exists: a resumed run) is not evaluated again; one killed
-part-way resumes from eval/<label>.episodes.jsonl (its finished episodes). The policy is
+part-way resumes from eval/<label>.episodes.jsonl (its finished episodes). eval/<label>.md, then
+eval/<label>.json are written atomically (the json last: it marks the label done); a json that
+does not parse all the same (damaged on disk) is an error naming the file and what to delete. The policy is
 `model.policy.ModelPolicy` with the run's `PolicySpec` (decoding, constraints, dtype, prompt
 settings), the same spec `final/policy.json` carries for `python -m singleturn.harness evaluate`.
 `comparison_table` renders the table the run prints.
@@ -17,7 +19,9 @@ import json
 import time
 from pathlib import Path
 
+from singleturn.harness.atomic import write_text_atomic
 from singleturn.trainer.dist import barrier, broadcast_object, is_main
+from singleturn.trainer.run_dir import RunDirError
 
 
 def policy_spec(cfg):
@@ -114,15 +118,26 @@ def _save(rep, label: str, run_dir: Path, seconds: float) -> dict:
     d = rep.to_dict()
     d["label"] = label
     d["eval_seconds"] = round(seconds, 2)
-    (out / f"{label}.json").write_text(json.dumps(d, indent=2))
-    (out / f"{label}.md").write_text(rep.to_markdown())
+    write_text_atomic(out / f"{label}.md", rep.to_markdown())
+    write_text_atomic(out / f"{label}.json", json.dumps(d, indent=2))  # last: marks the label done
     return d
 
 
 def load_eval(run_dir: Path, label: str) -> dict | None:
-    """A previously written eval/<label>.json (resume), or None."""
+    """A previously written eval/<label>.json (resume), or None when there is none. RunDirError
+    naming the file when it exists but is not a JSON object (damaged: delete it to re-evaluate)."""
     path = Path(run_dir) / "eval" / f"{label}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict):
+            raise ValueError(f"not a JSON object ({type(report).__name__})")
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise RunDirError(
+            f"{path} is unreadable ({type(e).__name__}: {e}); delete it to evaluate {label!r} again"
+        ) from None
+    return report
 
 
 def _task_rates(report: dict) -> dict[str, float]:

@@ -56,6 +56,7 @@ import shutil
 import socket
 from pathlib import Path
 
+from singleturn.harness.atomic import write_text_atomic
 from singleturn.harness.parent_death import exit_when_parent_dies
 from singleturn.trainer.config import ConfigError
 
@@ -329,8 +330,4 @@ def write_run_config(cfg) -> Path:
     Call once every check that can refuse the run has passed (for a resume, the checkpoint's own
     config hash): a refused `--resume` must leave the saved settings as they were, or the run could
     never resume with them again."""
-    path = Path(cfg.run_dir) / "config.json"
-    tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(cfg.run_dir) / "config.json", json.dumps(cfg.to_dict(), indent=2))

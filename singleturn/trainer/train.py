@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from singleturn.harness.atomic import write_text_atomic
 from singleturn.trainer.config import ConfigError, TrainConfig, format_config
 from singleturn.trainer.dist import barrier, is_main
 from singleturn.trainer.evaluation import Evaluator, comparison_table, load_eval, policy_spec
@@ -307,11 +308,11 @@ class Trainer:
                 rows.append((name, rep))
         if rows:
             table = comparison_table(rows)
-            (run_dir / "eval" / "summary.md").write_text(table + "\n")
+            write_text_atomic(run_dir / "eval" / "summary.md", table + "\n")
             print("\n" + table + "\n", flush=True)
         if cfg.run.plots:
             write_plots(run_dir)
-        (run_dir / "timings.json").write_text(json.dumps(self.clock.t, indent=2))
+        write_text_atomic(run_dir / "timings.json", json.dumps(self.clock.t, indent=2))
         print("[timings] " + ", ".join(f"{k} {v:.1f}s" for k, v in self.clock.t.items()), flush=True)
         c = self.ctx
         print(

@@ -78,3 +78,37 @@ def test_a_refused_resume_writes_no_config_json(tmp_path, inputs):
     _train(_cfg(tmp_path, inputs, checkpoint={"resume": True}))  # not refused: lock released, no config
     assert json.loads((run_dir / "config.json").read_text())["optim"]["lr"] == 1e-3
     assert (run_dir / "checkpoints" / "step_2").is_dir()
+
+
+@pytest.mark.parametrize(
+    "damage", ["", '{"success_rate": 0.5, "act', "[1, 2]"], ids=["empty", "partial", "list"]
+)
+def test_a_damaged_eval_json_is_named_in_the_error(tmp_path, inputs, damage):
+    """An empty or partial eval/<label>.json used to stop every resume with a bare JSONDecodeError."""
+    from singleturn.trainer.run_dir import RunDirError
+
+    _train(_cfg(tmp_path, inputs))
+    path = tmp_path / "r" / "eval" / "sft.json"
+    path.parent.mkdir()
+    path.write_text(damage)
+    with pytest.raises(RunDirError, match=rf"{path} is unreadable .*delete it to evaluate 'sft' again"):
+        _train(_cfg(tmp_path, inputs, checkpoint={"resume": True}))
+
+
+def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    """eval/<label>.json, config.json, timings.json: a failed write keeps the previous contents."""
+    import errno
+    import os
+
+    from singleturn.harness.atomic import write_text_atomic
+
+    path = tmp_path / "sft.json"
+    write_text_atomic(path, '{"old": 1}')
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_text_atomic(path, '{"new": 2}')
+    assert path.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["sft.json"]
