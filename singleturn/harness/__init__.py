@@ -11,6 +11,8 @@ expert play and evaluation import alfworld when first used.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _EXPORTS = {
     "EvalReport": "evaluate",
@@ -43,3 +45,18 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """This package's module type: importing the submodule `singleturn.harness.evaluate` (done by
+    `__getattr__`, the trainer, the CLI) makes the import system set the package attribute
+    `evaluate` to that submodule, hiding the exported `evaluate` function for every later
+    `from singleturn.harness import evaluate`. An exported name is never rebound to a module."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return  # `from singleturn.harness.evaluate import ...` still works (sys.modules)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -73,3 +73,17 @@ def test_a_killed_evaluation_resumes_from_its_episodes_log(train_games, tmp_path
     bad.write_text("{not json\n" + lines[0] + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: not a JSON episode"):
         read_episodes_log(bad, [str(g) for g in games])
+
+
+@pytest.mark.parametrize(
+    "first", ["from singleturn.harness import EvalReport", "import singleturn.harness.evaluate"]
+)
+def test_the_exported_evaluate_is_the_function_whatever_was_imported_first(first):
+    """Importing the submodule `harness.evaluate` (lazily, or as the trainer does) bound the package
+    attribute `evaluate` to that module: `from singleturn.harness import evaluate` then gave a module."""
+    import subprocess
+    import sys
+
+    code = f"{first}\nfrom singleturn.harness import evaluate\nprint(type(evaluate).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "function", out.stdout + out.stderr
