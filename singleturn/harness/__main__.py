@@ -8,13 +8,19 @@
 
 `--games` takes a directory of generated games or the official data root (`$ALFWORLD_DATA/json_2.1.1`
 with `--split`). Arguments are parsed before any game is loaded: fast-downward's translator
-overwrites sys.argv.
+overwrites sys.argv. `generate` never replaces a directory holding another generation (it says so).
+
+Exit codes: 0 done; 2 a usage error or an expected failure, printed as one line `error: ...`
+(a bad number, no games, a checkpoint that does not load, a generation the expert cannot win, a
+missing or unwritable path); 1 an unexpected crash (a traceback). SINGLETURN_DEBUG=1 shows the
+traceback of an expected failure too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -117,8 +123,12 @@ def _games(args):
     if args.limit:
         games = games[: args.limit]
     if not games:
-        raise SystemExit(f"no games found under {args.games} (split={args.split})")
+        raise _Refused(f"no games found under {args.games} (split={args.split})")
     return games
+
+
+class _Refused(Exception):
+    """An expected failure `main` prints as one line (exit 2)."""
 
 
 def _checkpoint_policy(path: str):
@@ -126,11 +136,17 @@ def _checkpoint_policy(path: str):
 
     `model.policy.load_policy` reads the run's `policy.json` (decoding, constraints, dtype, history
     window, system prompt, step limit), so the CLI plays exactly the policy the trainer evaluated.
-    Imported lazily: only this CLI path needs torch; the library never does.
+    Imported lazily: only this CLI path needs torch; the library never does. A checkpoint that does
+    not load (missing, truncated, not a checkpoint) is a `_Refused` naming it.
     """
+    from safetensors import SafetensorError
+
     from singleturn.model.policy import load_policy
 
-    return load_policy(path)
+    try:
+        return load_policy(path)
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise _Refused(f"checkpoint {path} does not load ({type(e).__name__}: {e})") from e
 
 
 def _prompt_settings(args, spec) -> dict:
@@ -148,6 +164,19 @@ def _prompt_settings(args, spec) -> dict:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)  # before any game loads (the translator rewrites sys.argv)
+    from singleturn.harness.games import GenerationError
+
+    try:
+        _run(args)
+    except (_Refused, GenerationError, OSError) as e:  # OSError: a missing or unwritable path
+        if os.environ.get("SINGLETURN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def _run(args) -> None:
     if args.cmd == "generate":
         from singleturn.harness.games import GenConfig, generate_games
 
@@ -205,7 +234,6 @@ def main(argv=None) -> int:
             print(f"wrote {js} and {md}")
     elif args.cmd == "play":
         _play(args.game, args.expert)
-    return 0
 
 
 def _play(game_path: str, expert: str) -> None:

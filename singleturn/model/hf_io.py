@@ -17,6 +17,7 @@ safetensors docs; gpt-fast `scripts/convert_hf_checkpoint.py`.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -193,6 +194,9 @@ def save_hf_checkpoint(
         # One shard at a time on the CPU: the host holds at most one shard's copy.
         tensors = {ours_to_hf(n): state[n].detach().to("cpu", out_dtype).contiguous() for n in shard}
         save_file(tensors, str(path / fname), metadata={"format": "pt"})
+        os.chmod(
+            path / fname, 0o644
+        )  # safetensors writes 0600; an exported model is shared, as converted ones
         weight_map.update(dict.fromkeys(tensors, fname))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}

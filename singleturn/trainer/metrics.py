@@ -101,13 +101,16 @@ def read_metrics(path: Path) -> list[dict]:
 
 def write_plots(run_dir: Path) -> list[Path]:
     """plots/{loss,reward,accuracy,success}.png from metrics.jsonl (matplotlib, Agg backend); the
-    series of each plot come from the stage registry (`Stage.plot_keys`)."""
+    series of each plot come from the stage registry (`Stage.plot_keys`). A plot with no point is
+    not written; a run that logged nothing (every stage at 0 steps, evaluation off) gets none."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)

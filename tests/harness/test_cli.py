@@ -151,3 +151,37 @@ def test_run_episodes_rejects_zero_steps_and_workers():
         run_episodes(["g"], lambda states: [], max_steps=0)
     with pytest.raises(ValueError, match="num_workers must be at least 1, got 0"):
         run_episodes(["g"], lambda states: [], num_workers=0)
+
+
+def _refused(*args, cwd=None):
+    """Run the CLI expecting an expected failure: exit 2, one line on stderr, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "SINGLETURN_DEBUG"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "singleturn.harness", *args], capture_output=True, text=True, env=env, cwd=cwd
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def test_cli_expected_failures_are_one_line_errors(tmp_path, train_games):
+    """Issue 23, fault 10: a truncated checkpoint, a generation the expert cannot win and an empty
+    games directory each print one `error:` line and exit 2 (they printed tracebacks, or exit 1)."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # cut in its header
+    games = tmp_path / "games"
+    shutil.copytree(train_games[0].parent, games / "g" / "trial_0")
+    err = _refused("evaluate", "--games", str(games), "--policy", str(ckpt))
+    assert f"checkpoint {ckpt} does not load" in err, err
+    out = tmp_path / "unwinnable"
+    err = _refused("generate", "--out", str(out), "--split", "valid_seen", "--num-games", "1",
+                   "--task-types", "pick_and_place_simple", "--max-expert-steps", "1")  # fmt: skip
+    assert "max_expert_steps=1" in err and not out.exists(), err
+    (tmp_path / "empty").mkdir()
+    assert "no games found under" in _refused(
+        "evaluate", "--games", str(tmp_path / "empty"), "--policy", "random"
+    )

@@ -355,6 +355,26 @@ def test_bad_files_are_clear_errors(tmp_path, bpe):
         convert_gguf(good, tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["empty", "truncated", "missing"])
+def test_cli_prints_one_line_for_a_bad_gguf(tmp_path, bpe, capsys, monkeypatch, damage):
+    """`python -m singleturn.model.convert --gguf` on a zero-byte, truncated or missing file: one
+    line `convert error: <file>: ...`, exit 2 (the traceback only with SINGLETURN_DEBUG=1)."""
+    from singleturn.model.convert import main
+
+    bad = tmp_path / f"{damage}.gguf"
+    if damage != "missing":
+        good = write_gguf(tmp_path / "good.gguf", _model(len(bpe[0]), True), bpe)
+        bad.write_bytes(b"" if damage == "empty" else good.read_bytes()[: good.stat().st_size // 2])
+    monkeypatch.delenv("SINGLETURN_DEBUG", raising=False)
+    assert main(["--gguf", str(bad), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convert error: ") and str(bad) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "hf").exists()
+    monkeypatch.setenv("SINGLETURN_DEBUG", "1")
+    with pytest.raises((GGUFError, FileNotFoundError)):
+        main(["--gguf", str(bad), "--out", str(tmp_path / "hf")])
+
+
 def test_sentencepiece_gguf_is_refused(tmp_path, bpe, monkeypatch):
     from singleturn.model import convert
 

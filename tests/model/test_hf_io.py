@@ -73,6 +73,15 @@ def test_save_bf16_and_load_with_dtype(tmp_path, hf_pair):
     assert torch.equal(model32.layers[0].attention.wq.weight, ref.bfloat16().float())
 
 
+@pytest.mark.parametrize("max_shard_bytes", [None, 50_000], ids=["single", "sharded"])
+def test_saved_weights_are_readable_by_others(tmp_path, hf_pair, max_shard_bytes):
+    """final/model.safetensors was written 0600 (safetensors' default), the converter's 0644."""
+    _, ours = hf_pair(seed=5)
+    save_hf_checkpoint(ours, tmp_path, max_shard_bytes=max_shard_bytes)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.glob("*.safetensors")}
+    assert modes and set(modes.values()) == {"0o644"}, modes
+
+
 # ---- bad input: each error names the problem -------------------------------------------------
 
 

@@ -112,3 +112,13 @@ def test_atomic_write_leaves_the_old_file_when_the_disk_is_full(tmp_path, monkey
     with pytest.raises(OSError, match="No space left"):
         write_text_atomic(path, '{"new": 2}')
     assert path.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["sft.json"]
+
+
+def test_a_run_with_zero_steps_and_plots_on_finishes(tmp_path, inputs):
+    """Every stage at 0 steps with plots on: write_plots crashed on the missing metrics.jsonl after
+    final/ was exported (issue 23, fault 10)."""
+    _train(_cfg(tmp_path, inputs, sft={"steps": 0}, run={"plots": True}, checkpoint={"export_final": True}))
+    run_dir = tmp_path / "r"
+    assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "timings.json").is_file()
+    assert not (run_dir / "plots").exists(), "plots of nothing"
+    assert (run_dir / "final" / "model.safetensors").stat().st_mode & 0o777 == 0o644
