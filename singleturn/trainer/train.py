@@ -27,7 +27,7 @@ from singleturn.trainer.dist import barrier, is_main
 from singleturn.trainer.evaluation import Evaluator, comparison_table, load_eval, policy_spec
 from singleturn.trainer.metrics import MetricsLogger, write_plots
 from singleturn.trainer.optim import NonFiniteError, make_optimizer
-from singleturn.trainer.run_dir import write_run_config
+from singleturn.trainer.run_dir import RunDirError, write_run_config
 from singleturn.trainer.stages import STAGES, Stage, StageContext, StageSpan, stage_spans
 
 
@@ -100,6 +100,12 @@ class Checkpointer:
 
         extra = load_latest_checkpoint(self.run_dir, fsdp=ctx.fsdp, optimizer=ctx.optimizer)
         if extra is None:
+            if orphans := _outputs_of_trained_weights(self.run_dir):
+                raise RunDirError(
+                    f"--resume: {self.run_dir} has no checkpoint, but holds outputs of trained weights "
+                    f"({', '.join(orphans)}); starting over would mix them with a new run's. Restore "
+                    "checkpoints/, or pass --overwrite (instead of --resume) to delete them and start over"
+                )
             _log0("[resume] no complete checkpoint found: starting from scratch")
             return {}
         if extra["config_hash"] not in (self.cfg.hash(), self.cfg.hash(legacy=True)):
@@ -112,6 +118,21 @@ class Checkpointer:
         set_rng_state(extra["rng"])
         _log0(f"[resume] continuing after step {extra['step']}")
         return extra
+
+
+_STEP0_LABELS = ("random", "zero-shot")  # evaluated before any update: valid for a restart from 0
+
+
+def _outputs_of_trained_weights(run_dir) -> list[str]:
+    """What in `run_dir` came from weights past step 0 (final/, sft_model/, eval/<label>.json and
+    .episodes.jsonl of a trained label), relative names: a resume that finds no checkpoint must not
+    restart next to them (the table would describe other weights than final/)."""
+    found = [name for name in ("final", "sft_model") if (run_dir / name).exists()]
+    for path in sorted((run_dir / "eval").glob("*.json*")):
+        label = path.name.removesuffix(".json").removesuffix(".episodes.jsonl")
+        if label not in _STEP0_LABELS and path.name in (f"{label}.json", f"{label}.episodes.jsonl"):
+            found.append(f"eval/{path.name}")
+    return found
 
 
 class Trainer:

@@ -122,3 +122,35 @@ def test_a_run_with_zero_steps_and_plots_on_finishes(tmp_path, inputs):
     assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "timings.json").is_file()
     assert not (run_dir / "plots").exists(), "plots of nothing"
     assert (run_dir / "final" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_resume_without_checkpoints_refuses_next_to_trained_outputs(tmp_path, inputs):
+    """checkpoints/ gone, final/ and eval/sft.json kept: `--resume` used to print "starting from
+    scratch", retrain, replace final/ and keep the old evaluations in the table (issue 23, fault 4)."""
+    import shutil
+
+    from singleturn.trainer.run_dir import RunDirError
+
+    _train(_cfg(tmp_path, inputs, checkpoint={"export_final": True}))
+    run_dir = tmp_path / "r"
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "sft.json").write_text('{"success_rate": 0.5}')
+    (run_dir / "eval" / "random.json").write_text('{"success_rate": 0.0}')
+    shutil.rmtree(run_dir / "checkpoints")
+    final = (run_dir / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(
+        RunDirError, match=r"no checkpoint, but holds outputs of trained weights \(final, eval/sft\.json\)"
+    ):
+        _train(_cfg(tmp_path, inputs, checkpoint={"resume": True}))
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == final
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path, inputs):
+    """Killed before its first checkpoint: only step-0 outputs (the random baseline) exist, which a
+    restart from step 0 reproduces; the resume starts from scratch and keeps them."""
+    run_dir = tmp_path / "r"
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "random.json").write_text('{"success_rate": 0.0}')
+    _train(_cfg(tmp_path, inputs, checkpoint={"resume": True}))
+    assert (run_dir / "checkpoints" / "step_2").is_dir() and (run_dir / "eval" / "random.json").is_file()
