@@ -13,6 +13,7 @@ silently broken peers' evaluations), and writes JSON + a markdown table.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import statistics
 import time
@@ -23,6 +24,8 @@ from singleturn.harness.atomic import write_text_atomic
 from singleturn.harness.games import versions
 from singleturn.harness.prompts import policy_actions
 from singleturn.harness.rollout import Episode, run_episodes
+
+log = logging.getLogger(__name__)  # warnings print even when logging is not configured
 
 
 def _mean(xs):
@@ -150,6 +153,7 @@ def evaluate(
     step_timeout: float = 60.0,
     pool=None,
     episodes_log=None,
+    log_settings: dict | None = None,
 ) -> EvalReport:
     """Play each game once with `policy`; see the module docstring. Returns an `EvalReport`.
 
@@ -158,18 +162,25 @@ def evaluate(
     there (an evaluation killed part-way) are reused and only the other games are played, so a
     resumed evaluation loses at most the episodes in flight. (With deterministic decoding the
     resumed report equals an uninterrupted one up to batch-composition rounding on near-ties.)
+    The log's first line records the settings the episodes were played with (the games, max_steps,
+    expert, prompt settings, seed, policy name, and `log_settings`: what else decides the episodes,
+    e.g. the policy's decoding); a log played with other settings is restarted, never mixed.
     """
     games = [str(g) for g in games]
     act, name = _policy_act(policy, history_window, seed, system_prompt)
-    done = read_episodes_log(episodes_log, games) if episodes_log else {}
+    settings = {
+        "games": games, "max_steps": max_steps, "expert": expert, "history_window": history_window,
+        "system_prompt": system_prompt, "seed": seed, "policy": name, **(log_settings or {}),
+    }  # fmt: skip
+    done = _resume_episodes_log(episodes_log, games, settings) if episodes_log else {}
     todo = [i for i in range(len(games)) if i not in done]
     t0 = time.perf_counter()
-    log = open(episodes_log, "a") if episodes_log else None  # closed below
+    log_file = open(episodes_log, "a") if episodes_log else None  # closed below
     try:
 
         def keep(j: int, ep: Episode) -> None:  # j indexes `todo`
-            log.write(json.dumps({"index": todo[j], **ep.to_dict()}) + "\n")
-            log.flush()
+            log_file.write(json.dumps({"index": todo[j], **ep.to_dict()}) + "\n")
+            log_file.flush()
 
         played = run_episodes(
             [games[i] for i in todo],
@@ -180,11 +191,11 @@ def evaluate(
             batch_size=batch_size,
             step_timeout=step_timeout,
             pool=pool if not done else None,  # a pool is built over the full list
-            on_episode=keep if log else None,
+            on_episode=keep if log_file else None,
         ) if todo else []  # fmt: skip
     finally:
-        if log:
-            log.close()
+        if log_file:
+            log_file.close()
     seconds = time.perf_counter() - t0
     by_index = {**done, **dict(zip(todo, played))}
     episodes = [by_index[i] for i in range(len(games))]
@@ -220,10 +231,39 @@ def evaluate(
     return report
 
 
+def _resume_episodes_log(path, games: list[str], settings: dict) -> dict[int, Episode]:
+    """The finished episodes of `path` when its header records `settings`; otherwise (no file, a log
+    without header, other settings) {} and the log restarted with a header of `settings` alone."""
+    path = Path(path)
+    header = None
+    if path.is_file():
+        with open(path) as f:
+            first = f.readline()
+        try:
+            header = json.loads(first).get("settings")
+        except (ValueError, AttributeError):  # a log of an older version, or a torn first line
+            header = None
+    if header == settings:
+        return read_episodes_log(path, games)
+    if path.is_file():
+        old = header or {}
+        changed = [
+            k if k == "games" else f"{k}: {json.dumps(old.get(k))} -> {json.dumps(settings.get(k))}"
+            for k in sorted(old.keys() | settings.keys())
+            if old.get(k) != settings.get(k)
+        ]
+        log.warning(
+            f"{path}: played with other settings ({'; '.join(changed) if header else 'none recorded'}): "
+            "restarting this evaluation"
+        )
+    write_text_atomic(path, json.dumps({"settings": settings}) + "\n")
+    return {}
+
+
 def read_episodes_log(path, games: list[str]) -> dict[int, Episode]:
-    """{game index: Episode} from an `evaluate(episodes_log=)` file (missing file: {}). A last line cut
-    by a kill is dropped (it is replayed); any other bad line, or an episode of another games list,
-    is an error naming the file and line."""
+    """{game index: Episode} from an `evaluate(episodes_log=)` file (missing file: {}; the settings
+    header is skipped). A last line cut by a kill is dropped (it is replayed); any other bad line,
+    or an episode of another games list, is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         return {}
@@ -238,6 +278,8 @@ def read_episodes_log(path, games: list[str]) -> dict[int, Episode]:
             if n == len(lines):  # no newline after it: the write in flight when the run died
                 break
             raise ValueError(f"{path}:{n}: not a JSON episode") from None
+        if n == 1 and "settings" in d:
+            continue
         i = d.pop("index", None)
         if not isinstance(i, int) or not 0 <= i < len(games) or d.get("game") != games[i]:
             raise ValueError(

@@ -5,7 +5,8 @@ uniform-random policy over admissible actions, the table's floor) with `harness.
 rank 0 and writes eval/<label>.json and eval/<label>.md; every rank must call it (the model's full
 weights are gathered collectively with `fsdp.summon_full_params`; rank 0 plays, the others wait).
 A label already evaluated (its json exists: a resumed run) is not evaluated again; one killed
-part-way resumes from eval/<label>.episodes.jsonl (its finished episodes). eval/<label>.md, then
+part-way resumes from eval/<label>.episodes.jsonl (its finished episodes), unless it was played
+with other settings (eval.* may change on resume: the games, step limit, decoding), which restart it. eval/<label>.md, then
 eval/<label>.json are written atomically (the json last: it marks the label done); a json that
 does not parse all the same (damaged on disk) is an error naming the file and what to delete. The policy is
 `model.policy.ModelPolicy` with the run's `PolicySpec` (decoding, constraints, dtype, prompt
@@ -15,6 +16,7 @@ settings), the same spec `final/policy.json` carries for `python -m singleturn.h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -88,6 +90,7 @@ class Evaluator:
             system_prompt=self.spec.system_prompt,
             seed=seed,
             episodes_log=log,
+            log_settings={"spec": dataclasses.asdict(self.spec)},  # eval.* may change on resume
         )
 
     def _model(self, label: str) -> dict:

@@ -57,22 +57,49 @@ def test_a_killed_evaluation_resumes_from_its_episodes_log(train_games, tmp_path
     log = tmp_path / "random.episodes.jsonl"
     first = evaluate("random", games, max_steps=6, seed=3, episodes_log=log)
     assert first.episodes == whole.episodes and first.meta["resumed_episodes"] == 0
-    lines = log.read_text().splitlines()
+    header, *lines = log.read_text().splitlines()
+    assert json.loads(header)["settings"]["max_steps"] == 6
     assert sorted(json.loads(x)["index"] for x in lines) == [0, 1, 2, 3]
     # Killed after two episodes, the third one's line half written.
-    log.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:17])
+    log.write_text(header + "\n" + lines[0] + "\n" + lines[1] + "\n" + lines[2][:17])
     assert len(read_episodes_log(log, [str(g) for g in games])) == 2
     resumed = evaluate("random", games, max_steps=6, seed=3, episodes_log=log)
     assert resumed.meta["resumed_episodes"] == 2
     assert resumed.episodes == whole.episodes and resumed.success_rate == whole.success_rate
     assert resumed.action_accuracy == whole.action_accuracy
-    # A log written for another games list is refused, naming the file and line.
-    with pytest.raises(ValueError, match=r"random\.episodes\.jsonl:1: episode of game"):
-        evaluate("random", list(reversed(games)), max_steps=6, seed=3, episodes_log=log)
+    # An episode of another games list is refused, naming the file and line.
     bad = tmp_path / "bad.jsonl"
+    bad.write_text(lines[0] + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: episode of game"):
+        read_episodes_log(bad, [str(g) for g in reversed(games)])
     bad.write_text("{not json\n" + lines[0] + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: not a JSON episode"):
         read_episodes_log(bad, [str(g) for g in games])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"max_steps": 4}, {"games": 3}, {"games": -1}, {"seed": 4}, {"log_settings": {"decoding": "sample"}}],
+    ids=["max_steps", "fewer-games", "reversed-games", "seed", "policy-settings"],
+)
+def test_an_episodes_log_of_other_settings_restarts_the_evaluation(train_games, tmp_path, change, caplog):
+    """Killed mid-evaluation, resumed with another eval.max_steps / eval.max_games / decoding (which
+    a resume may change): the old episodes are dropped and every game is played with the new
+    settings, never 16 at the old step limit and 8 at the new (issue 23, fault 5)."""
+    games = train_games[:4]
+    log = tmp_path / "random.episodes.jsonl"
+    evaluate("random", games, max_steps=6, seed=3, episodes_log=log)
+    header, *lines = log.read_text().splitlines()
+    log.write_text("\n".join([header, *lines[:2]]) + "\n")  # killed after two episodes
+    kw = {"max_steps": 6, "seed": 3}
+    n = change.pop("games", 4)
+    new_games = list(reversed(games)) if n == -1 else games[:n]
+    kw.update(change)
+    resumed = evaluate("random", new_games, episodes_log=log, **kw)
+    fresh = evaluate("random", new_games, **kw)
+    assert resumed.meta["resumed_episodes"] == 0 and resumed.episodes == fresh.episodes
+    assert "played with other settings" in caplog.text and "restarting this evaluation" in caplog.text
+    assert json.loads(log.read_text().splitlines()[0])["settings"]["max_steps"] == kw["max_steps"]
 
 
 @pytest.mark.parametrize(
