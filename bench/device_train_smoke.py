@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    states, tok = write_synthetic_inputs(work, n=64)
+    (work / "inputs").mkdir(exist_ok=True)
+    states, tok = write_synthetic_inputs(work / "inputs", n=64)  # not beside the result rows
     dtype = "bfloat16" if cuda else "float32"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",

@@ -155,6 +155,7 @@ def test_seed_and_offset_pass_as_int64_twos_complement():
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.delenv("SINGLETURN_RL_PREBUILT", raising=False)  # the build path, not a prebuilt library
     monkeypatch.setattr(_csrc, "_state", {"tried": False, "loaded": False, "fake": _csrc._state["fake"]})
     monkeypatch.setattr(_csrc, "op_registered", lambda name="sample_tokens": False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
