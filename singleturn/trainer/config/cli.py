@@ -164,7 +164,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
             raise ConfigError("--algo and --run.stages both set the stages; give one")
         stages = raw.get("run", {}).get("stages", RunConfig().stages)
         raw = {**raw, "run": {**raw.get("run", {}), "stages": algo_stages(list(stages), algo)}}
-    return build_config(raw, overrides)
+    from singleturn.trainer.config.auto_dtype import resolve_auto_dtypes
+
+    return resolve_auto_dtypes(build_config(raw, overrides))
 
 
 def format_config(cfg: TrainConfig) -> str:

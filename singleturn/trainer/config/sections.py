@@ -159,14 +159,16 @@ class FSDPConfig:
     autocast: str = "none"
     """Mixed precision of the training forwards: 'bfloat16' runs them under torch.autocast (matmuls
     in bf16, weights, gradients and AdamW stay fp32; on CPUs with avx512_bf16 ~1.5-2x faster), 'none'
-    keeps param_dtype. Rollout/eval dtype: rollout.dtype."""
+    keeps param_dtype, 'auto' picks bfloat16 where this machine runs it natively (CUDA; CPUs with
+    avx512_bf16 / amx_bf16) and 'none' elsewhere, at parse time. Rollout/eval dtype: rollout.dtype."""
 
     def __post_init__(self):
         for k in ("param_dtype", "reduce_dtype"):
             v = getattr(self, k)
             _check(v in ("float32", "bfloat16"), f"fsdp.{k}={v!r}: 'float32' or 'bfloat16'")
         _check(
-            self.autocast in ("none", "bfloat16"), f"fsdp.autocast={self.autocast!r}: 'none' or 'bfloat16'"
+            self.autocast in ("none", "bfloat16", "auto"),
+            f"fsdp.autocast={self.autocast!r}: 'none', 'bfloat16' or 'auto'",
         )
 
 

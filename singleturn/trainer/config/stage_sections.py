@@ -59,7 +59,8 @@ class RolloutConfig:
     max_new_tokens: int = 24
     """Longest response."""
     dtype: str = "float32"
-    """Dtype of the full weights gathered for the rollout phase ('float32' or 'bfloat16')."""
+    """Dtype of the full weights gathered for the rollout phase and evaluation ('float32', 'bfloat16', or
+    'auto': the fastest on this machine, resolved at parse time, see trainer/config/auto_dtype.py)."""
 
     def __post_init__(self):
         _check(
@@ -72,7 +73,8 @@ class RolloutConfig:
         _check(self.top_k >= 0, "rollout.top_k must be >= 0")
         _check(self.max_new_tokens > 0, "rollout.max_new_tokens must be > 0")
         _check(
-            self.dtype in ("float32", "bfloat16"), f"rollout.dtype={self.dtype!r}: 'float32' or 'bfloat16'"
+            self.dtype in ("float32", "bfloat16", "auto"),
+            f"rollout.dtype={self.dtype!r}: 'float32', 'bfloat16' or 'auto'",
         )
 
 
