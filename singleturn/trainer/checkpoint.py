@@ -9,6 +9,11 @@ Layout of `run_dir/checkpoints/step_N/`:
                                every file's byte size and crc32, and a crc32 of the manifest itself
 A checkpoint is written under `checkpoints/.tmp_step_N/` and renamed to `step_N/` by rank 0 once
 every rank has written its files (barrier): a `step_N/` directory is complete by construction.
+Room is made first: rank 0 deletes `.tmp_step_*` leftovers and prunes to the newest keep_last - 1
+complete checkpoints (at least one: the newest is never deleted), so a save needs room for one new
+checkpoint, and lowering keep_last cures a full disk. A write that fails on any rank is known to
+every rank (gathered) and rank 0 removes the temporary directory; a full disk raises `DiskFullError`
+on every rank (one line: the directory, bytes needed and free, what is intact, a remedy that works).
 The run directory must be on a filesystem every rank sees (multi-node: a shared one).
 A checkpoint never holds a non-finite parameter: `save_checkpoint` and `export_final` refuse
 (`CheckpointError`, with the count and the first offending parameter) before writing anything.
@@ -44,7 +49,7 @@ API:
     verify_checkpoint(path) -> str | None                                 # None: loadable
     export_final(out_dir, fsdp, model_config, tokenizer_path) -> Path     # HF format, rank 0 writes
     file_crc32(path) -> str
-    CheckpointError
+    CheckpointError, DiskFullError (trainer/disk_full.py)
 """
 
 from __future__ import annotations
@@ -63,10 +68,12 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from singleturn.trainer.disk_full import DiskFullError, is_disk_full, no_room_message, pickled, write_bytes
 from singleturn.trainer.dist import barrier, broadcast_object, get_rank, get_world_size, is_main
 
 __all__ = [
     "CheckpointError",
+    "DiskFullError",
     "save_checkpoint",
     "load_latest_checkpoint",
     "export_final",
@@ -160,16 +167,19 @@ def _nonfinite_parameters(fsdp) -> str | None:
 def save_checkpoint(run_dir, step: int, *, fsdp, optimizer, extra: dict, keep_last: int = 3) -> Path:
     """Write `run_dir/checkpoints/step_{step}/` (collective: every rank calls it); keep the newest
     `keep_last` complete checkpoints. `extra` is this rank's picklable dict. Returns the path.
-    Raises CheckpointError, before writing anything, when a parameter is non-finite."""
+    Older checkpoints are pruned to keep_last - 1 (never the newest) *before* writing, so a save needs
+    room for one new checkpoint only. Raises CheckpointError, before writing anything, when a
+    parameter is non-finite; DiskFullError when the filesystem is full (the partial checkpoint is
+    removed, the older ones stay loadable)."""
     if why := _nonfinite_parameters(fsdp):
         raise CheckpointError(f"refusing to save checkpoint step_{step}: {why}; earlier checkpoints kept")
     root = Path(run_dir) / "checkpoints"
     tmp, final = root / f".tmp_step_{step}", root / f"step_{step}"
     rank, world = get_rank(), get_world_size()
     if is_main():
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a leftover of a crashed save of the same step
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        _make_room(root, keep_last)
+        tmp.mkdir()
     barrier()
 
     tensors = {f"{name}/param": t.to("cpu").contiguous() for name, t in fsdp.sharded_state_dict().items()}
@@ -179,34 +189,77 @@ def save_checkpoint(run_dir, step: int, *, fsdp, optimizer, extra: dict, keep_la
     else:
         groups = []
     shard_file, extra_file = f"shard_rank{rank}.safetensors", f"extra_rank{rank}.pt"
-    save_file(tensors, str(tmp / shard_file), metadata={"step": str(step), "rank": str(rank)})
-    torch.save(extra, tmp / extra_file)
-    # Each rank hashes what it wrote (read back from the page cache): the cost is split over ranks.
-    files = {
-        f: {"bytes": (tmp / f).stat().st_size, "crc32": file_crc32(tmp / f)} for f in (shard_file, extra_file)
-    }
-    all_files = _gather_objects(files)
+    files, failure, extra_bytes = None, None, pickled(extra)
+    try:
+        save_file(tensors, str(tmp / shard_file), metadata={"step": str(step), "rank": str(rank)})
+        write_bytes(tmp / extra_file, extra_bytes)
+        # Each rank hashes what it wrote (read back from the page cache): the cost is split over ranks.
+        files = {
+            f: {"bytes": (tmp / f).stat().st_size, "crc32": file_crc32(tmp / f)}
+            for f in (shard_file, extra_file)
+        }
+    except Exception as e:  # every rank must learn of it, or the others wait in the gather forever
+        failure = e
+    need = sum(t.nbytes for t in tensors.values()) + len(extra_bytes)  # this rank's (headers add little)
+    written = _gather_objects((files, need, _describe(failure)))
+    need = sum(n for _, n, _ in written)
+    problems = [(r, f) for r, (_, _, f) in enumerate(written) if f]
 
-    if is_main():
+    if is_main() and not problems:
         manifest = {
             "format": _FORMAT,
             "step": step,
             "world_size": world,
             "layout": fsdp.layout(),
             "param_groups": groups,
-            "files": {k: v for s in all_files for k, v in s.items()},
+            "files": {k: v for s, _, _ in written for k, v in s.items()},
         }
         manifest["checksum"] = _manifest_checksum(manifest)
-        with open(tmp / _MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)  # the commit point
-        _prune(root, keep_last)
-    barrier()
+        try:
+            write_bytes(tmp / _MANIFEST, json.dumps(manifest, indent=1).encode(), fsync=True)
+            if final.exists():  # re-saving a step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)  # the commit point
+        except Exception as e:
+            failure = e
+            problems = [(rank, _describe(e))]
+        else:
+            _prune(root, keep_last)
+    problems = broadcast_object(problems)
+    if problems:
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)  # never loaded, but it holds the space
+        barrier()
+        _raise_save_failure(root, step, need, problems, failure)
     return final
+
+
+def _make_room(root: Path, keep_last: int) -> None:
+    """Before a save: delete temporary directories of saves that never committed (a crash or a full
+    disk; never loaded, they only hold space) and the complete checkpoints beyond the newest
+    keep_last - 1, never the newest one, so with keep_last = K a full disk is cured by a smaller K."""
+    for p in root.glob(".tmp_step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+    _prune(root, max(keep_last - 1, 1))
+
+
+def _describe(e: Exception | None) -> tuple[bool, str] | None:
+    """(disk full?, 'Type: message') of a failed write, picklable for the other ranks; None: no failure."""
+    return None if e is None else (is_disk_full(e), f"{type(e).__name__}: {e}")
+
+
+def _raise_save_failure(root: Path, step: int, need: int, problems: list, failure: Exception | None):
+    """Every rank raises: DiskFullError when every failure was a full disk; else this rank's own
+    exception (a traceback), or a CheckpointError naming the rank that failed."""
+    if all(full for _, (full, _) in problems):
+        kept = [p for _, p in _complete_steps(root)]
+        raise DiskFullError(no_room_message(root, f"checkpoint step_{step}", need, kept)) from failure
+    if failure is not None and not is_disk_full(failure):
+        raise failure
+    r, (_, what) = next((r, p) for r, p in problems if not p[0])
+    raise CheckpointError(
+        f"checkpoint step_{step} not written: rank {r} failed ({what}); earlier checkpoints kept"
+    )
 
 
 def _complete_steps(root: Path) -> list[tuple[int, Path]]:
@@ -414,7 +467,9 @@ def load_latest_checkpoint(run_dir, *, fsdp, optimizer) -> dict | None:
                 if f"{name}/{key}" in saved_keys:
                     state[key] = _read_range(path, old, key, lo, hi)
             if f"{name}/step" in saved_keys:
-                state["step"] = f0.get_tensor(f"{name}/step")  # identical on every rank
+                # identical on every rank; a copy: a tensor backed by the file would keep it mapped,
+                # so its space would not come back when the checkpoint is pruned (a full disk)
+                state["step"] = f0.get_tensor(f"{name}/step").clone()
             if state:
                 opt_state[name] = state
     fsdp.load_sharded_state_dict({n: t.to(fsdp.device) for n, t in shards.items()})

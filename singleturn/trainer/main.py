@@ -8,7 +8,9 @@ repository root on sys.path[0], so everything is imported as `singleturn.x` from
 Errors a user fixes stop with one line on stderr, printed by local rank 0 only: `config error: ...`
 (exit 2) for a bad config, a locked or already-used run directory, a --resume with other settings;
 `checkpoint error: ...` (exit 3) when checkpoints exist but none is intact; `non-finite error: ...`
-(exit 4) after run.max_nonfinite_steps consecutive non-finite updates (none reached the weights). Config checks, the
+(exit 4) after run.max_nonfinite_steps consecutive non-finite updates (none reached the weights);
+`disk full error: ...` (exit 5) when a write finds its filesystem full or over quota (a checkpoint
+save names the directory, the bytes needed, what is intact and a remedy). Config checks, the
 world-size ones included (WORLD_SIZE from torchrun's environment), run before the process group
 exists. Under torchrun the worker also writes the message to TORCHELASTIC_ERROR_FILE, so torchrun's
 failure summary names it as the root cause; that summary itself (a Python traceback ending in
@@ -27,6 +29,7 @@ import torch
 
 from singleturn.trainer.checkpoint import CheckpointError
 from singleturn.trainer.config import ConfigError, parse_args, validate_for_world
+from singleturn.trainer.disk_full import DiskFullError, is_disk_full
 from singleturn.trainer.dist import destroy, init_distributed
 from singleturn.trainer.optim import NonFiniteError
 
@@ -38,7 +41,7 @@ def _set_threads(num_threads: int) -> None:
     torch.set_num_threads(num_threads)
 
 
-def _fail(kind: str, e: Exception, code: int) -> int:
+def _fail(kind: str, e: Exception | str, code: int) -> int:
     """Print `kind: message` once per node (local rank 0) and record it for torchrun; return code."""
     msg = f"{kind}: {e}"
     if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -74,6 +77,12 @@ def main(argv: list[str]) -> int:
         return _fail("checkpoint error", e, 3)
     except NonFiniteError as e:
         return _fail("non-finite error", e, 4)
+    except DiskFullError as e:
+        return _fail("disk full error", e, 5)
+    except Exception as e:  # a full disk met by another writer (metrics, evaluation, export)
+        if not is_disk_full(e):
+            raise
+        return _fail("disk full error", f"{type(e).__name__}: {e} (writing under {cfg.run_dir})", 5)
     finally:
         destroy()
     return 0

@@ -210,7 +210,8 @@ class CheckpointConfig:
     every: int = 0
     """Save a sharded checkpoint every N optimizer steps (0: only at stage ends)."""
     keep_last: int = 3
-    """Checkpoints kept (older ones deleted)."""
+    """Checkpoints kept (older ones deleted). A save first deletes all but the newest keep_last - 1
+    (never the newest), so the disk holds at most max(keep_last, 2) checkpoints at once."""
     resume: bool = False
     """Resume from the newest complete checkpoint of the run directory (also `--resume`)."""
     export_final: bool = True
