@@ -202,15 +202,16 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )  # (B, H, T, hd)
         else:
-            if attn_mask is not None:
-                raise ValueError("attn_mask is for cache-free forwards (input_pos=None)")
             if self.kv_cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call model.setup_caches(...) first")
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
             k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
-            # A query at position p sees cache slots 0..p of its own row (slots past p hold stale data).
-            slots = torch.arange(k_all.shape[2], device=x.device)
-            mask = slots[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, S)
+            if attn_mask is None:
+                # A query in slot p sees cache slots 0..p of its own row (slots past p hold stale data).
+                slots = torch.arange(k_all.shape[2], device=x.device)
+                mask = slots[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, S)
+            else:  # (B, T, S) bool over cache slots: e.g. a candidate trie scored on top of a cache
+                mask = attn_mask[:, None]
             # GQA without copying the cache: the rep = H / n_kv query heads that share a kv head
             # (heads h*rep .. h*rep+rep-1, HF's grouping) become rep*T query rows of that kv head.
             rep = self.n_heads // self.n_kv_heads
@@ -322,7 +323,11 @@ class Transformer(nn.Module):
         """tokens (B, T) int64 -> h (B, T, D) after the final norm, in the parameter dtype.
 
         input_pos None: positions 0..T-1 (training, prefill). input_pos (B, T) or (T,) int64: absolute
-        per-row positions, reading and writing the KV cache (decoding).
+        per-row positions, reading and writing the KV cache (decoding). With a cache, `positions` (B, T)
+        (RoPE) and `attn_mask` (B, T, cache_len) bool (which cache slots each token sees) together
+        decouple a token's slot from its position: a trie of candidates written into slots past a
+        row's length, each node attending the row's committed slots and its own ancestors
+        (model/episode_cache.py).
         Tree / packed attention (cache-free only): `attn_mask` replaces the causal mask and `positions`
         (B, T) int64 gives each token's RoPE position; e.g. GRPO groups [prompt | r_1 | ... | r_G] or
         packed SFT examples (model.masks builders), or a prompt followed by candidate continuations
@@ -336,11 +341,14 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, D)
         if input_pos is None:
             pos = torch.arange(T, device=tokens.device) if positions is None else positions
-        elif positions is not None or attn_mask is not None:
-            raise ValueError("positions / attn_mask are for cache-free forwards (input_pos=None)")
         else:
             input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
-            pos = input_pos
+            if (positions is None) != (attn_mask is None) or not (attn_mask is None or torch.is_tensor(attn_mask)):
+                raise ValueError(
+                    "with input_pos (cache slots), positions (RoPE) and attn_mask (B, T, cache_len) bool "
+                    "go together: a tree of tokens scored on top of a KV cache"
+                )
+            pos = input_pos if positions is None else positions
         cos, sin = _rope_cos_sin(pos, self.inv_freq, h.dtype)  # (T, hd) or (B, T, hd)
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos, attn_mask)

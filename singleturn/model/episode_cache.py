@@ -1,0 +1,194 @@
+"""Live episodes as growing token sequences: each turn computes only the tokens it adds.
+
+`EpisodeCache(model, rows, max_len)` holds one static KV cache row per live episode (the model's
+`setup_caches`). The three operations an agent loop needs, batched over the episodes in lockstep:
+
+- `append(new_tokens)`: row r's committed sequence grows by new_tokens[r] (the next observation, the
+  action taken, ...; an empty list leaves the row as it is). Only the new tokens are computed; they
+  attend to the row's cache. The hidden state of each row's last token is kept: it predicts what
+  comes next.
+- `score(candidates)`: the total log-prob of each candidate continuation of each row (ranked
+  decoding over the admissible commands), computed as a token trie on top of the cache and then
+  dropped: a trie node is written into a cache slot past the row's length, sits at RoPE position
+  len + depth and attends the row's committed slots, its ancestors and itself (the same function as
+  `generate.score_continuations` over the whole sequence, which recomputes the prefix every time).
+  The trie's slots are overwritten by the next `append`; a query never sees a slot past its own.
+- `next_logits()`: the logits of each row's next token (greedy or sampled decoding drives `append`
+  with one token at a time).
+
+Everything is exact with respect to the cache-free path (tests/model/test_episode_cache.py: fp32
+scores to 1e-5, greedy tokens identical, over several turns, with suffixes added and dropped, rows of
+different lengths). What a prompt holds and how an episode is written as a sequence are the caller's
+choice; the ids appended are the ids used (a chosen action's tokens are appended as they were scored
+or generated, never re-tokenized).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from singleturn.model.generate import _token_trie
+from singleturn.model.transformer import Transformer
+
+__all__ = ["EpisodeCache"]
+
+
+class EpisodeCache:
+    """One KV-cache row per episode; see the module docstring. Needs full (unsharded) weights."""
+
+    def __init__(self, model: Transformer, rows: int, max_len: int, *, dtype: torch.dtype | None = None):
+        if rows < 1 or max_len < 2:
+            raise ValueError(f"EpisodeCache needs rows >= 1 and max_len >= 2, got {rows}, {max_len}")
+        self.model, self.rows, self.max_len = model, rows, max_len
+        self.device = model.tok_embeddings.weight.device
+        # The caches are this object's, installed on the model only for the length of its own forwards:
+        # any other forward of the model in between (a cache-free one writes the caches it finds,
+        # `generate` replaces them) can neither corrupt them nor be slowed by them.
+        model.setup_caches(rows, max_len + 1, dtype=dtype)  # + a scratch slot for pads (see append)
+        self._caches = [layer.attention.kv_cache for layer in model.layers]
+        model.clear_caches()
+        self.lengths = [0] * rows
+        self._last_h = torch.zeros(rows, model.config.dim, dtype=dtype or model.tok_embeddings.weight.dtype,
+                                   device=self.device)  # fmt: skip
+        self.computed_tokens = 0  # tokens through the model so far (appended + scored trie nodes)
+
+    def close(self) -> None:
+        """Free the caches."""
+        self._caches = []
+
+    @contextlib.contextmanager
+    def _installed(self):
+        if not self._caches:
+            raise RuntimeError("EpisodeCache is closed")
+        layers = self.model.layers
+        before = [layer.attention.kv_cache for layer in layers]
+        for layer, cache in zip(layers, self._caches):
+            layer.attention.kv_cache = cache
+        try:
+            yield
+        finally:
+            for layer, cache in zip(layers, before):
+                layer.attention.kv_cache = cache
+
+    def reset(self, rows: Sequence[int]) -> None:
+        """Start rows over (a new episode in a finished one's row); their old slots become invisible."""
+        for r in rows:
+            self.lengths[r] = 0
+
+    def _check_room(self, r: int, extra: int, what: str) -> None:
+        if self.lengths[r] + extra > self.max_len:
+            raise ValueError(
+                f"episode row {r}: {self.lengths[r]} tokens + {extra} {what} exceed the cache's max_len "
+                f"{self.max_len} (window the episode or raise max_len; nothing is truncated silently)"
+            )
+
+    @torch.no_grad()
+    def append(self, new_tokens: Sequence[Sequence[int]]) -> None:
+        """Commit new_tokens[r] to row r (len(new_tokens) == rows; empty lists skip a row)."""
+        if len(new_tokens) != self.rows:
+            raise ValueError(f"append: {len(new_tokens)} token lists for {self.rows} rows")
+        T = max(len(t) for t in new_tokens)
+        if T == 0:
+            return
+        for r, t in enumerate(new_tokens):
+            self._check_room(r, len(t), "new tokens")
+        live = [r for r, t in enumerate(new_tokens) if t]
+        # Rows 0..B-1 of the cache take part (KVCache.update works on a leading block); rows without new
+        # tokens and the pads of shorter rows write into slots past their row's length, which no later
+        # query sees before an append overwrites them; past max_len they go to the scratch slot
+        # max_len, which holds no token of any row (a query at slot p < max_len never sees it).
+        B = max(live) + 1
+        tokens = torch.zeros((B, T), dtype=torch.int64)
+        slots = torch.empty((B, T), dtype=torch.int64)
+        for r in range(B):
+            t = list(new_tokens[r])
+            tokens[r, : len(t)] = torch.as_tensor(t, dtype=torch.int64) if t else tokens[r, :0]
+            slots[r] = (self.lengths[r] + torch.arange(T)).clamp(max=self.max_len)
+        tokens, slots = tokens.to(self.device), slots.to(self.device)
+        with self._installed():
+            h = self.model.hidden(tokens, input_pos=slots)  # (B, T, D)
+        for r in live:
+            n = len(new_tokens[r])
+            self._last_h[r] = h[r, n - 1]
+            self.lengths[r] += n
+        self.computed_tokens += sum(len(new_tokens[r]) for r in live)
+
+    @torch.no_grad()
+    def next_logits(self) -> torch.Tensor:
+        """(rows, V) logits of each row's next token (fp32); rows that hold no token yet are garbage."""
+        return self.model.output(self._last_h).float()
+
+    @torch.no_grad()
+    def score(
+        self, candidates: Sequence[Sequence[Sequence[int]]], suffix: Sequence[Sequence[int]] | None = None
+    ) -> list[list[float]]:
+        """Total log-prob (fp32 log-softmax, fp64 sum) of each candidate after each row's sequence.
+
+        candidates[r]: row r's candidates (non-empty token lists; [] for a row not scored). suffix[r]
+        (optional): per-turn tokens between the sequence and the candidates (e.g. this turn's admissible
+        list and the assistant header), computed once as the trie's trunk, seen by every candidate and
+        not counted in its total. Nothing is committed: append what the episode keeps afterwards."""
+        if len(candidates) != self.rows:
+            raise ValueError(f"score: {len(candidates)} candidate lists for {self.rows} rows")
+        for r, cands in enumerate(candidates):
+            if any(len(c) == 0 for c in cands):
+                raise ValueError(f"score: row {r} has an empty candidate")
+        if suffix is not None:
+            if len(suffix) != self.rows:
+                raise ValueError(f"score: {len(suffix)} suffixes for {self.rows} rows")
+            skip = [len(suffix[r]) if candidates[r] else 0 for r in range(self.rows)]
+            candidates = [[list(suffix[r]) + list(c) for c in cands] for r, cands in enumerate(candidates)]
+        else:
+            skip = [0] * self.rows
+        scored = [r for r, c in enumerate(candidates) if c]
+        if not scored:
+            return [[] for _ in candidates]
+        for r in scored:
+            if self.lengths[r] == 0:
+                raise ValueError(f"score: row {r} holds no tokens yet (append its prompt first)")
+        tries = {r: _token_trie(candidates[r]) for r in scored}
+        S = max(len(t.tokens) for t in tries.values())
+        for r in scored:
+            self._check_room(r, len(tries[r].tokens), "trie nodes")
+        B = max(scored) + 1
+        tokens = torch.zeros((B, S), dtype=torch.int64)
+        slots = torch.empty((B, S), dtype=torch.int64)
+        positions = torch.zeros((B, S), dtype=torch.int64)
+        mask = torch.zeros((B, S, self.max_len + 1), dtype=torch.bool)
+        for r in range(B):
+            L = self.lengths[r]
+            slots[r] = (L + torch.arange(S)).clamp(max=self.max_len)  # pads past max_len: the scratch slot
+            mask[r, torch.arange(S), slots[r]] = True  # every query sees itself: no all-masked row
+            t = tries.get(r)
+            if t is None:
+                continue
+            M = len(t.tokens)
+            tokens[r, :M] = torch.as_tensor(t.tokens, dtype=torch.int64)
+            positions[r, :M] = L + torch.as_tensor(t.depth, dtype=torch.int64)
+            mask[r, :M, :L] = True  # every node sees the committed sequence
+            anc: list[list[int]] = []
+            for i, par in enumerate(t.parent):  # a parent precedes its children
+                anc.append((anc[par] if par >= 0 else []) + [L + i])
+                mask[r, i, anc[i]] = True
+        with self._installed():
+            h = self.model.hidden(
+                tokens.to(self.device), input_pos=slots.to(self.device), positions=positions.to(self.device),
+                attn_mask=mask.to(self.device),
+            )  # fmt: skip
+        out: list[list[float]] = [[] for _ in candidates]
+        for r in scored:
+            t = tries[r]
+            inner = sorted({p for p in t.parent if p >= 0})
+            pred = torch.cat(
+                [self._last_h[r : r + 1], h[r, inner]]
+            )  # predictors: the last token, inner nodes
+            logp = self.model.output(pred).float().log_softmax(-1)  # (1 + inner, V)
+            row_of = {p: k + 1 for k, p in enumerate(inner)}
+            idx = torch.as_tensor([0 if p < 0 else row_of[p] for p in t.parent], device=self.device)
+            node_logp = logp[idx, torch.as_tensor(t.tokens, device=self.device)].double().cpu().tolist()
+            out[r] = [float(sum(node_logp[v] for v in path[skip[r] :])) for path in t.paths]
+        self.computed_tokens += sum(len(tries[r].tokens) for r in scored)
+        return out

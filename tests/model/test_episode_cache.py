@@ -1,0 +1,141 @@
+"""EpisodeCache (model/episode_cache.py) against the cache-free paths, exactly.
+
+Several episodes of different lengths advance in lockstep over several turns; at each turn every row's
+candidates are scored as a trie on top of the cache (then dropped) and compared with
+`score_continuations` over the whole committed sequence (fp32: 1e-5); greedy decoding through the cache
+gives the same tokens as `generate` on the whole sequence.
+"""
+
+import random
+
+import pytest
+import torch
+
+from singleturn.model.episode_cache import EpisodeCache
+from singleturn.model.generate import generate, score_continuations
+
+V = 1003
+
+
+def _cands(rng, n):
+    # shared prefixes (a trie with inner nodes), duplicates, a candidate that prefixes another
+    base = [rng.randrange(3, V) for _ in range(3)]
+    out = [base[:1] + [rng.randrange(3, V) for _ in range(rng.randint(0, 3))] for _ in range(n)]
+    return out + [base[:1], list(out[0])]
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 4])
+def test_incremental_scores_equal_the_cache_free_path_over_turns(hf_pair, n_kv_heads):
+    _, model = hf_pair(seed=3, n_kv_heads=n_kv_heads)
+    rng = random.Random(0)
+    rows = 3
+    seqs = [[rng.randrange(3, V) for _ in range(n)] for n in (5, 11, 2)]  # prompts of different lengths
+    cache = EpisodeCache(model, rows, max_len=160)
+    cache.append(seqs)
+    for turn in range(4):
+        cands = [_cands(rng, rng.randint(2, 6)) for _ in range(rows)]
+        if turn == 2:
+            cands[1] = []  # a row not scored this turn
+        got = cache.score(cands)
+        live = [r for r in range(rows) if cands[r]]
+        ref = score_continuations(model, [seqs[r] for r in live], [cands[r] for r in live])
+        for r, want in zip(live, ref):
+            assert len(got[r]) == len(want)
+            for g, w in zip(got[r], want):
+                assert abs(g - w) <= 1e-5 * max(1.0, abs(w)), (turn, r, g, w)
+        assert got[1] == [] if turn == 2 else True
+        # commit: the chosen candidate + a new observation of a different length per row (row 2 idles at turn 1)
+        new = []
+        for r in range(rows):
+            if turn == 1 and r == 2:
+                new.append([])
+                continue
+            chosen = cands[r][0] if cands[r] else [7]
+            new.append(chosen + [rng.randrange(3, V) for _ in range(rng.randint(1, 9))])
+        cache.append(new)
+        for r in range(rows):
+            seqs[r] += new[r]
+        # other forwards of the same model in between (cache-free, and generate's own caches) leave it intact
+        generate(model, [[3, 4, 5]], num_samples=2, max_new_tokens=3, temperature=0.0, stop_ids=())
+        assert cache.lengths == [len(s) for s in seqs]
+    cache.close()
+
+
+def test_greedy_through_the_cache_equals_generate(hf_pair):
+    _, model = hf_pair(seed=4, n_kv_heads=2)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
+    ref = generate(model, prompts, num_samples=1, max_new_tokens=8, temperature=0.0, stop_ids=())
+    cache = EpisodeCache(model, 3, max_len=64)
+    cache.append(prompts)
+    cache.score([[[20, 21], [22]], [[23]], [[24, 25, 26]]])  # a suffix scored and dropped first
+    out = [[] for _ in prompts]
+    for _ in range(8):
+        nxt = cache.next_logits().argmax(-1).tolist()
+        for r, t in enumerate(nxt):
+            out[r].append(t)
+        cache.append([[t] for t in nxt])
+    assert out == ref.tokens.tolist()
+    cache.close()
+
+
+def test_reset_starts_a_row_over(hf_pair):
+    _, model = hf_pair(seed=5, n_kv_heads=1)
+    cache = EpisodeCache(model, 2, max_len=64)
+    cache.append([[5, 6, 7, 8], [9, 10]])
+    cache.append([[11, 12], [13]])
+    cache.reset([0])
+    cache.append([[30, 31, 32], []])  # a new episode in row 0; row 1 goes on
+    cands = [[[40], [41, 42]], [[43, 44]]]
+    got = cache.score(cands)
+    ref = score_continuations(model, [[30, 31, 32], [9, 10, 13]], cands)
+    for g_row, r_row in zip(got, ref):
+        assert max(abs(g - r) for g, r in zip(g_row, r_row)) <= 1e-5
+
+
+def test_overflow_is_an_error_not_a_truncation(hf_pair):
+    _, model = hf_pair(seed=6, n_kv_heads=1)
+    cache = EpisodeCache(model, 2, max_len=8)
+    cache.append([[1, 2, 3, 4, 5, 6, 7], [1]])
+    with pytest.raises(ValueError, match="exceed the cache's max_len 8"):
+        cache.score([[[5, 6]], []])  # 7 tokens + 2 trie nodes
+    with pytest.raises(ValueError, match="exceed the cache's max_len 8"):
+        cache.append([[1, 2], []])
+    assert cache.lengths == [7, 1]  # nothing committed by a refused call
+    cache.append([[8], [2]])  # row 0 fills exactly; its pads never clobber its last token
+    got = cache.score([[], [[4], [4, 5]]])
+    ref = score_continuations(model, [[1, 2]], [[[4], [4, 5]]])
+    assert max(abs(g - r) for g, r in zip(got[1], ref[0])) <= 1e-5
+    with pytest.raises(ValueError, match="holds no tokens"):
+        EpisodeCache(model, 1, max_len=8).score([[[1]]])
+
+
+def test_counts_only_the_tokens_it_computes(hf_pair):
+    _, model = hf_pair(seed=7, n_kv_heads=1)
+    cache = EpisodeCache(model, 2, max_len=64)
+    cache.append([[1, 2, 3], [4]])
+    cache.score([[[5, 6], [5, 7]], [[8]]])  # trie nodes: 5, 6, 7 and 8
+    cache.append([[5, 6, 9], []])
+    assert cache.computed_tokens == 4 + 4 + 3
+    torch.testing.assert_close(
+        cache.next_logits()[0], model(torch.tensor([[1, 2, 3, 5, 6, 9]]))[0, -1].float(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_per_turn_suffix_is_seen_not_counted_and_dropped(hf_pair):
+    # The admissible list of this turn (say) sits between the history and the candidates: every candidate
+    # is scored after it, its own log-prob is not in the totals, and the next append forgets it.
+    _, model = hf_pair(seed=8, n_kv_heads=2)
+    hist = [[5, 6, 7, 8], [9, 10, 11]]
+    suffix = [[50, 51, 52], [53]]
+    cands = [[[60, 61], [60, 62], [63]], [[64], [64, 65, 66]]]
+    cache = EpisodeCache(model, 2, max_len=64)
+    cache.append(hist)
+    got = cache.score(cands, suffix=suffix)
+    full = score_continuations(model, [h + s for h, s in zip(hist, suffix)], cands)
+    for g_row, f_row in zip(got, full):
+        assert max(abs(g - f) for g, f in zip(g_row, f_row)) <= 1e-5
+    cache.append([[60, 61, 70], [64, 71]])  # the chosen actions and the next observations; no suffix kept
+    got = cache.score([[[80]], [[81, 82]]])
+    ref = score_continuations(model, [hist[0] + [60, 61, 70], hist[1] + [64, 71]], [[[80]], [[81, 82]]])
+    for g_row, r_row in zip(got, ref):
+        assert max(abs(g - r) for g, r in zip(g_row, r_row)) <= 1e-5
