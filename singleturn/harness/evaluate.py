@@ -22,6 +22,7 @@ from pathlib import Path
 
 from singleturn.harness.atomic import write_text_atomic
 from singleturn.harness.games import versions
+from singleturn.harness.progress import Progress
 from singleturn.harness.prompts import policy_actions
 from singleturn.harness.rollout import Episode, run_episodes
 
@@ -177,10 +178,13 @@ def evaluate(
     t0 = time.perf_counter()
     log_file = open(episodes_log, "a") if episodes_log else None  # closed below
     try:
+        progress = Progress(f"[eval] {name}: episodes", len(todo))
 
         def keep(j: int, ep: Episode) -> None:  # j indexes `todo`
-            log_file.write(json.dumps({"index": todo[j], **ep.to_dict()}) + "\n")
-            log_file.flush()
+            progress.update()
+            if log_file:
+                log_file.write(json.dumps({"index": todo[j], **ep.to_dict()}) + "\n")
+                log_file.flush()
 
         played = run_episodes(
             [games[i] for i in todo],
@@ -191,7 +195,7 @@ def evaluate(
             batch_size=batch_size,
             step_timeout=step_timeout,
             pool=pool if not done else None,  # a pool is built over the full list
-            on_episode=keep if log_file else None,
+            on_episode=keep,
         ) if todo else []  # fmt: skip
     finally:
         if log_file:

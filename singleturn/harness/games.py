@@ -39,6 +39,7 @@ import alfworld.gen.constants as C
 import alfworld.gen.goal_library as glib
 
 from singleturn.harness import scenes
+from singleturn.harness.progress import Progress
 
 log = logging.getLogger(__name__)  # warnings print even when logging is not configured
 
@@ -445,11 +446,18 @@ def _generate_into(out_dir: Path, args: dict, task_types: tuple, cfg: GenConfig,
         (str(out_dir), split, seed, i, task_types[i % len(task_types)], cfg) for i in range(args["num_games"])
     ]
     t0 = time.perf_counter()
+    progress = Progress(f"[games] {split}: generated", len(jobs))
     if num_workers > 1:
         with ProcessPoolExecutor(num_workers) as pool:
-            results = list(pool.map(_generate_one, jobs))
+            results = []
+            for r in pool.map(_generate_one, jobs):
+                results.append(r)
+                progress.update()
     else:
-        results = [_generate_one(j) for j in jobs]
+        results = []
+        for j in jobs:
+            results.append(_generate_one(j))
+            progress.update()
     manifest = {
         "args": args,
         "games": [r[0] for r in results],

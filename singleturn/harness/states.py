@@ -15,6 +15,7 @@ import json
 import random
 from pathlib import Path
 
+from singleturn.harness.progress import Progress
 from singleturn.harness.prompts import policy_actions
 
 STATE_KEYS = ("game", "task_type", "step", "goal", "history", "observation", "admissible", "expert_action")
@@ -58,6 +59,8 @@ def collect_states(
         actions = policy_actions(policy, states, history_window, system_prompt)
         return [s["expert_action"] if rng.random() < beta else a for s, a in zip(states, actions)]
 
+    games = list(games)
+    progress = Progress(f"[states] {'expert' if policy is None else 'policy'} episodes played", len(games))
     played = run_episodes(
         games,
         act,
@@ -66,6 +69,7 @@ def collect_states(
         expert=expert,
         on_state=on_state,
         stop_without_expert=True,
+        on_episode=lambda i, ep: progress.update(),
     )
     out_jsonl = Path(out_jsonl)
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
