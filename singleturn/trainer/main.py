@@ -10,12 +10,16 @@ Errors a user fixes stop with one line on stderr, printed by local rank 0 only: 
 `checkpoint error: ...` (exit 3) when checkpoints exist but none is intact; `non-finite error: ...`
 (exit 4) after run.max_nonfinite_steps consecutive non-finite updates (none reached the weights);
 `disk full error: ...` (exit 5) when a write finds its filesystem full or over quota (a checkpoint
-save names the directory, the bytes needed, what is intact and a remedy). Config checks, the
-world-size ones included (WORLD_SIZE from torchrun's environment), run before the process group
-exists. Under torchrun the worker also writes the message to TORCHELASTIC_ERROR_FILE, so torchrun's
-failure summary names it as the root cause; that summary itself (a Python traceback ending in
-ChildFailedError, the "Root Cause" table, exit status 1) is printed by the torchrun launcher
-whenever a worker exits non-zero and cannot be turned off from the worker.
+save names the directory, the bytes needed, what is intact and a remedy). SIGTERM / SIGINT stop the
+run at the next step boundary after saving a checkpoint of that step: `stopped: SIGTERM after step
+N: saved ...; continue with --resume`, exit 143 / 130 (128 + the signal number;
+singleturn/trainer/signals.py). Config checks, the world-size ones included (WORLD_SIZE from
+torchrun's environment), run before the process group exists. Under torchrun the worker also writes
+the message to TORCHELASTIC_ERROR_FILE, so torchrun's failure summary names it as the root cause;
+that summary itself (a Python traceback ending in ChildFailedError, the "Root Cause" table with the
+worker's `exitcode`, exit status 1) is printed by the torchrun launcher whenever a worker exits
+non-zero, and neither it nor torchrun's exit status can be set from the worker. A single-process run
+started as `python trainer/main.py ...` (no torchrun: world size 1) exits with these codes itself.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from singleturn.trainer.config import ConfigError, parse_args, validate_for_worl
 from singleturn.trainer.disk_full import DiskFullError, is_disk_full
 from singleturn.trainer.dist import destroy, init_distributed
 from singleturn.trainer.optim import NonFiniteError
+from singleturn.trainer.signals import Interrupted
 
 
 def _set_threads(num_threads: int) -> None:
@@ -79,6 +84,8 @@ def main(argv: list[str]) -> int:
         return _fail("non-finite error", e, 4)
     except DiskFullError as e:
         return _fail("disk full error", e, 5)
+    except Interrupted as e:
+        return _fail("stopped", e, e.code)
     except Exception as e:  # a full disk met by another writer (metrics, evaluation, export)
         if not is_disk_full(e):
             raise

@@ -28,6 +28,7 @@ from singleturn.trainer.evaluation import Evaluator, comparison_table, load_eval
 from singleturn.trainer.metrics import MetricsLogger, write_plots
 from singleturn.trainer.optim import NonFiniteError, make_optimizer
 from singleturn.trainer.run_dir import RunDirError, write_run_config
+from singleturn.trainer.signals import Interrupted, StopSignals
 from singleturn.trainer.stages import STAGES, Stage, StageContext, StageSpan, stage_spans
 
 
@@ -161,20 +162,29 @@ class Trainer:
         )  # fmt: skip
 
     def train(self) -> None:
-        """Run every configured stage end to end (all ranks call this)."""
+        """Run every configured stage end to end (all ranks call this). SIGTERM / SIGINT stop it at
+        the next step boundary with a checkpoint: `Interrupted` (trainer/signals.py)."""
+        with StopSignals() as self.stop:
+            self._train()
+
+    def _train(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         if cfg.eval.random_baseline:
-            self.evaluate("random", 0)
+            self._evaluate("random", 0)
         if cfg.eval.zero_shot:
-            self.evaluate("zero-shot", 0)
+            self._evaluate("zero-shot", 0)
         for span in stage_spans(cfg):
             if span.last > self.start:
                 stage = self._enter(span)
                 t_stage = time.perf_counter()
                 for step in range(max(span.first, self.start + 1), span.last + 1):
                     self._step(stage, span, step)
-                    if self.checkpointer.should_save(step, span):
+                    signum = self.stop.requested()  # every rank stops after the same step
+                    if self.checkpointer.should_save(step, span) or signum:
                         self.checkpointer.save(step, stage, ctx)
+                    if signum:
+                        self.metrics.close()
+                        raise Interrupted(signum, f"after step {step}: saved {_checkpoint_dir(cfg, step)}")
                     if cfg.run.stop_after_step == step:
                         _log0(f"[run] run.stop_after_step={step}: stopping after the checkpoint (debug)")
                         self.metrics.close()
@@ -186,17 +196,25 @@ class Trainer:
                         and step != span.last
                     ):
                         self.clock.add(f"train/{span.name}", time.perf_counter() - t_stage)
-                        self.evaluate(f"step_{step}", step)
+                        self.evaluate(f"step_{step}", step)  # the boundary above checked for a signal
                         t_stage = time.perf_counter()
                 self.clock.add(f"train/{span.name}", time.perf_counter() - t_stage)
             STAGES[span.name].finish(ctx)  # also when a resumed run finished the stage earlier
             if STAGES[span.name].kind != "warmup":  # the warm-up model is not a policy yet
-                self.evaluate(span.name, span.last)
+                self._evaluate(span.name, span.last)
         self._export()
         self.clock.add("total", time.perf_counter() - self.t_start)
         if is_main():
             self._finish()
         self.metrics.close()
+
+    def _evaluate(self, label: str, step: int) -> None:
+        """Evaluate, unless a signal came: then stop before the (long) evaluation. Nothing is left to
+        save: a stage's last step is always checkpointed, and step 0 trained nothing."""
+        if signum := self.stop.requested():
+            self.metrics.close()
+            raise Interrupted(signum, f"before the evaluation '{label}' (step {step}): nothing left to save")
+        self.evaluate(label, step)
 
     # ------------------------------------------------------------------------------------ parts
     def _start_run_dir(self) -> None:
@@ -340,6 +358,10 @@ class Trainer:
             f"[run] done: {run_dir} (skipped steps: {c.skipped_steps}, of them non-finite: {c.nonfinite_steps})",
             flush=True,
         )
+
+
+def _checkpoint_dir(cfg: TrainConfig, step: int):
+    return cfg.run_dir / "checkpoints" / f"step_{step}"
 
 
 def _export(directory, fsdp, model_cfg, tokenizer, tokenizer_path, export_final) -> None:
