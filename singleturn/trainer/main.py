@@ -24,6 +24,7 @@ started as `python trainer/main.py ...` (no torchrun: world size 1) exits with t
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -91,6 +92,11 @@ def main(argv: list[str]) -> int:
             raise
         return _fail("disk full error", f"{type(e).__name__}: {e} (writing under {cfg.run_dir})", 5)
     finally:
+        # Free what a failed run left in reference cycles (its traceback's frames hold the trainer)
+        # while the process group exists: freed at interpreter exit instead, after the group, gloo
+        # aborts the process ("terminate called without an active exception", SIGABRT) and torchrun
+        # reports -6 for that rank instead of its exit code.
+        gc.collect()
         destroy()
     return 0
 

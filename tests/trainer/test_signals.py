@@ -2,8 +2,8 @@
 (issue 23, fault 9): 143 for SIGTERM, 130 for SIGINT (trainer/signals.py).
 
 `torchrun trainer/main.py` on the tiny synthetic setup of test_resume.py, with an SFT stage far longer
-than the test: once the first step is in metrics.jsonl, a signal goes to the worker alone (a
-scheduler signalling the training process), to the whole process group (Ctrl-C, SLURM: torchrun
+than the test: once the first step is in metrics.jsonl, a signal goes to one of 2 workers alone (a
+scheduler signalling one training process: the ranks must agree on the step to stop at), to the whole process group (Ctrl-C, SLURM: torchrun
 forwards it, so the worker gets it twice), or to a plain `python trainer/main.py` (world size 1),
 whose exit code is the worker's. The run must stop after the step it was in, with a
 checkpoint of exactly that step, and `--resume` must continue from there.
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from test_resume import REPO, TORCHRUN, run_torchrun, tiny_args
 
+from singleturn.trainer.checkpoint import verify_checkpoint
 from singleturn.trainer.signals import StopSignals
 from singleturn.trainer.synthetic import write_synthetic_inputs
 
@@ -38,10 +39,11 @@ def _steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in rows if r["kind"] == "sft"]
 
 
-def _worker_pid(launcher: int) -> int:
+def _one_worker_pid(launcher: int) -> int:
+    """The pid of one of torchrun's 2 workers (either rank: the other must stop at the same step)."""
     children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
-    assert len(children) == 1, f"torchrun's children: {children}"
-    return int(children[0])
+    assert len(children) == 2, f"torchrun's children: {children}"
+    return int(children[-1])
 
 
 @pytest.mark.parametrize(
@@ -52,9 +54,9 @@ def test_signal_saves_the_step_it_stopped_at_and_resume_continues(inputs, sig, t
     name = f"{sig.name}-{target}"
     args = tiny_args(root, states, tok, name) + ["--sft.steps=100000"]  # runs until signalled
     run_dir = root / "runs" / name
-    launcher = (
-        [sys.executable] if target == "python" else [str(TORCHRUN), "--standalone", "--nproc_per_node=1"]
-    )
+    nproc = 2 if target == "worker" else 1
+    torchrun = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"]
+    launcher = [sys.executable] if target == "python" else torchrun
     cmd = [*launcher, str(REPO / "trainer/main.py"), *args]
     with open(root / f"{name}.out", "w+") as out, open(root / f"{name}.err", "w+") as err:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -67,7 +69,7 @@ def test_signal_saves_the_step_it_stopped_at_and_resume_continues(inputs, sig, t
                 f"no step logged (exit {proc.poll()}):\n{(root / f'{name}.err').read_text()}"
             )
             if target == "worker":
-                os.kill(_worker_pid(proc.pid), sig)
+                os.kill(_one_worker_pid(proc.pid), sig)
             elif target == "python":  # no torchrun: world size 1, the process is the worker
                 os.kill(proc.pid, sig)
             else:
@@ -92,10 +94,14 @@ def test_signal_saves_the_step_it_stopped_at_and_resume_continues(inputs, sig, t
         assert f"exitcode  : {128 + sig}" in stderr, stderr[-3000:]
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == [f"step_{last}"], f"{ckpts}: expected the step it stopped at, complete"
+    assert verify_checkpoint(run_dir / "checkpoints" / f"step_{last}") is None
+    shards = sorted(p.name for p in (run_dir / "checkpoints" / f"step_{last}").glob("shard_rank*"))
+    assert len(shards) == nproc, f"{shards}: every rank saved the same step"
 
     resumed = run_torchrun(
         tiny_args(root, states, tok, name)
-        + ["--sft.steps=100000", "--resume", f"--run.stop_after_step={last + 1}"]
+        + ["--sft.steps=100000", "--resume", f"--run.stop_after_step={last + 1}"],
+        nproc=nproc,
     )
     assert f"continuing after step {last}" in resumed.stdout, resumed.stdout[-2000:]
     assert _steps(run_dir) == list(range(1, last + 2))
