@@ -41,7 +41,7 @@ def lower_bound(
     from singleturn.model import Tokenizer, load_hf_checkpoint
     from singleturn.model.policy import encode_prompt
     from singleturn.trainer.data import pack_completions
-    from singleturn.trainer.stages.sft import action_logprobs
+    from singleturn.trainer.policy_loss import action_logprobs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, mcfg = load_hf_checkpoint(final_dir, device=device, dtype=torch.float32)

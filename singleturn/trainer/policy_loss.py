@@ -265,3 +265,15 @@ def grpo_forward_backward(
         "kl": sums["kl"] / n,
         "nonfinite": int(sums["nonfinite"]),
     }
+
+
+def action_logprobs(model, head, packed) -> torch.Tensor:
+    """logp[N] fp32 of packed.targets under the model (differentiable): hidden -> gather -> fused head.
+
+    packed: padded rows (trainer.data.PackedBatch) or packed rows with positions and a mask
+    (model.masks.PackedRows)."""
+    from singleturn.kernels.token_logprobs import token_logprobs
+
+    h = _hidden(model, packed)  # (B, T, D)
+    h_N = h[packed.rows, packed.cols]  # (N, D)
+    return token_logprobs(h_N, head(), packed.targets)  # (N,) fp32

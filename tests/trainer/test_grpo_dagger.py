@@ -226,7 +226,7 @@ def _stage(world, **dagger):
 
 
 def test_stage_mixes_policy_states_and_counts_the_budget(world):
-    from singleturn.trainer.stages.sft import local_examples
+    from singleturn.trainer.stages import local_examples
 
     ctx, stage = _stage(world)
     per = STAGES["grpo-dagger"].samples_per_step(ctx.cfg)

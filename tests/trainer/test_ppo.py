@@ -190,7 +190,7 @@ def test_collect_episodes_records_the_policys_own_turns(real_games):
     from singleturn.trainer.data import pack_completions
     from singleturn.trainer.episodes import collect_episodes
     from singleturn.trainer.fsdp import apply_fsdp
-    from singleturn.trainer.stages.sft import action_logprobs
+    from singleturn.trainer.policy_loss import action_logprobs
 
     tok = train_tokenizer(["go to countertop 1", "take cloth 1 from sinkbasin 1", "Your task is to"], 300)
     torch.manual_seed(0)

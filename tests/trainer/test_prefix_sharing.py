@@ -13,12 +13,13 @@ import torch
 from singleturn.trainer.data import Example
 from singleturn.trainer.policy_loss import (
     Layout,
+    action_logprobs,
     fill_reference_logprobs,
     grpo_forward_backward,
     micro_batches,
     select_sequences,
 )
-from singleturn.trainer.stages.sft import action_logprobs, sft_forward_backward
+from singleturn.trainer.stages.sft import sft_forward_backward
 
 V = 53
 

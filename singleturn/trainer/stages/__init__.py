@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from singleturn.trainer.data import batch_indices, rank_slice
 from singleturn.trainer.dist import barrier, is_main
 from singleturn.trainer.optim import NonFiniteError, lr_at, optimizer_step
 
@@ -218,6 +219,12 @@ def stage_spans(cfg) -> list[StageSpan]:
 
 def rl_stage_names() -> tuple[str, ...]:
     return tuple(n for n, s in STAGES.items() if s.kind == "rl")
+
+
+def local_examples(ctx: StageContext, i: int, batch_size: int) -> list:
+    """This rank's share of global batch i (a pure function of the step: resume needs no state)."""
+    idx = batch_indices(i, batch_size, len(ctx.examples), ctx.cfg.data.seed)
+    return [ctx.examples[j] for j in rank_slice(idx, ctx.info.rank, ctx.info.world_size)]
 
 
 # The registry: one import per stage file (registration order = table order).

@@ -21,20 +21,9 @@ from singleturn.trainer.data import Example
 from singleturn.trainer.dist import all_reduce_sums
 from singleturn.trainer.policy_loss import select_sequences
 from singleturn.trainer.reward import expert_match_rewards
-from singleturn.trainer.stages import Stage, StageContext, StageSpan, register
-from singleturn.trainer.stages.sft import local_examples
+from singleturn.trainer.rollout import rollout_dtype, rollout_seed
+from singleturn.trainer.stages import Stage, StageContext, StageSpan, local_examples, register
 from singleturn.trainer.update import UpdateSettings, policy_update
-
-
-def rollout_seed(run_seed: int, step: int, rank: int) -> int:
-    """A distinct, reproducible sampling seed per (run, step, rank)."""
-    return (run_seed * 1_000_003 + step * 7919 + rank * 104_729 + 1) & 0x7FFF_FFFF
-
-
-def rollout_dtype(cfg) -> torch.dtype:
-    from singleturn.model.policy import DTYPES
-
-    return DTYPES[cfg.rollout.dtype]
 
 
 @register

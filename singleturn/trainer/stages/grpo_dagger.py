@@ -41,8 +41,9 @@ import torch
 from singleturn.trainer.data import Example, batch_indices, build_examples, rank_slice
 from singleturn.trainer.dist import all_reduce_sums, broadcast_object
 from singleturn.trainer.episodes import train_games
+from singleturn.trainer.rollout import rollout_seed
 from singleturn.trainer.stages import StageContext, StageSpan, register
-from singleturn.trainer.stages.grpo import GRPOStage, rollout_seed
+from singleturn.trainer.stages.grpo import GRPOStage
 
 
 def refresh_due(i: int, every: int) -> bool:

@@ -17,22 +17,10 @@ import time
 
 import torch
 
-from singleturn.trainer.data import PACK_PAD, Example, batch_indices, chunks, pack_completions, rank_slice
+from singleturn.trainer.data import PACK_PAD, Example, chunks, pack_completions
 from singleturn.trainer.dist import all_reduce_max, all_reduce_sum, all_reduce_sums
-from singleturn.trainer.stages import Stage, StageContext, register
-
-
-def action_logprobs(model, head, packed) -> torch.Tensor:
-    """logp[N] fp32 of packed.targets under the model (differentiable): hidden -> gather -> fused head.
-
-    packed: padded rows (trainer.data.PackedBatch) or packed rows with positions and a mask
-    (model.masks.PackedRows)."""
-    from singleturn.kernels.token_logprobs import token_logprobs
-    from singleturn.trainer.policy_loss import _hidden
-
-    h = _hidden(model, packed)  # (B, T, D)
-    h_N = h[packed.rows, packed.cols]  # (N, D)
-    return token_logprobs(h_N, head(), packed.targets)  # (N,) fp32
+from singleturn.trainer.policy_loss import action_logprobs
+from singleturn.trainer.stages import Stage, StageContext, local_examples, register
 
 
 def _micro_batches(examples: list[Example], *, micro_batch_size, packing, max_tokens, row_len, device):
@@ -113,12 +101,6 @@ def sft_forward_backward(
         "num_tokens": int(global_tokens),
         "nonfinite": int(stats["nonfinite"]),
     }
-
-
-def local_examples(ctx: StageContext, i: int, batch_size: int) -> list[Example]:
-    """This rank's share of global batch i (a pure function of the step: resume needs no state)."""
-    idx = batch_indices(i, batch_size, len(ctx.examples), ctx.cfg.data.seed)
-    return [ctx.examples[j] for j in rank_slice(idx, ctx.info.rank, ctx.info.world_size)]
 
 
 @register
