@@ -108,8 +108,8 @@ class EpisodeCache:
             tokens[r, : len(t)] = torch.as_tensor(t, dtype=torch.int64) if t else tokens[r, :0]
             slots[r] = (self.lengths[r] + torch.arange(T)).clamp(max=self.max_len)
         tokens, slots = tokens.to(self.device), slots.to(self.device)
-        with self._installed():
-            h = self.model.hidden(tokens, input_pos=slots)  # (B, T, D)
+        with self._installed():  # attend only up to the highest slot written (not the whole max_len)
+            h = self.model.hidden(tokens, input_pos=slots, kv_len=int(slots.max()) + 1)  # (B, T, D)
         for r in live:
             n = len(new_tokens[r])
             self._last_h[r] = h[r, n - 1]
@@ -176,7 +176,7 @@ class EpisodeCache:
         with self._installed():
             h = self.model.hidden(
                 tokens.to(self.device), input_pos=slots.to(self.device), positions=positions.to(self.device),
-                attn_mask=mask.to(self.device),
+                attn_mask=mask[:, :, : int(slots.max()) + 1].to(self.device), kv_len=int(slots.max()) + 1,
             )  # fmt: skip
         out: list[list[float]] = [[] for _ in candidates]
         for r in scored:

@@ -174,6 +174,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         input_pos: torch.Tensor | None,
         attn_mask: torch.Tensor | None = None,
+        kv_len: int | None = None,
     ):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
@@ -206,12 +207,14 @@ class Attention(nn.Module):
                 raise RuntimeError("input_pos needs a KV cache: call model.setup_caches(...) first")
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
             k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+            if kv_len is not None:  # attend the first kv_len slots only (every query's own slot is below)
+                k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
             if attn_mask is None:
                 # A query in slot p sees cache slots 0..p of its own row (slots past p hold stale data).
                 slots = torch.arange(k_all.shape[2], device=x.device)
                 mask = slots[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, S)
             else:  # (B, T, S) bool over cache slots: e.g. a candidate trie scored on top of a cache
-                mask = attn_mask[:, None]
+                mask = attn_mask[:, None, :, : k_all.shape[2]]
             # GQA without copying the cache: the rep = H / n_kv query heads that share a kv head
             # (heads h*rep .. h*rep+rep-1, HF's grouping) become rep*T query rows of that kv head.
             rep = self.n_heads // self.n_kv_heads
@@ -243,8 +246,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.ffn_dim)
 
-    def forward(self, x, cos, sin, input_pos=None, attn_mask=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, attn_mask)
+    def forward(self, x, cos, sin, input_pos=None, attn_mask=None, kv_len=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, attn_mask, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -319,6 +322,7 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | SegmentMask | BlockMask | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) int64 -> h (B, T, D) after the final norm, in the parameter dtype.
 
@@ -327,7 +331,8 @@ class Transformer(nn.Module):
         (RoPE) and `attn_mask` (B, T, cache_len) bool (which cache slots each token sees) together
         decouple a token's slot from its position: a trie of candidates written into slots past a
         row's length, each node attending the row's committed slots and its own ancestors
-        (model/episode_cache.py).
+        (model/episode_cache.py). kv_len (cache only): attend the first kv_len slots, not the whole
+        cache (above every slot this call writes; the caller knows where its rows end).
         Tree / packed attention (cache-free only): `attn_mask` replaces the causal mask and `positions`
         (B, T) int64 gives each token's RoPE position; e.g. GRPO groups [prompt | r_1 | ... | r_G] or
         packed SFT examples (model.masks builders), or a prompt followed by candidate continuations
@@ -343,7 +348,9 @@ class Transformer(nn.Module):
             pos = torch.arange(T, device=tokens.device) if positions is None else positions
         else:
             input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
-            if (positions is None) != (attn_mask is None) or not (attn_mask is None or torch.is_tensor(attn_mask)):
+            if (positions is None) != (attn_mask is None) or not (
+                attn_mask is None or torch.is_tensor(attn_mask)
+            ):
                 raise ValueError(
                     "with input_pos (cache slots), positions (RoPE) and attn_mask (B, T, cache_len) bool "
                     "go together: a tree of tokens scored on top of a KV cache"
@@ -351,7 +358,7 @@ class Transformer(nn.Module):
             pos = input_pos if positions is None else positions
         cos, sin = _rope_cos_sin(pos, self.inv_freq, h.dtype)  # (T, hd) or (B, T, hd)
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos, attn_mask)
+            h = layer(h, cos, sin, input_pos, attn_mask, kv_len)
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:
