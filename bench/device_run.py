@@ -15,8 +15,9 @@ the CUDA sampler), the model's CUDA tests (FlexAttention tree masks vs dense att
 transformers by the 2x rule, generation and ranking vs the CPU), a hand-FSDP training run (SFT + GRPO,
 NCCL, bf16) through `torchrun trainer/main.py` on a synthetic states file; then the ceilings (copy
 GB/s, matmul TFLOP/s), `token_logprobs` fused vs unfused, train steps (LLaMA-3.2-1B shape and
-SmolLM2-135M shape, random weights), rollout tokens/s at several batch sizes, prefix sharing, the GRPO
-loss, the sampler, and a profiler trace. A part runs in its own process group under a time limit
+SmolLM2-135M shape, random weights), rollout tokens/s at several batch sizes, the evaluation engine
+(per-state re-encoding vs the episode cache), prefix sharing, the GRPO loss, the sampler, and a
+profiler trace. A part runs in its own process group under a time limit
 (min(its own, what is left of --budget-s)); one that fails or times out is recorded and the rest run;
 a part that no longer fits is skipped and said so.
 
@@ -88,6 +89,9 @@ STEPS: list[Step] = [
          _bench("bench_rollout.py", "--presets", "smollm2-135m", "llama3.2-1b", "--batch", "1", "16", "64", "256",
                 "--prompt-len", "384", "--new-tokens", "32", "--quick"),
          _bench("bench_rollout.py", "--cpu-smoke"), limit_s=75, parse_check=True),  # 61 s
+    Step("bench-episodes",  # the evaluation engine: per-state re-encoding vs the episode cache
+         _bench("bench_episodes.py", "--preset", "smollm2-135m", "--episodes", "64", "--turns", "8"),
+         _bench("bench_episodes.py", "--cpu-smoke"), limit_s=60, parse_check=True),
     Step("bench-prefix-sharing", _bench("bench_prefix_sharing.py", "--quick"),
          _bench("bench_prefix_sharing.py", "--cpu-smoke"), limit_s=60, parse_check=True),  # > 45 s
     Step("bench-grpo-loss", _bench("bench_grpo_loss.py", "--quick"), _bench("bench_grpo_loss.py", "--cpu-smoke"),
