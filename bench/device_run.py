@@ -99,7 +99,8 @@ STEPS: list[Step] = [
     Step("bench-sampling", _bench("bench_sampling.py", "--quick"), _bench("bench_sampling.py", "--cpu-smoke"),
          limit_s=20, parse_check=True),  # 7 s
     Step("profile-grpo-1b",
-         ["bench/profile_steps.py", "--algo", "grpo", "--preset", "llama3.2-1b", "--quick", "--run-dir", "{W}"],
+         ["bench/profile_steps.py", "--algo", "grpo", "--preset", "llama3.2-1b", "--quick", "--response-len", "32",
+          "--warmup", "1", "--steps", "1", "--run-dir", "{W}"],  # 2 quick steps of 128 decoded tokens: export > 60 s
          ["bench/profile_steps.py", "--algo", "grpo", "--device", "cpu", "--quick", "--run-dir", "{W}"],
          limit_s=90, parse_check=True),  # > 60 s (the trace export)
 ]  # fmt: skip
