@@ -36,7 +36,6 @@ logs and skips a bad one with its path and reason, and loads the first good one;
 (newer) ones are renamed to `step_N.corrupt`, so pruning never keeps them over new saves. When
 checkpoints exist but none is usable it raises `CheckpointError` listing each and why, so a resumed
 run stops instead of silently starting over; it returns None only when there is no checkpoint.
-Manifests written before checksums existed (byte sizes only) are checked by size.
 The flat layout of a unit does not depend on the world size (only the zero padding does), so a
 checkpoint written by W ranks loads on W' ranks: each rank reads just the slices of the old shards
 that overlap its new range (safetensors `get_slice`), for the parameters and for exp_avg /
@@ -305,8 +304,9 @@ def _read_manifest(path: Path) -> tuple[dict | None, str | None]:
             raise ValueError("'files' is not a table or 'world_size' not an int")
     except (OSError, ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
         return None, f"manifest.json unreadable ({type(e).__name__}: {e})"
-    legacy = all(isinstance(e, int) for e in files.values())  # written before checksums existed
-    if not legacy and manifest.get("checksum") != _manifest_checksum(manifest):
+    if not all(isinstance(e, dict) and {"bytes", "crc32"} <= e.keys() for e in files.values()):
+        return None, "manifest.json lists a file without its bytes and crc32 (not written by this version)"
+    if manifest.get("checksum") != _manifest_checksum(manifest):
         return None, (
             f"manifest.json checksum mismatch (crc32 {_manifest_checksum(manifest)}, "
             f"recorded {manifest.get('checksum')}): altered after it was written"
@@ -319,9 +319,8 @@ def _read_manifest(path: Path) -> tuple[dict | None, str | None]:
 
 
 def _file_problem(path: Path, name: str, entry) -> str | None:
-    """None when `path/name` matches its manifest entry ({"bytes", "crc32"}, or a byte size in
-    manifests without checksums), else why not."""
-    size, crc = (entry, None) if isinstance(entry, int) else (entry.get("bytes"), entry.get("crc32"))
+    """None when `path/name` matches its manifest entry ({"bytes", "crc32"}), else why not."""
+    size, crc = entry["bytes"], entry["crc32"]
     p = path / name
     try:
         if not p.is_file():
@@ -331,7 +330,7 @@ def _file_problem(path: Path, name: str, entry) -> str | None:
             return f"{name} truncated or altered ({got} bytes, manifest says {size})"
         if name.endswith(".safetensors") and (why := _safetensors_ok(p)):
             return f"{name}: {why}"
-        if crc is not None and (got_crc := file_crc32(p)) != crc:
+        if (got_crc := file_crc32(p)) != crc:
             return f"{name} checksum mismatch (crc32 {got_crc}, manifest says {crc}): corrupted on disk"
     except OSError as e:
         return f"{name} unreadable ({e})"

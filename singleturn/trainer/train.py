@@ -109,7 +109,7 @@ class Checkpointer:
                 )
             _log0("[resume] no complete checkpoint found: starting from scratch")
             return {}
-        if extra["config_hash"] not in (self.cfg.hash(), self.cfg.hash(legacy=True)):
+        if extra["config_hash"] != self.cfg.hash():
             raise ConfigError(
                 f"--resume: the checkpoint at step {extra['step']} was written with a different config "
                 f"(hash {extra['config_hash']} vs {self.cfg.hash()}); use a new run.name"

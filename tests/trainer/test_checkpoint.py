@@ -118,14 +118,26 @@ def test_read_range_reshards_with_padding(tmp_path, numel, old_world, new_world)
 def test_verify_checkpoint_rejects_bad_header(tmp_path):
     save_file({"u/param": torch.ones(5)}, str(tmp_path / "shard_rank0.safetensors"))
     torch.save({}, tmp_path / "extra_rank0.pt")
-    files = {f.name: f.stat().st_size for f in tmp_path.iterdir()}
-    (tmp_path / "manifest.json").write_text(json.dumps({"world_size": 1, "files": files}))
+    files = {f.name: {"bytes": f.stat().st_size, "crc32": file_crc32(f)} for f in tmp_path.iterdir()}
+    manifest = {"world_size": 1, "files": files}
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({**manifest, "checksum": _manifest_checksum(manifest)})
+    )
     assert verify_checkpoint(tmp_path) is None
     shard = tmp_path / "shard_rank0.safetensors"
     raw = bytearray(shard.read_bytes())
     raw[8] = ord("x")  # same size, broken JSON header
     shard.write_bytes(bytes(raw))
     assert "header" in verify_checkpoint(tmp_path)
+
+
+def test_a_manifest_without_checksums_is_refused(tmp_path):
+    # Byte sizes only (checkpoints of commits before 2026-12-02): no longer loaded, said so.
+    save_file({"u/param": torch.ones(5)}, str(tmp_path / "shard_rank0.safetensors"))
+    torch.save({}, tmp_path / "extra_rank0.pt")
+    files = {f.name: f.stat().st_size for f in tmp_path.iterdir()}
+    (tmp_path / "manifest.json").write_text(json.dumps({"world_size": 1, "files": files}))
+    assert "without its bytes and crc32" in verify_checkpoint(tmp_path)
 
 
 # --- fault injection (world 1, in this process): corruption that keeps sizes, unusable extras,

@@ -210,19 +210,14 @@ def test_a_key_added_in_a_later_version_blocks_resume_only_off_its_default(tmp_p
         check_resume_config(saved.run_dir, off)
 
 
-def test_resume_hash_leaves_out_default_settings_and_keeps_the_legacy_hash():
+def test_resume_hash_leaves_out_default_settings():
     import hashlib
 
     cfg = build_config({"optim": {"lr": 0.002}})
     # Only non-default settings are hashed: a key added later at its default changes nothing.
     want = hashlib.sha256(json.dumps({"optim.lr": 0.002}, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.hash() == want
-    # Checkpoints written before that rule hashed every trajectory setting but the [dagger] section.
-    legacy = {k: v for k, v in trajectory_settings(cfg.to_dict()).items() if not k.startswith("dagger.")}
-    assert (
-        cfg.hash(legacy=True) == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
-    )
-    assert build_config({"dagger": {"every": 2}}).hash(legacy=True) != build_config({}).hash(legacy=True)
+    assert build_config({"dagger": {"every": 2}}).hash() != build_config({}).hash()
 
 
 def test_resume_with_a_lower_keep_last_is_allowed_and_reported(tmp_path):

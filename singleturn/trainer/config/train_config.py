@@ -59,30 +59,18 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def hash(self, *, legacy: bool = False) -> str:
+    def hash(self) -> str:
         """Hash of the settings that determine the training trajectory, checked on resume: all but
         trainer/run_dir.py's RESUME_FREE_KEYS (checkpoint cadence, eval.*, logging, run location).
 
         Only the settings that differ from their defaults are hashed, so a key added in a later
-        version (at its default) does not orphan older checkpoints. legacy=True: the hash checkpoints
-        written before that rule carry (every setting but the sections added since, at defaults)."""
+        version (at its default) does not orphan older checkpoints."""
         from singleturn.trainer.run_dir import trajectory_settings  # run_dir imports ConfigError from here
 
         d = trajectory_settings(self.to_dict())
         defaults = trajectory_settings(TrainConfig().to_dict())
-        if legacy:
-            d = {
-                k: v
-                for k, v in d.items()
-                if not (k.partition(".")[0] in _ADDED_SECTIONS and v == defaults[k])
-            }
-        else:
-            d = {k: v for k, v in d.items() if v != defaults.get(k)}
+        d = {k: v for k, v in d.items() if v != defaults.get(k)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-_ADDED_SECTIONS = ("dagger",)
-"""Sections added after the all-settings hash (TrainConfig.hash(legacy=True) leaves them out)."""
 
 
 def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
