@@ -17,7 +17,7 @@ import types
 _EXPORTS = {
     "EvalReport": "evaluate",
     "evaluate": "evaluate",
-    "TASK_TYPES": "games",
+    "TASK_TYPES": "tasks",
     "GenConfig": "games",
     "find_games": "games",
     "generate_games": "games",

@@ -40,17 +40,10 @@ import alfworld.gen.goal_library as glib
 
 from singleturn.harness import scenes
 from singleturn.harness.progress import Progress
+from singleturn.harness.tasks import TASK_TYPES
 
 log = logging.getLogger(__name__)  # warnings print even when logging is not configured
 
-TASK_TYPES = (
-    "pick_and_place_simple",
-    "look_at_obj_in_light",
-    "pick_clean_then_place_in_recep",
-    "pick_heat_then_place_in_recep",
-    "pick_cool_then_place_in_recep",
-    "pick_two_obj_and_place",
-)
 SPLITS = ("train", "valid_seen", "valid_unseen")
 GENERATOR_VERSION = 1
 _DATA = Path(C.__file__).parents[1] / "data"

@@ -13,6 +13,7 @@ import statistics
 import typing
 from pathlib import Path
 
+from singleturn.harness.tasks import TASK_SHORT
 from singleturn.trainer.stages import STAGES
 from singleturn.trainer.stats import paired_over_seeds, pooled_success
 
@@ -131,9 +132,7 @@ def _success_table(summary: dict) -> list[str]:
 
 def _cost_table(summary: dict) -> list[str]:
     tasks = sorted({t for row in summary.values() for t in row["per_task"]})
-    short = {t: t.replace("pick_and_place_simple", "pick").replace("look_at_obj_in_light", "look")
-             .replace("pick_clean_then_place_in_recep", "clean").replace("pick_heat_then_place_in_recep", "heat")
-             .replace("pick_cool_then_place_in_recep", "cool").replace("pick_two_obj_and_place", "pick2") for t in tasks}  # fmt: skip
+    short = {t: TASK_SHORT.get(t, t) for t in tasks}
     head = ["method", *[short[t] for t in tasks], "action acc", "steps on wins (expert)", "invalid",
             "env failures", "samples", "env steps", "train s", "tokens/GPU"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from singleturn.harness.atomic import write_text_atomic
+from singleturn.harness.tasks import TASK_SHORT
 from singleturn.trainer.dist import barrier, broadcast_object, is_main
 from singleturn.trainer.run_dir import RunDirError
 
@@ -150,25 +151,15 @@ def _task_rates(report: dict) -> dict[str, float]:
     return out
 
 
-_SHORT = {
-    "pick_and_place_simple": "pick",
-    "look_at_obj_in_light": "look",
-    "pick_clean_then_place_in_recep": "clean",
-    "pick_heat_then_place_in_recep": "heat",
-    "pick_cool_then_place_in_recep": "cool",
-    "pick_two_obj_and_place": "pick2",
-}
-
-
 def comparison_table(rows: list[tuple[str, dict]]) -> str:
     """Markdown table: one row per (policy name, report dict)."""
     tasks = sorted(
         {t for _, r in rows for t in _task_rates(r)},
-        key=lambda t: list(_SHORT).index(t) if t in _SHORT else 99,
+        key=lambda t: list(TASK_SHORT).index(t) if t in TASK_SHORT else 99,
     )
     head = (
         ["policy", "success"]
-        + [_SHORT.get(t, t) for t in tasks]
+        + [TASK_SHORT.get(t, t) for t in tasks]
         + ["action acc", "steps (expert)", "invalid", "env failures"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
