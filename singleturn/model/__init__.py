@@ -8,6 +8,7 @@ Plain single-device PyTorch; parallelism is applied from outside (trainer/fsdp.p
 
 from singleturn.model.chat_template import ChatTemplateError
 from singleturn.model.config import PRESETS, LlamaConfig, RopeScaling
+from singleturn.model.episode_cache import EpisodeCache
 from singleturn.model.generate import Samples, generate, score_continuations
 from singleturn.model.hf_io import hf_to_ours, load_hf_checkpoint, ours_to_hf, save_hf_checkpoint
 from singleturn.model.masks import (
@@ -21,6 +22,7 @@ from singleturn.model.tokenizer import Tokenizer, train_tokenizer
 from singleturn.model.transformer import Transformer
 
 __all__ = [
+    "EpisodeCache",
     "PRESETS",
     "LlamaConfig",
     "RopeScaling",
