@@ -38,6 +38,8 @@ __all__ = [
     "ModelPolicy",
     "PolicySpec",
     "encode_prompt",
+    "prompt_budget",
+    "response_room",
     "load_policy",
     "sample_completions",
     "stop_ids",
@@ -56,6 +58,28 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
     ids = {tokenizer.eot_id}
     ids.update(getattr(tokenizer, "eos_ids", ()) or ())
     return tuple(sorted(ids))
+
+
+def prompt_budget(max_seq_len: int, response_tokens: int) -> int:
+    """The one prompt-length rule: a prompt keeps at most `max_seq_len - response_tokens` ids, where
+    response_tokens is what follows it in the same sequence: the SFT target (action + end of turn), the
+    longest admissible command + end of turn for ranked or trie-constrained decoding
+    (`response_room`), else max_new_tokens."""
+    if not 0 < response_tokens < max_seq_len:
+        raise ValueError(
+            f"a response of {response_tokens} tokens leaves no room in max_seq_len={max_seq_len}"
+        )
+    return max_seq_len - response_tokens
+
+
+def response_room(
+    tokenizer, admissible: Sequence[str], *, decoding: str, constrained: bool, max_new_tokens: int
+) -> int:
+    """Tokens the evaluation policy may add after a state's prompt: ranked and constrained decoding
+    produce an admissible command + end of turn (the longest one bounds it), free greedy max_new_tokens."""
+    if decoding == "rank" or constrained:
+        return max(len(tokenizer.encode(a)) + 1 for a in admissible)
+    return max_new_tokens
 
 
 def encode_prompt(tokenizer, messages: Sequence[dict], max_tokens: int) -> tuple[list[int], bool]:
@@ -152,7 +176,7 @@ class ModelPolicy:
         tries = [action_trie(self.tokenizer, a) for a in admissible] if self.constrained else None
         # Constrained: long enough for the longest admissible command (+ eot), whatever max_new_tokens.
         max_new = max(t.max_len for t in tries) if tries else self.max_new_tokens
-        prompts = self._prompts(batch, self.max_seq_len - max_new)
+        prompts = self._prompts(batch, prompt_budget(self.max_seq_len, max_new))
         texts: list[str] = []
         with torch.inference_mode():
             for i in range(0, len(prompts), self.max_batch):
@@ -187,7 +211,7 @@ class ModelPolicy:
             raise ValueError("ranking needs at least one admissible action per state")
         cands = [[self.tokenizer.encode(a) + [self.tokenizer.eot_id] for a in acts] for acts in admissible]
         longest = max(len(c) for row in cands for c in row)
-        prompts = self._prompts(batch, self.max_seq_len - longest)
+        prompts = self._prompts(batch, prompt_budget(self.max_seq_len, longest))
         scores = score_continuations(self.model, prompts, cands)
         self.calls += 1
         # Ties (exact in fp64 only for identical token sequences) go to the first listed command.

@@ -39,7 +39,7 @@ def lower_bound(
     """Per-step expert agreement along the expert trajectories and the product bounds (module doc)."""
     from singleturn.harness import parse_action, render_prompt
     from singleturn.model import Tokenizer, load_hf_checkpoint
-    from singleturn.model.policy import encode_prompt
+    from singleturn.model.policy import encode_prompt, prompt_budget, response_room
     from singleturn.trainer.data import pack_completions
     from singleturn.trainer.policy_loss import action_logprobs
 
@@ -47,11 +47,16 @@ def lower_bound(
     model, mcfg = load_hf_checkpoint(final_dir, device=device, dtype=torch.float32)
     tok = Tokenizer.from_file(str(final_dir / "tokenizer.json"))
     hw, ev = train_cfg.data.history_window, train_cfg.eval
-    max_prompt = mcfg.max_seq_len - ev.max_new_tokens
     states = [s for g in trajectories for s in trajectories[g]]
-    # The same prompt encoding and length policy as the evaluation policy.
+    # The same prompt encoding and length rule as the evaluation policy (its decoding's response room).
+    room = dict(decoding=ev.decoding, constrained=ev.constrained, max_new_tokens=ev.max_new_tokens)
     prompts = [
-        encode_prompt(tok, render_prompt(s, hw, train_cfg.data.system_prompt), max_prompt)[0] for s in states
+        encode_prompt(
+            tok,
+            render_prompt(s, hw, train_cfg.data.system_prompt),
+            prompt_budget(mcfg.max_seq_len, response_room(tok, s["admissible"], **room)),
+        )[0]
+        for s in states
     ]
     targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in states]
     logp = []

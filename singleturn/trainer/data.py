@@ -48,13 +48,13 @@ def build_examples(
 
     A state whose prompt would be cut (`encode_prompt`'s length policy) is dropped and counted.
     """
-    from singleturn.model.policy import encode_prompt
+    from singleturn.model.policy import encode_prompt, prompt_budget
 
     out, dropped = [], 0
     for state in states:
         target = tokenizer.encode(state["expert_action"]) + [tokenizer.eot_id]
         messages = prompt_messages(state, history_window, system_prompt)
-        prompt, truncated = encode_prompt(tokenizer, messages, max_seq_len - len(target))
+        prompt, truncated = encode_prompt(tokenizer, messages, prompt_budget(max_seq_len, len(target)))
         if truncated:
             dropped += 1
             continue

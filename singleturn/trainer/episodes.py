@@ -135,9 +135,9 @@ def collect_episodes(
     log: dict = {i: [] for i in range(len(games))}
     log["truncated"] = 0
     pending: list[int] = []
-    max_prompt = max_seq_len - rollout_cfg.max_new_tokens
-    from singleturn.model.policy import DTYPES
+    from singleturn.model.policy import DTYPES, prompt_budget
 
+    max_prompt = prompt_budget(max_seq_len, rollout_cfg.max_new_tokens)
     with fsdp.summon_full_params(dtype=DTYPES[rollout_cfg.dtype]), torch.no_grad():
         act = _act_fn(
             model,

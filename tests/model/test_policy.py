@@ -135,3 +135,25 @@ def test_rank_policy_plays_the_most_probable_admissible_action(tok, seed):
         assert action == s["admissible"][max(range(len(totals)), key=totals.__getitem__)]
     with pytest.raises(ValueError, match="decoding"):
         ModelPolicy(model, tok, max_new_tokens=3, max_seq_len=512, decoding="beam")
+
+
+def test_one_prompt_length_rule():
+    from singleturn.model.policy import prompt_budget, response_room
+
+    class Tok:
+        def encode(self, text):
+            return list(range(len(text.split())))
+
+    assert prompt_budget(1024, 10) == 1014
+    for bad in (0, 1024, 2000):
+        with pytest.raises(ValueError, match="no room"):
+            prompt_budget(1024, bad)
+    adm = ["look", "go to cabinet 1", "take apple 1 from table 2"]
+    # ranked and constrained decoding emit an admissible command + end of turn; free greedy max_new_tokens
+    assert (
+        response_room(Tok(), adm, decoding="rank", constrained=False, max_new_tokens=24) == 7
+    )  # 6 words + end of turn
+    assert (
+        response_room(Tok(), adm, decoding="greedy", constrained=True, max_new_tokens=24) == 7
+    )  # 6 words + end of turn
+    assert response_room(Tok(), adm, decoding="greedy", constrained=False, max_new_tokens=24) == 24

@@ -138,13 +138,13 @@ def play_policy_states(
     (= labelled states, plus the steps of episodes an env failure ended, whose states are dropped),
     won / env_failures = episodes, truncated prompts, response tokens). Collective (the weights are gathered) even without games."""
     from singleturn.harness import collect_states, read_states
-    from singleturn.model.policy import DTYPES
+    from singleturn.model.policy import DTYPES, prompt_budget
 
     policy = _SamplingPolicy(
         model,
         tokenizer,
         rollout_cfg,
-        max_prompt=model.config.max_seq_len - rollout_cfg.max_new_tokens,
+        max_prompt=prompt_budget(model.config.max_seq_len, rollout_cfg.max_new_tokens),
         seed=seed,
     )
     rows: list[dict] = []
