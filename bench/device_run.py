@@ -89,6 +89,10 @@ STEPS: list[Step] = [
          _bench("bench_rollout.py", "--presets", "smollm2-135m", "llama3.2-1b", "--batch", "1", "16", "64", "256",
                 "--prompt-len", "384", "--new-tokens", "32", "--quick"),
          _bench("bench_rollout.py", "--cpu-smoke"), limit_s=75, parse_check=True),  # 61 s
+    Step("bench-rollout-graphs",  # decoding was launch-bound on the H200 (2026-12-04): CUDA graphs?
+         _bench("bench_rollout.py", "--presets", "smollm2-135m", "--batch", "16", "128", "--prompt-len", "384",
+                "--new-tokens", "32", "--compile", "none", "reduce-overhead", "--quick"),
+         _bench("bench_rollout.py", "--cpu-smoke"), limit_s=120, parse_check=True),
     Step("bench-episodes",  # the evaluation engine: per-state re-encoding vs the episode cache
          _bench("bench_episodes.py", "--preset", "smollm2-135m", "--episodes", "64", "--turns", "8"),
          _bench("bench_episodes.py", "--cpu-smoke"), limit_s=60, parse_check=True),
