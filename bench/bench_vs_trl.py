@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 from _common import REPO, base_parser, env_info, markdown_table, write_jsonl, write_markdown
@@ -140,6 +139,7 @@ def train_config(args, side: str):
             "grpo": {"steps": args.steps, "batch_size": args.states_per_step, "oversample": 1,
                      "lr": args.lr, "kl_coef": 0.0, "ppo_epochs": 1,
                      "shared_prefix": side != "ours-padded-keep",
+                     "train_zero_variance": side != "ours",  # equal work: TRL trains them (advantage 0)
                      "max_tokens_per_micro_batch": args.max_tokens,
                      "micro_batch_size": args.micro_batch},
             "run": {"seed": args.seed},
@@ -155,7 +155,6 @@ def run_ours(args, side: str) -> dict:
     from singleturn.trainer.dist import init_distributed
     from singleturn.trainer.fsdp import apply_fsdp
     from singleturn.trainer.optim import make_optimizer
-    from singleturn.trainer.policy_loss import select_sequences
     from singleturn.trainer.stages import StageContext, StageSpan
 
     tok, examples, _ = job(args)
@@ -167,8 +166,6 @@ def run_ours(args, side: str) -> dict:
         model=model, fsdp=fsdp, tokenizer=tok, examples=examples, cfg=cfg, info=info,
         optimizer=make_optimizer(fsdp, cfg.optim, args.lr),
     )  # fmt: skip
-    if side != "ours":  # equal work: train the zero-variance groups too (advantage 0)
-        grpo_stage.select_sequences = partial(select_sequences, keep_zero_variance=True)
     stage = grpo_stage.GRPOStage(ctx, StageSpan("grpo", 1, args.steps))
     steps = []
     for i in range(args.steps):

@@ -101,6 +101,9 @@ class GRPOConfig:
     oversample: int = 1
     """Dynamic sampling: roll out oversample x batch_size states per step and train on the first
     batch_size groups with reward variance (1: no oversampling, zero-variance groups just dropped)."""
+    train_zero_variance: bool = False
+    """Also train the groups whose G rewards are all equal (advantage 0: no policy gradient, but the
+    forward/backward work TRL's GRPOTrainer does; bench/bench_vs_trl.py's equal-work sides)."""
     shared_prefix: bool = True
     """Train each prompt once: a row holds [prompt | r_1 | ... | r_G] under a tree mask (positions
     restart after the prompt; a response sees the prompt and itself), several per row up to

@@ -82,6 +82,7 @@ class GRPOStage(Stage):
             rew.rewards,
             G,
             adv_scale=c.grpo.adv_scale,
+            keep_zero_variance=c.grpo.train_zero_variance,
             # per rank: its share of batch_size (the pool is rank-sliced the same way)
             max_groups=None if c.grpo.oversample == 1 else c.grpo.batch_size // ctx.info.world_size,
         )
