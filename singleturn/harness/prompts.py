@@ -113,6 +113,30 @@ def render_prompt(state: dict, history_window: int = 3, system_prompt: bool = Tr
     return [{"role": "system", "content": SYSTEM_PROMPT}, user] if system_prompt else [user]
 
 
+def render_episode(
+    state: dict, *, list_admissible: bool = True, system_prompt: bool = False
+) -> tuple[list[dict], str]:
+    """The episode as an append-only conversation (for model.EpisodeCache; not yet what training uses).
+
+    Returns (messages, turn_suffix): user `Your task is to: <goal>.` + the first observation, then per
+    earlier turn assistant `<action>` and user `Observation: <observation>`, the last user message
+    holding the current observation. Turn t's messages are turn t-1's plus two, so the token stream
+    only grows. turn_suffix is this turn's material that must not stay in the history: the admissible
+    list (`\nAdmissible actions: ...`, appended to the last user message for this turn only), or ""
+    (list_admissible=False: ranked decoding scores the commands anyway).
+    """
+    history = state.get("history") or []
+    observations = [o for o, _ in history] + [state["observation"]]
+    first = f"Your task is to: {state['goal']}.\nObservation: {clean_observation(observations[0])}"
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}] if system_prompt else []
+    messages.append({"role": "user", "content": first})
+    for (_, action), observation in zip(history, observations[1:]):
+        messages.append({"role": "assistant", "content": action})
+        messages.append({"role": "user", "content": f"Observation: {clean_observation(observation)}"})
+    suffix = ("\nAdmissible actions: " + ", ".join(state["admissible"])) if list_admissible else ""
+    return messages, suffix
+
+
 def _normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
