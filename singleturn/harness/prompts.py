@@ -166,6 +166,8 @@ def policy_actions(policy, states: list[dict], history_window: int, system_promp
     state's prompt, pass the admissible commands when the policy asks for them (`wants_admissible`:
     constrained or ranked decoding), parse each response into an admissible action (None: invalid).
     The one call path for evaluation and for labelling a policy's own states."""
+    if hasattr(policy, "act_states"):  # a policy that keeps episodes (model.EpisodeRankPolicy): raw states
+        return [parse_action(t, s["admissible"]) for s, t in zip(states, policy.act_states(states))]
     messages = [render_prompt(s, history_window, system_prompt) for s in states]
     if getattr(policy, "wants_admissible", False):
         texts = policy(messages, admissible=[s["admissible"] for s in states])
