@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--nproc", type=int, default=1)
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO))
     import torch
 
     from singleturn.trainer.synthetic import write_synthetic_inputs

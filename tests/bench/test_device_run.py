@@ -6,6 +6,7 @@ the preflight, three parts end to end on the CPU (the torchrun hand-FSDP smoke, 
 sampler) with their GPU command lines parsed, the packing limits, and that every part's GPU flags parse.
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,8 +15,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "bench"))
-import device_run  # noqa: E402
+# bench/ is not a package: load the script as a module by path (no sys.path edit for the whole session)
+_spec = importlib.util.spec_from_file_location("device_run", REPO / "bench" / "device_run.py")
+device_run = sys.modules.setdefault(
+    "device_run", importlib.util.module_from_spec(_spec)
+)  # dataclasses look it up
+_spec.loader.exec_module(device_run)
 
 PARTS = "train-fsdp,ceilings,bench-sampling"
 
