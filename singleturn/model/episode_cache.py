@@ -157,10 +157,12 @@ class EpisodeCache:
         tokens = torch.zeros((B, S), dtype=torch.int64)
         slots = torch.empty((B, S), dtype=torch.int64)
         positions = torch.zeros((B, S), dtype=torch.int64)
-        mask = torch.zeros((B, S, self.max_len + 1), dtype=torch.bool)
+        for r in range(B):  # pads past max_len go to the scratch slot
+            slots[r] = (self.lengths[r] + torch.arange(S)).clamp(max=self.max_len)
+        kv_len = int(slots.max()) + 1  # the attention reads (and the mask spans) only the slots in use
+        mask = torch.zeros((B, S, kv_len), dtype=torch.bool)
         for r in range(B):
             L = self.lengths[r]
-            slots[r] = (L + torch.arange(S)).clamp(max=self.max_len)  # pads past max_len: the scratch slot
             mask[r, torch.arange(S), slots[r]] = True  # every query sees itself: no all-masked row
             t = tries.get(r)
             if t is None:
@@ -176,7 +178,7 @@ class EpisodeCache:
         with self._installed():
             h = self.model.hidden(
                 tokens.to(self.device), input_pos=slots.to(self.device), positions=positions.to(self.device),
-                attn_mask=mask[:, :, : int(slots.max()) + 1].to(self.device), kv_len=int(slots.max()) + 1,
+                attn_mask=mask.to(self.device), kv_len=kv_len,
             )  # fmt: skip
         out: list[list[float]] = [[] for _ in candidates]
         for r in scored:
