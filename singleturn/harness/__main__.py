@@ -226,6 +226,8 @@ def _run(args) -> None:
             num_workers=args.workers,
             expert=args.expert,
             seed=args.seed,
+            # an episode-keeping policy holds spec.batch_size cache rows: never more live episodes
+            batch_size=spec.batch_size if spec is not None and spec.prompt == "episode" else None,
             **_prompt_settings(args, spec),
         )
         print(report.to_markdown())

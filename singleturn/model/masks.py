@@ -65,6 +65,8 @@ __all__ = [
     "pack_by_tokens",
     "build_shared_prefix_batch",
     "build_packed_causal_batch",
+    "build_tree_batch",
+    "TreeItem",
     "FLEX_BLOCK_SIZE",
 ]
 
@@ -246,8 +248,11 @@ class PackedRows:
 
 
 @dataclass
-class _Item:
-    """One segment of a row, before placement: lists of equal length except src/targets/seq."""
+class TreeItem:
+    """One segment of a row, before placement: tokens/positions/branch of equal length; src/targets/seq
+    of equal length (one entry per target). Any token tree written in an order where every token
+    follows what it attends to: branch 0 is the trunk, a branch k >= 1 token sees its own branch and
+    the trunk tokens placed before it (so a branch written mid-trunk sees only the trunk so far)."""
 
     tokens: list[int]
     positions: list[int]
@@ -340,7 +345,7 @@ def build_shared_prefix_batch(
         if len(prompt) == 0 or len(responses) == 0:
             raise ValueError(f"group {g}: needs a non-empty prompt and at least one response")
         P = len(prompt)
-        item = _Item(list(prompt), list(range(P)), [0] * P, [], [], [])
+        item = TreeItem(list(prompt), list(range(P)), [0] * P, [], [], [])
         for j, resp in enumerate(responses):
             at = len(item.tokens)
             n = len(resp)
@@ -377,9 +382,32 @@ def build_packed_causal_batch(
             raise ValueError(f"example {e} has an empty prompt")
         ids = list(prompt) + list(completion)
         P, n = len(prompt), len(completion)
-        items.append(_Item(ids, list(range(len(ids))), [0] * len(ids), list(range(P - 1, P - 1 + n)),
+        items.append(TreeItem(ids, list(range(len(ids))), [0] * len(ids), list(range(P - 1, P - 1 + n)),
                            list(completion), [e] * n))  # fmt: skip
     return _materialize(items, max_tokens, row_len, items_per_row, pad_to, order, pad_id, device)
+
+
+def build_tree_batch(
+    items: Sequence[TreeItem],
+    *,
+    max_tokens: int,
+    row_len: int | None = None,
+    items_per_row: int | None = None,
+    pad_to: int = 1,
+    order: str = "input",
+    pad_id: int = 0,
+    device: torch.device | str = "cpu",
+) -> list[PackedRows]:
+    """Arbitrary `TreeItem`s (e.g. a whole episode with per-turn branches) -> micro-batches of rows;
+    seq is taken from the items as given. Budgets and `order`: `pack_by_tokens`."""
+    for k, it in enumerate(items):
+        if not (len(it.tokens) == len(it.positions) == len(it.branch)) or not (
+            len(it.src) == len(it.targets) == len(it.seq)
+        ):
+            raise ValueError(f"item {k}: tokens/positions/branch or src/targets/seq differ in length")
+        if it.src and not 0 <= min(it.src) <= max(it.src) < len(it.tokens):
+            raise ValueError(f"item {k}: a target's source slot lies outside the item")
+    return _materialize(list(items), max_tokens, row_len, items_per_row, pad_to, order, pad_id, device)
 
 
 def _materialize(

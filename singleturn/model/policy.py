@@ -233,9 +233,31 @@ class PolicySpec:
     """harness.render_prompt's system message."""
     max_steps: int = 50
     """Episode step limit of the evaluation."""
+    prompt: str = "window"
+    """'window' (harness.render_prompt, one prompt per state) or 'episode' (harness.render_episode:
+    each live episode one growing token sequence, model.EpisodeRankPolicy; ranked decoding only)."""
+    list_admissible: bool = True
+    """prompt='episode': this turn's admissible list as a per-turn suffix."""
+    batch_size: int = 8
+    """Episodes played in lockstep (one batched forward per turn)."""
+    max_len: int = 0
+    """prompt='episode': the longest episode (tokens, this turn's included) a cache row holds; longer
+    is an error, never a truncation (0: the model's max_seq_len)."""
 
-    def policy(self, model, tokenizer) -> ModelPolicy:
-        """The ModelPolicy this spec describes, over `model` (full weights) and its tokenizer."""
+    def policy(self, model, tokenizer):
+        """The policy this spec describes (ModelPolicy, or EpisodeRankPolicy for prompt='episode'),
+        over `model` (full weights) and its tokenizer."""
+        if self.prompt == "episode":
+            if self.decoding != "rank":
+                raise ValueError(f"prompt='episode' plays by ranked decoding, got decoding={self.decoding!r}")
+            from singleturn.model.episode_policy import EpisodeRankPolicy
+
+            return EpisodeRankPolicy(
+                model, tokenizer, max_episodes=self.batch_size, max_len=self.max_len or model.config.max_seq_len,
+                list_admissible=self.list_admissible, system_prompt=self.system_prompt,
+            )  # fmt: skip
+        if self.prompt != "window":
+            raise ValueError(f"prompt must be 'window' or 'episode', got {self.prompt!r}")
         return ModelPolicy(
             model,
             tokenizer,

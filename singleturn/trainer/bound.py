@@ -48,16 +48,19 @@ def lower_bound(
     tok = Tokenizer.from_file(str(final_dir / "tokenizer.json"))
     hw, ev = train_cfg.data.history_window, train_cfg.eval
     states = [s for g in trajectories for s in trajectories[g]]
-    # The same prompt encoding and length rule as the evaluation policy (its decoding's response room).
-    room = dict(decoding=ev.decoding, constrained=ev.constrained, max_new_tokens=ev.max_new_tokens)
-    prompts = [
-        encode_prompt(
-            tok,
-            render_prompt(s, hw, train_cfg.data.system_prompt),
-            prompt_budget(mcfg.max_seq_len, response_room(tok, s["admissible"], **room)),
-        )[0]
-        for s in states
-    ]
+    episode = train_cfg.data.prompt == "episode"
+    if episode:  # the episode format's per-state prompts (committed ids + this turn's), as SFT trains them
+        prompts = _episode_prompts(states, tok, train_cfg, mcfg.max_seq_len)
+    else:  # the same prompt encoding and length rule as the evaluation policy (its decoding's response room)
+        room = dict(decoding=ev.decoding, constrained=ev.constrained, max_new_tokens=ev.max_new_tokens)
+        prompts = [
+            encode_prompt(
+                tok,
+                render_prompt(s, hw, train_cfg.data.system_prompt),
+                prompt_budget(mcfg.max_seq_len, response_room(tok, s["admissible"], **room)),
+            )[0]
+            for s in states
+        ]
     targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in states]
     logp = []
     for i in range(0, len(states), 16):
@@ -71,11 +74,16 @@ def lower_bound(
     # The evaluation's own deterministic policy (decoding and constraints), so the check is exact.
     from singleturn.trainer.evaluation import policy_spec
 
-    policy = policy_spec(train_cfg).policy(model, tok)
-    messages = [render_prompt(s, hw, train_cfg.data.system_prompt) for s in states]
-    kw = {"admissible": [s["admissible"] for s in states]} if policy.wants_admissible else {}
-    texts = policy(messages, **kw) if states else []
-    greedy = [parse_action(t, s["admissible"]) == s["expert_action"] for t, s in zip(texts, states)]
+    spec = policy_spec(train_cfg)
+    policy = spec.policy(model, tok)
+    if episode:
+        chosen = _episode_actions(policy, trajectories, spec.batch_size)
+        greedy = [c == s["expert_action"] for c, s in zip(chosen, states)]
+    else:
+        messages = [render_prompt(s, hw, train_cfg.data.system_prompt) for s in states]
+        kw = {"admissible": [s["admissible"] for s in states]} if policy.wants_admissible else {}
+        texts = policy(messages, **kw) if states else []
+        greedy = [parse_action(t, s["admissible"]) == s["expert_action"] for t, s in zip(texts, states)]
     per_game, k = {}, 0
     for g, traj in trajectories.items():
         lp = logp[k : k + len(traj)]
@@ -103,6 +111,35 @@ def lower_bound(
             _sampled_success(model, tok, list(trajectories), train_cfg, sampled_episodes, seed, device)
         )
     return out
+
+
+def _episode_prompts(states: list[dict], tok, train_cfg, max_seq_len: int) -> list[list[int]]:
+    """Per-state prompt ids of the episode format, in `states`' order (every state must fit)."""
+    from singleturn.trainer.episode_data import build_episode_examples
+
+    _, examples, dropped = build_episode_examples(
+        states, tok, list_admissible=train_cfg.data.list_admissible,
+        system_prompt=train_cfg.data.system_prompt, max_seq_len=max_seq_len,
+    )  # fmt: skip
+    if dropped:
+        raise ValueError(f"{dropped} expert states of the eval games do not fit in max_seq_len={max_seq_len}")
+    if [id(e.state) for e in examples] != [id(s) for s in states]:
+        raise ValueError("expert trajectories must list each game's states in step order, games apart")
+    return [e.prompt_ids for e in examples]
+
+
+def _episode_actions(policy, trajectories: dict[str, list[dict]], batch_size: int) -> list[str]:
+    """The episode policy's action at every expert state (teacher-forced: the expert's history), in
+    trajectory order: `batch_size` games at a time in lockstep, as the evaluation plays them."""
+    games = [g for g in trajectories if trajectories[g]]
+    chosen: dict[tuple[str, int], str] = {}
+    for i in range(0, len(games), batch_size):
+        chunk = games[i : i + batch_size]
+        for t in range(max(len(trajectories[g]) for g in chunk)):
+            live = [trajectories[g][t] for g in chunk if t < len(trajectories[g])]
+            for s, a in zip(live, policy.act_states(live)):
+                chosen[(s["game"], t)] = a
+    return [chosen[(g, t)] for g in trajectories for t in range(len(trajectories[g]))]
 
 
 def _sampled_success(model, tok, games, train_cfg, k, seed, device) -> dict:

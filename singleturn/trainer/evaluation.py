@@ -39,6 +39,10 @@ def policy_spec(cfg):
         history_window=cfg.data.history_window,
         system_prompt=cfg.data.system_prompt,
         max_steps=cfg.eval.max_steps,
+        prompt=cfg.data.prompt,
+        list_admissible=cfg.data.list_admissible,
+        batch_size=cfg.eval.batch_size or 8 * cfg.eval.num_workers,
+        max_len=cfg.data.max_seq_len if cfg.data.prompt == "episode" else 0,
     )
 
 
@@ -89,6 +93,7 @@ class Evaluator:
             num_workers=self.cfg.eval.num_workers,
             history_window=self.spec.history_window,
             system_prompt=self.spec.system_prompt,
+            batch_size=self.spec.batch_size,
             seed=seed,
             episodes_log=log,
             log_settings={"spec": dataclasses.asdict(self.spec)},  # eval.* may change on resume

@@ -16,9 +16,11 @@ _OBJECTS = ["mug", "apple", "book", "pen", "cup", "knife"]
 _PLACES = ["desk", "shelf", "table", "drawer", "fridge", "sinkbasin"]
 
 
-def write_synthetic_inputs(root: Path, n: int = 32, seed: int = 0) -> tuple[Path, Path]:
+def write_synthetic_inputs(root: Path, n: int = 32, seed: int = 0, *, episodic: bool = False) -> tuple[Path, Path]:
     """A states.jsonl in the harness schema (a toy task whose expert action is inferable from the
-    prompt) and a byte-level BPE tokenizer trained on its rendered prompts."""
+    prompt) and a byte-level BPE tokenizer trained on its rendered prompts. episodic: the states form
+    whole episodes of 3 steps (game i // 3, each history the episode's earlier turns), as
+    data.prompt='episode' needs; otherwise every state is its own game."""
     from singleturn.harness import render_prompt
     from singleturn.model import train_tokenizer
 
@@ -30,6 +32,14 @@ def write_synthetic_inputs(root: Path, n: int = 32, seed: int = 0) -> tuple[Path
         adm = [f"go to {p} {k}" for p in _PLACES] + [f"take {obj} {k} from {place} {k}", "inventory", "look"]
         # Short expert actions a few SFT steps make likely, so GRPO groups get mixed rewards.
         expert = "look" if i % 2 == 0 else "inventory"
+        if episodic:
+            game = f"synthetic/{i // 3}"
+            history = [[r["observation"], r["expert_action"]] for r in rows if r["game"] == game]
+            rows.append({"game": game, "task_type": "pick_and_place_simple", "step": len(history),
+                         "goal": f"put a {_OBJECTS[(i // 3) % 6]} in {_PLACES[(i // 3) % 6]}", "history": history,
+                         "observation": f"You see a {obj} {k} on the {place} {k}.", "admissible": adm,
+                         "expert_action": expert})  # fmt: skip
+            continue
         rows.append(
             {
                 "game": f"synthetic/{i}",

@@ -250,7 +250,7 @@ class Trainer:
         for k, v in art.timings.items():
             self.clock.add(f"data/{k}", v)
         tokenizer = load_tokenizer(art.tokenizer_path)
-        examples = self._examples(build_examples, art, tokenizer)
+        examples, episodes = self._examples(build_examples, art, tokenizer)
         self.clock.add("data/total", time.perf_counter() - t0)
 
         model, model_cfg = build_model(cfg.model, tokenizer=tokenizer, device=info.device)
@@ -261,7 +261,7 @@ class Trainer:
             activation_checkpointing=cfg.fsdp.activation_checkpointing,
         )
         ctx = StageContext(
-            model=model, fsdp=fsdp, tokenizer=tokenizer, examples=examples, cfg=cfg, info=info,
+            model=model, fsdp=fsdp, tokenizer=tokenizer, examples=examples, episodes=episodes, cfg=cfg, info=info,
             optimizer=make_optimizer(fsdp, cfg.optim, cfg.optim.lr),
             export=lambda d: _export(d, fsdp, model_cfg, tokenizer, art.tokenizer_path, export_final),
             reference_dir=cfg.run_dir / "sft_model",
@@ -273,17 +273,27 @@ class Trainer:
         games = [g for split in cfg.data.eval_splits for g in art.eval_games.get(split, [])[:n]]
         return ctx, model_cfg, art.tokenizer_path, games
 
-    def _examples(self, build_examples, art, tokenizer) -> list:
+    def _examples(self, build_examples, art, tokenizer) -> tuple[list, list]:
+        """(per-state examples, expert episodes as token trees: data.prompt='episode' only)."""
         from singleturn.harness import read_states
+        from singleturn.trainer.episode_data import build_episode_examples
 
         cfg = self.cfg
-        examples, dropped = build_examples(
-            read_states(art.states_path),
-            tokenizer,
-            history_window=cfg.data.history_window,
-            system_prompt=cfg.data.system_prompt,
-            max_seq_len=min(cfg.data.max_seq_len, cfg.model.max_seq_len if not cfg.model.path else 1 << 30),
-        )
+        max_seq_len = min(cfg.data.max_seq_len, cfg.model.max_seq_len if not cfg.model.path else 1 << 30)
+        episodes = []
+        if cfg.data.prompt == "episode":
+            episodes, examples, dropped = build_episode_examples(
+                read_states(art.states_path), tokenizer, list_admissible=cfg.data.list_admissible,
+                system_prompt=cfg.data.system_prompt, max_seq_len=max_seq_len,
+            )  # fmt: skip
+        else:
+            examples, dropped = build_examples(
+                read_states(art.states_path),
+                tokenizer,
+                history_window=cfg.data.history_window,
+                system_prompt=cfg.data.system_prompt,
+                max_seq_len=max_seq_len,
+            )
         if not examples:
             raise ConfigError(f"no state fits in data.max_seq_len={cfg.data.max_seq_len} ({dropped} dropped)")
         plen = sorted(len(e.prompt_ids) for e in examples)
@@ -291,7 +301,14 @@ class Trainer:
             f"[data] {len(examples)} states ({dropped} dropped for length), prompt tokens median "
             f"{plen[len(plen) // 2]} max {plen[-1]}, vocab {tokenizer.vocab_size} ({art.tokenizer_path})"
         )
-        return examples
+        if episodes:
+            tree = sorted(e.num_tokens for e in episodes)
+            _log0(
+                f"[data] {len(episodes)} expert episodes as token trees: {sum(tree)} tokens per epoch "
+                f"(per-state prompts: {sum(len(e.prompt_ids) + len(e.target_ids) for e in examples)}), "
+                f"median {tree[len(tree) // 2]} max {tree[-1]}"
+            )
+        return examples, episodes
 
     def _enter(self, span: StageSpan) -> Stage:
         """Build the stage: a fresh AdamW at its lr (unless resuming inside it), its own state."""

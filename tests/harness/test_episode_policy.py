@@ -64,3 +64,89 @@ def test_refuses_more_live_episodes_than_rows(model_and_tok, train_games):
               for g in train_games[:2]]  # fmt: skip
     with pytest.raises(ValueError, match="more than 1 live episodes"):
         policy.act_states(states)
+
+
+def test_a_crashed_worker_mid_lockstep_fails_one_episode_and_the_rest_play_on(model_and_tok, train_games):
+    """A worker killed in the middle of a lockstep batch: its episodes are env failures (counted), the
+    worker is restarted, their cache rows are given back, and every other episode takes exactly the
+    actions it takes in an undisturbed run."""
+    import os
+    import signal
+
+    from singleturn.harness import EnvPool
+
+    model, tok = model_and_tok
+    games = train_games[:4]
+    clean, _ = _play(model, tok, games, batch_size=4, rows=4)
+    policy = EpisodeRankPolicy(model, tok, max_episodes=4, max_len=4096, dtype=torch.float64)
+    with EnvPool(games, num_workers=2) as pool:
+
+        class KillOnThirdTurn:
+            name = "kill-on-third-turn"
+
+            def __init__(self):
+                self.calls = 0
+
+            __call__ = policy.__call__  # callable like every policy; acts through act_states
+
+            def act_states(self, states):
+                self.calls += 1
+                if self.calls == 3:
+                    os.kill(pool.worker_pids()[0], signal.SIGKILL)
+                return policy.act_states(states)
+
+        report = evaluate(KillOnThirdTurn(), games, max_steps=5, batch_size=4, pool=pool)
+        restarts = pool.restarts
+    policy.close()
+    # the killed worker held two of the four episodes (two envs per worker): both fail, the other two play on
+    assert report.env_failures == 2 and restarts == 1 and len(report.episodes) == 4
+    want = {e["game"]: e["actions"] for e in clean.episodes}
+    for e in report.episodes:
+        if e["failed"]:
+            assert e["actions"] == want[e["game"]][: len(e["actions"])] and e["steps"] < 5
+        else:
+            assert e["actions"] == want[e["game"]]
+    # the failed episodes' rows were given back on the next turn (they stopped appearing); the two
+    # survivors, live in the last turn, hold theirs
+    assert set(policy.rows) == {e["game"] for e in report.episodes if not e["failed"]} and len(policy.free) == 2
+
+
+def test_the_policy_spec_builds_the_episode_policy(model_and_tok):
+    from singleturn.model.policy import PolicySpec
+
+    model, tok = model_and_tok
+    policy = PolicySpec(prompt="episode", decoding="rank", batch_size=3, max_len=512).policy(model, tok)
+    assert isinstance(policy, EpisodeRankPolicy) and policy.cache.rows == 3 and policy.cache.max_len == 512
+    policy.close()
+    with pytest.raises(ValueError, match="ranked decoding"):
+        PolicySpec(prompt="episode", decoding="greedy").policy(model, tok)
+
+
+def test_teacher_forced_episode_actions_equal_ranking_each_whole_prompt(model_and_tok, train_games, tmp_path):
+    """trainer.bound's teacher-forced agreement in the episode format: lockstep over the expert
+    trajectories (cached) picks what ranking each state's whole per-state prompt picks (float64)."""
+    from types import SimpleNamespace
+
+    from singleturn.harness import collect_states, read_states
+    from singleturn.model.generate import score_continuations
+    from singleturn.trainer.bound import _episode_actions, _episode_prompts
+
+    model, tok = model_and_tok
+    games = train_games[:3]
+    collect_states(games, tmp_path / "states.jsonl")
+    states = read_states(tmp_path / "states.jsonl")
+    traj: dict[str, list[dict]] = {}
+    for s in states:
+        traj.setdefault(s["game"], []).append(s)
+    ordered = [s for g in traj for s in traj[g]]
+    cfg = SimpleNamespace(data=SimpleNamespace(list_admissible=True, system_prompt=False))
+    prompts = _episode_prompts(ordered, tok, cfg, 4096)
+    policy = EpisodeRankPolicy(model, tok, max_episodes=2, max_len=4096, dtype=torch.float64)
+    got = _episode_actions(policy, traj, batch_size=2)
+    policy.close()
+    want = []
+    for p, s in zip(prompts, ordered):
+        cands = [tok.encode(a) + [tok.eot_id] for a in s["admissible"]]
+        scores = score_continuations(model, [p], [cands])[0]
+        want.append(s["admissible"][max(range(len(cands)), key=scores.__getitem__)])
+    assert got == want and len(got) == len(ordered) > 6

@@ -7,6 +7,7 @@ the loss is normalized by the global token count and gradients are summed), torc
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -123,3 +124,31 @@ def test_shared_prefix_grpo_logs_the_padded_paths_losses_on_two_ranks(two_rank_r
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), f"step {a['step']} {key}"
         trained += not a.get("skipped")
     assert trained, "at least one GRPO step must train for the comparison to mean anything"
+
+
+@pytest.fixture(scope="module")
+def episode_runs(tmp_path_factory):
+    """data.prompt='episode': SFT on whole expert episodes (token trees) then GRPO from the episode
+    prompts, on 2 ranks (FSDP over the packed tree rows) and SFT alone on 1 rank."""
+    root = tmp_path_factory.mktemp("episodes")
+    states, tok = H.write_synthetic_inputs(root, n=30, episodic=True)  # 10 episodes of 3 steps
+    common = H.tiny_args(root, states, tok, "ep2") + [
+        "--data.prompt=episode", "--data.list_admissible=true", "--sft.batch_size=4",
+        "--sft.max_tokens_per_micro_batch=256",  # several micro-batches per step (the rank padding path)
+    ]  # fmt: skip
+    two = H.run_torchrun(common, nproc=2)
+    one_args = [a if not a.startswith("--run.name=") else "--run.name=ep1" for a in common]
+    one = H.run_torchrun(one_args + ["--run.stages=sft"])
+    return root / "runs", two, one
+
+
+def test_episode_sft_on_two_ranks_equals_one_rank_and_grpo_runs(episode_runs):
+    out, two, _ = episode_runs
+    assert "[data] 10 expert episodes as token trees" in two.stdout
+    r2, r1 = H.step_rows(out / "ep2"), H.step_rows(out / "ep1")
+    for s in range(1, H.SFT_STEPS + 1):
+        assert r2[s]["kind"] == "sft" and r2[s]["num_tokens"] == r1[s]["num_tokens"]
+        assert r2[s]["loss"] == pytest.approx(r1[s]["loss"], rel=1e-4)
+        assert r2[s]["action_prob"] == pytest.approx(r1[s]["action_prob"], rel=1e-4)
+    grpo = [r for r in r2.values() if r["kind"] == "grpo"]
+    assert len(grpo) == H.GRPO_STEPS and all(math.isfinite(r["loss"]) for r in grpo)

@@ -87,6 +87,15 @@ class DataConfig:
     Off for models trained from scratch on this format: ~125 constant tokens per prompt."""
     max_seq_len: int = 512
     """Longest prompt + target kept; longer states are dropped (and counted) at load time."""
+    prompt: str = "window"
+    """'window': each state its own prompt (harness.render_prompt: the last history_window turns + the
+    memory lines + the admissible list). 'episode': the episode as one append-only conversation
+    (harness.render_episode, docs/episode-engine.md): SFT trains each expert episode as one token tree
+    (sft.batch_size then counts episodes), GRPO rolls out from the same prompts, evaluation keeps each
+    live episode's KV cache (model.EpisodeRankPolicy, ranked decoding). history_window is unused."""
+    list_admissible: bool = True
+    """prompt='episode': write this turn's admissible list after the observation, as a per-turn
+    suffix that does not stay in the history (a branch in training). 'window' always lists them."""
     seed: int = 0
     """Seed of the per-epoch shuffle of states."""
 
@@ -99,6 +108,7 @@ class DataConfig:
         _check(self.vocab_size >= 300, "data.vocab_size must be >= 300 (256 bytes + specials)")
         _check(self.history_window >= 0, "data.history_window must be >= 0")
         _check(self.max_seq_len > 8, "data.max_seq_len must be > 8")
+        _check(self.prompt in ("window", "episode"), f"data.prompt must be 'window' or 'episode', got {self.prompt!r}")
         if self.states_path:
             _check(Path(self.states_path).is_file(), f"data.states_path={self.states_path!r} does not exist")
         if self.tokenizer_path:
@@ -189,6 +199,8 @@ class EvalConfig:
     """Episode step limit."""
     num_workers: int = 2
     """Env worker processes."""
+    batch_size: int = 0
+    """Episodes played in lockstep, one batched forward per turn (0: 8 per env worker)."""
     max_new_tokens: int = 24
     """Longest greedy response per turn."""
     constrained: bool = False
@@ -203,6 +215,7 @@ class EvalConfig:
         _check(self.every >= 0, "eval.every must be >= 0")
         _check(self.max_steps > 0 and self.num_workers > 0, "eval.max_steps/num_workers must be > 0")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens must be > 0")
+        _check(self.batch_size >= 0, "eval.batch_size must be >= 0")
 
 
 @dataclass(kw_only=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -56,6 +56,9 @@ class StageContext:
     """The whole TrainConfig (stages read their own section and the shared ones)."""
     info: object
     """trainer.dist.DistInfo."""
+    episodes: list = field(default_factory=list)
+    """data.prompt='episode': the expert episodes as token trees (trainer.episode_data.EpisodeExample),
+    what SFT trains on; empty otherwise."""
     optimizer: torch.optim.Optimizer | None = None
     ref: torch.nn.Module | None = None
     """The frozen KL reference, when a stage needs one."""
@@ -221,10 +224,12 @@ def rl_stage_names() -> tuple[str, ...]:
     return tuple(n for n, s in STAGES.items() if s.kind == "rl")
 
 
-def local_examples(ctx: StageContext, i: int, batch_size: int) -> list:
-    """This rank's share of global batch i (a pure function of the step: resume needs no state)."""
-    idx = batch_indices(i, batch_size, len(ctx.examples), ctx.cfg.data.seed)
-    return [ctx.examples[j] for j in rank_slice(idx, ctx.info.rank, ctx.info.world_size)]
+def local_examples(ctx: StageContext, i: int, batch_size: int, items: list | None = None) -> list:
+    """This rank's share of global batch i of `items` (default ctx.examples; a pure function of the
+    step: resume needs no state)."""
+    items = ctx.examples if items is None else items
+    idx = batch_indices(i, batch_size, len(items), ctx.cfg.data.seed)
+    return [items[j] for j in rank_slice(idx, ctx.info.rank, ctx.info.world_size)]
 
 
 # The registry: one import per stage file (registration order = table order).

@@ -21,6 +21,7 @@ class LMStage(SFTStage):
     kind = "warmup"
     log_keys = ("loss", "grad_norm", "tokens_per_s")
     plot_keys = {"loss": "loss"}
+    trains_episodes = False  # per-state text, whatever the prompt format
 
     def examples(self, ctx: StageContext, i: int) -> list[Example]:
         # The first token is the context; every later prompt token and the action are targets.

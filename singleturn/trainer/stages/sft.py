@@ -17,16 +17,28 @@ import time
 
 import torch
 
+from singleturn.model.masks import build_tree_batch
 from singleturn.trainer.data import PACK_PAD, Example, chunks, pack_completions
+from singleturn.trainer.episode_data import EpisodeExample, shifted
 from singleturn.trainer.dist import all_reduce_max, all_reduce_sum, all_reduce_sums
 from singleturn.trainer.policy_loss import action_logprobs
 from singleturn.trainer.stages import Stage, StageContext, local_examples, register
 
 
-def _micro_batches(examples: list[Example], *, micro_batch_size, packing, max_tokens, row_len, device):
+def _micro_batches(examples: list, *, micro_batch_size, packing, max_tokens, row_len, device):
     """[(packed inputs, index of the micro-batch's first example)]: padded chunks of micro_batch_size
     examples, or (packing) block-diagonal causal rows of at most row_len tokens, max_tokens per
-    micro-batch (model.masks: every example exactly once, in order, no padding between them)."""
+    micro-batch (model.masks: every example exactly once, in order, no padding between them).
+    Episodes (trainer.episode_data.EpisodeExample): token trees packed by max_tokens, seq numbering
+    the episodes' states in order."""
+    if examples and isinstance(examples[0], EpisodeExample):
+        items, offset = [], 0
+        for ep in examples:
+            items.append(shifted(ep.item, offset))
+            offset += len(ep.states)
+        batches = build_tree_batch(items, max_tokens=max_tokens, row_len=row_len, order="length",
+                                   pad_id=PACK_PAD, device=device)  # fmt: skip
+        return [(p, 0) for p in batches]
     if not packing:
         out = []
         for k, mb in enumerate(chunks(examples, micro_batch_size)):
@@ -62,7 +74,13 @@ def sft_forward_backward(
     action_prob (mean probability of the whole expert action under the model at T=1), num_tokens
     (global), nonfinite (micro-batches with a NaN/inf loss).
     """
-    local_tokens = sum(len(e.target_ids) for e in examples)
+    episodes = bool(examples) and isinstance(examples[0], EpisodeExample)
+    if episodes:  # one example per expert episode; statistics per state
+        local_tokens = sum(len(e.item.targets) for e in examples)
+        num_seq = sum(len(e.states) for e in examples)
+    else:
+        local_tokens = sum(len(e.target_ids) for e in examples)
+        num_seq = len(examples)
     global_tokens = all_reduce_sum(float(local_tokens))  # host sync: the normalizer must be known up front
     mbs = _micro_batches(
         examples, micro_batch_size=micro_batch_size, packing=packing, max_tokens=max_tokens,
@@ -73,7 +91,7 @@ def sft_forward_backward(
     mbs += [mbs[0]] * (n - len(mbs))
     weights += [0.0] * (n - len(weights))
     loss_sum = torch.zeros((), dtype=torch.float64)
-    seq_logp = torch.zeros(len(examples), dtype=torch.float64)  # (n_examples,) summed action log-probs
+    seq_logp = torch.zeros(num_seq, dtype=torch.float64)  # (states,) summed action log-probs
     nonfinite = 0
     for (packed, first), weight in zip(mbs, weights):
         with autocast() if autocast else contextlib.nullcontext():
@@ -92,7 +110,7 @@ def sft_forward_backward(
             "loss": float(loss_sum),
             "prob": float(seq_logp.exp().sum()),
             "nonfinite": nonfinite,
-            "n": len(examples),
+            "n": num_seq,
         }
     )
     return {
@@ -114,8 +132,14 @@ class SFTStage(Stage):
     log_keys = ("loss", "action_prob", "grad_norm", "tokens_per_s")
     plot_keys = {"loss": "loss", "accuracy": "action_prob"}
 
-    def examples(self, ctx: StageContext, i: int) -> list[Example]:
-        return local_examples(ctx, i, getattr(ctx.cfg, self.section).batch_size)
+    trains_episodes = True
+    """With data.prompt='episode' a step is batch_size whole expert episodes (ctx.episodes)."""
+
+    def examples(self, ctx: StageContext, i: int) -> list:
+        bs = getattr(ctx.cfg, self.section).batch_size
+        if self.trains_episodes and ctx.episodes:
+            return local_examples(ctx, i, bs, ctx.episodes)
+        return local_examples(ctx, i, bs)
 
     def step(self, ctx: StageContext, i: int) -> dict:
         t0 = time.perf_counter()
@@ -136,7 +160,9 @@ class SFTStage(Stage):
         lr = self.lr(ctx, i)
         norm, ok = ctx.apply_update(lr, stats["nonfinite"])
         dt = time.perf_counter() - t0
-        tokens = all_reduce_sum(float(sum(len(e.prompt_ids) + len(e.target_ids) for e in local)))
+        tokens = all_reduce_sum(float(sum(
+            e.num_tokens if isinstance(e, EpisodeExample) else len(e.prompt_ids) + len(e.target_ids) for e in local
+        )))  # fmt: skip
         return {
             **stats,
             "grad_norm": norm,
