@@ -54,7 +54,9 @@ def episode_states(states: list[dict]) -> list[list[dict]]:
         rows = sorted(rows, key=lambda s: s["step"])
         steps = [s["step"] for s in rows]
         if steps != list(range(len(rows))):
-            raise ValueError(f"episode {game}: expert states must be steps 0..{len(rows) - 1}, got {steps[:8]}...")
+            raise ValueError(
+                f"episode {game}: expert states must be steps 0..{len(rows) - 1}, got {steps[:8]}..."
+            )
         out.append(rows)
     return out
 
@@ -110,7 +112,9 @@ def build_episode_examples(
     """
     episodes, examples, dropped = [], [], 0
     for rows in episode_states(states):
-        item, pairs, longest = _episode(tokenizer, rows, list_admissible=list_admissible, system_prompt=system_prompt)
+        item, pairs, longest = _episode(
+            tokenizer, rows, list_admissible=list_admissible, system_prompt=system_prompt
+        )
         if longest > max_seq_len:
             dropped += len(rows)
             continue
@@ -121,4 +125,6 @@ def build_episode_examples(
 
 def shifted(item: TreeItem, offset: int) -> TreeItem:
     """A copy of `item` whose seq ids are moved by `offset` (several episodes in one micro-batch)."""
-    return TreeItem(item.tokens, item.positions, item.branch, item.src, item.targets, [q + offset for q in item.seq])
+    return TreeItem(
+        item.tokens, item.positions, item.branch, item.src, item.targets, [q + offset for q in item.seq]
+    )

@@ -16,7 +16,9 @@ _OBJECTS = ["mug", "apple", "book", "pen", "cup", "knife"]
 _PLACES = ["desk", "shelf", "table", "drawer", "fridge", "sinkbasin"]
 
 
-def write_synthetic_inputs(root: Path, n: int = 32, seed: int = 0, *, episodic: bool = False) -> tuple[Path, Path]:
+def write_synthetic_inputs(
+    root: Path, n: int = 32, seed: int = 0, *, episodic: bool = False
+) -> tuple[Path, Path]:
     """A states.jsonl in the harness schema (a toy task whose expert action is inferable from the
     prompt) and a byte-level BPE tokenizer trained on its rendered prompts. episodic: the states form
     whole episodes of 3 steps (game i // 3, each history the episode's earlier turns), as

@@ -108,7 +108,9 @@ def test_a_crashed_worker_mid_lockstep_fails_one_episode_and_the_rest_play_on(mo
             assert e["actions"] == want[e["game"]]
     # the failed episodes' rows were given back on the next turn (they stopped appearing); the two
     # survivors, live in the last turn, hold theirs
-    assert set(policy.rows) == {e["game"] for e in report.episodes if not e["failed"]} and len(policy.free) == 2
+    assert (
+        set(policy.rows) == {e["game"] for e in report.episodes if not e["failed"]} and len(policy.free) == 2
+    )
 
 
 def test_the_policy_spec_builds_the_episode_policy(model_and_tok):

@@ -8,7 +8,6 @@ split into several micro-batches; without the list nothing is repeated (no branc
 """
 
 import pytest
-import torch
 
 from singleturn.harness.prompts import render_episode
 from singleturn.model import train_tokenizer
@@ -46,7 +45,9 @@ def tok(request, tmp_path_factory):
 def _model(vocab: int):
     from singleturn.model import LlamaConfig, Transformer
 
-    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, ffn_dim=64, max_seq_len=2048)
+    cfg = LlamaConfig(
+        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, ffn_dim=64, max_seq_len=2048
+    )
     m = Transformer(cfg)
     m.init_weights(seed=3)
     return m
@@ -74,7 +75,9 @@ def test_episode_tree_equals_per_state_sft(tok, list_admissible):
     per_state_tokens = sum(len(e.prompt_ids) + len(e.target_ids) for e in examples)
     tree_tokens = sum(ep.num_tokens for ep in episodes)
     assert tree_tokens < per_state_tokens
-    if not list_admissible:  # the scored turn is the trunk's continuation: one linear sequence, nothing repeated
+    if (
+        not list_admissible
+    ):  # the scored turn is the trunk's continuation: one linear sequence, nothing repeated
         assert all(set(ep.item.branch) == {0} for ep in episodes)
         last = [e for e in examples if e.state is episodes[0].states[-1]][0]
         assert episodes[0].item.tokens == last.prompt_ids + last.target_ids
@@ -98,7 +101,9 @@ def test_episode_tree_equals_per_state_sft(tok, list_admissible):
 
 def test_long_episodes_are_dropped_whole_and_counted(tok):
     states = _states()
-    full, _, _ = build_episode_examples(states, tok, list_admissible=True, system_prompt=False, max_seq_len=4096)
+    full, _, _ = build_episode_examples(
+        states, tok, list_admissible=True, system_prompt=False, max_seq_len=4096
+    )
     need = {ep.states[0]["game"]: max(p + 1 for p in ep.item.positions) for ep in full}
     cut = sorted(need.values())[1]  # the shortest two fit, the longest does not
     episodes, examples, dropped = build_episode_examples(

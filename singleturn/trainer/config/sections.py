@@ -108,7 +108,10 @@ class DataConfig:
         _check(self.vocab_size >= 300, "data.vocab_size must be >= 300 (256 bytes + specials)")
         _check(self.history_window >= 0, "data.history_window must be >= 0")
         _check(self.max_seq_len > 8, "data.max_seq_len must be > 8")
-        _check(self.prompt in ("window", "episode"), f"data.prompt must be 'window' or 'episode', got {self.prompt!r}")
+        _check(
+            self.prompt in ("window", "episode"),
+            f"data.prompt must be 'window' or 'episode', got {self.prompt!r}",
+        )
         if self.states_path:
             _check(Path(self.states_path).is_file(), f"data.states_path={self.states_path!r} does not exist")
         if self.tokenizer_path:

@@ -27,7 +27,6 @@ from singleturn.trainer.config.stage_sections import (
     SFTConfig,
 )
 
-
 EPISODE_STAGES = ("lm", "sft", "grpo")
 """The stages that train in data.prompt='episode' (the multi-turn baselines and grpo-dagger do not yet)."""
 

@@ -19,8 +19,8 @@ import torch
 
 from singleturn.model.masks import build_tree_batch
 from singleturn.trainer.data import PACK_PAD, Example, chunks, pack_completions
-from singleturn.trainer.episode_data import EpisodeExample, shifted
 from singleturn.trainer.dist import all_reduce_max, all_reduce_sum, all_reduce_sums
+from singleturn.trainer.episode_data import EpisodeExample, shifted
 from singleturn.trainer.policy_loss import action_logprobs
 from singleturn.trainer.stages import Stage, StageContext, local_examples, register
 
