@@ -24,12 +24,14 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
+
 from singleturn.harness.prompts import render_episode
 from singleturn.model.episode_tokens import TurnSplitError, extend_committed, split_turn
-from singleturn.model.masks import TreeItem
-from singleturn.trainer.data import Example
+from singleturn.model.masks import TreeItem, build_tree_batch, pack_by_tokens
+from singleturn.trainer.data import PACK_PAD, Example, PackedBatch
 
-__all__ = ["EpisodeExample", "build_episode_examples", "episode_states", "shifted"]
+__all__ = ["EpisodeExample", "build_episode_examples", "episode_micro_batches", "episode_states", "shifted"]
 
 
 @dataclass(frozen=True)
@@ -128,3 +130,44 @@ def shifted(item: TreeItem, offset: int) -> TreeItem:
     return TreeItem(
         item.tokens, item.positions, item.branch, item.src, item.targets, [q + offset for q in item.seq]
     )
+
+
+def _linear(item: TreeItem) -> bool:
+    """One causal sequence: no branch, positions 0..n-1 (the episode format without a per-turn suffix)."""
+    return not any(item.branch) and item.positions == list(range(len(item.tokens)))
+
+
+def episode_micro_batches(episodes: list[EpisodeExample], *, max_tokens: int, row_len: int, device) -> list:
+    """Micro-batches of this rank's episodes, seq numbering their states in order (episode by episode).
+
+    Episodes that are one causal sequence each (no branches) go one per right-padded row without any
+    mask (`trainer.data.PackedBatch`: causal attention, SDPA's fast path; rows of similar length
+    together, at most max_tokens computed tokens per micro-batch). Otherwise token trees under the
+    tree mask (`model.masks.build_tree_batch`), rows of at most row_len tokens.
+    """
+    items, offset = [], 0
+    for ep in episodes:
+        items.append(shifted(ep.item, offset))
+        offset += len(ep.states)
+    if not all(_linear(it) for it in items):
+        return build_tree_batch(items, max_tokens=max_tokens, row_len=row_len, order="length", pad_id=PACK_PAD,
+                                device=device)  # fmt: skip
+    plan = pack_by_tokens([len(it.tokens) for it in items], max_tokens=max_tokens, items_per_row=1, order="length")
+    out = []
+    for batch in plan:
+        rows = [items[row[0]] for row in batch]
+        T = max(len(it.tokens) for it in rows)
+        tokens = torch.full((len(rows), T), PACK_PAD, dtype=torch.int64)
+        r, c, tg, sq = [], [], [], []
+        for b, it in enumerate(rows):
+            tokens[b, : len(it.tokens)] = torch.as_tensor(it.tokens, dtype=torch.int64)
+            r += [b] * len(it.src)
+            c += it.src
+            tg += it.targets
+            sq += it.seq
+
+        def t(x):
+            return torch.tensor(x, dtype=torch.int64, device=device)
+
+        out.append(PackedBatch(tokens.to(device), t(r), t(c), t(tg), t(sq)))
+    return out

@@ -238,3 +238,9 @@ def test_the_episode_prompt_needs_ranked_evaluation_and_its_stages():
         parse_args(["--data.prompt=episode", "--eval.decoding=rank", "--run.stages=sft,ppo"])
     with pytest.raises(ConfigError, match="data.prompt must be"):
         parse_args(["--data.prompt=tree"])
+
+
+def test_the_smollm2_config_uses_the_episode_path():
+    cfg = parse_args(["--config", str(REPO / "configs/smollm2-135m-cpu.toml")])
+    assert (cfg.data.prompt, cfg.data.list_admissible, cfg.eval.decoding) == ("episode", False, "rank")
+    assert cfg.sft.batch_size * cfg.sft.steps >= cfg.data.train_games  # at least one epoch of whole episodes

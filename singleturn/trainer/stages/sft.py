@@ -17,10 +17,9 @@ import time
 
 import torch
 
-from singleturn.model.masks import build_tree_batch
 from singleturn.trainer.data import PACK_PAD, Example, chunks, pack_completions
 from singleturn.trainer.dist import all_reduce_max, all_reduce_sum, all_reduce_sums
-from singleturn.trainer.episode_data import EpisodeExample, shifted
+from singleturn.trainer.episode_data import EpisodeExample, episode_micro_batches
 from singleturn.trainer.policy_loss import action_logprobs
 from singleturn.trainer.stages import Stage, StageContext, local_examples, register
 
@@ -32,13 +31,7 @@ def _micro_batches(examples: list, *, micro_batch_size, packing, max_tokens, row
     Episodes (trainer.episode_data.EpisodeExample): token trees packed by max_tokens, seq numbering
     the episodes' states in order."""
     if examples and isinstance(examples[0], EpisodeExample):
-        items, offset = [], 0
-        for ep in examples:
-            items.append(shifted(ep.item, offset))
-            offset += len(ep.states)
-        batches = build_tree_batch(items, max_tokens=max_tokens, row_len=row_len, order="length",
-                                   pad_id=PACK_PAD, device=device)  # fmt: skip
-        return [(p, 0) for p in batches]
+        return [(p, 0) for p in episode_micro_batches(examples, max_tokens=max_tokens, row_len=row_len, device=device)]
     if not packing:
         out = []
         for k, mb in enumerate(chunks(examples, micro_batch_size)):
