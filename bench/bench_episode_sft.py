@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     window, _ = build_examples(states, tok, history_window=2, system_prompt=False, max_seq_len=8192)
     tree_nolist, per_state, _ = build_episode_examples(states, tok, list_admissible=False, system_prompt=False,
                                                        max_seq_len=8192)  # fmt: skip
-    tree_list, _, _ = build_episode_examples(states, tok, list_admissible=True, system_prompt=False, max_seq_len=8192)
+    tree_list, _, _ = build_episode_examples(
+        states, tok, list_admissible=True, system_prompt=False, max_seq_len=8192
+    )
     kw = dict(micro_batch_size=8, packing=False, max_tokens=args.max_tokens, row_len=2048, device="cpu")
     paths = {
         "window, per state": window,

@@ -26,6 +26,7 @@ _EXPORTS = {
     "versions": "games",
     "parse_action": "prompts",
     "render_prompt": "prompts",
+    "PromptFormat": "prompts",
     "collect_states": "states",
     "read_states": "states",
     "EnvPool": "workers",

@@ -158,6 +158,8 @@ def _prompt_settings(args, spec) -> dict:
     return {
         "history_window": pick(args.history_window, spec.history_window),
         "system_prompt": spec.system_prompt,
+        "prompt": spec.prompt,
+        "list_admissible": spec.list_admissible,
         "max_steps": pick(args.max_steps, spec.max_steps),
     }
 

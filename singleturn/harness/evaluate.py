@@ -23,7 +23,7 @@ from pathlib import Path
 from singleturn.harness.atomic import write_text_atomic
 from singleturn.harness.games import versions
 from singleturn.harness.progress import Progress
-from singleturn.harness.prompts import policy_actions
+from singleturn.harness.prompts import PromptFormat, policy_actions
 from singleturn.harness.rollout import Episode, run_episodes
 
 log = logging.getLogger(__name__)  # warnings print even when logging is not configured
@@ -122,7 +122,7 @@ def _cached_expert_steps(game: str, expert: str) -> int | None:
         return None
 
 
-def _policy_act(policy, history_window: int, seed: int, system_prompt: bool = True):
+def _policy_act(policy, fmt: PromptFormat, seed: int):
     if policy == "expert":
         return lambda states: [s["expert_action"] for s in states], "expert"
     if policy == "random":
@@ -135,7 +135,7 @@ def _policy_act(policy, history_window: int, seed: int, system_prompt: bool = Tr
         raise ValueError(f"policy must be a callable, 'expert' or 'random', got {policy!r}")
 
     def act(states):
-        return policy_actions(policy, states, history_window, system_prompt)
+        return policy_actions(policy, states, fmt)
 
     return act, getattr(policy, "name", type(policy).__name__)
 
@@ -149,6 +149,8 @@ def evaluate(
     expert: str = "handcoded",
     history_window: int = 3,
     system_prompt: bool = True,
+    prompt: str = "window",
+    list_admissible: bool = True,
     batch_size: int | None = None,
     seed: int = 0,
     step_timeout: float = 60.0,
@@ -168,11 +170,14 @@ def evaluate(
     e.g. the policy's decoding); a log played with other settings is restarted, never mixed.
     """
     games = [str(g) for g in games]
-    act, name = _policy_act(policy, history_window, seed, system_prompt)
+    fmt = PromptFormat(prompt, history_window, system_prompt, list_admissible)
+    act, name = _policy_act(policy, fmt, seed)
     settings = {
         "games": games, "max_steps": max_steps, "expert": expert, "history_window": history_window,
         "system_prompt": system_prompt, "seed": seed, "policy": name, **(log_settings or {}),
     }  # fmt: skip
+    if prompt != "window":  # (a window log's header stays as it was: its resume keeps working)
+        settings.update(prompt=prompt, list_admissible=list_admissible)
     done = _resume_episodes_log(episodes_log, games, settings) if episodes_log else {}
     todo = [i for i in range(len(games)) if i not in done]
     t0 = time.perf_counter()
@@ -211,7 +216,7 @@ def evaluate(
     if missing:  # games without a generation record (e.g. official data): run the expert
         for ep in run_episodes(
             missing,
-            _policy_act("expert", 0, seed)[0],
+            _policy_act("expert", fmt, seed)[0],
             max_steps=max_steps,
             num_workers=num_workers,
             expert=expert,

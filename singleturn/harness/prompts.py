@@ -24,6 +24,7 @@ returned (in its admissible spelling) only if it is admissible.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 SYSTEM_PROMPT = (
     "You are an agent in a household text game (ALFWorld). Each turn, pick exactly one of the "
@@ -137,6 +138,34 @@ def render_episode(
     return messages, suffix
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a state becomes the chat messages a policy reads: the one switch between the formats.
+
+    kind 'window': `render_prompt(state, history_window, system_prompt)`. kind 'episode': the
+    append-only conversation of `render_episode`, this turn's suffix (the admissible list when
+    list_admissible) appended to the last user message: the same ids as the committed + this-turn ids
+    an `EpisodeCache` holds, so per-state re-encoding and the cache see one sequence.
+    """
+
+    kind: str = "window"
+    history_window: int = 3
+    system_prompt: bool = True
+    list_admissible: bool = True
+
+    def __post_init__(self):
+        if self.kind not in ("window", "episode"):
+            raise ValueError(f"prompt format must be 'window' or 'episode', got {self.kind!r}")
+
+    def messages(self, state: dict) -> list[dict]:
+        if self.kind == "window":
+            return render_prompt(state, self.history_window, self.system_prompt)
+        messages, suffix = render_episode(
+            state, list_admissible=self.list_admissible, system_prompt=self.system_prompt
+        )
+        return [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + suffix}]
+
+
 def _normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -161,14 +190,14 @@ def parse_action(text: str | None, admissible: list[str]) -> str | None:
     return None
 
 
-def policy_actions(policy, states: list[dict], history_window: int, system_prompt: bool = True) -> list:
+def policy_actions(policy, states: list[dict], fmt: PromptFormat) -> list:
     """Ask a batched text policy (list[messages] -> list[str]) to act in `states`: render each
-    state's prompt, pass the admissible commands when the policy asks for them (`wants_admissible`:
+    state's prompt (`fmt`), pass the admissible commands when the policy asks for them (`wants_admissible`:
     constrained or ranked decoding), parse each response into an admissible action (None: invalid).
     The one call path for evaluation and for labelling a policy's own states."""
     if hasattr(policy, "act_states"):  # a policy that keeps episodes (model.EpisodeRankPolicy): raw states
         return [parse_action(t, s["admissible"]) for s, t in zip(states, policy.act_states(states))]
-    messages = [render_prompt(s, history_window, system_prompt) for s in states]
+    messages = [fmt.messages(s) for s in states]
     if getattr(policy, "wants_admissible", False):
         texts = policy(messages, admissible=[s["admissible"] for s in states])
     else:

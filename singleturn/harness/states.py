@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 
 from singleturn.harness.progress import Progress
-from singleturn.harness.prompts import policy_actions
+from singleturn.harness.prompts import PromptFormat, policy_actions
 
 STATE_KEYS = ("game", "task_type", "step", "goal", "history", "observation", "admissible", "expert_action")
 
@@ -32,6 +32,8 @@ def collect_states(
     num_workers: int = 1,
     history_window: int = 3,
     system_prompt: bool = True,
+    prompt: str = "window",
+    list_admissible: bool = True,
     seed: int = 0,
     only_won: bool = True,
     episodes: list | None = None,
@@ -49,6 +51,7 @@ def collect_states(
 
     rng = random.Random(seed)
     rows: dict[int, list] = {}
+    fmt = PromptFormat(prompt, history_window, system_prompt, list_admissible)  # the policy's prompt format
 
     def on_state(state, episode_index):
         rows.setdefault(episode_index, []).append({k: state[k] for k in STATE_KEYS})
@@ -56,7 +59,7 @@ def collect_states(
     def act(states):
         if policy is None:
             return [s["expert_action"] for s in states]
-        actions = policy_actions(policy, states, history_window, system_prompt)
+        actions = policy_actions(policy, states, fmt)
         return [s["expert_action"] if rng.random() < beta else a for s, a in zip(states, actions)]
 
     games = list(games)

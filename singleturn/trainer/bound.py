@@ -144,6 +144,7 @@ def _episode_actions(policy, trajectories: dict[str, list[dict]], batch_size: in
 
 def _sampled_success(model, tok, games, train_cfg, k, seed, device) -> dict:
     from singleturn.trainer.config import RolloutConfig
+    from singleturn.trainer.data import prompt_format
     from singleturn.trainer.episodes import collect_episodes
     from singleturn.trainer.fsdp import apply_fsdp
 
@@ -151,8 +152,7 @@ def _sampled_success(model, tok, games, train_cfg, k, seed, device) -> dict:
     rcfg = RolloutConfig(temperature=1.0, max_new_tokens=train_cfg.eval.max_new_tokens)
     eps, _ = collect_episodes(
         model, fsdp, tok, [g for g in games for _ in range(k)], rollout_cfg=rcfg,
-        history_window=train_cfg.data.history_window, system_prompt=train_cfg.data.system_prompt,
-        max_steps=train_cfg.eval.max_steps,
+        fmt=prompt_format(train_cfg.data), max_steps=train_cfg.eval.max_steps,
         max_seq_len=model.config.max_seq_len, seed=seed, device=device, num_workers=train_cfg.eval.num_workers,
     )  # fmt: skip
     return {"sampled_success": sum(e.won for e in eps) / max(len(eps), 1), "sampled_episodes": len(eps)}

@@ -34,8 +34,18 @@ class Example:
     """The raw state row (admissible, expert_action, task_type for rewards and stats)."""
 
 
+def prompt_format(data_cfg):
+    """The run's `harness.PromptFormat` (data.prompt, history_window, system_prompt, list_admissible),
+    shared by training, rollouts and evaluation."""
+    from singleturn.harness.prompts import PromptFormat
+
+    return PromptFormat(
+        data_cfg.prompt, data_cfg.history_window, data_cfg.system_prompt, data_cfg.list_admissible
+    )
+
+
 def prompt_messages(state: dict, history_window: int, system_prompt: bool = True) -> list[dict]:
-    """The ONE prompt format (harness.render_prompt), shared with evaluation."""
+    """A state's chat messages in the window format (harness.render_prompt), shared with evaluation."""
     from singleturn.harness import render_prompt
 
     return render_prompt(state, history_window, system_prompt)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from singleturn.trainer.data import batch_indices, prompt_messages, rank_slice
+from singleturn.trainer.data import batch_indices, rank_slice
 
 
 @dataclass
@@ -67,7 +67,7 @@ class CollectStats:
     seconds: float
 
 
-def _act_fn(model, tokenizer, rollout_cfg, *, history_window, system_prompt, max_prompt, seed, pending, log):
+def _act_fn(model, tokenizer, rollout_cfg, *, fmt, max_prompt, seed, pending, log):
     """The `run_episodes` act callable: sample one response per live state, record the turns."""
     from singleturn.harness import parse_action
     from singleturn.model.policy import encode_prompt, sample_completions
@@ -77,7 +77,7 @@ def _act_fn(model, tokenizer, rollout_cfg, *, history_window, system_prompt, max
     def act(states: list[dict]) -> list[str | None]:
         prompts, trunc = [], 0
         for s in states:
-            ids, cut = encode_prompt(tokenizer, prompt_messages(s, history_window, system_prompt), max_prompt)
+            ids, cut = encode_prompt(tokenizer, fmt.messages(s), max_prompt)
             trunc += cut
             prompts.append(ids)
         done = sample_completions(
@@ -113,10 +113,9 @@ def collect_episodes(
     games: list[str],
     *,
     rollout_cfg,
-    history_window: int,
+    fmt,
     max_steps: int,
     max_seq_len: int,
-    system_prompt: bool = True,
     seed: int,
     device,
     num_workers: int = 1,
@@ -125,7 +124,8 @@ def collect_episodes(
 ) -> tuple[list[EpisodeRollout], CollectStats]:
     """Play `games` (one episode each, in order; repeat a game for a group) with the sampling policy.
 
-    rollout_cfg: `RolloutConfig` (temperature, top_p, top_k, max_new_tokens, dtype). Prompts are
+    rollout_cfg: `RolloutConfig` (temperature, top_p, top_k, max_new_tokens, dtype); fmt: the
+    `harness.PromptFormat` each turn's prompt is rendered in (`trainer.data.prompt_format`). Prompts are
     left-truncated to max_seq_len - max_new_tokens. with_features: also compute each turn's critic
     feature with the same gathered weights. Returns episodes in `games` order and the counts.
     """
@@ -143,8 +143,7 @@ def collect_episodes(
             model,
             tokenizer,
             rollout_cfg,
-            history_window=history_window,
-            system_prompt=system_prompt,
+            fmt=fmt,
             max_prompt=max_prompt,
             seed=seed,
             pending=pending,

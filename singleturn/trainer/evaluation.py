@@ -93,6 +93,8 @@ class Evaluator:
             num_workers=self.cfg.eval.num_workers,
             history_window=self.spec.history_window,
             system_prompt=self.spec.system_prompt,
+            prompt=self.spec.prompt,
+            list_admissible=self.spec.list_admissible,
             batch_size=self.spec.batch_size,
             seed=seed,
             episodes_log=log,

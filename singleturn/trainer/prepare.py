@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from singleturn.trainer.config import ConfigError
-from singleturn.trainer.data import prompt_messages
+from singleturn.trainer.data import prompt_format
 from singleturn.trainer.dist import barrier, broadcast_object, is_main
 
 _WORKERS = max(1, min(4, os.cpu_count() or 1))  # env processes for generation / expert states
@@ -161,9 +161,7 @@ def _train_tokenizer(states_path: Path, data_cfg, root: Path) -> Path:
 
     texts = []
     for state in read_states(states_path):
-        texts.extend(
-            m["content"] for m in prompt_messages(state, data_cfg.history_window, data_cfg.system_prompt)
-        )
+        texts.extend(m["content"] for m in prompt_format(data_cfg).messages(state))
         texts.append(state["expert_action"])
     tok = train_tokenizer(texts, data_cfg.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)

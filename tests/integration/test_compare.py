@@ -126,7 +126,9 @@ def test_compare_toy_budget(tmp_path):
     assert [r["success_rate"] for r in again["runs"]] == [r["success_rate"] for r in doc["runs"]]
 
 
-@pytest.mark.parametrize("name", ["compare-tiny-cpu", "compare-smollm2-135m-cpu", "compare-llama3-1b", "compare-llama3-8b"])
+@pytest.mark.parametrize(
+    "name", ["compare-tiny-cpu", "compare-smollm2-135m-cpu", "compare-llama3-1b", "compare-llama3-8b"]
+)
 def test_shipped_compare_configs_parse(name, tmp_path):
     try:
         import tomllib

@@ -93,6 +93,7 @@ def test_constrained_policy_outputs_the_best_admissible_action(tok, seed):
 
 def test_evaluate_passes_admissible_to_policies_that_want_it():
     from singleturn.harness.evaluate import _policy_act
+    from singleturn.harness.prompts import PromptFormat
 
     seen = {}
 
@@ -104,9 +105,11 @@ def test_evaluate_passes_admissible_to_policies_that_want_it():
             return [a[-1] for a in admissible]
 
     states = [{"goal": "g", "observation": "o", "admissible": ["look", "inventory"]}]
-    act, _ = _policy_act(Wants(), 1, 0)
+    act, _ = _policy_act(Wants(), PromptFormat(history_window=1), 0)
     assert act(states) == ["inventory"] and seen["admissible"] == [["look", "inventory"]]
-    act, _ = _policy_act(lambda messages: ["look"], 1, 0)  # plain callables are called as before
+    act, _ = _policy_act(
+        lambda messages: ["look"], PromptFormat(history_window=1), 0
+    )  # plain callables are called as before
     assert act(states) == ["look"]
 
 

@@ -228,14 +228,12 @@ def test_smollm2_config_parses_without_the_converted_model(tmp_path):
         build_config({"model": {"path": str(tmp_path / "m"), "gguf_wheel": "x==1"}})
 
 
-def test_the_episode_prompt_needs_ranked_evaluation_and_its_stages():
-    base = ["--data.prompt=episode", "--run.stages=sft,grpo"]
+def test_the_episode_prompt_needs_ranked_evaluation():
+    base = ["--data.prompt=episode", "--run.stages=sft,grpo,ppo,grpo-multiturn,grpo-dagger"]
     cfg = parse_args(base + ["--eval.decoding=rank"])
     assert cfg.data.prompt == "episode" and cfg.data.list_admissible
     with pytest.raises(ConfigError, match="eval.decoding='rank'"):
         parse_args(base + ["--eval.decoding=greedy"])
-    with pytest.raises(ConfigError, match=r"not built for the stages \['ppo'\]"):
-        parse_args(["--data.prompt=episode", "--eval.decoding=rank", "--run.stages=sft,ppo"])
     with pytest.raises(ConfigError, match="data.prompt must be"):
         parse_args(["--data.prompt=tree"])
 

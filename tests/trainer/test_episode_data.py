@@ -9,7 +9,7 @@ split into several micro-batches; without the list nothing is repeated (no branc
 
 import pytest
 
-from singleturn.harness.prompts import render_episode
+from singleturn.harness.prompts import PromptFormat, render_episode
 from singleturn.model import train_tokenizer
 from singleturn.model.tokenizer import Tokenizer
 from singleturn.trainer.episode_data import build_episode_examples, episode_states
@@ -67,9 +67,13 @@ def test_episode_tree_equals_per_state_sft(tok, list_admissible):
     )
     assert dropped == 0 and [len(e.states) for e in episodes] == [4, 2, 3]
     # per-state prompts: the chat template of the conversation with this turn's suffix, + the generation prompt
+    fmt = PromptFormat(
+        "episode", system_prompt=False, list_admissible=list_admissible
+    )  # what rollouts render
     for e in examples:
         messages, suffix = render_episode(e.state, list_admissible=list_admissible)
         whole = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + suffix}]
+        assert fmt.messages(e.state) == whole
         assert e.prompt_ids == tok.apply_chat_template(whole, add_generation_prompt=True)
         assert e.target_ids == tok.encode(e.state["expert_action"]) + [tok.eot_id]
     per_state_tokens = sum(len(e.prompt_ids) + len(e.target_ids) for e in examples)

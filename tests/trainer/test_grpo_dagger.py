@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from singleturn.harness.prompts import PromptFormat
 from singleturn.trainer.config import ConfigError, RolloutConfig, build_config, parse_args
 from singleturn.trainer.data import Example, batch_indices, build_examples
 from singleturn.trainer.stages import STAGES, StageContext, StageSpan
@@ -171,8 +172,8 @@ def test_play_labels_the_policys_own_states(world, monkeypatch):
 
     def play(seed):
         return play_policy_states(
-            model, fsdp, world.tok, world.games, rollout_cfg=rcfg, history_window=2, system_prompt=False,
-            max_steps=4, num_workers=1, seed=seed,
+            model, fsdp, world.tok, world.games, rollout_cfg=rcfg,
+            fmt=PromptFormat(history_window=2, system_prompt=False), max_steps=4, num_workers=1, seed=seed,
         )  # fmt: skip
 
     rows, counts = play(5)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import singleturn.trainer.stages.multiturn as mt_mod
+from singleturn.harness.prompts import PromptFormat
 from singleturn.trainer.config import RolloutConfig, build_config
 from singleturn.trainer.episodes import CollectStats, EpisodeRollout, Turn, step_games
 from singleturn.trainer.optim import make_optimizer
@@ -199,7 +200,7 @@ def test_collect_episodes_records_the_policys_own_turns(real_games):
     rcfg = RolloutConfig(max_new_tokens=6, temperature=1.0)
     games = [real_games[0], real_games[0], real_games[1]]
     eps, stats = collect_episodes(
-        model, fsdp, tok, games, rollout_cfg=rcfg, history_window=1, max_steps=2, max_seq_len=2048,
+        model, fsdp, tok, games, rollout_cfg=rcfg, fmt=PromptFormat(history_window=1), max_steps=2, max_seq_len=2048,
         seed=3, device="cpu", num_workers=1, with_features=True,
     )  # fmt: skip
     assert [e.game for e in eps] == games
@@ -224,6 +225,30 @@ def test_collect_episodes_records_the_policys_own_turns(real_games):
     assert err < 1e-4, f"recorded sampling log-probs differ from the policy's by {float(err):.3g}"
     assert eps[0].features.shape == (2, 32)
     assert torch.allclose(eps[0].features[0], h, atol=1e-5)
+
+
+def test_collect_episodes_in_the_episode_format_grows_one_conversation(real_games):
+    """fmt=PromptFormat('episode'): each turn's prompt is the episode conversation so far (the
+    per-state ids an EpisodeCache would hold), so turn t+1's prompt extends turn t's."""
+    from singleturn.model import train_tokenizer
+    from singleturn.trainer.episodes import collect_episodes
+    from singleturn.trainer.fsdp import apply_fsdp
+
+    tok = train_tokenizer(["go to countertop 1", "take cloth 1 from sinkbasin 1", "Your task is to"], 300)
+    torch.manual_seed(0)
+    model = _tiny_model(tok.vocab_size, max_seq_len=4096)
+    fmt = PromptFormat("episode", system_prompt=False, list_admissible=False)
+    eps, stats = collect_episodes(
+        model, apply_fsdp(model), tok, [real_games[0]], rollout_cfg=RolloutConfig(max_new_tokens=6, temperature=1.0),
+        fmt=fmt, max_steps=3, max_seq_len=4096, seed=3, device="cpu", num_workers=1,
+    )  # fmt: skip
+    turns = eps[0].turns
+    assert len(turns) == 3 and stats.truncated_prompts == 0
+    text = tok.decode(turns[0].prompt)
+    assert "Your task is to:" in text and "Admissible actions" not in text and text.count("Observation:") == 1
+    for a, b in zip(turns, turns[1:]):
+        assert b.prompt[: len(a.prompt)] == a.prompt  # append-only
+    assert tok.decode(turns[2].prompt).count("Observation:") == 3
 
 
 def _worker(out: Path) -> None:

@@ -27,9 +27,6 @@ from singleturn.trainer.config.stage_sections import (
     SFTConfig,
 )
 
-EPISODE_STAGES = ("lm", "sft", "grpo")
-"""The stages that train in data.prompt='episode' (the multi-turn baselines and grpo-dagger do not yet)."""
-
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -58,12 +55,6 @@ class TrainConfig:
             _check(
                 self.eval.decoding == "rank" or not self.eval.enabled,
                 "data.prompt='episode' evaluates with ranked decoding over each episode's KV cache: set eval.decoding='rank'",
-            )
-            other = [s for s in self.run.stages if s not in EPISODE_STAGES]
-            _check(
-                not other,
-                f"data.prompt='episode' is not built for the stages {other} yet (their rollouts render per-state "
-                f"window prompts; docs/episode-engine.md): use data.prompt='window' or the stages {list(EPISODE_STAGES)}",
             )
 
     @property

@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from singleturn.trainer.data import Example, batch_indices, build_examples, rank_slice
+from singleturn.trainer.data import Example, batch_indices, build_examples, prompt_format, rank_slice
 from singleturn.trainer.dist import all_reduce_sums, broadcast_object
+from singleturn.trainer.episode_data import build_episode_examples
 from singleturn.trainer.episodes import train_games
 from singleturn.trainer.rollout import rollout_seed
 from singleturn.trainer.stages import StageContext, StageSpan, register
@@ -129,8 +130,7 @@ class _SamplingPolicy:
 
 
 def play_policy_states(
-    model, fsdp, tokenizer, games: list[str], *, rollout_cfg, history_window: int, system_prompt: bool,
-    max_steps: int, num_workers: int, seed: int,
+    model, fsdp, tokenizer, games: list[str], *, rollout_cfg, fmt, max_steps: int, num_workers: int, seed: int,
 ) -> tuple[list[dict], dict]:  # fmt: skip
     """Play `games` (one episode each) with the sampling policy; every visited state, labelled with
     the expert's action (harness.collect_states with a policy). Returns (states.jsonl rows in games
@@ -155,7 +155,8 @@ def play_policy_states(
                 path = Path(tmp) / "states.jsonl"
                 n = collect_states(
                     games, path, policy=policy, max_steps=max_steps, num_workers=num_workers,
-                    history_window=history_window, system_prompt=system_prompt, seed=seed,
+                    prompt=fmt.kind, history_window=fmt.history_window, system_prompt=fmt.system_prompt,
+                    list_admissible=fmt.list_admissible, seed=seed,
                     episodes=played,
                 )  # fmt: skip
                 rows = read_states(path) if n else []
@@ -217,8 +218,7 @@ class GRPODaggerStage(GRPOStage):
         )  # fmt: skip
         rows, counts = play_policy_states(
             ctx.model, ctx.fsdp, ctx.tokenizer, games, rollout_cfg=c.rollout,
-            history_window=c.data.history_window, system_prompt=c.data.system_prompt,
-            max_steps=d.max_steps, num_workers=d.num_workers,
+            fmt=prompt_format(c.data), max_steps=d.max_steps, num_workers=d.num_workers,
             seed=rollout_seed(c.run.seed, self.span.first + i, info.rank) ^ 0x2DA66,  # not the rollout's
         )  # fmt: skip
         examples, dropped = self._examples(_gather_rows(rows, info.rank, info.world_size))
@@ -242,9 +242,16 @@ class GRPODaggerStage(GRPOStage):
     def _examples(self, rows: list[dict]) -> tuple[list[Example], int]:
         """Pool examples of state rows, tokenized like the expert states (too long: dropped, counted)."""
         c = self.ctx.cfg
+        max_seq_len = min(c.data.max_seq_len, self.ctx.model.config.max_seq_len)
+        if c.data.prompt == "episode":  # the played episodes' per-state prompts in the episode format
+            _, examples, dropped = build_episode_examples(
+                rows, self.ctx.tokenizer, list_admissible=c.data.list_admissible,
+                system_prompt=c.data.system_prompt, max_seq_len=max_seq_len,
+            )  # fmt: skip
+            return examples, dropped
         return build_examples(
             rows, self.ctx.tokenizer, history_window=c.data.history_window, system_prompt=c.data.system_prompt,
-            max_seq_len=min(c.data.max_seq_len, self.ctx.model.config.max_seq_len),
+            max_seq_len=max_seq_len,
         )  # fmt: skip
 
     def step(self, ctx: StageContext, i: int) -> dict:

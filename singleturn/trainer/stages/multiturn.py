@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from singleturn.trainer.data import prompt_format
 from singleturn.trainer.dist import all_reduce_sums
 from singleturn.trainer.episodes import EpisodeRollout, collect_episodes, step_games, train_games
 from singleturn.trainer.policy_loss import GRPOBatch, Sequence
@@ -85,8 +86,7 @@ class EpisodeStage(Stage):
             ctx.tokenizer,
             games,
             rollout_cfg=ctx.cfg.rollout,
-            history_window=ctx.cfg.data.history_window,
-            system_prompt=ctx.cfg.data.system_prompt,
+            fmt=prompt_format(ctx.cfg.data),
             max_steps=c.max_steps,
             max_seq_len=ctx.model.config.max_seq_len,
             seed=rollout_seed(ctx.cfg.run.seed, self.span.first + i, info.rank),

@@ -31,7 +31,10 @@ def _micro_batches(examples: list, *, micro_batch_size, packing, max_tokens, row
     Episodes (trainer.episode_data.EpisodeExample): token trees packed by max_tokens, seq numbering
     the episodes' states in order."""
     if examples and isinstance(examples[0], EpisodeExample):
-        return [(p, 0) for p in episode_micro_batches(examples, max_tokens=max_tokens, row_len=row_len, device=device)]
+        return [
+            (p, 0)
+            for p in episode_micro_batches(examples, max_tokens=max_tokens, row_len=row_len, device=device)
+        ]
     if not packing:
         out = []
         for k, mb in enumerate(chunks(examples, micro_batch_size)):
