@@ -66,6 +66,7 @@ __all__ = [
     "build_shared_prefix_batch",
     "build_packed_causal_batch",
     "build_tree_batch",
+    "build_prefix_chain_batch",
     "TreeItem",
     "FLEX_BLOCK_SIZE",
 ]
@@ -358,6 +359,78 @@ def build_shared_prefix_batch(
         seq0 += len(responses)
         items.append(item)
     return _materialize(items, max_tokens, row_len, items_per_row, pad_to, order, pad_id, device)
+
+
+def build_prefix_chain_batch(
+    groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    *,
+    max_tokens: int,
+    row_len: int | None = None,
+    pad_id: int = 0,
+    device: torch.device | str = "cpu",
+) -> list[PackedRows]:
+    """GRPO groups whose prompts extend one another -> one segment per chain, every prompt token once.
+
+    In the append-only episode format a state's prompt is a prefix of every later state's prompt of
+    the same episode (and a multi-turn rollout's turn t prompt a prefix of turn t+1's). Groups are
+    chained in input order: a group joins the first chain whose longest prompt (the trunk) it is a
+    prefix of, or extends. A chain is one segment: the trunk written once, and each group's responses
+    as branches placed right after the trunk token where the group's prompt ends (RoPE positions
+    P + k; under the tree mask a branch sees the trunk before it and itself, no later trunk token and
+    no other branch sees it). A group that chains with no other is exactly `build_shared_prefix_batch`'s
+    segment. seq numbers the responses in input order and the targets come in that order (a response's
+    tokens consecutive); micro-batches: `pack_by_tokens` in chain order.
+    """
+    chains: list[list] = []  # [trunk ids, [group indices]]
+    for g, (prompt, responses) in enumerate(groups):
+        if len(prompt) == 0 or len(responses) == 0:
+            raise ValueError(f"group {g}: needs a non-empty prompt and at least one response")
+        p = list(prompt)
+        for chain in chains:
+            trunk = chain[0]
+            if len(p) <= len(trunk) and trunk[: len(p)] == p:
+                chain[1].append(g)
+                break
+            if len(p) > len(trunk) and p[: len(trunk)] == trunk:
+                chain[0] = p
+                chain[1].append(g)
+                break
+        else:
+            chains.append([p, [g]])
+    seq0, n = [], 0
+    for _, responses in groups:
+        seq0.append(n)
+        n += len(responses)
+    items = []
+    for trunk, members in chains:
+        item = TreeItem([], [], [], [], [], [])
+        flat: list[int] = []  # flat slot of trunk token k
+        written, branch = 0, 0
+        for g in sorted(members, key=lambda g: (len(groups[g][0]), g)):
+            P = len(groups[g][0])
+            flat += range(len(item.tokens), len(item.tokens) + P - written)
+            item.tokens += trunk[written:P]
+            item.positions += range(written, P)
+            item.branch += [0] * (P - written)
+            written = P
+            for j, resp in enumerate(groups[g][1]):
+                branch += 1
+                at, k = len(item.tokens), len(resp)
+                item.tokens += list(resp)
+                item.positions += range(P, P + k)
+                item.branch += [branch] * k
+                item.src += ([flat[P - 1]] + list(range(at, at + k - 1))) if k else []
+                item.targets += list(resp)
+                item.seq += [seq0[g] + j] * k
+        items.append(item)
+    out = []
+    for p in _materialize(items, max_tokens, row_len, None, 1, "input", pad_id, device):
+        order = torch.argsort(
+            p.seq, stable=True
+        )  # targets in response order, as the other builders give them
+        out.append(PackedRows(p.tokens, p.positions, p.mask, p.rows[order], p.cols[order], p.targets[order],
+                              p.seq[order]))  # fmt: skip
+    return out
 
 
 def build_packed_causal_batch(

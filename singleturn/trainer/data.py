@@ -72,20 +72,41 @@ def build_examples(
     return out, dropped
 
 
-def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
+def batch_indices(
+    step: int, batch_size: int, num_examples: int, seed: int, blocks: tuple[int, ...] | None = None
+) -> list[int]:
     """Global batch of `step` (0-based): positions [step*B, (step+1)*B) of the epoch-permuted stream.
 
     Epoch e uses permutation(seed, e), so the batch is a pure function of (step, B, n, seed).
+    blocks: the examples are consecutive blocks of these lengths (the states of each expert episode):
+    the epoch permutes the blocks and keeps each block's examples together and in order, so a batch
+    holds whole stretches of episodes (whose prompts extend one another in the episode format).
     """
     out = []
     start = step * batch_size
     for pos in range(start, start + batch_size):
         epoch, i = divmod(pos, num_examples)
-        out.append(int(_permutation(seed, epoch, num_examples)[i]))
+        order = (
+            _permutation(seed, epoch, num_examples) if blocks is None else _block_order(seed, epoch, blocks)
+        )
+        out.append(int(order[i]))
     return out
 
 
-_PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+def _block_order(seed: int, epoch: int, blocks: tuple[int, ...]) -> np.ndarray:
+    key = (seed, epoch, blocks)
+    if key not in _PERM_CACHE:
+        if sum(blocks) <= 0 or min(blocks) < 1:
+            raise ValueError("blocks must be positive lengths")
+        starts = np.concatenate([[0], np.cumsum(blocks)[:-1]])
+        perm = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+        if len(_PERM_CACHE) > 8:
+            _PERM_CACHE.clear()
+        _PERM_CACHE[key] = np.concatenate([np.arange(starts[b], starts[b] + blocks[b]) for b in perm])
+    return _PERM_CACHE[key]
+
+
+_PERM_CACHE: dict[tuple, np.ndarray] = {}
 
 
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:

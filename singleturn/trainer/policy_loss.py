@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -117,6 +117,9 @@ class Layout:
     max_tokens: int = 8192
     row_len: int | None = None
     """Longest row (default max_tokens): attention over a row costs its length squared."""
+    prefix_chains: bool = False
+    """With shared_prefix: groups whose prompts extend one another (the episode format's states of one
+    episode, a multi-turn rollout's turns) share one trunk (`model.masks.build_prefix_chain_batch`)."""
 
 
 def _groups(seqs: list[Sequence]) -> list[list[Sequence]]:
@@ -138,13 +141,25 @@ def _pack(seqs: list[Sequence], layout: Layout, device) -> list[MicroBatch]:
             )
             for mb in chunks(seqs, layout.micro_batch_size)
         ]
-    from singleturn.model.masks import build_shared_prefix_batch
+    from singleturn.model.masks import build_prefix_chain_batch, build_shared_prefix_batch
 
     groups = _groups(seqs)
-    packed = build_shared_prefix_batch(
+    build = build_prefix_chain_batch if layout.prefix_chains else build_shared_prefix_batch
+    packed = build(
         [(g[0].prompt, [s.response for s in g]) for g in groups], max_tokens=layout.max_tokens,
         row_len=layout.row_len, pad_id=PACK_PAD, device=device,
     )  # fmt: skip
+    if layout.prefix_chains:  # a micro-batch holds whole chains, not a consecutive range: renumber
+        out = []
+        for p in packed:
+            ids = torch.unique(p.seq)  # sorted
+            out.append(
+                MicroBatch(
+                    [seqs[i] for i in ids.tolist()], 1.0, replace(p, seq=torch.searchsorted(ids, p.seq))
+                )
+            )
+        assert sum(len(m.sequences) for m in out) == len(seqs), "every sequence is in exactly one micro-batch"
+        return out
     out, lo = [], 0
     for p in packed:  # micro-batches hold consecutive sequences (the packer keeps input order)
         hi = int(p.seq.max()) + 1
@@ -155,8 +170,6 @@ def _pack(seqs: list[Sequence], layout: Layout, device) -> list[MicroBatch]:
 
 
 def _shift_seq(p, lo: int):
-    from dataclasses import replace
-
     return replace(p, seq=p.seq - lo)
 
 

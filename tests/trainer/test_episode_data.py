@@ -121,3 +121,30 @@ def test_an_episode_with_a_missing_step_is_refused():
     states = [s for s in _episode("g/a", 4) if s["step"] != 2]
     with pytest.raises(ValueError, match="steps 0..2"):
         episode_states(states)
+
+
+def test_batches_drawn_episode_by_episode():
+    """batch_indices(blocks=): each epoch visits every state once, whole episodes in a seeded order,
+    each episode's states together and in step order; a pure function of the step."""
+    from singleturn.trainer.data import batch_indices
+
+    blocks = (4, 2, 3, 5)
+    starts = [0, 4, 6, 9]
+    n = sum(blocks)
+    for epoch in range(3):
+        stream = [
+            i
+            for step in range(epoch * n // 2, (epoch + 1) * n // 2)
+            for i in batch_indices(step, 2, n, 7, blocks)
+        ]
+        assert sorted(stream) == list(range(n))
+        runs, k = [], 0
+        while k < n:
+            b = starts.index(stream[k])
+            assert stream[k : k + blocks[b]] == list(range(starts[b], starts[b] + blocks[b]))
+            runs.append(b)
+            k += blocks[b]
+        assert sorted(runs) == [0, 1, 2, 3]
+    assert batch_indices(5, 3, n, 7, blocks) == batch_indices(5, 3, n, 7, blocks)
+    orders = {tuple(batch_indices(0, n, n, s, blocks)) for s in range(6)}
+    assert len(orders) > 1  # the seed shuffles the episodes

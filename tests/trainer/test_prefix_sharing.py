@@ -33,14 +33,18 @@ def _model(seed: int):
     return m
 
 
-def _batch(m, G: int, seed: int):
+def _batch(m, G: int, seed: int, chained: bool = False):
     """A GRPO batch: 5 states of ragged prompt length, G ragged responses each, 0/1 rewards with
-    two zero-variance groups (dropped), behaviour log-probs = the policy's own plus noise."""
+    two zero-variance groups (dropped), behaviour log-probs = the policy's own plus noise.
+    chained: prompts 0, 1, 3, 4 are prefixes of one 30-token trunk (states of one episode in the
+    append-only format, out of order), prompt 2 is its own."""
     from singleturn.kernels.token_logprobs import token_logprobs
     from singleturn.trainer.data import pack_completions
 
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, V, (int(n),), generator=gen).tolist() for n in (7, 19, 3, 12, 30)]
+    if chained:
+        prompts = [prompts[4][:n] if i != 2 else prompts[2] for i, n in enumerate((7, 19, 3, 12, 30))]
     responses = [
         torch.randint(1, V, (int(torch.randint(1, 7, (1,), generator=gen)),), generator=gen).tolist()
         for _ in range(len(prompts) * G)
@@ -66,6 +70,49 @@ LAYOUTS = {
     # A small budget: two or three groups per row, several micro-batches.
     "shared": Layout(shared_prefix=True, max_tokens=45, row_len=45),
 }
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_prefix_chains_update_equals_padded(kl_coef):
+    """Layout(prefix_chains=True): the chained groups' prompts are computed once as one trunk with every
+    response branched off where its prompt ends; log-probs, reference log-probs, loss, statistics and
+    gradients equal the padded path's (fp32)."""
+    G = 3
+    layouts = {"padded": LAYOUTS["padded"],
+               "chains": Layout(shared_prefix=True, prefix_chains=True, max_tokens=120, row_len=120)}  # fmt: skip
+    out = {}
+    for name, layout in layouts.items():
+        m, ref = _model(0), _model(1)
+        batch = _batch(m, G, seed=5, chained=True)
+        mbs = micro_batches(batch, layout)
+        if name == "chains":
+            kept = {len(s.prompt) for s in batch.sequences}
+            assert kept == {7, 3, 30}  # groups 1 and 3 dropped (zero variance); 7 and 30 chain, 3 alone
+            trunk_tokens = sum(int((mb.packed.mask.branch == 0).sum()) for mb in mbs)
+            assert trunk_tokens == 30 + 3  # every prompt token once: the 30-token trunk + the lone prompt
+            per_group = micro_batches(batch, Layout(shared_prefix=True, max_tokens=120, row_len=120))
+            assert sum(int((mb.packed.mask.branch == 0).sum()) for mb in per_group) == 30 + 7 + 3
+        if kl_coef:
+            fill_reference_logprobs(ref, lambda ref=ref: ref.output.weight, mbs, temperature=1.0)
+        with torch.no_grad():
+            logp = {}
+            for mb in mbs:
+                lp = action_logprobs(m, lambda m=m: m.output.weight, mb.packed)
+                for b, s in enumerate(mb.sequences):
+                    logp[id(s)] = lp[mb.packed.seq == b]
+        n_tok = float(sum(len(s.response) for s in batch.sequences))
+        stats = grpo_forward_backward(
+            m, lambda m=m: m.output.weight, mbs, global_tokens=n_tok, clip_eps_low=0.2, clip_eps_high=0.2,
+            kl_coef=kl_coef, temperature=1.0, device="cpu",
+        )  # fmt: skip
+        out[name] = {"stats": stats, "grads": _grads(m), "logp": [logp[id(s)] for s in batch.sequences],
+                     "ref": [s.ref_logp for s in batch.sequences] if kl_coef else []}  # fmt: skip
+    a, b = out["padded"], out["chains"]
+    for x, y in zip(a["logp"] + a["ref"], b["logp"] + b["ref"]):
+        assert x.shape == y.shape and (x - y).abs().max().item() <= 1e-6
+    for k in ("loss", "clip_frac", "ratio", "kl"):
+        assert b["stats"][k] == pytest.approx(a["stats"][k], rel=1e-5, abs=1e-7), k
+    _assert_grads_equal(a["grads"], b["grads"])
 
 
 def _grads(m) -> dict:

@@ -95,6 +95,7 @@ class StageContext:
             micro_batch_size=section.micro_batch_size,
             max_tokens=section.max_tokens_per_micro_batch,
             row_len=self.cfg.data.max_seq_len,
+            prefix_chains=self.cfg.data.prompt == "episode",  # prompts that extend one another share a trunk
         )
 
     @property
@@ -226,9 +227,15 @@ def rl_stage_names() -> tuple[str, ...]:
 
 def local_examples(ctx: StageContext, i: int, batch_size: int, items: list | None = None) -> list:
     """This rank's share of global batch i of `items` (default ctx.examples; a pure function of the
-    step: resume needs no state)."""
-    items = ctx.examples if items is None else items
-    idx = batch_indices(i, batch_size, len(items), ctx.cfg.data.seed)
+    step: resume needs no state). The expert states of the episode format are drawn episode by
+    episode (whole episodes in a shuffled order, each in step order), so a batch's prompts extend one
+    another and the policy update computes each episode's shared trunk once (Layout.prefix_chains)."""
+    blocks = None
+    if items is None:
+        items = ctx.examples
+        if ctx.episodes:
+            blocks = tuple(len(e.states) for e in ctx.episodes)
+    idx = batch_indices(i, batch_size, len(items), ctx.cfg.data.seed, blocks)
     return [items[j] for j in rank_slice(idx, ctx.info.rank, ctx.info.world_size)]
 
 
