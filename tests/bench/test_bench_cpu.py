@@ -229,3 +229,15 @@ def test_bench_prefix_sharing_cpu(tmp_path):
             assert r["speedup"] == pytest.approx(by[r["job"], "padded"]["ms_median"] / r["ms_median"])
     assert by["sft", "packed"]["tokens_computed"] == by["sft", "packed"]["tokens_useful"]
     assert "| shared |" in (tmp_path / "prefix_sharing_cpu.md").read_text()
+
+
+def test_bench_grpo_tokens_on_synthetic_episodes(tmp_path):
+    """The GRPO token-count bench on the synthetic episodic states: drawing episode by episode with
+    prefix chains computes fewer tokens than a segment per group of the same prompts."""
+    from singleturn.trainer.synthetic import write_synthetic_inputs
+
+    states, tok = write_synthetic_inputs(tmp_path, n=30, episodic=True)
+    _run("bench_grpo_tokens.py", "--out-dir", str(tmp_path), "--tokenizer", str(tok), "--states", str(states),
+         "--steps", "3", "--batch", "6", "--group-size", "2", "--response-len", "3")  # fmt: skip
+    rows = {r["path"]: r["tokens"] for r in _rows(tmp_path / "grpo_tokens.jsonl")}
+    assert rows["episode prompt, prefix chains, episode by episode"] < rows["episode prompt, segment per group"]
