@@ -68,39 +68,25 @@ class CollectStats:
 
 
 def _act_fn(model, tokenizer, rollout_cfg, *, fmt, max_prompt, seed, pending, log):
-    """The `run_episodes` act callable: sample one response per live state, record the turns."""
+    """The `run_episodes` act callable: the rollout's `SamplingPolicy` on each live state's prompt
+    (`fmt`), one response per state; every turn recorded with its ids and sampling log-probs."""
     from singleturn.harness import parse_action
-    from singleturn.model.policy import encode_prompt, sample_completions
+    from singleturn.trainer.rollout import SamplingPolicy
 
-    calls = [0]
+    policy = SamplingPolicy(model, tokenizer, rollout_cfg, max_prompt=max_prompt, seed=seed)
 
     def act(states: list[dict]) -> list[str | None]:
-        prompts, trunc = [], 0
-        for s in states:
-            ids, cut = encode_prompt(tokenizer, fmt.messages(s), max_prompt)
-            trunc += cut
-            prompts.append(ids)
-        done = sample_completions(
-            model,
-            tokenizer,
-            prompts,
-            num_samples=1,
-            max_new_tokens=rollout_cfg.max_new_tokens,
-            temperature=rollout_cfg.temperature,
-            top_p=rollout_cfg.top_p,
-            top_k=rollout_cfg.top_k,
-            seed=(seed + 7919 * calls[0]) & 0x7FFF_FFFF,
-        )
-        calls[0] += 1
+        before = policy.truncated
+        policy([fmt.messages(s) for s in states])
         episode_of = pending[-len(states) :]  # on_state ran once per state, in this order
         del pending[-len(states) :]
         actions = []
-        for i, (s, c) in enumerate(zip(states, done)):
+        for i, (s, (prompt, c)) in enumerate(zip(states, policy.last)):
             action = parse_action(c.text, s["admissible"])
             match = None if s["expert_action"] is None else action == s["expert_action"]
-            log[episode_of[i]].append(Turn(prompts[i], c.tokens, c.logprobs, action, match))
+            log[episode_of[i]].append(Turn(prompt, c.tokens, c.logprobs, action, match))
             actions.append(action)
-        log["truncated"] += trunc
+        log["truncated"] += policy.truncated - before
         return actions
 
     return act

@@ -1,5 +1,7 @@
-"""Rollout settings shared by every stage that samples (single-turn GRPO, grpo-dagger, the multi-turn
-baselines): the per-(run, step, rank) sampling seed and the dtype the weights are gathered in."""
+"""What every stage that samples shares (single-turn GRPO, grpo-dagger, the multi-turn baselines): the
+per-(run, step, rank) sampling seed, the dtype the weights are gathered in, and `SamplingPolicy`, the
+one messages -> ids -> sample loop the multi-turn rollouts (trainer/episodes.py) and grpo-dagger's
+play (harness.collect_states) drive."""
 
 from __future__ import annotations
 
@@ -15,3 +17,36 @@ def rollout_dtype(cfg) -> torch.dtype:
     from singleturn.model.policy import DTYPES
 
     return DTYPES[cfg.rollout.dtype]
+
+
+class SamplingPolicy:
+    """The rollout's sampling policy as a harness text policy (list[messages] -> list[str]): one
+    response per state; call c is seeded seed + 7919 c; prompts are left-truncated to `max_prompt`
+    ids (`model.policy.encode_prompt`, counted in `truncated`). After each call `last` holds the
+    call's (prompt ids, `Completion`) pairs, in order, for callers that record the turns."""
+
+    def __init__(self, model, tokenizer, rollout_cfg, *, max_prompt: int, seed: int):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, rollout_cfg
+        self.max_prompt, self.seed = max_prompt, seed
+        self.calls = self.decisions = self.response_tokens = self.truncated = 0
+        self.last: list = []
+
+    def __call__(self, batch: list[list[dict]]) -> list[str]:
+        from singleturn.model.policy import encode_prompt, sample_completions
+
+        prompts = []
+        for messages in batch:
+            ids, cut = encode_prompt(self.tokenizer, messages, self.max_prompt)
+            self.truncated += cut
+            prompts.append(ids)
+        r = self.cfg
+        done = sample_completions(
+            self.model, self.tokenizer, prompts, num_samples=1, max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            seed=(self.seed + 7919 * self.calls) & 0x7FFF_FFFF,
+        )  # fmt: skip
+        self.calls += 1
+        self.decisions += len(done)
+        self.response_tokens += sum(len(d.tokens) for d in done)
+        self.last = list(zip(prompts, done))
+        return [d.text for d in done]

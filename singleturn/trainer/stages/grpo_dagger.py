@@ -42,7 +42,7 @@ from singleturn.trainer.data import Example, batch_indices, build_examples, prom
 from singleturn.trainer.dist import all_reduce_sums, broadcast_object
 from singleturn.trainer.episode_data import build_episode_examples
 from singleturn.trainer.episodes import train_games
-from singleturn.trainer.rollout import rollout_seed
+from singleturn.trainer.rollout import SamplingPolicy, rollout_seed
 from singleturn.trainer.stages import StageContext, StageSpan, register
 from singleturn.trainer.stages.grpo import GRPOStage
 
@@ -99,36 +99,6 @@ def mixed_batch(
     return [out[j] for j in rng.permutation(n)]
 
 
-class _SamplingPolicy:
-    """The rollout's sampling policy as a harness text policy (list[messages] -> list[str]): one
-    response per state; call c is seeded seed + 7919 c (trainer/episodes.py's scheme); prompts are
-    left-truncated to fit the context (`encode_prompt`, counted). Counts its decisions."""
-
-    def __init__(self, model, tokenizer, rollout_cfg, *, max_prompt: int, seed: int):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, rollout_cfg
-        self.max_prompt, self.seed = max_prompt, seed
-        self.calls = self.decisions = self.response_tokens = self.truncated = 0
-
-    def __call__(self, batch: list[list[dict]]) -> list[str]:
-        from singleturn.model.policy import encode_prompt, sample_completions
-
-        prompts = []
-        for messages in batch:
-            ids, cut = encode_prompt(self.tokenizer, messages, self.max_prompt)
-            self.truncated += cut
-            prompts.append(ids)
-        r = self.cfg
-        done = sample_completions(
-            self.model, self.tokenizer, prompts, num_samples=1, max_new_tokens=r.max_new_tokens,
-            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            seed=(self.seed + 7919 * self.calls) & 0x7FFF_FFFF,
-        )  # fmt: skip
-        self.calls += 1
-        self.decisions += len(done)
-        self.response_tokens += sum(len(d.tokens) for d in done)
-        return [d.text for d in done]
-
-
 def play_policy_states(
     model, fsdp, tokenizer, games: list[str], *, rollout_cfg, fmt, max_steps: int, num_workers: int, seed: int,
 ) -> tuple[list[dict], dict]:  # fmt: skip
@@ -140,7 +110,7 @@ def play_policy_states(
     from singleturn.harness import collect_states, read_states
     from singleturn.model.policy import DTYPES, prompt_budget
 
-    policy = _SamplingPolicy(
+    policy = SamplingPolicy(
         model,
         tokenizer,
         rollout_cfg,
