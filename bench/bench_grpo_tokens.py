@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--response-len", type=int, default=8)
-    p.add_argument("--device", default="cpu", help="unused: counts only, no model runs (accepted like every bench)")
+    p.add_argument(
+        "--device", default="cpu", help="unused: counts only, no model runs (accepted like every bench)"
+    )
     args = p.parse_args(argv)
     tok = Tokenizer.from_file(args.tokenizer)
     states = read_states(args.states)
@@ -55,8 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     shared = Layout(shared_prefix=True, max_tokens=8192, row_len=4096)
     chains = Layout(shared_prefix=True, prefix_chains=True, max_tokens=8192, row_len=4096)
     paths = {
-        "window prompt, segment per group": lambda s: computed(window, batch_indices(s, B, len(window), 0), shared),
-        "episode prompt, segment per group": lambda s: computed(ep_ex, batch_indices(s, B, len(ep_ex), 0), shared),
+        "window prompt, segment per group": lambda s: computed(
+            window, batch_indices(s, B, len(window), 0), shared
+        ),
+        "episode prompt, segment per group": lambda s: computed(
+            ep_ex, batch_indices(s, B, len(ep_ex), 0), shared
+        ),
         "episode prompt, prefix chains, random states": lambda s: computed(
             ep_ex, batch_indices(s, B, len(ep_ex), 0), chains
         ),
@@ -72,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
                      "batch": B, "group_size": G, "response_len": L, "steps": args.steps, **env})  # fmt: skip
         print(f"[grpo_tokens] {label:50s} {med:8.0f} tokens/step x{base / med:.2f}", flush=True)
     write_jsonl(args.out_dir, "grpo_tokens", rows)
-    write_markdown(args.out_dir, "grpo_tokens", "Tokens a single-turn GRPO update computes per step", rows, COLUMNS)
+    write_markdown(
+        args.out_dir, "grpo_tokens", "Tokens a single-turn GRPO update computes per step", rows, COLUMNS
+    )
 
 
 if __name__ == "__main__":

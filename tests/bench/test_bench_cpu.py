@@ -240,4 +240,39 @@ def test_bench_grpo_tokens_on_synthetic_episodes(tmp_path):
     _run("bench_grpo_tokens.py", "--out-dir", str(tmp_path), "--tokenizer", str(tok), "--states", str(states),
          "--steps", "3", "--batch", "6", "--group-size", "2", "--response-len", "3")  # fmt: skip
     rows = {r["path"]: r["tokens"] for r in _rows(tmp_path / "grpo_tokens.jsonl")}
-    assert rows["episode prompt, prefix chains, episode by episode"] < rows["episode prompt, segment per group"]
+    assert (
+        rows["episode prompt, prefix chains, episode by episode"] < rows["episode prompt, segment per group"]
+    )
+
+
+def test_episode_prompt_selection_smoke(tmp_path):
+    """The item-3 measurement end to end on a tiny random model and the synthetic episodes: both
+    variants, zero-shot and after SFT, agreement and costs per state."""
+    import torch
+
+    from singleturn.model import LlamaConfig, Transformer, save_hf_checkpoint
+    from singleturn.model.tokenizer import Tokenizer
+    from singleturn.trainer.synthetic import write_synthetic_inputs
+
+    states, tok_path = write_synthetic_inputs(tmp_path, n=30, episodic=True)
+    tok = Tokenizer.from_file(str(tok_path))
+    cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=tok.vocab_size,
+                      max_seq_len=1024, tie_word_embeddings=True, bos_id=tok.bos_id, eos_ids=(tok.eot_id,))  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(0)
+    ckpt = tmp_path / "ckpt"
+    save_hf_checkpoint(model, ckpt)
+    (ckpt / "tokenizer.json").write_bytes(tok_path.read_bytes())
+    _run("episode_prompt_selection.py", "--out-dir", str(tmp_path), "--model", str(ckpt), "--states", str(states),
+         "--held-out-games", "3", "--sft-episodes", "4", "--batch-episodes", "2", "--threads", "1")  # fmt: skip
+    rows = _rows(tmp_path / "episode_prompt_selection.jsonl")
+    assert [(r["variant"], r["when"].split(" (")[0]) for r in rows] == [
+        ("none", "zero-shot"),
+        ("none", "after SFT"),
+        ("list", "zero-shot"),
+        ("list", "after SFT"),
+    ]
+    assert all(r["states"] == 9 and 0 <= r["agreement"] <= 1 for r in rows)
+    after = {r["variant"]: r for r in rows if r["when"].startswith("after")}
+    assert after["list"]["sft_tokens_per_state"] > after["none"]["sft_tokens_per_state"]
