@@ -10,7 +10,7 @@ and from the same pre-trained start: SFT on whole expert episodes of the trainin
 last `--held-out-games` (sorted by path; the same episodes in the same order for every variant:
 `--sft-episodes` of them, `--batch-episodes` per AdamW step, constant lr, fp32), then ranked agreement
 with the expert on every state of the held-out games, teacher-forced (the expert's history, played in
-lockstep through `model.EpisodeRankPolicy`, `trainer.bound`'s procedure) with its 95% Wilson interval,
+lockstep through `model.EpisodePolicy`, `trainer.bound`'s procedure) with its 95% Wilson interval,
 and the costs: SFT tokens and seconds per state, evaluation tokens and seconds per state. Also the
 zero-shot agreement of each variant (before SFT) unless --no-zero-shot.
 Output: episode_prompt_selection.jsonl + .md (default bench/results/).
@@ -25,7 +25,7 @@ import torch
 from _common import base_parser, env_info, write_jsonl, write_markdown
 
 from singleturn.harness import read_states
-from singleturn.model.episode_policy import EpisodeRankPolicy
+from singleturn.model.episode_policy import EpisodePolicy
 from singleturn.model.hf_io import load_hf_checkpoint
 from singleturn.model.tokenizer import Tokenizer
 from singleturn.trainer.bound import _episode_actions
@@ -51,7 +51,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def agreement(model, tok, held_out: dict[str, list[dict]], *, list_admissible: bool, batch: int) -> dict:
-    policy = EpisodeRankPolicy(model, tok, max_episodes=batch, max_len=model.config.max_seq_len,
+    policy = EpisodePolicy(model, tok, max_episodes=batch, max_len=model.config.max_seq_len,
                                list_admissible=list_admissible, system_prompt=False)  # fmt: skip
     t0 = time.perf_counter()
     chosen = _episode_actions(policy, held_out, batch)

@@ -195,7 +195,7 @@ def policy_actions(policy, states: list[dict], fmt: PromptFormat) -> list:
     state's prompt (`fmt`), pass the admissible commands when the policy asks for them (`wants_admissible`:
     constrained or ranked decoding), parse each response into an admissible action (None: invalid).
     The one call path for evaluation and for labelling a policy's own states."""
-    if hasattr(policy, "act_states"):  # a policy that keeps episodes (model.EpisodeRankPolicy): raw states
+    if hasattr(policy, "act_states"):  # a policy that keeps episodes (model.EpisodePolicy): raw states
         return [parse_action(t, s["admissible"]) for s, t in zip(states, policy.act_states(states))]
     messages = [fmt.messages(s) for s in states]
     if getattr(policy, "wants_admissible", False):

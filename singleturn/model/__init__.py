@@ -9,7 +9,7 @@ Plain single-device PyTorch; parallelism is applied from outside (trainer/fsdp.p
 from singleturn.model.chat_template import ChatTemplateError
 from singleturn.model.config import PRESETS, LlamaConfig, RopeScaling
 from singleturn.model.episode_cache import EpisodeCache
-from singleturn.model.episode_policy import EpisodeRankPolicy
+from singleturn.model.episode_policy import EpisodePolicy
 from singleturn.model.generate import Samples, generate, score_continuations
 from singleturn.model.hf_io import hf_to_ours, load_hf_checkpoint, ours_to_hf, save_hf_checkpoint
 from singleturn.model.masks import (
@@ -24,7 +24,7 @@ from singleturn.model.transformer import Transformer
 
 __all__ = [
     "EpisodeCache",
-    "EpisodeRankPolicy",
+    "EpisodePolicy",
     "PRESETS",
     "LlamaConfig",
     "RopeScaling",

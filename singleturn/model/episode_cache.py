@@ -13,8 +13,13 @@
   len + depth and attends the row's committed slots, its ancestors and itself (the same function as
   `generate.score_continuations` over the whole sequence, which recomputes the prefix every time).
   The trie's slots are overwritten by the next `append`; a query never sees a slot past its own.
-- `next_logits()`: the logits of each row's next token (greedy or sampled decoding drives `append`
-  with one token at a time).
+- `greedy(candidates)`: trie-constrained greedy decoding of one candidate per row, one batched
+  forward per branching point of the trie (a token the trie forces goes in with the next choice); the
+  tokens it decodes stay appended, up to the last one it had to compute.
+- `next_logits(rows)`: the logits of each row's next token (free greedy or sampled decoding drives
+  `append` with the tokens it picks).
+- `truncate(row, length)`: forget a row's tokens past `length` (a decoded action that the episode's
+  next turn writes differently, a per-turn suffix); the next `append` to it overwrites them.
 
 Everything is exact with respect to the cache-free path (tests/model/test_episode_cache.py: fp32
 scores to 1e-5, greedy tokens identical, over several turns, with suffixes added and dropped, rows of
@@ -54,6 +59,8 @@ class EpisodeCache:
         self._last_h = torch.zeros(rows, model.config.dim, dtype=dtype or model.tok_embeddings.weight.dtype,
                                    device=self.device)  # fmt: skip
         self.computed_tokens = 0  # tokens through the model so far (appended + scored trie nodes)
+        self.forwards = 0  # batched forwards so far
+        self._stale: set[int] = set()  # truncated rows: _last_h is not their last token's until an append
 
     def close(self) -> None:
         """Free the caches."""
@@ -77,6 +84,20 @@ class EpisodeCache:
         """Start rows over (a new episode in a finished one's row); their old slots become invisible."""
         for r in rows:
             self.lengths[r] = 0
+            self._stale.discard(r)
+
+    def truncate(self, row: int, length: int) -> None:
+        """Keep row's first `length` tokens (0 < length <= its length); append to it before scoring."""
+        if not 0 < length <= self.lengths[row]:
+            raise ValueError(f"truncate: row {row} holds {self.lengths[row]} tokens, cannot keep {length}")
+        if length < self.lengths[row]:
+            self.lengths[row] = length
+            self._stale.add(row)
+
+    def _check_fresh(self, rows, what: str) -> None:
+        stale = sorted(self._stale.intersection(rows))
+        if stale:
+            raise ValueError(f"{what}: rows {stale} were truncated and not appended to since")
 
     def _check_room(self, r: int, extra: int, what: str) -> None:
         if self.lengths[r] + extra > self.max_len:
@@ -110,16 +131,22 @@ class EpisodeCache:
         tokens, slots = tokens.to(self.device), slots.to(self.device)
         with self._installed():  # attend only up to the highest slot written (not the whole max_len)
             h = self.model.hidden(tokens, input_pos=slots, kv_len=int(slots.max()) + 1)  # (B, T, D)
+        self.forwards += 1
         for r in live:
             n = len(new_tokens[r])
             self._last_h[r] = h[r, n - 1]
             self.lengths[r] += n
+            self._stale.discard(r)
         self.computed_tokens += sum(len(new_tokens[r]) for r in live)
 
     @torch.no_grad()
-    def next_logits(self) -> torch.Tensor:
-        """(rows, V) logits of each row's next token (fp32); rows that hold no token yet are garbage."""
-        return self.model.output(self._last_h).float()
+    def next_logits(self, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """(len(rows), V) fp32 logits of each listed row's next token (default: every row; a row that
+        holds no token yet gives garbage). Only the listed rows go through the LM head."""
+        rows = range(self.rows) if rows is None else list(rows)
+        self._check_fresh(rows, "next_logits")
+        idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.device)
+        return self.model.output(self._last_h[idx]).float()
 
     @torch.no_grad()
     def score(
@@ -149,6 +176,7 @@ class EpisodeCache:
         for r in scored:
             if self.lengths[r] == 0:
                 raise ValueError(f"score: row {r} holds no tokens yet (append its prompt first)")
+        self._check_fresh(scored, "score")
         tries = {r: _token_trie(candidates[r]) for r in scored}
         S = max(len(t.tokens) for t in tries.values())
         for r in scored:
@@ -180,6 +208,7 @@ class EpisodeCache:
                 tokens.to(self.device), input_pos=slots.to(self.device), positions=positions.to(self.device),
                 attn_mask=mask.to(self.device), kv_len=kv_len,
             )  # fmt: skip
+        self.forwards += 1
         out: list[list[float]] = [[] for _ in candidates]
         for r in scored:
             t = tries[r]
@@ -194,3 +223,54 @@ class EpisodeCache:
             out[r] = [float(sum(node_logp[v] for v in path[skip[r] :])) for path in t.paths]
         self.computed_tokens += sum(len(tries[r].tokens) for r in scored)
         return out
+
+    @torch.no_grad()
+    def greedy(
+        self, candidates: Sequence[Sequence[Sequence[int]]], prefix: Sequence[Sequence[int]] | None = None
+    ) -> tuple[list[int | None], list[list[int]]]:
+        """(picks, appended): per row, the index of the candidate trie-constrained greedy decoding picks
+        after prefix[r] (appended first, e.g. this turn's assistant header), and the ids appended to
+        the row (prefix[r] + the decoded ids up to the last branching point: the ids the trie forces
+        after it are not computed). Rows with no candidates: (None, []). A duplicate candidate loses to
+        the first listed; equal logits go to the candidate listed first. The row is left holding the
+        appended ids: truncate it to drop them."""
+        if len(candidates) != self.rows or (prefix is not None and len(prefix) != self.rows):
+            raise ValueError(f"greedy: candidates (and prefix) must have one entry per row ({self.rows})")
+        rows = [r for r, c in enumerate(candidates) if c]
+        tries, kids, leaf = {}, {}, {}
+        for r in rows:
+            if any(len(c) == 0 for c in candidates[r]):
+                raise ValueError(f"greedy: row {r} has an empty candidate")
+            t = tries[r] = _token_trie(candidates[r])
+            k = kids[r] = {-1: []}
+            for i, par in enumerate(t.parent):  # children in creation order: the first listed first
+                k.setdefault(par, []).append(i)
+                k.setdefault(i, [])
+            leaf[r] = {}
+            for c, path in enumerate(t.paths):
+                leaf[r].setdefault(path[-1], c)
+        node = dict.fromkeys(rows, -1)
+        pending = {r: list(prefix[r]) if prefix is not None else [] for r in rows}  # picked, not yet appended
+        appended: list[list[int]] = [[] for _ in range(self.rows)]
+        picks: list[int | None] = [None] * self.rows
+        active = rows
+        while True:
+            for r in active:  # follow the ids the trie forces
+                while len(kids[r][node[r]]) == 1:
+                    node[r] = kids[r][node[r]][0]
+                    pending[r].append(tries[r].tokens[node[r]])
+                if not kids[r][node[r]]:  # a leaf: a whole candidate
+                    picks[r] = leaf[r][node[r]]
+            active = [r for r in active if picks[r] is None]
+            if not active:
+                return picks, appended
+            new = [pending[r] if r in active else [] for r in range(self.rows)]
+            self.append(new)
+            for r in active:
+                appended[r] += pending[r]
+            logits = self.next_logits(active)  # (len(active), V)
+            for j, r in enumerate(active):
+                options = kids[r][node[r]]
+                ids = torch.as_tensor([tries[r].tokens[i] for i in options], device=logits.device)
+                node[r] = options[int(torch.argmax(logits[j, ids]))]  # the first of equal maxima
+                pending[r] = [tries[r].tokens[node[r]]]

@@ -1,16 +1,24 @@
-"""Ranked decoding over live episodes kept as growing token sequences (`EpisodeCache`).
+"""Evaluation over live episodes kept as growing token sequences (`EpisodeCache`).
 
-`EpisodeRankPolicy(model, tokenizer)` is an evaluation policy for `harness.evaluate` that acts on the
-harness's states directly (`act_states`), so it can know which episode each state continues: an
-episode gets a cache row on its first state and gives it back when it stops appearing; each turn
-appends only what the turn commits (`harness.render_episode` + `model.episode_tokens.split_turn`) and
-ranks the admissible commands (`encode(action) + end of turn`, as SFT targets are written) on top of
-the cache, after this turn's admissible list as a per-turn suffix (or without it). All live episodes
-advance in one batched forward per turn. Deterministic; the same actions as playing each episode
-alone up to batched-matmul rounding on near-ties (exact in float64, tests/model/test_episode_policy.py).
+`EpisodePolicy(model, tokenizer, decoding=...)` is an evaluation policy for `harness.evaluate` that
+acts on the harness's states directly (`act_states`), so it knows which episode each state
+continues: an episode gets a cache row on its first state and gives it back when it stops
+appearing. Each turn the row's ids are brought to the turn's committed stream
+(`harness.render_episode` + `model.episode_tokens.split_turn`): the longest common prefix of what the
+row holds and the stream is kept, the rest computed; then this turn's material (the template's end
+of message and assistant header, and the admissible list when the prompt keeps one) goes on top, and
+the admissible commands (`encode(action) + end of turn`, as SFT targets are written) are decoded:
 
-Its prompt is the append-only conversation, not the window-and-memory prompt the trainer's models
-are trained on today (docs/episode-engine.md): use it for models that know that format.
+- `decoding="rank"`: every command's total log-prob, as a token trie on top of the cache (dropped).
+- `decoding="greedy"`: trie-constrained greedy decoding, one batched forward per branching point of
+  the trie (a token the trie forces is appended with the next choice, not decoded on its own). The
+  tokens it appends stay in the row: when the next turn's stream writes the action the same way (the
+  template keeps the assistant's turn verbatim, and no per-turn list sits before it), they are not
+  computed again.
+
+All live episodes advance in one batched forward per step. Deterministic; the same actions as the
+per-state path on the whole prompt (`ModelPolicy`, ranked or constrained greedy) up to batched-matmul
+rounding on near-ties (exact in float64: tests/harness/test_episode_policy.py).
 """
 
 from __future__ import annotations
@@ -22,24 +30,29 @@ import torch
 from singleturn.model.episode_cache import EpisodeCache
 from singleturn.model.episode_tokens import extend_committed, split_turn
 
-__all__ = ["EpisodeRankPolicy"]
+__all__ = ["DECODINGS", "EpisodePolicy"]
+
+DECODINGS = ("rank", "greedy")
 
 
-class EpisodeRankPolicy:
-    name = "EpisodeRankPolicy"
+class EpisodePolicy:
+    name = "EpisodePolicy"
 
-    def __init__(self, model, tokenizer, *, max_episodes: int = 64, max_len: int = 4096,
+    def __init__(self, model, tokenizer, *, decoding: str = "rank", max_episodes: int = 64, max_len: int = 4096,
                  list_admissible: bool = True, system_prompt: bool = False, dtype: torch.dtype | None = None):  # fmt: skip
-        self.model, self.tokenizer = model, tokenizer
+        if decoding not in DECODINGS:
+            raise ValueError(f"EpisodePolicy decodes by one of {DECODINGS}, got {decoding!r}")
+        self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
         self.list_admissible, self.system_prompt = list_admissible, system_prompt
         self.cache = EpisodeCache(model, max_episodes, max_len, dtype=dtype)
         self.rows: dict[str, int] = {}  # episode key -> cache row
-        self.committed: dict[int, list[int]] = {}  # row -> its committed ids
+        self.committed: dict[int, list[int]] = {}  # row -> its committed stream (append-only)
+        self.held: dict[int, list[int]] = {}  # row -> the ids its cache row holds now
         self.free = list(reversed(range(max_episodes)))
         self.calls = 0
 
     def __call__(self, messages, admissible=None):
-        raise TypeError("EpisodeRankPolicy acts on states (act_states), not on rendered messages")
+        raise TypeError("EpisodePolicy acts on states (act_states), not on rendered messages")
 
     def close(self) -> None:
         self.cache.close()
@@ -55,12 +68,35 @@ class EpisodeRankPolicy:
                 raise ValueError(f"more than {self.cache.rows} live episodes: raise max_episodes")
             row = self.rows[key] = self.free.pop()
             self.cache.reset([row])
-            self.committed[row] = []
+            self.committed[row], self.held[row] = [], []
         return row
+
+    def _sync(self, row: int, committed: list[int]) -> list[int]:
+        """The ids to append so that row holds `committed`: what it holds past their common prefix is dropped."""
+        extend_committed(self.committed[row], committed)  # raises unless the stream only grew
+        self.committed[row] = committed
+        held, p = self.held[row], 0
+        n = min(len(held), len(committed))
+        while p < n and held[p] == committed[p]:
+            p += 1
+        p = min(p, len(committed) - 1)  # recompute at least the last token: it predicts the next one
+        if p < len(held):
+            if p > 0:
+                self.cache.truncate(row, p)
+            else:
+                self.cache.reset([row])
+        self.held[row] = committed[:p]
+        return committed[p:]
+
+    def _append(self, new: Sequence[Sequence[int]]) -> None:
+        self.cache.append(new)
+        for r, t in enumerate(new):
+            if t:
+                self.held[r] = self.held[r] + list(t)
 
     @torch.no_grad()
     def act_states(self, states: Sequence[dict]) -> list[str]:
-        """One admissible command per state (the highest total log-prob); states of distinct episodes."""
+        """One admissible command per state; states of distinct episodes."""
         from singleturn.harness.prompts import render_episode  # torch-free; the harness imports models lazily
 
         live = {str(s["game"]) for s in states}
@@ -74,19 +110,23 @@ class EpisodeRankPolicy:
         eot = self.tokenizer.eot_id
         for s in states:
             if not s["admissible"]:
-                raise ValueError(f"state {s['game']} step {s['step']}: no admissible action to rank")
+                raise ValueError(f"state {s['game']} step {s['step']}: no admissible action to decode")
             row = self._row(s)
             rows.append(row)
             messages, suffix = render_episode(
                 s, list_admissible=self.list_admissible, system_prompt=self.system_prompt
             )
             committed, turn[row] = split_turn(self.tokenizer, messages, suffix)
-            new[row] = extend_committed(self.committed[row], committed)
-            self.committed[row] = committed
+            new[row] = self._sync(row, committed)
             cands[row] = [self.tokenizer.encode(a) + [eot] for a in s["admissible"]]
-        self.cache.append(new)
-        scores = self.cache.score(cands, suffix=turn)
         self.calls += 1
+        self._append(new)
+        if self.decoding == "greedy":
+            picks, appended = self.cache.greedy(cands, prefix=turn)
+            for r in rows:
+                self.held[r] = self.held[r] + appended[r]
+            return [s["admissible"][picks[r]] for s, r in zip(states, rows)]
+        scores = self.cache.score(cands, suffix=turn)
         # Ties (exact in fp64 only for identical token sequences) go to the first listed command.
         return [
             s["admissible"][max(range(len(s["admissible"])), key=scores[r].__getitem__)]

@@ -235,7 +235,8 @@ class PolicySpec:
     """Episode step limit of the evaluation."""
     prompt: str = "window"
     """'window' (harness.render_prompt, one prompt per state) or 'episode' (harness.render_episode:
-    each live episode one growing token sequence, model.EpisodeRankPolicy; ranked decoding only)."""
+    each live episode one growing token sequence, model.EpisodePolicy: ranked, or greedy under the
+    admissible trie)."""
     list_admissible: bool = True
     """prompt='episode': this turn's admissible list as a per-turn suffix."""
     batch_size: int = 8
@@ -245,16 +246,19 @@ class PolicySpec:
     is an error, never a truncation (0: the model's max_seq_len)."""
 
     def policy(self, model, tokenizer):
-        """The policy this spec describes (ModelPolicy, or EpisodeRankPolicy for prompt='episode'),
+        """The policy this spec describes (ModelPolicy, or EpisodePolicy for prompt='episode'),
         over `model` (full weights) and its tokenizer."""
         if self.prompt == "episode":
-            if self.decoding != "rank":
-                raise ValueError(f"prompt='episode' plays by ranked decoding, got decoding={self.decoding!r}")
-            from singleturn.model.episode_policy import EpisodeRankPolicy
+            if self.decoding == "greedy" and not self.constrained:
+                raise ValueError(
+                    "prompt='episode' decodes ranked or greedy under the admissible trie: set constrained"
+                )
+            from singleturn.model.episode_policy import EpisodePolicy
 
-            return EpisodeRankPolicy(
-                model, tokenizer, max_episodes=self.batch_size, max_len=self.max_len or model.config.max_seq_len,
-                list_admissible=self.list_admissible, system_prompt=self.system_prompt,
+            return EpisodePolicy(
+                model, tokenizer, decoding=self.decoding, max_episodes=self.batch_size,
+                max_len=self.max_len or model.config.max_seq_len, list_admissible=self.list_admissible,
+                system_prompt=self.system_prompt,
             )  # fmt: skip
         if self.prompt != "window":
             raise ValueError(f"prompt must be 'window' or 'episode', got {self.prompt!r}")

@@ -1,6 +1,6 @@
 """Expert episodes as single training rows (`data.prompt = "episode"`): each state's prompt computed once.
 
-In the append-only episode format (`harness.render_episode`, the format `model.EpisodeRankPolicy`
+In the append-only episode format (`harness.render_episode`, the format `model.EpisodePolicy`
 evaluates in) state t's prompt is the episode's committed ids up to its observation + this turn's ids
 (the admissible list when kept, the end of the user message, the assistant header); state t+1's prompt
 extends state t's prompt + its action. So an expert episode is one token tree (`model.masks.TreeItem`):

@@ -1,7 +1,8 @@
-"""EpisodeRankPolicy (model/episode_policy.py) through harness.evaluate on real games: episodes played in
+"""EpisodePolicy (model/episode_policy.py) through harness.evaluate on real games: episodes played in
 lockstep (one batched forward per turn over all live episodes) take the same actions, success and
 accuracy as the same episodes played one at a time (float64: no batched-rounding near-ties); rows are
-given back as episodes end, so fewer rows than games suffice."""
+given back as episodes end, so fewer rows than games suffice; trie-constrained greedy over the cache
+picks what the per-state path (ModelPolicy on each whole prompt) picks."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from singleturn.harness import evaluate
 from singleturn.harness.prompts import clean_observation
 from singleturn.model import LlamaConfig, Transformer, train_tokenizer
-from singleturn.model.episode_policy import EpisodeRankPolicy
+from singleturn.model.episode_policy import EpisodePolicy
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +39,20 @@ def model_and_tok(train_games):
     return model.double().eval(), tok
 
 
-def _play(model, tok, games, batch_size, rows):
-    policy = EpisodeRankPolicy(model, tok, max_episodes=rows, max_len=4096, dtype=torch.float64)
+def _play(model, tok, games, batch_size, rows, decoding="rank", list_admissible=True):
+    policy = EpisodePolicy(model, tok, decoding=decoding, max_episodes=rows, max_len=4096, dtype=torch.float64,
+                           list_admissible=list_admissible)  # fmt: skip
     report = evaluate(policy, games, max_steps=5, batch_size=batch_size, num_workers=1)
     policy.close()
     return report, policy
 
 
-def test_lockstep_equals_one_by_one(model_and_tok, train_games):
+@pytest.mark.parametrize("decoding", ["rank", "greedy"])
+def test_lockstep_equals_one_by_one(model_and_tok, train_games, decoding):
     model, tok = model_and_tok
     games = train_games[:4]
-    lock, p_lock = _play(model, tok, games, batch_size=4, rows=4)
-    alone, p_alone = _play(model, tok, games, batch_size=1, rows=1)  # one row, reused by every episode
+    lock, p_lock = _play(model, tok, games, batch_size=4, rows=4, decoding=decoding)
+    alone, p_alone = _play(model, tok, games, batch_size=1, rows=1, decoding=decoding)  # one row, reused
     by_game = lambda r: {e["game"]: e["actions"] for e in r.episodes}  # noqa: E731
     assert by_game(lock) == by_game(alone)
     assert (lock.success_rate, lock.action_accuracy) == (alone.success_rate, alone.action_accuracy)
@@ -59,7 +62,7 @@ def test_lockstep_equals_one_by_one(model_and_tok, train_games):
 
 def test_refuses_more_live_episodes_than_rows(model_and_tok, train_games):
     model, tok = model_and_tok
-    policy = EpisodeRankPolicy(model, tok, max_episodes=1, max_len=4096, dtype=torch.float64)
+    policy = EpisodePolicy(model, tok, max_episodes=1, max_len=4096, dtype=torch.float64)
     states = [{"game": str(g), "step": 0, "goal": "x", "history": [], "observation": "o", "admissible": ["look"]}
               for g in train_games[:2]]  # fmt: skip
     with pytest.raises(ValueError, match="more than 1 live episodes"):
@@ -78,7 +81,7 @@ def test_a_crashed_worker_mid_lockstep_fails_one_episode_and_the_rest_play_on(mo
     model, tok = model_and_tok
     games = train_games[:4]
     clean, _ = _play(model, tok, games, batch_size=4, rows=4)
-    policy = EpisodeRankPolicy(model, tok, max_episodes=4, max_len=4096, dtype=torch.float64)
+    policy = EpisodePolicy(model, tok, max_episodes=4, max_len=4096, dtype=torch.float64)
     with EnvPool(games, num_workers=2) as pool:
 
         class KillOnThirdTurn:
@@ -118,10 +121,57 @@ def test_the_policy_spec_builds_the_episode_policy(model_and_tok):
 
     model, tok = model_and_tok
     policy = PolicySpec(prompt="episode", decoding="rank", batch_size=3, max_len=512).policy(model, tok)
-    assert isinstance(policy, EpisodeRankPolicy) and policy.cache.rows == 3 and policy.cache.max_len == 512
+    assert isinstance(policy, EpisodePolicy) and policy.cache.rows == 3 and policy.cache.max_len == 512
     policy.close()
-    with pytest.raises(ValueError, match="ranked decoding"):
+    policy = PolicySpec(prompt="episode", decoding="greedy", constrained=True, batch_size=2).policy(
+        model, tok
+    )
+    assert isinstance(policy, EpisodePolicy) and policy.decoding == "greedy"
+    policy.close()
+    with pytest.raises(ValueError, match="set constrained"):
         PolicySpec(prompt="episode", decoding="greedy").policy(model, tok)
+
+
+@pytest.mark.parametrize("list_admissible", [True, False])
+def test_greedy_over_the_cache_equals_constrained_greedy_on_each_whole_prompt(model_and_tok, train_games,
+                                                                              list_admissible):  # fmt: skip
+    """The same episodes, actions and outcomes as ModelPolicy's trie-constrained greedy decoding of each
+    state's whole episode-format prompt (re-encoded every turn), in float64."""
+    from singleturn.model.policy import ModelPolicy
+
+    model, tok = model_and_tok
+    games = train_games[:4]
+    cached, policy = _play(model, tok, games, 4, 4, decoding="greedy", list_admissible=list_admissible)
+    whole = ModelPolicy(model, tok, max_new_tokens=4, max_seq_len=4096, constrained=True, decoding="greedy")
+    ref = evaluate(whole, games, max_steps=5, batch_size=4, num_workers=1, prompt="episode",
+                   list_admissible=list_admissible, system_prompt=False)  # fmt: skip
+    by_game = lambda r: {e["game"]: (e["actions"], e["won"]) for e in r.episodes}  # noqa: E731
+    assert by_game(cached) == by_game(ref) and sum(len(a) for a, _ in by_game(ref).values()) >= 12
+    assert cached.action_accuracy == ref.action_accuracy
+
+
+def test_greedy_keeps_what_the_next_turn_writes_the_same_way(model_and_tok):
+    """Without a per-turn list, the assistant header and the decoded action's ids that the cache holds
+    are the next turn's ids too: the next turn computes only what follows them."""
+    model, tok = model_and_tok
+    policy = EpisodePolicy(model, tok, decoding="greedy", max_episodes=1, max_len=4096, dtype=torch.float64,
+                           list_admissible=False)  # fmt: skip
+    admissible = ["go to cabinet 1", "go to countertop 1", "take apple 1 from countertop 1", "look"]
+    s0 = {"game": "g", "step": 0, "goal": "put an apple in the cabinet", "history": [],
+          "observation": "You are in the middle of a room.", "admissible": admissible}  # fmt: skip
+    (a0,) = policy.act_states([s0])
+    held = list(policy.held[0])
+    committed0 = list(policy.committed[0])
+    assert held[: len(committed0)] == committed0 and len(held) > len(committed0)  # the header (+ picks) stay
+    s1 = {**s0, "step": 1, "history": [(s0["observation"], a0)], "observation": "You see nothing."}
+    before = policy.cache.computed_tokens
+    policy.act_states([s1])
+    committed1 = policy.committed[0]
+    assert committed1[: len(held)] == held  # the next turn's stream writes them the same way
+    appended = policy.cache.computed_tokens - before
+    decoded = policy.held[0][len(committed1) :]
+    assert appended == len(committed1) - len(held) + len(decoded)
+    policy.close()
 
 
 def test_teacher_forced_episode_actions_equal_ranking_each_whole_prompt(model_and_tok, train_games, tmp_path):
@@ -143,7 +193,7 @@ def test_teacher_forced_episode_actions_equal_ranking_each_whole_prompt(model_an
     ordered = [s for g in traj for s in traj[g]]
     cfg = SimpleNamespace(data=SimpleNamespace(list_admissible=True, system_prompt=False))
     prompts = _episode_prompts(ordered, tok, cfg, 4096)
-    policy = EpisodeRankPolicy(model, tok, max_episodes=2, max_len=4096, dtype=torch.float64)
+    policy = EpisodePolicy(model, tok, max_episodes=2, max_len=4096, dtype=torch.float64)
     got = _episode_actions(policy, traj, batch_size=2)
     policy.close()
     want = []

@@ -3,7 +3,8 @@
 Several episodes of different lengths advance in lockstep over several turns; at each turn every row's
 candidates are scored as a trie on top of the cache (then dropped) and compared with
 `score_continuations` over the whole committed sequence (fp32: 1e-5); greedy decoding through the cache
-gives the same tokens as `generate` on the whole sequence.
+gives the same tokens as `generate` on the whole sequence, and trie-constrained greedy the same
+command as `generate` under the admissible trie; truncating a row forgets its tail exactly.
 """
 
 import random
@@ -75,6 +76,62 @@ def test_greedy_through_the_cache_equals_generate(hf_pair):
             out[r].append(t)
         cache.append([[t] for t in nxt])
     assert out == ref.tokens.tolist()
+    cache.close()
+
+
+def _branchings(cands, path):
+    """Trie nodes on `path` (the root first) with more than one child: greedy's forwards for it."""
+    return sum(
+        len({tuple(c[: k + 1]) for c in cands if c[:k] == path[:k] and len(c) > k}) > 1
+        for k in range(len(path))
+    )
+
+
+def test_trie_greedy_equals_constrained_generate_and_truncation_forgets(hf_pair):
+    """cache.greedy picks, for every row, the candidate `generate` decodes greedily under the same trie
+    on the whole sequence (prefix included), in one forward per branching point; truncating the row
+    back and appending something else scores as if the decoded ids had never been there."""
+    from singleturn.model.constrained import ActionTrie, allowed_tokens_fn
+
+    _, model = hf_pair(seed=5, n_kv_heads=2)
+    model = model.double()
+    rng = random.Random(1)
+    seqs = [[rng.randrange(3, V) for _ in range(n)] for n in (6, 3, 9)]
+    prefix = [[40, 41], [], [42]]
+    cache = EpisodeCache(model, 3, max_len=128, dtype=torch.float64)
+    cache.append(seqs)
+    for turn in range(3):
+        cands = [
+            [c + [2] for c in _cands(rng, rng.randint(2, 6))] for _ in range(3)
+        ]  # every one ends in eot 2
+        cands[1] = cands[1] if turn != 1 else []  # a row not decoded this turn
+        before = cache.forwards
+        picks, appended = cache.greedy(cands, prefix=prefix)
+        live = [r for r in range(3) if cands[r]]
+        tries = [ActionTrie(cands[r]) for r in live]
+        ref = generate(model, [seqs[r] + prefix[r] for r in live], num_samples=1, max_new_tokens=8,
+                       temperature=0.0, stop_ids=(2,), allowed_tokens=allowed_tokens_fn(tries)).token_lists()  # fmt: skip
+        for r, want in zip(live, ref):
+            assert cands[r][picks[r]] == want, (turn, r)
+            assert appended[r] == (prefix[r] + want)[: len(appended[r])] and len(appended[r]) <= len(
+                prefix[r]
+            ) + len(want)
+        assert picks[1] is None if turn == 1 else True
+
+        assert cache.forwards - before == max(_branchings(cands[r], cands[r][picks[r]]) for r in live)
+        for r in live:  # forget the decoded ids, commit something else
+            cache.truncate(r, len(seqs[r]))
+        with pytest.raises(ValueError, match="truncated"):
+            cache.score([[[5]] if r in live else [] for r in range(3)])
+        new = [[rng.randrange(3, V) for _ in range(rng.randint(1, 5))] for _ in range(3)]
+        cache.append(new)
+        for r in range(3):
+            seqs[r] += new[r]
+        cands = [[[7, 8], [9]] for _ in range(3)]
+        got, want = cache.score(cands), score_continuations(model, seqs, cands)
+        assert all(abs(g - w) <= 1e-9 for gr, wr in zip(got, want) for g, w in zip(gr, wr))
+    with pytest.raises(ValueError, match="cannot keep"):
+        cache.truncate(0, cache.lengths[0] + 1)
     cache.close()
 
 

@@ -228,12 +228,14 @@ def test_smollm2_config_parses_without_the_converted_model(tmp_path):
         build_config({"model": {"path": str(tmp_path / "m"), "gguf_wheel": "x==1"}})
 
 
-def test_the_episode_prompt_needs_ranked_evaluation():
+def test_the_episode_prompt_needs_ranked_or_trie_greedy_evaluation():
     base = ["--data.prompt=episode", "--run.stages=sft,grpo,ppo,grpo-multiturn,grpo-dagger"]
     cfg = parse_args(base + ["--eval.decoding=rank"])
     assert cfg.data.prompt == "episode" and cfg.data.list_admissible
-    with pytest.raises(ConfigError, match="eval.decoding='rank'"):
-        parse_args(base + ["--eval.decoding=greedy"])
+    cfg = parse_args(base + ["--eval.decoding=greedy", "--eval.constrained=true"])
+    assert (cfg.eval.decoding, cfg.eval.constrained) == ("greedy", True)
+    with pytest.raises(ConfigError, match="eval.decoding='rank' or eval.constrained=true"):
+        parse_args(base + ["--eval.decoding=greedy", "--eval.constrained=false"])
     with pytest.raises(ConfigError, match="data.prompt must be"):
         parse_args(["--data.prompt=tree"])
 

@@ -92,7 +92,7 @@ class DataConfig:
     memory lines + the admissible list). 'episode': the episode as one append-only conversation
     (harness.render_episode, docs/episode-engine.md): SFT trains each expert episode as one token tree
     (sft.batch_size then counts episodes), GRPO rolls out from the same prompts, evaluation keeps each
-    live episode's KV cache (model.EpisodeRankPolicy, ranked decoding). history_window is unused."""
+    live episode's KV cache (model.EpisodePolicy: ranked, or greedy under the admissible trie). history_window is unused."""
     list_admissible: bool = True
     """prompt='episode': write this turn's admissible list after the observation, as a per-turn
     suffix that does not stay in the history (a branch in training). 'window' always lists them."""

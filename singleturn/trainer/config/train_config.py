@@ -53,8 +53,9 @@ class TrainConfig:
             )
         if self.data.prompt == "episode":
             _check(
-                self.eval.decoding == "rank" or not self.eval.enabled,
-                "data.prompt='episode' evaluates with ranked decoding over each episode's KV cache: set eval.decoding='rank'",
+                self.eval.decoding == "rank" or self.eval.constrained or not self.eval.enabled,
+                "data.prompt='episode' evaluates over each episode's KV cache, ranked or greedy under the "
+                "admissible trie: set eval.decoding='rank' or eval.constrained=true",
             )
 
     @property
