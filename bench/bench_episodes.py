@@ -14,6 +14,9 @@ turns + memory lines + observation + admissible list) is 370 tokens at every tur
 - `episode-cache`: `EpisodeCache`: per turn, append what the turn adds, then score the trie on top;
   `suffix=admissible` scores it after this turn's admissible list (computed per turn, then dropped),
   `suffix=none` without it (the list's value to a trained model is to be measured, not assumed).
+- `episode-cache, greedy`: `EpisodeCache.greedy`: per turn, append what the turn adds, then decode one
+  candidate under the trie (one batched forward per branching point); the decoded ids are then
+  truncated and the turn's chosen ids appended (pessimistic: `EpisodePolicy` keeps them when they agree).
 Reported per episode-step: tokens through the model and wall time (median over turns, all episodes
 in one batch), and the ratio to per-state, side by side in one process. Output: episodes.jsonl + .md.
 """
@@ -60,10 +63,12 @@ def run_preset(
     rng = random.Random(seed)
     eps = [{"seq": _ids(rng, PROMPT0, V)} for _ in range(episodes)]
     max_len = PROMPT0 + turns * (OBS + TEMPLATE + ACTION + ACTION_END) + ADMISSIBLE + 200
-    caches = {name: EpisodeCache(model, episodes, max_len, dtype=dtype) for name in ("admissible", "none")}
+    caches = {
+        name: EpisodeCache(model, episodes, max_len, dtype=dtype) for name in ("admissible", "none", "greedy")
+    }
     for c in caches.values():
         c.append([e["seq"] for e in eps])
-    times: dict[str, list[float]] = {"per-state": [], "admissible": [], "none": []}
+    times: dict[str, list[float]] = {"per-state": [], "admissible": [], "none": [], "greedy": []}
     tokens: dict[str, int] = {k: 0 for k in times}
     max_diff: dict[str, float] = {}  # measured for suffix=none (the cache-free path has no suffix)
     with torch.inference_mode():
@@ -78,6 +83,14 @@ def run_preset(
             for name, cache in caches.items():
                 before = cache.computed_tokens
                 t0 = time.perf_counter()
+                if name == "greedy":
+                    lengths = list(cache.lengths)
+                    cache.greedy(cands)
+                    for r, n in enumerate(lengths):
+                        cache.truncate(r, n)
+                    times[name].append(time.perf_counter() - t0)
+                    tokens[name] += cache.computed_tokens - before
+                    continue
                 got = cache.score(cands, suffix=admissible if name == "admissible" else None)
                 times[name].append(time.perf_counter() - t0)
                 tokens[name] += cache.computed_tokens - before
@@ -98,7 +111,7 @@ def run_preset(
     rows = []
     base_ms = sorted(times["per-state"])[turns // 2] * 1e3 / episodes
     for path, label in (("per-state", "per-state"), ("admissible", "episode-cache, suffix=admissible"),
-                        ("none", "episode-cache, suffix=none")):  # fmt: skip
+                        ("none", "episode-cache, suffix=none"), ("greedy", "episode-cache, greedy")):  # fmt: skip
         ms = sorted(times[path])[turns // 2] * 1e3 / episodes
         rows.append({
             "topic": "episodes", "preset": preset, "dtype": str(dtype).removeprefix("torch."),
