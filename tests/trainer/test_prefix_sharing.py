@@ -92,27 +92,32 @@ def test_prefix_chains_update_equals_padded(kl_coef):
             assert trunk_tokens == 30 + 3  # every prompt token once: the 30-token trunk + the lone prompt
             per_group = micro_batches(batch, Layout(shared_prefix=True, max_tokens=120, row_len=120))
             assert sum(int((mb.packed.mask.branch == 0).sum()) for mb in per_group) == 30 + 7 + 3
-        if kl_coef:
-            fill_reference_logprobs(ref, lambda ref=ref: ref.output.weight, mbs, temperature=1.0)
-        with torch.no_grad():
-            logp = {}
-            for mb in mbs:
-                lp = action_logprobs(m, lambda m=m: m.output.weight, mb.packed)
-                for b, s in enumerate(mb.sequences):
-                    logp[id(s)] = lp[mb.packed.seq == b]
-        n_tok = float(sum(len(s.response) for s in batch.sequences))
-        stats = grpo_forward_backward(
-            m, lambda m=m: m.output.weight, mbs, global_tokens=n_tok, clip_eps_low=0.2, clip_eps_high=0.2,
-            kl_coef=kl_coef, temperature=1.0, device="cpu",
-        )  # fmt: skip
-        out[name] = {"stats": stats, "grads": _grads(m), "logp": [logp[id(s)] for s in batch.sequences],
-                     "ref": [s.ref_logp for s in batch.sequences] if kl_coef else []}  # fmt: skip
+        out[name] = _update(m, ref, mbs, batch, kl_coef)
     a, b = out["padded"], out["chains"]
     for x, y in zip(a["logp"] + a["ref"], b["logp"] + b["ref"]):
         assert x.shape == y.shape and (x - y).abs().max().item() <= 1e-6
     for k in ("loss", "clip_frac", "ratio", "kl"):
         assert b["stats"][k] == pytest.approx(a["stats"][k], rel=1e-5, abs=1e-7), k
     _assert_grads_equal(a["grads"], b["grads"])
+
+
+def _update(m, ref, mbs, batch, kl_coef) -> dict:
+    """One GRPO update over `mbs`: its stats, gradients, and each sequence's action and reference log-probs."""
+    if kl_coef:
+        fill_reference_logprobs(ref, lambda ref=ref: ref.output.weight, mbs, temperature=1.0)
+    with torch.no_grad():
+        logp = {}
+        for mb in mbs:
+            lp = action_logprobs(m, lambda m=m: m.output.weight, mb.packed)
+            for b, s in enumerate(mb.sequences):
+                logp[id(s)] = lp[mb.packed.seq == b]
+    n_tok = float(sum(len(s.response) for s in batch.sequences))
+    stats = grpo_forward_backward(
+        m, lambda m=m: m.output.weight, mbs, global_tokens=n_tok, clip_eps_low=0.2, clip_eps_high=0.2,
+        kl_coef=kl_coef, temperature=1.0, device="cpu",
+    )  # fmt: skip
+    return {"stats": stats, "grads": _grads(m), "logp": [logp[id(s)] for s in batch.sequences],
+            "ref": [s.ref_logp for s in batch.sequences] if kl_coef else []}  # fmt: skip
 
 
 def _grads(m) -> dict:
@@ -141,25 +146,7 @@ def test_shared_prefix_update_equals_padded(G, kl_coef):
             assert sum(mb.packed.computed_tokens for mb in mbs) < sum(
                 len(s.prompt) + len(s.response) for s in batch.sequences
             ), "the shared layout computes fewer tokens than the padded one's sequences"
-        if kl_coef:
-            fill_reference_logprobs(ref, lambda ref=ref: ref.output.weight, mbs, temperature=1.0)
-        with torch.no_grad():
-            logp = {id(s): None for s in batch.sequences}
-            for mb in mbs:
-                lp = action_logprobs(m, lambda m=m: m.output.weight, mb.packed)
-                for b, s in enumerate(mb.sequences):
-                    logp[id(s)] = lp[mb.packed.seq == b]
-        n_tok = float(sum(len(s.response) for s in batch.sequences))
-        stats = grpo_forward_backward(
-            m, lambda m=m: m.output.weight, mbs, global_tokens=n_tok, clip_eps_low=0.2, clip_eps_high=0.2,
-            kl_coef=kl_coef, temperature=1.0, device="cpu",
-        )  # fmt: skip
-        out[name] = {
-            "stats": stats,
-            "grads": _grads(m),
-            "logp": [logp[id(s)] for s in batch.sequences],
-            "ref": [s.ref_logp for s in batch.sequences] if kl_coef else [],
-        }
+        out[name] = _update(m, ref, mbs, batch, kl_coef)
     a, b = out["padded"], out["shared"]
     for x, y in zip(a["logp"] + a["ref"], b["logp"] + b["ref"]):
         assert x.shape == y.shape and (x - y).abs().max().item() <= 1e-6
