@@ -13,4 +13,6 @@ if not torch.cuda.is_available():
 
 
 def pytest_configure(config):
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # SINGLETURN_TEST_THREADS=1 lets several test runs share 2 cores without oversubscribing them.
+    threads = os.environ.get("SINGLETURN_TEST_THREADS")
+    torch.set_num_threads(int(threads) if threads else max(1, min(2, os.cpu_count() or 1)))
