@@ -1,55 +1,12 @@
-"""Packed-row layouts and their attention masks: GRPO groups that share their prompt, SFT packed by tokens.
+"""Packed-row layouts: GRPO groups that share their prompt, SFT examples packed by tokens, token trees.
 
-In single-turn GRPO a prompt (~300 tokens) is followed by G short responses (~8 tokens). Padding each
-response into its own row repeats the prompt G times; here a group is ONE row segment
-`[prompt | r_1 | ... | r_G]` under a tree mask, so the prompt is computed once. SFT examples of
-different lengths are packed side by side instead of right-padded to the longest.
-
-Layouts (one row; several items per row, then padding to the micro-batch's width T):
-
-    shared prefix   [ p_0 .. p_{P-1} | r_1,0 .. r_1,n1-1 | ... | r_G,0 .. | next group ... | pad ]
-      positions       0 .. P-1       |  P .. P+n1-1      | ... |  P ..    | 0 ..           | 0
-      attention: a prompt token sees its group's earlier prompt tokens; a response token sees its
-      group's prompt and its own earlier tokens, never another response or another group.
-    packed causal   [ ex_1 | ex_2 | ... | pad ]: block-diagonal causal, positions restart at 0.
-
-The mask object, `SegmentMask(segment[B,T], branch[B,T])` (int64), describes both: `segment` is the
-independent unit a token belongs to (a GRPO group, an SFT example; -1 = padding), `branch` is 0 for
-the shared part (the prompt; a whole causal example) and k >= 1 for response k. The rule:
-
-    query q may attend key kv  <=>  q == kv  or  (segment[q] == segment[kv] >= 0  and  kv <= q
-                                                  and  (branch[kv] == 0  or  branch[kv] == branch[q]))
-
-(`q == kv` keeps every padding row non-empty, so SDPA never sees an all-masked row and returns no NaN.)
-It materializes as `dense()`: a bool [B, T, T] for SDPA (CPU, tests, short rows), or as
-`block_mask()`: a FlexAttention BlockMask built from per-block summaries of the ids (segment ranges,
-branch ranges; [B, T/128, T/128] tables, never a [T, T] tensor) with the rule as its `mask_mod`.
-`for_attention(T)` picks one: FlexAttention on CUDA for rows longer than one block, dense otherwise.
-The model takes any of the three through `Transformer.hidden(tokens, positions=, attn_mask=)`.
-
-The trainer's API (one call per policy update; micro-batches sized by computed tokens B x T):
-
-    batches = build_shared_prefix_batch(groups, max_tokens=4096)   # groups: [(prompt, [resp, ...]), ...]
-    for mb in batches:                                             # PackedRows
-        h = model.hidden(mb.tokens, positions=mb.positions, attn_mask=mb.mask)   # (B, T, D)
-        logp_N = kernels.token_logprobs(h[mb.rows, mb.cols], head, mb.targets)   # (N,) fp32
-        # mb.seq[n]: index of token n's response among all responses, flattened in input order
-        # (group 0's responses 0..G0-1, then group 1's, ...), so per-sequence tensors gather by it.
-
-PackedRows fields (N = response/target tokens in the micro-batch):
-    tokens [B, T] int64, positions [B, T] int64, mask SegmentMask([B, T], [B, T]),
-    rows [N], cols [N] int64 (the hidden state at (rows[n], cols[n]) predicts targets[n]),
-    targets [N] int64, seq [N] int64.
-`build_packed_causal_batch(examples, max_tokens=...)` takes (prompt, completion) pairs and gathers the
-completion tokens exactly like `trainer.data.pack_completions`; for plain LM packing pass
-(ids[:1], ids[1:]). `pack_by_tokens` is the packer both use: items fill rows of at most `row_len`
-tokens (next fit in input order; or first fit decreasing with order="length", for ragged SFT), rows
-fill micro-batches of at most `max_tokens` computed tokens; an item longer than the budget gets its
-own row and micro-batch (never dropped).
-
-References: PyTorch FlexAttention (`create_block_mask`, document masking, `BlockMask.from_kv_blocks`);
-the shared-prefix / tree-attention packing of prompts with their sampled completions (e.g. verl's and
-TRL's padding-free packing; vLLM's prefix sharing at inference).
+A GRPO group is ONE row segment `[prompt | r_1 | ... | r_G]` under a tree mask, so the prompt
+(~300 tokens) is computed once instead of once per short response; SFT examples of different
+lengths are packed side by side (block-diagonal causal) instead of right-padded to the longest.
+Each builder returns micro-batches of `PackedRows` (tokens, RoPE positions, a `SegmentMask`, and
+the (row, col) -> target gather), sized by computed tokens B x T through `pack_by_tokens`. The mask
+itself is `model.segment_mask`; the layouts, the attention rule and the trainer's use of
+`PackedRows` are described in docs/pieces.md.
 """
 
 from __future__ import annotations
@@ -58,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from singleturn.model.segment_mask import FLEX_BLOCK_SIZE, SegmentMask
 
 __all__ = [
     "SegmentMask",
@@ -70,147 +29,6 @@ __all__ = [
     "TreeItem",
     "FLEX_BLOCK_SIZE",
 ]
-
-# FlexAttention's default tile: the block mask has one entry per (128 queries, 128 keys) tile.
-FLEX_BLOCK_SIZE = 128
-
-
-def _allowed(q, kv, seg_q, seg_kv, br_q, br_kv):
-    """The one attention rule (see the module docstring); broadcasting tensors in, bool out."""
-    same = (seg_q == seg_kv) & (seg_q >= 0) & (kv <= q) & ((br_kv == 0) | (br_kv == br_q))
-    return (q == kv) | same
-
-
-@dataclass(frozen=True)
-class SegmentMask:
-    """Per-token ids of packed rows: segment [B, T] int64 (-1 = padding), branch [B, T] int64 (0 = shared).
-
-    Every token must come after the tokens it attends to (a prompt before its responses): the rule
-    compares flat column indices (`kv <= q`).
-    """
-
-    segment: torch.Tensor
-    branch: torch.Tensor
-
-    def __post_init__(self):
-        if self.segment.dim() != 2 or self.segment.shape != self.branch.shape:
-            raise ValueError(
-                f"segment and branch must both be [B, T], got {tuple(self.segment.shape)}, "
-                f"{tuple(self.branch.shape)}"
-            )
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.segment.shape)
-
-    @property
-    def device(self) -> torch.device:
-        return self.segment.device
-
-    def to(self, device) -> SegmentMask:
-        return SegmentMask(self.segment.to(device), self.branch.to(device))
-
-    def dense(self) -> torch.Tensor:
-        """(B, T, T) bool, True where query i may attend key j (for SDPA's attn_mask)."""
-        seg, br = self.segment, self.branch
-        idx = torch.arange(seg.shape[1], device=seg.device)
-        return _allowed(
-            idx[:, None], idx[None, :], seg[:, :, None], seg[:, None, :], br[:, :, None], br[:, None, :]
-        )
-
-    def block_mask(self, block_size: int = FLEX_BLOCK_SIZE):
-        """A FlexAttention BlockMask of this mask on its device: block tables + the rule as mask_mod.
-
-        Built from per-block summaries (`_block_tables`), so the cost is O(B T + B (T/bs)^2), not O(B T^2).
-        """
-        from torch.nn.attention.flex_attention import BlockMask
-
-        B, T = self.shape
-        seg, br = _pad_to_blocks(self.segment, self.branch, block_size)  # (B, nb * bs)
-        partial, full = _block_tables(seg, br, block_size)  # (B, nb, nb) bool each
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            # The captured ids are padded to whole blocks, so indices in the last partial tile are valid.
-            return _allowed(q_idx, kv_idx, seg[b, q_idx], seg[b, kv_idx], br[b, q_idx], br[b, kv_idx])
-
-        num, idx = _ordered(partial[:, None])  # (B, 1, nb), (B, 1, nb, nb) int32
-        fnum, fidx = _ordered(full[:, None])
-        return BlockMask.from_kv_blocks(
-            num, idx, fnum, fidx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(T, T)
-        )
-
-    def for_attention(self, device: torch.device | str | None = None):
-        """What the attention layers consume on `device` (default: the mask's): a BlockMask for
-        FlexAttention on CUDA when the rows are longer than one block, else the dense bool (B, T, T)."""
-        device = torch.device(device) if device is not None else self.device
-        mask = self.to(device) if device != self.device else self
-        if device.type == "cuda" and mask.shape[1] > FLEX_BLOCK_SIZE and _has_flex():
-            return mask.block_mask()
-        return mask.dense()
-
-
-def _has_flex() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import BlockMask  # noqa: F401  (torch >= 2.5)
-    except ImportError:  # pragma: no cover - depends on the torch version
-        return False
-    return True
-
-
-def _pad_to_blocks(segment, branch, bs: int):
-    B, T = segment.shape
-    Tp = -(-T // bs) * bs
-    if Tp == T:
-        return segment, branch
-    seg = torch.full((B, Tp), -1, dtype=segment.dtype, device=segment.device)
-    br = torch.zeros((B, Tp), dtype=branch.dtype, device=branch.device)
-    seg[:, :T], br[:, :T] = segment, branch
-    return seg, br
-
-
-def _block_tables(seg: torch.Tensor, br: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partial, full) [B, nb, nb] bool tiles of the rule for ids seg, br [B, nb * bs].
-
-    partial: tiles that may hold an allowed pair (the rule is applied inside them). A tile can only
-    hold one if a segment occurs in both blocks, which implies their non-padding segment ranges
-    [min, max] overlap: testing the overlap never drops a needed tile (exact when each segment is
-    contiguous, as the builders make it). Diagonal tiles always count (padding attends itself).
-    full: tiles where every pair is allowed, so the kernel skips the rule: strictly below the diagonal,
-    both blocks one segment without padding, and the keys all shared (branch 0) or both blocks one
-    branch. A tile that is full but not detected stays partial: slower, still exact.
-    """
-    B, Tp = seg.shape
-    nb = Tp // bs
-    s, r = seg.view(B, nb, bs), br.view(B, nb, bs)
-    pad = s < 0
-    big = torch.iinfo(s.dtype).max
-    s_min = s.masked_fill(pad, big).amin(-1)  # (B, nb); big for an all-padding block
-    s_max = s.masked_fill(pad, -1).amax(-1)  # (B, nb); -1 for an all-padding block
-    b_min, b_max = r.amin(-1), r.amax(-1)
-    blk = torch.arange(nb, device=seg.device)
-    below = blk[:, None] > blk[None, :]  # (nb_q, nb_kv): kv block strictly before q block
-    diag = blk[:, None] == blk[None, :]
-    overlap = (s_min[:, :, None] <= s_max[:, None, :]) & (s_min[:, None, :] <= s_max[:, :, None])
-    partial = (overlap & (below | diag)) | diag
-    one_seg = ~pad.any(-1) & (s_min == s_max)  # (B, nb)
-    one_branch = b_min == b_max
-    keys_shared = b_max[:, None, :] == 0
-    same_branch = one_branch[:, :, None] & one_branch[:, None, :] & (b_min[:, :, None] == b_min[:, None, :])
-    full = (
-        below
-        & one_seg[:, :, None]
-        & one_seg[:, None, :]
-        & (s_min[:, :, None] == s_min[:, None, :])
-        & (keys_shared | same_branch)
-    )
-    return partial & ~full, full
-
-
-def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense tile table (B, H, nq, nk) bool -> (count (B, H, nq), kv indices (B, H, nq, nk)) int32."""
-    num = blocks.sum(-1, dtype=torch.int32)
-    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return num, idx
 
 
 @dataclass
@@ -296,10 +114,12 @@ def pack_by_tokens(
     for i in items:
         n = lengths[i]
         candidates = range(max(len(rows) - 1, 0), len(rows)) if order == "input" else range(len(rows))
-        r = next(
-            (r for r in candidates if used[r] + n <= row_len and (items_per_row is None or len(rows[r]) < items_per_row)),
-            None,
-        )  # fmt: skip
+        fits = (
+            r
+            for r in candidates
+            if used[r] + n <= row_len and (items_per_row is None or len(rows[r]) < items_per_row)
+        )
+        r = next(fits, None)
         if r is None:
             rows.append([i])
             used.append(n)
@@ -381,7 +201,27 @@ def build_prefix_chain_batch(
     segment. seq numbers the responses in input order and the targets come in that order (a response's
     tokens consecutive); micro-batches: `pack_by_tokens` in chain order.
     """
-    chains: list[list] = []  # [trunk ids, [group indices]]
+    seq0, n = [], 0
+    for _, responses in groups:
+        seq0.append(n)
+        n += len(responses)
+    items = [_chain_item(trunk, members, groups, seq0) for trunk, members in _chains(groups)]
+    out = []
+    for p in _materialize(items, max_tokens, row_len, None, 1, "input", pad_id, device):
+        # targets in response order, as the other builders give them
+        order = torch.argsort(p.seq, stable=True)
+        out.append(
+            PackedRows(
+                p.tokens, p.positions, p.mask, p.rows[order], p.cols[order], p.targets[order], p.seq[order]
+            )
+        )
+    return out
+
+
+def _chains(groups) -> list[tuple[list[int], list[int]]]:
+    """(trunk ids, [group indices]) per chain: a group joins the first chain whose trunk its prompt
+    is a prefix of, or extends (then its prompt becomes the trunk); else it starts a chain."""
+    chains: list[list] = []  # [trunk ids, [group indices]], the trunk replaced as it grows
     for g, (prompt, responses) in enumerate(groups):
         if len(prompt) == 0 or len(responses) == 0:
             raise ValueError(f"group {g}: needs a non-empty prompt and at least one response")
@@ -397,40 +237,32 @@ def build_prefix_chain_batch(
                 break
         else:
             chains.append([p, [g]])
-    seq0, n = [], 0
-    for _, responses in groups:
-        seq0.append(n)
-        n += len(responses)
-    items = []
-    for trunk, members in chains:
-        item = TreeItem([], [], [], [], [], [])
-        flat: list[int] = []  # flat slot of trunk token k
-        written, branch = 0, 0
-        for g in sorted(members, key=lambda g: (len(groups[g][0]), g)):
-            P = len(groups[g][0])
-            flat += range(len(item.tokens), len(item.tokens) + P - written)
-            item.tokens += trunk[written:P]
-            item.positions += range(written, P)
-            item.branch += [0] * (P - written)
-            written = P
-            for j, resp in enumerate(groups[g][1]):
-                branch += 1
-                at, k = len(item.tokens), len(resp)
-                item.tokens += list(resp)
-                item.positions += range(P, P + k)
-                item.branch += [branch] * k
-                item.src += ([flat[P - 1]] + list(range(at, at + k - 1))) if k else []
-                item.targets += list(resp)
-                item.seq += [seq0[g] + j] * k
-        items.append(item)
-    out = []
-    for p in _materialize(items, max_tokens, row_len, None, 1, "input", pad_id, device):
-        order = torch.argsort(
-            p.seq, stable=True
-        )  # targets in response order, as the other builders give them
-        out.append(PackedRows(p.tokens, p.positions, p.mask, p.rows[order], p.cols[order], p.targets[order],
-                              p.seq[order]))  # fmt: skip
-    return out
+    return [(trunk, members) for trunk, members in chains]
+
+
+def _chain_item(trunk: list[int], members: list[int], groups, seq0: list[int]) -> TreeItem:
+    """One chain as a TreeItem: the trunk written once, each group's responses as branches right
+    after the trunk token where its prompt ends (shortest prompt first)."""
+    item = TreeItem([], [], [], [], [], [])
+    flat: list[int] = []  # flat slot of trunk token k
+    written, branch = 0, 0
+    for g in sorted(members, key=lambda g: (len(groups[g][0]), g)):
+        P = len(groups[g][0])
+        flat += range(len(item.tokens), len(item.tokens) + P - written)
+        item.tokens += trunk[written:P]
+        item.positions += range(written, P)
+        item.branch += [0] * (P - written)
+        written = P
+        for j, resp in enumerate(groups[g][1]):
+            branch += 1
+            at, k = len(item.tokens), len(resp)
+            item.tokens += list(resp)
+            item.positions += range(P, P + k)
+            item.branch += [branch] * k
+            item.src += ([flat[P - 1]] + list(range(at, at + k - 1))) if k else []
+            item.targets += list(resp)
+            item.seq += [seq0[g] + j] * k
+    return item
 
 
 def build_packed_causal_batch(
@@ -455,8 +287,8 @@ def build_packed_causal_batch(
             raise ValueError(f"example {e} has an empty prompt")
         ids = list(prompt) + list(completion)
         P, n = len(prompt), len(completion)
-        items.append(TreeItem(ids, list(range(len(ids))), [0] * len(ids), list(range(P - 1, P - 1 + n)),
-                           list(completion), [e] * n))  # fmt: skip
+        src = list(range(P - 1, P - 1 + n))
+        items.append(TreeItem(ids, list(range(len(ids))), [0] * len(ids), src, list(completion), [e] * n))
     return _materialize(items, max_tokens, row_len, items_per_row, pad_to, order, pad_id, device)
 
 
@@ -531,6 +363,6 @@ def _materialize(
                 t(cols),
                 t(targets),
                 t(seq),
-            )  # fmt: skip
+            )
         )
     return out

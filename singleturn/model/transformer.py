@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from singleturn.model.config import LlamaConfig, RopeScaling
-from singleturn.model.masks import SegmentMask
+from singleturn.model.segment_mask import SegmentMask
 
 try:  # FlexAttention: torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention

@@ -20,12 +20,11 @@ import torch
 from singleturn.kernels.token_logprobs import token_logprobs
 from singleturn.model.masks import (
     SegmentMask,
-    _block_tables,
-    _pad_to_blocks,
     build_packed_causal_batch,
     build_shared_prefix_batch,
     pack_by_tokens,
 )
+from singleturn.model.segment_mask import _block_tables, _pad_to_blocks
 
 V = 1003
 
