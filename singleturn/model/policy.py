@@ -31,6 +31,11 @@ from pathlib import Path
 
 import torch
 
+from singleturn.model.constrained import action_trie, allowed_tokens_fn
+from singleturn.model.generate import generate, score_continuations
+from singleturn.model.hf_io import load_hf_checkpoint
+from singleturn.model.tokenizer import Tokenizer
+
 __all__ = [
     "DECODINGS",
     "POLICY_FILE",
@@ -114,8 +119,6 @@ def sample_completions(
     allowed_tokens=None,
 ) -> list[Completion]:
     """`num_samples` completions per prompt, prompt-major (prompt i's are i*S .. i*S+S-1), trimmed."""
-    from singleturn.model.generate import generate
-
     samples = generate(
         model,
         prompts,
@@ -166,8 +169,6 @@ class ModelPolicy:
         self.calls = 0
 
     def __call__(self, batch: list[list[dict]], admissible: list[list[str]] | None = None) -> list[str]:
-        from singleturn.model.constrained import action_trie, allowed_tokens_fn
-
         if self.wants_admissible and admissible is None:
             kind = "ranking" if self.decoding == "rank" else "constrained"
             raise ValueError(f"a {kind} policy needs each state's admissible actions")
@@ -205,8 +206,6 @@ class ModelPolicy:
 
     def _rank(self, batch: list[list[dict]], admissible: list[list[str]]) -> list[str]:
         """The admissible command with the highest total log-prob (as SFT targets: action + eot)."""
-        from singleturn.model.generate import score_continuations
-
         if any(not a for a in admissible):
             raise ValueError("ranking needs at least one admissible action per state")
         cands = [[self.tokenizer.encode(a) + [self.tokenizer.eot_id] for a in acts] for acts in admissible]
@@ -253,13 +252,17 @@ class PolicySpec:
                 raise ValueError(
                     "prompt='episode' decodes ranked or greedy under the admissible trie: set constrained"
                 )
-            from singleturn.model.episode_policy import EpisodePolicy
+            from singleturn.model.episode_policy import EpisodePolicy  # a cycle: it imports Completion
 
             return EpisodePolicy(
-                model, tokenizer, decoding=self.decoding, max_episodes=self.batch_size,
-                max_len=self.max_len or model.config.max_seq_len, list_admissible=self.list_admissible,
+                model,
+                tokenizer,
+                decoding=self.decoding,
+                max_episodes=self.batch_size,
+                max_len=self.max_len or model.config.max_seq_len,
+                list_admissible=self.list_admissible,
                 system_prompt=self.system_prompt,
-            )  # fmt: skip
+            )
         if self.prompt != "window":
             raise ValueError(f"prompt must be 'window' or 'episode', got {self.prompt!r}")
         return ModelPolicy(
@@ -293,9 +296,6 @@ def load_policy(
     directory: str | Path, *, device: str | torch.device = "cpu"
 ) -> tuple[ModelPolicy, PolicySpec]:
     """(ModelPolicy, PolicySpec) of an exported checkpoint dir (config.json, *.safetensors, tokenizer)."""
-    from singleturn.model.hf_io import load_hf_checkpoint
-    from singleturn.model.tokenizer import Tokenizer
-
     spec = PolicySpec.load(directory)
     model, _ = load_hf_checkpoint(directory, device=device, dtype=torch.float32)
     for p in model.parameters():  # parameters only, as fsdp.summon_full_params(dtype) gives them
