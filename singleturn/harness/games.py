@@ -1,24 +1,12 @@
 """Generate ALFWorld games offline, in ALFWorld's own domain, and find games on disk.
 
-A game is a task instance in one ALFRED floor plan (`scenes.py`): the six ALFWorld task types with
-the goal PDDL and sentence templates of `alfworld.gen.goal_library`, objects placed in receptacles
-that accept them (`constants.VAL_RECEPTACLE_OBJECTS`). Files written per game, the layout the
-official data uses (`json_2.1.1/<split>/<task>-<Obj>-<MRecep>-<Parent>-<scene>/trial_<id>/`):
-- `game.tw-pddl`: JSON {pddl_domain (alfred.pddl), grammar (alfred.twl2 with the goal sentence),
-  pddl_problem, solvable: true, walkthrough (the handcoded expert's winning actions)};
-- `traj_data.json`: {task_type, pddl_params, scene, turk_annotations, harness: generation record},
-  which ALFWorld's expert wrapper reads.
-
-Every game is played by the (patched, seeded) handcoded expert at generation time; a game it does
-not win within `max_expert_steps` is regenerated with the next attempt's seed (counted in the
-manifest). Deterministic for (split, seed, index): re-running with the same arguments over an
-existing directory reuses the games listed in its `manifest.json`.
-
-Generated directories are shared (several runs read `data/games`), so a generation never rewrites
-or deletes games in place: it is written under a temporary name next to `out_dir` and renamed to
-`out_dir` when complete (a reader sees all of it or nothing), and a directory holding another
-generation is refused, never replaced. The trainer keys its directories by the arguments
-(`generation_dir`), so runs with different settings get different directories.
+Each game (`game.tw-pddl` + `traj_data.json`, in the official data's directory layout) holds a PDDL
+problem from `game_pddl.py` and is played by the (patched, seeded) handcoded expert at generation
+time; one it does not win within `max_expert_steps` is redrawn with the next attempt's seed.
+Deterministic for (split, seed, index). A generation is written beside `out_dir` and renamed to it
+when complete; a directory holding another generation is refused, never replaced, and a re-run with
+the same arguments reuses the games in its `manifest.json`. `generation_dir` keys directories by
+the arguments. Files and layout: docs/pieces.md (harness/).
 """
 
 from __future__ import annotations
@@ -33,12 +21,13 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import alfworld.gen.constants as C
-import alfworld.gen.goal_library as glib
 
 from singleturn.harness import scenes
+from singleturn.harness.game_pddl import build_problem, goal_text, pick_task
 from singleturn.harness.progress import Progress
 from singleturn.harness.tasks import TASK_TYPES
 
@@ -47,19 +36,6 @@ log = logging.getLogger(__name__)  # warnings print even when logging is not con
 SPLITS = ("train", "valid_seen", "valid_unseen")
 GENERATOR_VERSION = 1
 _DATA = Path(C.__file__).parents[1] / "data"
-# The appliance each state-change task needs, and the PDDL constants every problem declares.
-_APPLIANCE = {
-    "pick_clean_then_place_in_recep": "SinkBasin",
-    "pick_heat_then_place_in_recep": "Microwave",
-    "pick_cool_then_place_in_recep": "Fridge",
-}
-_ACTION_CLASS = {
-    "pick_clean_then_place_in_recep": "Cleanable",
-    "pick_heat_then_place_in_recep": "Heatable",
-    "pick_cool_then_place_in_recep": "Coolable",
-}
-_CONST_OTYPES = ("KnifeType", "ButterKnifeType")
-_CONST_RTYPES = ("SinkBasinType", "MicrowaveType", "FridgeType")
 
 
 @dataclass(frozen=True)
@@ -76,170 +52,22 @@ class GenerationError(RuntimeError):
     or `out_dir` holds something other than this generation); the message says what to change."""
 
 
-# --------------------------------------------------------------------------- PDDL text
-def mangle(thor_id: str) -> str:
-    """THOR id -> PDDL name, ALFWorld's way (`-`->`_minus_`, `|`->`_bar_`, ...)."""
-    for a, b in (("-", "_minus_"), ("|", "_bar_"), ("+", "_plus_"), (".", "_dot_"), (",", "_comma_")):
-        thor_id = thor_id.replace(a, b)
-    return thor_id
-
-
-def _obj_id(cls: str, rng: random.Random) -> str:
-    x, y, z = (rng.uniform(-3, 3) for _ in range(3))
-    return f"{cls}|{x:+06.2f}|{abs(y):+06.2f}|{z:+06.2f}"
-
-
-@dataclass
-class _Task:
-    task_type: str
-    floorplan: int
-    obj: str
-    parent: str  # "" for look_at_obj_in_light
-    toggle: str  # "" unless look_at_obj_in_light
-
-
-def _feasible(task_type: str, scene: scenes.Scene) -> list[_Task]:
-    """Every (object class, parent/toggle class) this floor plan supports for the task type."""
-    out = []
-    rclasses = scene.receptacle_classes
-    for obj in scene.object_classes:
-        starts = {r.cls for r in scene.holders(obj)}
-        if task_type == "look_at_obj_in_light":
-            out += [_Task(task_type, scene.floorplan, obj, "", t) for t in scene.toggles if starts]
-            continue
-        if task_type in _APPLIANCE:
-            if (
-                _APPLIANCE[task_type] not in rclasses
-                or obj not in C.VAL_ACTION_OBJECTS[_ACTION_CLASS[task_type]]
-            ):
-                continue
-        for parent in sorted(rclasses):
-            if obj not in C.VAL_RECEPTACLE_OBJECTS.get(parent, ()) or parent == _APPLIANCE.get(task_type):
-                continue
-            if not starts - {parent}:  # the target must start outside the parent type
-                continue
-            out.append(_Task(task_type, scene.floorplan, obj, parent, ""))
-    return out
-
-
-def _goal_text(task: _Task, rng: random.Random) -> str:
-    template = rng.choice(glib.gdict[task.task_type]["templates"])
-    return template.format(
-        obj=task.obj.lower(), recep=task.parent.lower(), toggle=task.toggle.lower(), mrecep=""
-    )
-
-
-def _goal_pddl(task: _Task) -> str:
-    pddl = glib.gdict[task.task_type]["pddl"].format(
-        obj=task.obj, recep=task.parent, toggle=task.toggle, mrecep=""
-    )
-    return pddl.replace("#", "-")  # the library writes types as '?o # object'
-
-
-def _build_problem(task: _Task, scene: scenes.Scene, rng: random.Random, cfg: GenConfig, name: str) -> str:
-    """The PDDL problem: receptacles and locations of the room, targets, distractors, the goal."""
-    placements: list[tuple[str, str, scenes.Receptacle]] = []  # (object id, class, receptacle)
-
-    def place(cls: str, avoid: str = "") -> None:
-        holders = [r for r in scene.holders(cls) if r.cls != avoid]
-        placements.append((_obj_id(cls, rng), cls, rng.choice(holders)))
-
-    n_targets = rng.randint(2, 3) if task.task_type == "pick_two_obj_and_place" else rng.randint(1, 2)
-    for _ in range(n_targets):
-        place(task.obj, avoid=task.parent)  # never inside the parent type: the game would be won
-    others = [c for c in scene.object_classes if c != task.obj]
-    for cls in rng.sample(
-        others, min(len(others), rng.randint(cfg.max_distractors // 2, cfg.max_distractors))
-    ):
-        place(cls)
-    lamps = []
-    if task.toggle:
-        stand = rng.choice([r for r in scene.receptacles if r.cls in scenes.LAMP_STANDS])
-        lamps.append((_obj_id(task.toggle, rng), task.toggle, stand))
-
-    used_locs = {r.location for r in scene.receptacles}
-    while True:  # the agent starts where no receptacle is
-        agent_loc = f"loc|{rng.randint(-20, 20)}|{rng.randint(-20, 20)}|{rng.choice((0, 90, 180, 270))}|30"
-        if agent_loc not in used_locs:
-            break
-
-    otypes = (
-        {cls for _, cls, _ in placements + lamps} | {task.obj} | ({task.toggle} if task.toggle else set())
-    )
-    rtypes = scene.receptacle_classes | ({task.parent} if task.parent else set())
-    objects = ["agent1 - agent"]
-    objects += [
-        f"{t}Type - otype" for t in sorted({f"{c}" for c in otypes}) if f"{t}Type" not in _CONST_OTYPES
-    ]
-    objects += [f"{t} - otype" for t in _CONST_OTYPES]
-    objects += [f"{t}Type - rtype" for t in sorted(rtypes) if f"{t}Type" not in _CONST_RTYPES]
-    objects += [f"{t} - rtype" for t in _CONST_RTYPES]
-    objects += [f"{mangle(oid)} - object" for oid, _, _ in placements + lamps]
-    objects += [f"{mangle(r.thor_id)} - receptacle" for r in scene.receptacles]
-    objects += [f"{mangle(loc)} - location" for loc in sorted(used_locs | {agent_loc})]
-
-    init = [f"(atLocation agent1 {mangle(agent_loc)})"]
-    for r in scene.receptacles:
-        rid = mangle(r.thor_id)
-        init += [f"(receptacleType {rid} {r.cls}Type)", f"(receptacleAtLocation {rid} {mangle(r.location)})"]
-        if r.cls in C.OPENABLE_CLASS_SET:
-            init.append(f"(openable {rid})")
-    for oid, cls, r in placements + lamps:
-        o = mangle(oid)
-        init += [
-            f"(objectType {o} {cls}Type)",
-            f"(inReceptacle {o} {mangle(r.thor_id)})",
-            f"(objectAtLocation {o} {mangle(r.location)})",
-        ]
-        if cls in scenes.TOGGLES:
-            init.append(f"(toggleable {o})")
-            continue
-        init.append(f"(pickupable {o})")
-        for pred, group in (
-            ("cleanable", "Cleanable"),
-            ("heatable", "Heatable"),
-            ("coolable", "Coolable"),
-            ("sliceable", "Sliceable"),
-        ):
-            if cls in C.VAL_ACTION_OBJECTS[group]:
-                init.append(f"({pred} {o})")
-        if cls in C.MOVABLE_RECEPTACLES_SET:
-            init.append(f"(isReceptacleObject {o})")
-    for rt in sorted(rtypes):
-        for ot in sorted(otypes):
-            if ot in C.VAL_RECEPTACLE_OBJECTS.get(rt, ()):
-                init.append(f"(canContain {rt}Type {ot}Type)")
-
-    body = "\n        ".join(objects)
-    facts = "\n        ".join(init)
-    return (
-        f"(define (problem {name})\n(:domain alfred)\n(:objects\n        {body}\n        )\n"
-        f"(:init\n        {facts}\n        )\n{_goal_pddl(task)}"
-    )
-
-
 # --------------------------------------------------------------------------- one game
 def _game_rng(split: str, seed: int, index: int, attempt: int) -> random.Random:
     return random.Random(f"{split}/{seed}/{index}/{attempt}")  # str seeds hash with sha512: stable
-
-
-def _pick_task(task_type: str, split: str, rng: random.Random) -> _Task:
-    plans = [fp for fp in scenes.SPLIT_FLOORPLANS[split] if _feasible(task_type, scenes.load_scene(fp))]
-    fp = rng.choice(plans)
-    return rng.choice(_feasible(task_type, scenes.load_scene(fp)))
 
 
 def _write_game(
     out_dir: Path, split: str, seed: int, index: int, attempt: int, task_type: str, cfg: GenConfig
 ):
     rng = _game_rng(split, seed, index, attempt)
-    task = _pick_task(task_type, split, rng)
+    task = pick_task(task_type, split, rng)
     scene = scenes.load_scene(task.floorplan)
     trial = f"trial_{split}_s{seed}_{index:05d}"
     folder = f"{task.task_type}-{task.obj}-None-{task.parent or task.toggle}-{task.floorplan}"
     game_dir = out_dir / folder / trial
-    goal = _goal_text(task, rng)
-    problem = _build_problem(task, scene, rng, cfg, name=f"plan_{trial}")
+    goal = goal_text(task, rng)
+    problem = build_problem(task, scene, rng, cfg.max_distractors, name=f"plan_{trial}")
     grammar = (_DATA / "alfred.twl2").read_text().replace("UNKNOWN GOAL", goal)
     game = {
         "pddl_domain": (_DATA / "alfred.pddl").read_text(),
@@ -295,7 +123,7 @@ def play_expert(game, game_path: str | Path, max_steps: int, seed: int = 0) -> l
 
 def _generate_one(args) -> tuple[str, int, dict]:
     out_dir, split, seed, index, task_type, cfg = args
-    from singleturn.harness.env import AlfredGame
+    from singleturn.harness.env import AlfredGame  # TextWorld takes seconds: only generation plays games
 
     game = AlfredGame("handcoded")
     for attempt in range(cfg.max_attempts):
@@ -512,6 +340,4 @@ def scan_games(root: str | Path, split: str | None = None) -> tuple[list[Path], 
 
 def versions() -> dict:
     """alfworld/textworld versions: recorded with every report (version drift breaks comparisons)."""
-    from importlib.metadata import version
-
     return {"alfworld": version("alfworld"), "textworld": version("textworld")}
