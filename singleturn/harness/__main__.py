@@ -23,9 +23,19 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
-from singleturn.harness.env import EXPERTS
-from singleturn.harness.games import SPLITS, TASK_TYPES
+from singleturn.harness.env import EXPERTS, AlfredGame
+from singleturn.harness.evaluate import evaluate
+from singleturn.harness.games import (
+    SPLITS,
+    TASK_TYPES,
+    GenConfig,
+    GenerationError,
+    generate_games,
+    scan_games,
+)
+from singleturn.harness.states import collect_states
 
 
 def _int_at_least(low: int):
@@ -113,8 +123,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _games(args):
     """The games to play; unreadable game files are skipped and named on stdout, not fatal."""
-    from singleturn.harness.games import scan_games
-
     games, unreadable = scan_games(args.games, args.split)
     if unreadable:
         listed = "; ".join(f"{path} ({why})" for path, why in unreadable)
@@ -139,9 +147,9 @@ def _checkpoint_policy(path: str):
     Imported lazily: only this CLI path needs torch; the library never does. A checkpoint that does
     not load (missing, truncated, not a checkpoint) is a `_Refused` naming it.
     """
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError  # a model dependency: only this CLI path loads weights
 
-    from singleturn.model.policy import load_policy
+    from singleturn.model.policy import load_policy  # torch-free: the harness imports the model lazily
 
     try:
         return load_policy(path)
@@ -153,8 +161,11 @@ def _prompt_settings(args, spec) -> dict:
     """history window, system prompt and step limit: the flag when given, else the checkpoint's."""
     pick = lambda flag, saved: saved if flag is None else flag  # noqa: E731
     if spec is None:
-        return {"history_window": pick(args.history_window, 3), "system_prompt": True,
-                "max_steps": pick(args.max_steps, 50)}  # fmt: skip
+        return {
+            "history_window": pick(args.history_window, 3),
+            "system_prompt": True,
+            "max_steps": pick(args.max_steps, 50),
+        }
     return {
         "history_window": pick(args.history_window, spec.history_window),
         "system_prompt": spec.system_prompt,
@@ -166,8 +177,6 @@ def _prompt_settings(args, spec) -> dict:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)  # before any game loads (the translator rewrites sys.argv)
-    from singleturn.harness.games import GenerationError
-
     try:
         _run(args)
     except (_Refused, GenerationError, OSError) as e:  # OSError: a missing or unwritable path
@@ -180,8 +189,6 @@ def main(argv=None) -> int:
 
 def _run(args) -> None:
     if args.cmd == "generate":
-        from singleturn.harness.games import GenConfig, generate_games
-
         t0 = time.perf_counter()
         paths = generate_games(
             args.out,
@@ -192,16 +199,12 @@ def _run(args) -> None:
             num_workers=args.workers,
             config=GenConfig(max_distractors=args.max_distractors, max_expert_steps=args.max_expert_steps),
         )
-        from pathlib import Path
-
         manifest = json.loads((Path(args.out) / "manifest.json").read_text())
         print(
             f"{len(paths)} games in {args.out} ({time.perf_counter() - t0:.1f}s; "
             f"regenerated {manifest.get('regenerated', 0)} unsolvable draws)"
         )
     elif args.cmd == "expert":
-        from singleturn.harness.states import collect_states
-
         games = _games(args)
         policy, spec = _checkpoint_policy(args.policy_states) if args.policy_states else (None, None)
         t0 = time.perf_counter()
@@ -216,8 +219,6 @@ def _run(args) -> None:
         )
         print(f"{n} states from {len(games)} games -> {args.out} ({time.perf_counter() - t0:.1f}s)")
     elif args.cmd == "evaluate":
-        from singleturn.harness.evaluate import evaluate
-
         games = _games(args)
         policy, spec = (
             (args.policy, None) if args.policy in ("expert", "random") else _checkpoint_policy(args.policy)
@@ -241,8 +242,6 @@ def _run(args) -> None:
 
 
 def _play(game_path: str, expert: str) -> None:
-    from singleturn.harness.env import AlfredGame
-
     game = AlfredGame(expert)
     game.load(game_path)
     res = game.reset(seed=0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -33,9 +34,15 @@ import re
 import sys
 import types
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
+import fast_downward
 import textworld
+import textworld.envs.pddl.logic as pddl_logic
+import textworld.envs.pddl.pddl as pddl_env
+import textworld.envs.pddl.textgen as textgen
+import textworld.logic as tw_logic
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
 from alfworld.agents.expert import handcoded_expert
 
@@ -93,8 +100,6 @@ def _disk_cached(kind: str, key: tuple, compute):
     folder = cache_dir()
     if folder is None:
         return compute()
-    from importlib.metadata import version
-
     h = hashlib.sha1(repr((kind, version("textworld"), version("fast-downward-textworld"), key)).encode())
     path = folder / kind / f"{h.hexdigest()}.pkl"
     try:
@@ -134,10 +139,15 @@ def install_caches() -> None:
     global _CACHES_INSTALLED
     if _CACHES_INSTALLED:
         return
-    import fast_downward
-    import textworld.envs.pddl.textgen as textgen
-    import textworld.logic as tw_logic
+    parse_and_convert = _cache_template_parses()
+    _cache_game_logic(parse_and_convert)
+    _cache_translation()
+    _CACHES_INSTALLED = True
 
+
+def _cache_template_parses():
+    """Grammar templates, derivation contexts and conjunctive queries; returns the cached template
+    parser (the game-logic cache parses each game's goal sentence with it)."""
     # Grammar templates: the parse result is a list of Symbol objects that derivation mutates
     # (ListSymbol.derive assigns contexts), so each call gets a deep copy of the cached parse.
     parse = textgen._parse_and_convert
@@ -171,12 +181,13 @@ def install_caches() -> None:
     query = tw_logic.Rule.parse_conjunctive_query.__func__
     cached_query = functools.lru_cache(maxsize=4096)(lambda cls, expr: query(cls, expr))
     tw_logic.Rule.parse_conjunctive_query = classmethod(cached_query)
+    return _parse_and_convert
 
-    # Game logic (TatSu parse of the whole grammar) and PDDL -> SAS translation (fast-downward):
-    # both depend only on their input texts and are read-only afterwards, so they are memoized in
-    # memory and pickled on disk (a fresh worker process loads a known game in milliseconds).
-    import textworld.envs.pddl.logic as pddl_logic
-    import textworld.envs.pddl.pddl as pddl_env
+
+def _cache_game_logic(parse_and_convert) -> None:
+    """Game logic (TatSu parse of the whole grammar): depends only on its input texts and is
+    read-only afterwards, so it is memoized in memory and pickled on disk (a fresh worker process
+    loads a known game in milliseconds)."""
 
     @_memo_over_disk(maxsize=64)
     def _parsed_logic(domain, grammar):
@@ -197,7 +208,7 @@ def install_caches() -> None:
         logic.grammar._rules.update(base.grammar._rules)
         rhs = "Your task is to: " + m.group(1)
         logic.grammar._rules["task"] = [
-            textgen.ProductionRule("task", _parse_and_convert(rhs, rule_name="symbols"))
+            textgen.ProductionRule("task", parse_and_convert(rhs, rule_name="symbols"))
         ]
         return logic
 
@@ -205,6 +216,10 @@ def install_caches() -> None:
     # classes, which must stay picklable by name).
     pddl_env.pddl_logic = types.SimpleNamespace(GameLogic=_game_logic, PddlState=pddl_logic.PddlState)
 
+
+def _cache_translation() -> None:
+    """PDDL -> SAS translation (fast-downward), memoized in memory and on disk like the game logic;
+    the translator overwrites sys.argv, which the wrapper restores."""
     pddl2sas = fast_downward.pddl2sas
 
     def _translate(domain, problem, verbose, optimize):
@@ -223,7 +238,6 @@ def install_caches() -> None:
         return _cached_pddl2sas(domain, problem, verbose, optimize)
 
     fast_downward.pddl2sas = _pddl2sas
-    _CACHES_INSTALLED = True
 
 
 # --------------------------------------------------------------------------- one env
@@ -252,8 +266,6 @@ def game_goal(observation: str) -> str:
 
 
 def read_task_type(game_path: str | Path) -> str:
-    import json
-
     traj = Path(game_path).parent / "traj_data.json"
     if not traj.exists():
         return ""

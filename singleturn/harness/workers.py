@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from singleturn.harness.env import AlfredGame, StepResult
+from singleturn.harness.games import expert_episode_seed
 from singleturn.harness.parent_death import exit_when_parent_dies
 
 
@@ -140,8 +141,6 @@ class EnvPool:
         seeds: per-episode seeds for the handcoded expert's random choices (default: a stable
         hash of the game path, see `games.expert_episode_seed`). Returns one result per request.
         """
-        from singleturn.harness.games import expert_episode_seed
-
         slots = list(range(len(game_indices))) if slots is None else list(slots)
         paths = [self.games[i] for i in game_indices]
         seeds = [expert_episode_seed(p) for p in paths] if seeds is None else list(seeds)
