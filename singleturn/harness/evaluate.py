@@ -172,15 +172,53 @@ def evaluate(
     games = [str(g) for g in games]
     fmt = PromptFormat(prompt, history_window, system_prompt, list_admissible)
     act, name = _policy_act(policy, fmt, seed)
-    settings = {
-        "games": games, "max_steps": max_steps, "expert": expert, "history_window": history_window,
-        "system_prompt": system_prompt, "seed": seed, "policy": name, **(log_settings or {}),
-    }  # fmt: skip
-    if prompt != "window":  # (a window log's header stays as it was: its resume keeps working)
-        settings.update(prompt=prompt, list_admissible=list_admissible)
+    played_with = dict(
+        max_steps=max_steps, expert=expert, history_window=history_window, system_prompt=system_prompt
+    )
+    settings = _log_header(games, name, seed, prompt, list_admissible, log_settings, **played_with)
     done = _resume_episodes_log(episodes_log, games, settings) if episodes_log else {}
     todo = [i for i in range(len(games)) if i not in done]
     t0 = time.perf_counter()
+    play = dict(max_steps=max_steps, num_workers=num_workers, expert=expert)
+    fresh_pool = pool if not done else None  # a pool is built over the full list
+    run = dict(batch_size=batch_size, step_timeout=step_timeout, pool=fresh_pool, **play)
+    played = _play_logged(games, todo, act, name, episodes_log, **run)
+    seconds = time.perf_counter() - t0
+    by_index = {**done, **dict(zip(todo, played))}
+    episodes = [by_index[i] for i in range(len(games))]
+    report = _summarize(
+        episodes, _expert_steps(policy, episodes, games, _policy_act("expert", fmt, seed)[0], play)
+    )
+    report.meta = _meta(name, games, played, len(done), seconds, **played_with, num_workers=num_workers)
+    return report
+
+
+def _log_header(games, name, seed, prompt, list_admissible, log_settings, **played_with) -> dict:
+    """The settings an episodes log's first line records (what decides the episodes)."""
+    settings = {"games": games, **played_with, "seed": seed, "policy": name, **(log_settings or {})}
+    if prompt != "window":  # (a window log's header stays as it was: its resume keeps working)
+        settings.update(prompt=prompt, list_admissible=list_admissible)
+    return settings
+
+
+def _meta(
+    name: str, games: list[str], played: list[Episode], resumed: int, seconds: float, **settings
+) -> dict:
+    """The report's meta: the policy, games and settings, then the timing and versions."""
+    return {
+        "policy": name,
+        "num_games": len(games),
+        "source": games_source(games),
+        **settings,  # max_steps, expert, history_window, system_prompt, num_workers
+        "seconds": round(seconds, 2),
+        "env_steps_per_s": round(sum(e.steps for e in played) / max(seconds, 1e-9), 1),
+        "resumed_episodes": resumed,
+        "versions": versions(),
+    }
+
+
+def _play_logged(games, todo, act, name, episodes_log, **run) -> list[Episode]:
+    """Play games[i] for i in `todo`, appending each finished episode to `episodes_log` (if any)."""
     log_file = open(episodes_log, "a") if episodes_log else None  # closed below
     try:
         progress = Progress(f"[eval] {name}: episodes", len(todo))
@@ -191,53 +229,23 @@ def evaluate(
                 log_file.write(json.dumps({"index": todo[j], **ep.to_dict()}) + "\n")
                 log_file.flush()
 
-        played = run_episodes(
-            [games[i] for i in todo],
-            act,
-            max_steps=max_steps,
-            num_workers=num_workers,
-            expert=expert,
-            batch_size=batch_size,
-            step_timeout=step_timeout,
-            pool=pool if not done else None,  # a pool is built over the full list
-            on_episode=keep,
-        ) if todo else []  # fmt: skip
+        return run_episodes([games[i] for i in todo], act, on_episode=keep, **run) if todo else []
     finally:
         if log_file:
             log_file.close()
-    seconds = time.perf_counter() - t0
-    by_index = {**done, **dict(zip(todo, played))}
-    episodes = [by_index[i] for i in range(len(games))]
+
+
+def _expert_steps(policy, episodes: list[Episode], games: list[str], expert_act, play: dict) -> dict:
+    """{game: the expert's winning step count, or None}: from the episodes when the policy is the
+    expert, else from each game's generation record, the expert run on the games without one."""
     if policy == "expert":  # the episodes just played are the expert's own
-        expert_steps = {e.game: e.steps if e.won else None for e in episodes}
-    else:
-        expert_steps = {g: _cached_expert_steps(g, expert) for g in set(games)}
-    missing = [] if policy == "expert" else sorted(g for g, n in expert_steps.items() if n is None)
+        return {e.game: e.steps if e.won else None for e in episodes}
+    expert_steps = {g: _cached_expert_steps(g, play["expert"]) for g in set(games)}
+    missing = sorted(g for g, n in expert_steps.items() if n is None)
     if missing:  # games without a generation record (e.g. official data): run the expert
-        for ep in run_episodes(
-            missing,
-            _policy_act("expert", fmt, seed)[0],
-            max_steps=max_steps,
-            num_workers=num_workers,
-            expert=expert,
-        ):
+        for ep in run_episodes(missing, expert_act, **play):
             expert_steps[ep.game] = ep.steps if ep.won else None
-    report = _summarize(episodes, expert_steps)
-    report.meta = {
-        "policy": name,
-        "num_games": len(games),
-        "source": games_source(games),
-        "max_steps": max_steps,
-        "expert": expert,
-        "history_window": history_window,
-        "system_prompt": system_prompt,
-        "num_workers": num_workers,
-        "seconds": round(seconds, 2),
-        "env_steps_per_s": round(sum(e.steps for e in played) / max(seconds, 1e-9), 1),
-        "resumed_episodes": len(done),
-        "versions": versions(),
-    }
-    return report
+    return expert_steps
 
 
 def _resume_episodes_log(path, games: list[str], settings: dict) -> dict[int, Episode]:

@@ -74,18 +74,24 @@ def collect_states(
         stop_without_expert=True,
         on_episode=lambda i, ep: progress.update(),
     )
+    n = _write_rows(out_jsonl, played, rows, only_won=policy is None and only_won)
+    if episodes is not None:
+        episodes.extend(played)
+    return n
+
+
+def _write_rows(out_jsonl, played: list, rows: dict[int, list], only_won: bool) -> int:
+    """Write the rows of the kept episodes (no env failure; won, if `only_won`); the row count."""
     out_jsonl = Path(out_jsonl)
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(out_jsonl, "w") as f:
         for i, ep in enumerate(played):  # games order, steps in order: the file is deterministic
-            if ep.failed or (policy is None and only_won and not ep.won):
+            if ep.failed or (only_won and not ep.won):
                 continue
             for row in rows.get(i, []):
                 f.write(json.dumps(row) + "\n")
                 n += 1
-    if episodes is not None:
-        episodes.extend(played)
     return n
 
 
