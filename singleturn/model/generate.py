@@ -1,28 +1,11 @@
 """Batched sampling with a static KV cache: each prompt prefilled once, decoded into num_samples rows.
 
-GRPO samples G responses per prompt; the G rows share the prompt, so the prompt is prefilled once
-(B rows) and its KV is copied into its G cache rows (`Transformer.broadcast_cache_rows`) before
-decoding B*G rows together. Prompts of different lengths are right-padded for the prefill (causal
-attention makes the pads invisible to the real tokens); each row then decodes at its own positions
-(`input_pos` per row: row b's first new token is at position len(prompt_b)), and the cache mask
-hides the stale pad slots past each row's position.
-
-`allowed_tokens(row, prefix) -> ids` (optional) constrains decoding: before each draw, every unfinished
-row's logits outside the ids it returns are set to -inf (e.g. a trie over admissible commands), so
-the sampled tokens and their log-probs are under that masked distribution.
-
-Sampling goes through `kernels.sample_tokens` with offset = decode step and the row index inside
-the Philox counter, so a draw depends only on (seed, step, row): reproducible on any device.
-
-`score_continuations(model, prompts, continuations)` is the scoring counterpart (ranking a fixed set
-of candidate actions by their total log-prob): one forward per prompt over the row [prompt | trie],
-the trie holding one slot per distinct candidate token-prefix (`go to cabinet 1` .. `go to cabinet 4`
-share the slots of `go`, `to`, `cabinet`). A trie node sits at RoPE position len(prompt) + depth and
-attends to the whole prompt, its ancestors and itself (a dense bool [B, T, T] mask), so its hidden
-state and its token's log-prob are those of a plain causal forward over prompt + any candidate
-through it, computed once for all of them; the LM head runs once per slot that predicts a node (the
-prompt's last token and the trie's inner nodes). A state with 40 admissible commands (~140 candidate
-tokens, ~90 distinct prefixes) costs one pass over ~prompt + 90 tokens, not 40 prompts.
+`generate` prefills B right-padded prompts once, copies each prompt's KV into its G cache rows
+(`Transformer.broadcast_cache_rows`) and decodes the B*G rows together, each at its own positions.
+`allowed_tokens(row, prefix)` optionally masks every draw (e.g. an admissible-command trie). Draws
+go through `kernels.sample_tokens` keyed by (seed, step, row): reproducible on any device.
+`score_continuations` ranks fixed candidates by total log-prob in one forward per prompt over
+[prompt | token trie of the candidates]. Details: docs/pieces.md (model/).
 
 References: gpt-fast `generate.py` (static cache, prefill/decode split); vLLM's prefix sharing
 across a request's n samples.
@@ -95,14 +78,8 @@ def generate(
     device = model.tok_embeddings.weight.device
     B, S = len(prompts), num_samples
     N = B * S
-    lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
-    max_len = int(lens.max())
-    # Right padding for the prefill: any valid id (pad_id may be out of vocabulary); causal attention
-    # keeps it invisible to the prompt, and decoding overwrites those cache slots before reading them.
-    prompt_BL = torch.zeros((B, max_len), dtype=torch.int64)
-    for i, p in enumerate(prompts):
-        prompt_BL[i, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
-    prompt_BL, lens = prompt_BL.to(device), lens.to(device)
+    prompt_BL, lens = _right_padded(prompts, device)
+    max_len = prompt_BL.shape[1]
     stop = torch.as_tensor(list(stop_ids), dtype=torch.int64, device=device)
 
     tokens_NT = torch.full((N, max_new_tokens), pad_id, dtype=torch.int64, device=device)
@@ -112,12 +89,7 @@ def generate(
 
     model.setup_caches(N, max_len + max_new_tokens)
     try:
-        # Prefill: B prompt rows once; only each prompt's last position goes through the LM head.
-        h_BLD = model.hidden(prompt_BL)
-        last_BD = h_BLD[torch.arange(B, device=device), lens - 1]  # (B, D)
-        logits_NV = model.output(last_BD).repeat_interleave(S, dim=0)  # (N, V)
-        model.broadcast_cache_rows(B, S)
-        pos_N = lens.repeat_interleave(S)  # (N,) position of the token about to be sampled
+        logits_NV, pos_N = _prefill(model, prompt_BL, lens, S)
 
         for step in range(max_new_tokens):
             if allowed_tokens is not None:
@@ -139,6 +111,31 @@ def generate(
     finally:
         model.clear_caches()
     return Samples(tokens=tokens_NT, logprobs=logprobs_NT, lengths=lengths_N)
+
+
+def _right_padded(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt ids [B, L] right-padded, lengths [B]) on `device`.
+
+    The padding is any valid id (pad_id may be out of vocabulary): causal attention keeps it
+    invisible to the prompt, and decoding overwrites those cache slots before reading them.
+    """
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+    prompt_BL = torch.zeros((len(prompts), int(lens.max())), dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        prompt_BL[i, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
+    return prompt_BL.to(device), lens.to(device)
+
+
+def _prefill(model: Transformer, prompt_BL: torch.Tensor, lens: torch.Tensor, S: int):
+    """Prefill B prompt rows once (only each prompt's last position goes through the LM head), then
+    copy each row's cache to its S sample rows: (next-token logits [B*S, V], positions [B*S])."""
+    B = prompt_BL.shape[0]
+    h_BLD = model.hidden(prompt_BL)
+    last_BD = h_BLD[torch.arange(B, device=prompt_BL.device), lens - 1]  # (B, D)
+    logits_NV = model.output(last_BD).repeat_interleave(S, dim=0)  # (N, V)
+    model.broadcast_cache_rows(B, S)
+    pos_N = lens.repeat_interleave(S)  # (N,) position of the token about to be sampled
+    return logits_NV, pos_N
 
 
 def _mask_logits(logits_NV, allowed_tokens, prefix_NT, done_N) -> torch.Tensor:

@@ -1,27 +1,11 @@
 """Tokenizer: any HF `tokenizer.json`, the checkpoint's own chat template and special ids, plus a tiny BPE trainer.
 
-`Tokenizer` wraps a `tokenizers.Tokenizer` used as is. `Tokenizer.from_file(dir or dir/tokenizer.json)` also
-reads the checkpoint's other files, the way transformers does: the chat template (`chat_template.jinja`, or
-`chat_template` in `tokenizer_config.json`), the special-token strings (`tokenizer_config.json`, then
-`special_tokens_map.json`) and the end ids (`generation_config.json`, then `config.json`).
-
-Two kinds of tokenizer, told apart by the vocabulary:
-- LLaMA-3 (it has <|begin_of_text|>, <|end_of_text|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|>):
-  ids are found by those names (bos <|begin_of_text|>, eos <|end_of_text|>, eot <|eot_id|>, pad
-  <|finetune_right_pad_id|> or eos), whatever the checkpoint's configs call eos; without a template the chat
-  format is LLaMA-3's header / <|eot_id|> layout (== `LLAMA3_TEMPLATE`):
-
-      <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>...
-      <|start_header_id|>assistant<|end_header_id|>\\n\\n          (add_generation_prompt)
-
-- any other (SmolLM2's ChatML, ...): bos/eos/pad from the checkpoint's configs; the end-of-turn token is
-  the special token the template writes right after an assistant message's content (ChatML: <|im_end|>),
-  else eos. No template here means no chat: `apply_chat_template` raises, loading does not.
-
-The rendered template is tokenized in one pass without added specials, as transformers' `apply_chat_template`
-does (special-token strings in it become their ids). `train_tokenizer` builds a byte-level BPE (GPT-2
-pre-tokenizer regex, byte alphabet) with the LLaMA-3 specials at ids 0..5, so a tiny from-scratch model
-speaks the LLaMA-3 format.
+`Tokenizer` wraps a `tokenizers.Tokenizer` used as is; `Tokenizer.from_file(dir)` also reads the
+checkpoint's chat template, special-token strings and end ids the way transformers does. LLaMA-3
+vocabularies are recognised by their special tokens (their ids found by name, LLaMA-3's chat format
+without a template); any other takes bos/eos/pad from its configs and its end-of-turn token from
+the template. `tokenizer_from_gguf` builds one from GGUF metadata; `train_tokenizer` a byte-level
+BPE with the LLaMA-3 specials at ids 0..5. Details: docs/pieces.md (model/).
 
 References: Meta llama-models `tokenizer.py` / `chat_format.py`; transformers `tokenization_utils_base.py`
 (`apply_chat_template`, special tokens, `save_pretrained`); HF tokenizers BPE training docs.
@@ -288,9 +272,8 @@ def _checkpoint_specials(directory: Path, tok: _HFTokenizer) -> dict:
 # llama.cpp pre-tokenizer names (GGUF tokenizer.ggml.pre) -> how they split text (llama-vocab.cpp); others refused.
 # "default" (also a missing key) is read as GPT-2's regex, as transformers' GGUF loader does.
 _GPT2_PRE = ("default", "gpt2", "gpt-2")
-_DIGITS_PRE = (
-    "smollm",
-)  # every digit alone, then GPT-2's regex (SmolLM2's own tokenizer.json does the same)
+# every digit alone, then GPT-2's regex (SmolLM2's own tokenizer.json does the same)
+_DIGITS_PRE = ("smollm",)
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -317,6 +300,25 @@ def tokenizer_from_gguf(meta: dict) -> tuple[_HFTokenizer, dict]:
     if not tokens or not merges:
         raise ValueError("tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = _gguf_vocab(tokens, types)
+    pairs = [tuple(m.split(" ")) for m in merges]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"malformed merge {merges[next(i for i, p in enumerate(pairs) if len(p) != 2)]!r}")
+    # llama.cpp's LLaMA-3 vocabulary takes a word that is itself a token whole (ignore_merges, as Meta's file).
+    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _LLAMA3_PRE))
+    tok.pre_tokenizer = _gguf_pre_tokenizer(pre)
+    tok.decoder = decoders.ByteLevel()
+    marked = list(zip(tokens, types))
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in marked if k == _CONTROL]
+    )
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in marked if k == _USER_DEFINED])
+    config = _gguf_tokenizer_config(meta, tokens, tok)
+    return tok, config
+
+
+def _gguf_vocab(tokens: list[str], types: list[int]) -> dict[str, int]:
+    """{token: id}: ordinary tokens in GPT-2's byte alphabet; control / user tokens as written."""
     spelling = _byte_spelling()
     alphabet = set(spelling.values())
     vocab: dict[str, int] = {}
@@ -326,28 +328,23 @@ def tokenizer_from_gguf(meta: dict) -> tuple[_HFTokenizer, dict]:
             token = "".join(spelling[b] for b in token.encode("utf-8"))
         if vocab.setdefault(token, i) != i:
             raise ValueError(f"token {token!r} appears twice in the vocabulary (ids {vocab[token]} and {i})")
-    pairs = [tuple(m.split(" ")) for m in merges]
-    if any(len(p) != 2 for p in pairs):
-        raise ValueError(f"malformed merge {merges[next(i for i, p in enumerate(pairs) if len(p) != 2)]!r}")
-    # llama.cpp's LLaMA-3 vocabulary takes a word that is itself a token whole (ignore_merges, as Meta's file).
-    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _LLAMA3_PRE))
+    return vocab
+
+
+def _gguf_pre_tokenizer(pre: str):
+    """The pre-tokenizer `tokenizer.ggml.pre` names (GPT-2's, SmolLM's digits + GPT-2, LLaMA-3's)."""
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _LLAMA3_PRE)
     if pre in _LLAMA3_PRE:
         split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")
-        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
-    elif pre in _DIGITS_PRE:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
-    else:
-        tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    marked = list(zip(tokens, types))
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in marked if k == _CONTROL]
-    )
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in marked if k == _USER_DEFINED])
+        return pre_tokenizers.Sequence([split, byte_level])
+    if pre in _DIGITS_PRE:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return byte_level
 
+
+def _gguf_tokenizer_config(meta: dict, tokens: list[str], tok: _HFTokenizer) -> dict:
+    """tokenizer_config.json from the metadata (special tokens, add_bos/eos, chat templates); sets
+    `tok`'s post-processor when the metadata asks for bos / eos to be added."""
     config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
     for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -370,7 +367,7 @@ def tokenizer_from_gguf(meta: dict) -> tuple[_HFTokenizer, dict]:
         config["chat_template"] = ([{"name": "default", "template": template}] if template else []) + named
     elif template:
         config["chat_template"] = template
-    return tok, config
+    return config
 
 
 def _byte_spelling() -> dict[int, str]:
