@@ -1,16 +1,11 @@
 """Triton kernels of kernels/token_logprobs.py (the math and the host side live there).
 
-Four kernels, all tiles of one computation z = (h @ W.T) * inv_temp:
-  _token_logprobs_fwd_kernel      grid (N/BLOCK_N, splits): online LSE over a vocab range, target logit
-  _token_logprobs_dlogits_kernel  grid (N/BLOCK_N, Vc/BLOCK_V): recompute z, dz = g*(onehot - p)*inv_temp
-  _token_logprobs_dhidden_kernel  grid (N/BLOCK_N, D/BLOCK_D): dh (+)= dz[:, chunk] @ W[chunk]   (fp32)
-  _token_logprobs_dweight_kernel  grid (Vc/BLOCK_V, D/BLOCK_D): dW[chunk] = dz[:, chunk].T @ h
-Every output element has exactly one writer, so there are no atomics and results are deterministic.
-
-UPCAST (a constexpr, True only under TRITON_INTERPRET=1 with bf16/fp16 inputs): the interpreter
-computes bf16 `tl.dot` wrongly (triton issue 11584) and truncates bf16 casts, so there the loaded
-tiles are upcast to fp32. Compiled GPU code never sets it: it runs bf16 tensor-core dots with fp32
-accumulators. IEEE_DOT asks fp32 inputs for true fp32 dots (not TF32), matching torch's fp32 matmul.
+Four kernels, all tiles of z = (h @ W.T) * inv_temp: the forward (online LSE over a vocab range,
+target logit), dlogits (recompute z, dz = g * (onehot - p) * inv_temp), dhidden and dweight (the two
+GEMMs of the backward, fp32 accumulators). Every output element has one writer: no atomics,
+deterministic. UPCAST (only under TRITON_INTERPRET=1 with bf16/fp16 inputs) works around the
+interpreter's bf16 dot (triton issue 11584); IEEE_DOT gives fp32 inputs true fp32 dots (not TF32).
+Grids and details: docs/pieces.md (kernels/).
 """
 
 from __future__ import annotations
@@ -35,9 +30,20 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr):
 
 @triton.jit
 def _logits_tile(
-    h_ptr, w_ptr, offs_n, offs_v, n_mask, v_mask, D, inv_temp,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
-):  # fmt: skip
+    h_ptr,
+    w_ptr,
+    offs_n,
+    offs_v,
+    n_mask,
+    v_mask,
+    D,
+    inv_temp,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
     """z[BLOCK_N, BLOCK_V] = (h[offs_n] @ W[offs_v].T) * inv_temp, fp32, looping over D."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     rows = offs_n.to(tl.int64)[:, None] * D  # int64: V * D exceeds 2**31 for 128k x 16k heads
@@ -53,11 +59,25 @@ def _logits_tile(
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
-    h_ptr, w_ptr, tgt_ptr, lse_part_ptr, mu_part_ptr, z_tgt_ptr,
-    N, V, D, v_split, ignore_index, inv_temp,
-    COMPUTE_ENTROPY: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    lse_part_ptr,
+    mu_part_ptr,
+    z_tgt_ptr,
+    N,
+    V,
+    D,
+    v_split,
+    ignore_index,
+    inv_temp,
+    COMPUTE_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Columns [s*v_split, (s+1)*v_split) of rows [BLOCK_N]: online m, s = sum exp(z - m), and
     (entropy) t = sum exp(z - m) * (z - m); stores lse_s = m + log s, c_s = E_s[z] - lse_s = t/s - log s
     (softmax restricted to the split), and z[target] when the target lies in this range. The host combines splits: lse = logsumexp_s lse_s. The split start is
@@ -94,9 +114,8 @@ def _token_logprobs_fwd_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])  # (BLOCK_N, BLOCK_V), 0 on padded columns
-        if (
-            COMPUTE_ENTROPY
-        ):  # t = sum exp(z - m) * (z - m), re-shifted when m grows (no lse - E[z] cancellation)
+        # t = sum exp(z - m) * (z - m), re-shifted when m grows (no lse - E[z] cancellation)
+        if COMPUTE_ENTROPY:
             shift = tl.where(s > 0, m - m_new, 0.0) * s  # s == 0 only before the first tile (m == -inf)
             t = (t + shift) * alpha + tl.sum(p * tl.where(v_mask[None, :], z - m_new[:, None], 0.0), axis=1)
         s = s * alpha + tl.sum(p, axis=1)
@@ -111,11 +130,25 @@ def _token_logprobs_fwd_kernel(
 
 @triton.jit
 def _token_logprobs_dlogits_kernel(
-    h_ptr, w_ptr, tgt_ptr, lse_ptr, g_ptr, dz_ptr,
-    N, V, D, v_start, v_chunk, ignore_index, inv_temp,
-    UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    lse_ptr,
+    g_ptr,
+    dz_ptr,
+    N,
+    V,
+    D,
+    v_start,
+    v_chunk,
+    ignore_index,
+    inv_temp,
+    UPCAST: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """dz[n, c] = g_n * (onehot(t_n)[v] - exp(z[n, v] - lse_n)) * inv_temp for v = v_start + c, the
     dlogits of one vocab chunk [N, v_chunk] (stored in dz_ptr's dtype). Ignored rows: g = 0 -> dz = 0."""
     pid_n = tl.program_id(0)
@@ -141,11 +174,20 @@ def _token_logprobs_dlogits_kernel(
 
 @triton.jit
 def _token_logprobs_dhidden_kernel(
-    dz_ptr, w_ptr, dh_ptr,
-    N, D, v_start, v_chunk,
-    ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    dz_ptr,
+    w_ptr,
+    dh_ptr,
+    N,
+    D,
+    v_start,
+    v_chunk,
+    ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """dh[BLOCK_N, BLOCK_D] (+)= dz[:, chunk] @ W[v_start : v_start + v_chunk, :], fp32 in dh_ptr."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -171,11 +213,19 @@ def _token_logprobs_dhidden_kernel(
 
 @triton.jit
 def _token_logprobs_dweight_kernel(
-    dz_ptr, h_ptr, dw_ptr,
-    N, D, v_start, v_chunk,
-    UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    dz_ptr,
+    h_ptr,
+    dw_ptr,
+    N,
+    D,
+    v_start,
+    v_chunk,
+    UPCAST: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dW[v_start + c, BLOCK_D] = sum_n dz[n, c] * h[n, BLOCK_D]: one vocab chunk's rows, over all N."""
     pid_v = tl.program_id(0)
     pid_d = tl.program_id(1)

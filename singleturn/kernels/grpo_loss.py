@@ -1,19 +1,10 @@
 """GRPO policy loss over action tokens: fused log-probs, clipped surrogate, optional k3 KL, statistics.
 
-Per action token i (rows whose target is ignore_index are excluded everywhere):
-    logp_i   = token_logprobs(hidden, weight, targets, temperature)_i       (kernels/token_logprobs.py)
-    x_i      = clamp(logp_i - old_logp_i, -20, 20)          clamped BEFORE exp: no inf/NaN ratios
-    ratio_i  = exp(x_i)
-    surr_i   = -min(ratio_i * A_i, clip(ratio_i, 1 - eps_lo, 1 + eps_hi) * A_i)
-    k3_i     = exp(y_i) - y_i - 1,  y_i = clamp(ref_logp_i - logp_i, -20, 20)   (Schulman's k3 estimator)
-    loss     = sum_i surr_i + kl_coef * k3_i                 a SUM, not a mean
-    clipped_i = [the clipped branch is strictly smaller]  == (ratio > 1+eps_hi & A > 0) | (ratio < 1-eps_lo & A < 0)
-
-The loss and statistics are sums over this micro-batch's tokens; the trainer all-reduces them and
-divides by the global action-token count, so micro-batches and ranks compose exactly. A_i is the
-sequence's advantage broadcast by the caller to its tokens. d loss / d logp_i is
--A_i * ratio_i on unclipped tokens (0 on clipped ones or where x_i is clamped) plus
-kl_coef * (1 - exp(y_i)) (0 where y_i is clamped): the Triton kernel emits it in the forward pass.
+Per action token: ratio = exp(clamp(logp - old_logp, -20, 20)) (clamped BEFORE exp), the clipped
+surrogate -min(ratio * A, clip(ratio, 1 - eps_lo, 1 + eps_hi) * A), plus kl_coef * k3 against
+ref_logp. The loss and statistics are SUMS over the micro-batch: the trainer divides by the global
+action-token count, so micro-batches and ranks compose exactly. The Triton kernel emits
+d loss / d logp in the forward pass. The formulas: docs/pieces.md (kernels/).
 
 References: Shao et al. 2024 (DeepSeekMath, GRPO); Schulman 2020, "Approximating KL divergence";
 Yu et al. 2025 (DAPO, asymmetric clip); TRL's GRPOTrainer.
@@ -136,12 +127,11 @@ class _SurrogateTritonFunction(torch.autograd.Function):
         )
         block = 1024 if not interpreting() else 64
         has_ref = ref_logp is not None
+        inputs = (logp, old_logp, advantages, ref_logp if has_ref else logp, targets)
+        scalars = (N, ignore_index, eps_lo, eps_hi, kl_coef, LOG_RATIO_CLAMP)
         _grpo_loss_fwd_kernel[(triton.cdiv(N, block),)](
-            logp, old_logp, advantages, ref_logp if has_ref else logp, targets,
-            loss, dlogp, clipped, ratio, kl,
-            N, ignore_index, eps_lo, eps_hi, kl_coef, LOG_RATIO_CLAMP,
-            HAS_REF=has_ref, BLOCK=block,
-        )  # fmt: skip
+            *inputs, loss, dlogp, clipped, ratio, kl, *scalars, HAS_REF=has_ref, BLOCK=block
+        )
         ctx.save_for_backward(dlogp)
         ctx.mark_non_differentiable(clipped, ratio, kl)
         return loss, clipped, ratio, kl
@@ -174,14 +164,7 @@ def grpo_loss(
     sequence's advantage). Returns GRPOLossOutput of sums; divide by the global token count.
     Non-finite advantages / old_logp / ref_logp raise ValueError (CPU) or a device assert (CUDA).
     """
-    N = hidden.shape[0]
-    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("ref_logp", ref_logp)):
-        if t is not None and t.shape != (N,):
-            raise ValueError(f"{name} must be [N]=({N},), got {tuple(t.shape)}")
-    if not (0.0 <= clip_eps_low < 1.0 and clip_eps_high >= 0.0):
-        raise ValueError(
-            f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got {clip_eps_low}, {clip_eps_high}"
-        )
+    _check_args(hidden.shape[0], advantages, old_logp, ref_logp, clip_eps_low, clip_eps_high)
     valid = targets != ignore_index
     for name, t in (("advantages", advantages), ("old_logp", old_logp), ("ref_logp", ref_logp)):
         if t is not None:
@@ -196,15 +179,15 @@ def grpo_loss(
     )
     if select_backend(hidden) == "triton":
         ref = ref_logp.float().contiguous() if ref_logp is not None else None
+        old, adv = old_logp.float().contiguous(), advantages.float().contiguous()
+        consts = (int(ignore_index), float(kl_coef), float(clip_eps_low), float(clip_eps_high))
         loss, clipped, ratio, kl = _SurrogateTritonFunction.apply(
-            logp, old_logp.float().contiguous(), advantages.float().contiguous(), ref,
-            targets.contiguous(), int(ignore_index), float(kl_coef), float(clip_eps_low), float(clip_eps_high),
-        )  # fmt: skip
+            logp, old, adv, ref, targets.contiguous(), *consts
+        )
     else:
-        loss, clipped, ratio, kl = _surrogate_torch(
-            logp, old_logp.float(), advantages.float(), None if ref_logp is None else ref_logp.float(),
-            valid, kl_coef, clip_eps_low, clip_eps_high,
-        )  # fmt: skip
+        ref = None if ref_logp is None else ref_logp.float()
+        args = (logp, old_logp.float(), advantages.float(), ref, valid)
+        loss, clipped, ratio, kl = _surrogate_torch(*args, kl_coef, clip_eps_low, clip_eps_high)
     return GRPOLossOutput(
         loss=loss.sum(),
         clip_count=clipped.detach().sum(),
@@ -213,3 +196,13 @@ def grpo_loss(
         entropy=None if entropy is None else entropy.sum(),
         num_tokens=valid.sum(),
     )
+
+
+def _check_args(N: int, advantages, old_logp, ref_logp, clip_eps_low: float, clip_eps_high: float) -> None:
+    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None and t.shape != (N,):
+            raise ValueError(f"{name} must be [N]=({N},), got {tuple(t.shape)}")
+    if not (0.0 <= clip_eps_low < 1.0 and clip_eps_high >= 0.0):
+        raise ValueError(
+            f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got {clip_eps_low}, {clip_eps_high}"
+        )

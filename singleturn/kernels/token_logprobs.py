@@ -1,19 +1,11 @@
 """Fused LM head + log-softmax + gather: log-probs of the action tokens without [N, V] logits.
 
-    z      = (hidden @ weight.T) / T                      (N, V), never stored whole
-    lse_i  = logsumexp_v z_iv
-    logp_i = z_{i, t_i} - lse_i                           (0 where t_i == ignore_index)
-    dlogp/dz_iv = onehot(t_i)_v - softmax(z_i)_v          -> dh = dz @ W / T, dW = dz.T @ h / T
+    logp_i = z_{i, t_i} - logsumexp_v z_iv,   z = (hidden @ weight.T) / T   (never stored whole)
 
-In single-turn RL only the response tokens need log-probs and the vocabulary is 128k, so the LM head
-is the memory spike; the caller gathers the hidden states of action tokens and passes them here.
-
-Backends (kernels/_backend.py): Triton (CUDA tensors; or CPU under TRITON_INTERPRET=1) and a
-PyTorch reference. The Triton forward tiles the vocabulary with `tl.dot` and an online log-sum-exp,
-saving only the LSE; the backward recomputes logits tiles into a bounded dlogits chunk [N, Vc] and
-feeds it to two Triton GEMMs (d_hidden, d_weight) with fp32 accumulators and no atomics. The
-PyTorch reference is chunked over tokens so its memory stays bounded too; the naive full-logits
-version lives only in tests and benchmarks as the baseline.
+Only response tokens need log-probs and the vocabulary is 128k, so the LM head is the memory spike.
+Triton (CUDA, or CPU under TRITON_INTERPRET=1): vocabulary tiles with an online log-sum-exp, only
+the LSE saved; the backward recomputes bounded dlogits chunks for two GEMMs. The PyTorch reference
+is chunked over tokens too. Details: docs/pieces.md (kernels/).
 
 References: Liger-Kernel fused_linear_cross_entropy; Wijmans et al. 2024, "Cut Your Losses in
 Large-Vocabulary Language Models" (Apple CCE); Milakov & Gimelshein 2018 (online softmax).
@@ -117,6 +109,7 @@ def _token_logprobs_torch_bwd(
 
 def _launch_flags(hidden):
     """(kernels module, UPCAST, IEEE_DOT, config family); UPCAST only ever under the interpreter."""
+    # Triton (optional on CPU; @triton.jit reads TRITON_INTERPRET when this is first imported).
     from singleturn.kernels import _token_logprobs_kernels as K
 
     upcast = interpreting() and hidden.dtype != torch.float32
@@ -147,11 +140,11 @@ def _triton_fwd(hidden, weight, targets, inv_temp, ignore_index, compute_entropy
     z_tgt = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     meta = K.INTERPRET_FWD if interpreting() else {}
     grid = lambda META: (_cdiv(N, META["BLOCK_N"]), splits)
+    tensors = (hidden, weight, targets, lse_part, mu_part, z_tgt)
+    sizes = (N, V, D, v_split, ignore_index, inv_temp)
     K.fwd_kernel[kind][grid](
-        hidden, weight, targets, lse_part, mu_part, z_tgt,
-        N, V, D, v_split, ignore_index, inv_temp,
-        COMPUTE_ENTROPY=compute_entropy, UPCAST=upcast, IEEE_DOT=ieee, **meta,
-    )  # fmt: skip
+        *tensors, *sizes, COMPUTE_ENTROPY=compute_entropy, UPCAST=upcast, IEEE_DOT=ieee, **meta
+    )
     lse = torch.logsumexp(lse_part, dim=0)  # (N,)
     valid = targets != ignore_index
     logp = torch.where(valid, z_tgt - lse, 0.0)
@@ -177,9 +170,8 @@ def _triton_bwd(grad_logp, hidden, weight, targets, lse, inv_temp, ignore_index,
     chunk = max(align, _TRITON_DLOGITS_BYTES // (N * dz_dtype.itemsize) // align * align)
     chunk = min(chunk, _cdiv(V, align) * align)
     dz_buf = torch.empty(N * chunk, dtype=dz_dtype, device=hidden.device)
-    d_hidden = (
-        torch.empty(N, D, dtype=torch.float32, device=hidden.device) if need_dh else None
-    )  # fp32: sums chunks
+    # fp32: sums chunks
+    d_hidden = torch.empty(N, D, dtype=torch.float32, device=hidden.device) if need_dh else None
     d_weight = (
         torch.empty(V, D, dtype=torch.float32 if upcast else weight.dtype, device=weight.device)
         if need_dw
@@ -191,24 +183,14 @@ def _triton_bwd(grad_logp, hidden, weight, targets, lse, inv_temp, ignore_index,
     for i, v0 in enumerate(range(0, V, chunk)):
         width = min(chunk, V - v0)
         dz = dz_buf[: N * width].view(N, width)
+        args = (hidden, weight, targets, lse, grad_logp, dz, N, V, D, v0, width, ignore_index, inv_temp)
         K.dlogits_kernel[kind][lambda M, w=width: (_cdiv(N, M["BLOCK_N"]), _cdiv(w, M["BLOCK_V"]))](
-            hidden, weight, targets, lse, grad_logp, dz,
-            N, V, D, v0, width, ignore_index, inv_temp,
-            UPCAST=upcast, IEEE_DOT=ieee, **fwd_meta,
-        )  # fmt: skip
+            *args, UPCAST=upcast, IEEE_DOT=ieee, **fwd_meta
+        )
         if need_dh:
+            flags = dict(ACCUMULATE=i > 0, UPCAST=upcast, IEEE_DOT=ieee, **dh_meta)
             K.dhidden_kernel[kind][lambda M: (_cdiv(N, M["BLOCK_N"]), _cdiv(D, M["BLOCK_D"]))](
-                dz,
-                weight,
-                d_hidden,
-                N,
-                D,
-                v0,
-                width,
-                ACCUMULATE=i > 0,
-                UPCAST=upcast,
-                IEEE_DOT=ieee,
-                **dh_meta,
+                dz, weight, d_hidden, N, D, v0, width, **flags
             )
         if need_dw:
             K.dweight_kernel[kind][lambda M, w=width: (_cdiv(w, M["BLOCK_V"]), _cdiv(D, M["BLOCK_D"]))](
@@ -254,10 +236,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
                 grad_logp, hidden, weight, targets, lse, ctx.inv_temp, ctx.ignore_index, need_dh, need_dw
             )
         else:
-            d_hidden, d_weight = _token_logprobs_torch_bwd(
-                grad_logp, hidden, weight, targets, lse, ctx.inv_temp, ctx.ignore_index, _TORCH_CHUNK_BYTES,
-                need_dh, need_dw,
-            )  # fmt: skip
+            args = (grad_logp, hidden, weight, targets, lse, ctx.inv_temp, ctx.ignore_index)
+            d_hidden, d_weight = _token_logprobs_torch_bwd(*args, _TORCH_CHUNK_BYTES, need_dh, need_dw)
         return d_hidden, d_weight, None, None, None, None, None
 
 
