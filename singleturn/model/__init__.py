@@ -54,6 +54,7 @@ _CONVERT = ("convert_gguf", "ensure_converted_from_wheel", "GGUFError")
 
 def __getattr__(name: str):
     if name in _CONVERT:
+        # lazily: `python -m singleturn.model.convert` must not find its module already imported
         from singleturn.model import convert
 
         return getattr(convert, name)

@@ -1,17 +1,10 @@
 """A checkpoint's chat template: found where transformers looks for it, rendered the way transformers renders it.
 
-HF checkpoints carry their prompt format as a Jinja template, in `chat_template.jinja` (transformers >= 4.5x)
-or under `chat_template` in `tokenizer_config.json` (a string, or a list of `{"name", "template"}` of which
-"default" is used). `load_chat_template` reads it with transformers' precedence (the .jinja file wins).
-`render_chat_template` renders it with the environment transformers uses (`ImmutableSandboxedEnvironment`,
-trim_blocks, lstrip_blocks, loopcontrols, a `{% generation %}` tag, `raise_exception`, a `tojson` that
-does not HTML-escape, `strftime_now`) and the same variables (`messages`, `add_generation_prompt`,
-`tools`, `documents` and the special-token strings `bos_token`, `eos_token`, ...). Messages whose values
-are None lose those keys first, as transformers does. The caller tokenizes the string without adding
-special tokens (what `apply_chat_template` does).
-
-`LLAMA3_TEMPLATE` is the Jinja form of the LLaMA-3 header / `<|eot_id|>` layout that `model.tokenizer`
-renders when a checkpoint has no template (content is not trimmed), so a saved tokenizer carries it.
+`load_chat_template` reads `chat_template.jinja` or `chat_template` in `tokenizer_config.json` with
+transformers' precedence; `render_chat_template` renders it in transformers' sandboxed Jinja
+environment with the same variables (the caller tokenizes without adding special tokens).
+`LLAMA3_TEMPLATE` is the Jinja form of the LLaMA-3 layout, so a saved tokenizer carries it.
+Details: docs/pieces.md (model/).
 
 References: transformers `utils/chat_template_utils.py` (`_compile_jinja_template`, `render_jinja_template`)
 and `tokenization_utils_base.py` (`apply_chat_template`, chat template files); Jinja2 sandbox docs.
@@ -85,7 +78,7 @@ def render_chat_template(
     token strings; `variables` (e.g. `tools`, `documents`, `enable_thinking`) override them. Errors raised by
     the template itself (`raise_exception(...)`) and Jinja syntax errors become `ChatTemplateError`.
     """
-    import jinja2
+    import jinja2  # optional: the `pretrained` extra (a checkpoint without a template needs none)
 
     compiled = _compile(template)
     chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
@@ -99,6 +92,7 @@ def render_chat_template(
 
 @lru_cache(maxsize=16)
 def _compile(template: str):
+    # optional: the `pretrained` extra (a checkpoint without a template needs none)
     import jinja2
     import jinja2.ext
     import jinja2.nodes
