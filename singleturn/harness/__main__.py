@@ -6,14 +6,9 @@
     python -m singleturn.harness evaluate --games data/games/valid_unseen --policy random --out runs/eval/random
     python -m singleturn.harness play --game DIR/.../game.tw-pddl
 
-`--games` takes a directory of generated games or the official data root (`$ALFWORLD_DATA/json_2.1.1`
-with `--split`). Arguments are parsed before any game is loaded: fast-downward's translator
-overwrites sys.argv. `generate` never replaces a directory holding another generation (it says so).
-
-Exit codes: 0 done; 2 a usage error or an expected failure, printed as one line `error: ...`
-(a bad number, no games, a checkpoint that does not load, a generation the expert cannot win, a
-missing or unwritable path); 1 an unexpected crash (a traceback). SINGLETURN_DEBUG=1 shows the
-traceback of an expected failure too.
+Arguments are parsed before any game is loaded (fast-downward's translator overwrites sys.argv).
+Exit codes: 0 done; 2 an expected failure, printed as one line `error: ...`; 1 an unexpected crash
+(SINGLETURN_DEBUG=1 shows every traceback). Details: docs/pieces.md (harness/).
 """
 
 from __future__ import annotations

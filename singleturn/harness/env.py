@@ -1,24 +1,11 @@
 """Load and play one ALFWorld game the way ALFWorld's `AlfredTWEnv` does, plus three fixes.
 
-The stack is TextWorld's `PddlEnv` (fast-downward under the hood) wrapped by ALFWorld's own
-`AlfredDemangler(shuffle=False)`, `AlfredInfos` and `AlfredExpert` -- the wrappers
-`alfworld.agents.environment.alfred_tw_env.AlfredTWEnv.init_env` registers -- with
-`request_infos = EnvInfos(won, admissible_commands, extras=["gamefile", "expert_plan"])`.
-
-Fixes, each applied in one place and idempotent (see ../shared/ALFWORLD.md):
-- `AlfredExpert` is built with `expert_type=` by keyword (ALFWorld passes it positionally, which
-  binds it to `env` and silently keeps the handcoded expert).
-- `install_expert_patch()`: the 2.1.2 grammar places objects with `move X to Y`, but the handcoded
-  expert's `update_state_tracking` only recognises `put X in/on Y`; after a placement it still
-  believes it holds the object (pick_two_obj_and_place loops). We translate the command before
-  its state tracking sees it.
-- `install_caches()`: TextWorld re-parses grammar templates with TatSu on every derivation (once
-  per admissible command per step), deep-copies derivation contexts (entity infos included) for
-  every expanded symbol, parses the whole grammar on every load and runs the PDDL->SAS
-  translation twice per load and per reset. Parses and translations are memoized on their input
-  text (the last two also pickled on disk, see `cache_dir`), contexts are copied shallowly;
-  observations and admissible commands stay byte-identical (tests/harness/test_env.py).
-  The translator also overwrites `sys.argv`; the cached wrapper restores it.
+TextWorld's `PddlEnv` wrapped by ALFWorld's own `AlfredDemangler(shuffle=False)`, `AlfredInfos` and
+`AlfredExpert`, as `AlfredTWEnv.init_env` registers them. Fixes (idempotent, ../shared/ALFWORLD.md):
+`AlfredExpert` gets `expert_type=` by keyword; `install_expert_patch()` translates the grammar's
+`move X to Y` for the handcoded expert's state tracking; `install_caches()` memoizes TextWorld's
+grammar parses and the PDDL->SAS translation (in memory and pickled on disk, see `cache_dir`) with
+observations and admissible commands byte-identical. Details: docs/pieces.md (harness/).
 """
 
 from __future__ import annotations

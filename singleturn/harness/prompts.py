@@ -2,23 +2,11 @@
 
 `render_prompt(state)` turns an expert state (a states.jsonl row, or the live state evaluation
 builds) into chat messages: a system message with the rules and the action grammar, then one user
-message with the goal, a short memory of the whole episode, the last K turns, the current
-observation and the admissible actions.
-
-The memory makes the state (nearly) Markov without the whole transcript: ALFWorld is partially
-observable, and the expert's next action depends on the room's receptacle list (shown only in the
-first observation), on where it has already looked and on what it holds. All three are pure
-functions of the history, so the memory lines are too:
-- `Visited:` the receptacles gone to so far, in order of first visit;
-- `Not visited:` the rest of the first observation's receptacle list, in its order (where to search
-  next, without a set difference of two lists to take; with `Visited:` it carries the whole room
-  list, which is why the long first observation itself is not repeated);
-- `Holding:` the object taken and not yet put down (`take X from Y` .. `move X to Y`);
-- `Room:` the first observation itself, once scrolled out of the shown turns, only when it lists no
-  receptacles (never in ALFWorld; kept so that no other text world loses its intro).
-`parse_action(text, admissible)` reads the action back from a response: a plain action, or
-`... Action: <cmd>` after some reasoning; case and whitespace are normalized and the action is
-returned (in its admissible spelling) only if it is admissible.
+message with the goal, a short memory of the episode (`Visited:`, `Not visited:`, `Holding:`,
+pure functions of the history that make the state nearly Markov), the last K turns, the current
+observation and the admissible actions. `parse_action(text, admissible)` reads the action back (a
+plain action or `... Action: <cmd>`), returning it only if admissible. Details: docs/pieces.md
+(harness/).
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """ALFRED floor plans as ALFWorld sees them: receptacles, their locations, and which objects fit where.
 
-Built only from files the alfworld package ships: `alfworld/gen/layouts/FloorPlan{N}-openable.json`
-(THOR receptacle ids -> the agent pose that reaches them) and `FloorPlan{N}-objects.json` (object and
-receptacle classes present in the scene), plus `alfworld.gen.constants` (which object class fits in
-which receptacle class, which classes are cleanable/heatable/coolable/toggleable/openable).
-
-Static receptacle classes present in a scene but absent from its openable.json (stove burners,
-toasters, coffee machines, garbage cans, towel holders...) get one instance with a synthetic but
-fixed THOR-style id, so every game in a floor plan shares one room layout, as in ALFRED.
-
-Splits: `valid_unseen` uses ALFRED's held-out generation scenes (`constants.TEST_SCENE_NUMBERS`:
-kitchens 1-6, living rooms 201-206, bedrooms 301-306, bathrooms 401-406); `train` and `valid_seen`
-use all other floor plans. The lists are fixed and disjoint.
+Built only from files the alfworld package ships (`gen/layouts/FloorPlan{N}-openable.json` and
+`-objects.json`) and `alfworld.gen.constants`; static receptacles absent from openable.json get one
+instance with a fixed synthetic id, so every game in a floor plan shares one room layout. Splits:
+`valid_unseen` uses ALFRED's held-out scenes (`constants.TEST_SCENE_NUMBERS`), `train` and
+`valid_seen` all others; fixed and disjoint. Details: docs/pieces.md (harness/).
 """
 
 from __future__ import annotations

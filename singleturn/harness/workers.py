@@ -1,20 +1,10 @@
 """A pool of env worker processes with a batched reset/step API, timeouts and restarts.
 
-TextWorld is slow to reset and not thread-safe, so envs live in worker processes. The pool holds
-`num_workers` processes; an episode runs in a *slot* (slot s lives in worker s % num_workers, which
-keeps one `AlfredGame` per slot and reuses it across episodes). One `reset`/`step` call sends each
-worker its share of the batch and gathers the replies, so the workers run in parallel.
-
-Failures are never silent: a worker that raises, dies, or misses its deadline
-(`step_timeout` seconds per env in the call) is killed and restarted, and every slot it held gets
-a `StepResult(failed=True, error=...)`; callers record those episodes as env failures.
-
-Workers die with the process that started them (`parent_death.exit_when_parent_dies`, SIGKILL: a
-worker busy in a step, or stopped, still goes) and never hold the run directory's lock (the trainer's
-`RunDirLock` closes its descriptor in every forked child): a killed trainer leaves no worker behind
-that keeps the run locked.
-
-Usage (the multi-turn PPO baseline can drive this directly):
+TextWorld is slow to reset and not thread-safe, so envs live in worker processes; an episode runs
+in a *slot* (slot s lives in worker s % num_workers). A worker that raises, dies or misses its
+deadline is killed and restarted, and each slot it held gets `StepResult(failed=True, error=...)`.
+Workers die with the process that started them and never hold the run directory's lock.
+Details: docs/pieces.md (harness/).
 
     with EnvPool(games, num_workers=2, expert="handcoded") as pool:
         first = pool.reset([0, 1, 2])            # slots 0..2 play games[0], games[1], games[2]

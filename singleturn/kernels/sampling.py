@@ -1,28 +1,11 @@
 """Token sampling for rollouts: temperature, top-k / top-p truncation, a counter-based draw.
 
 `sample_tokens(logits[B,V], ...) -> (tokens[B] int64, logprobs[B] fp32)` is what `model.generate`
-calls once per decode step. The PyTorch reference below is the semantics every backend matches:
-
-  p      = softmax(logits / T)                           (fp32)
-  keep_k = {i : p_i >= k-th largest p}                   (top_k > 0; ties at the boundary are kept)
-  keep_p = {i : p_i >= tau}, tau the largest threshold with sum_{p_j >= tau} p_j >= top_p
-           (computed over the top-k-renormalized distribution; always keeps the arg-max)
-  Z      = sum_{i in keep} p_i
-  token  = smallest i in vocab order with  sum_{j <= i, j in keep} p_j > u * Z
-  logp   = log(p_token / Z)                              (what the GRPO ratio needs)
-
-The set definitions (thresholds, not sorted prefixes) let a kernel truncate without a full sort.
-`u` is one uniform per row from Philox4x32-10 keyed by `seed`, counter `(offset, row)`, so a draw
-is reproducible from (seed, offset) on any device. temperature == 0 is greedy: the first arg-max
-and logp = 0 (a point mass).
-
-Backends: CUDA tensors go to the fused CUDA kernel in csrc/ (`torch.ops.singleturn_rl.sample_tokens`,
-built lazily by kernels/_csrc.py) when it builds, else to this reference; KERNELS_BACKEND=torch forces
-the reference (there is no Triton sampler, so =triton also means the reference here). The kernel
-truncates with radix selects over the fp32 weights and sums fixed-point masses exactly (csrc/
-sampling_row.h), so it draws the reference's token except where u * Z falls within float round-off of
-a CDF step or a top-p mass lands within round-off of top_p; tokens more than ~32 nats below the
-arg-max (weight < 2^-47 at V = 128256) get zero mass there (at most ~1e-9 of the probability in all).
+calls once per decode step; `logprobs` are under the truncated distribution (what the GRPO ratio
+needs). The PyTorch reference here defines the semantics every backend matches (truncation sets
+by thresholds, not sorted prefixes; one Philox4x32-10 uniform per row keyed by seed and
+(offset, row); temperature == 0 is greedy). CUDA tensors go to the fused kernel in csrc/ when it
+builds, else to the reference. The math and the kernel's tolerances: docs/pieces.md (kernels/).
 """
 
 from __future__ import annotations

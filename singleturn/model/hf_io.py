@@ -1,14 +1,9 @@
 """HF safetensors checkpoints <-> `Transformer`: load without a second copy in memory, save what HF loads.
 
-Format: a directory with `config.json` and either `model.safetensors` or shards
-`model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.json` (the layout
-`LlamaForCausalLM.save_pretrained` writes). The weight names differ from ours only by a fixed map
-(`hf_to_ours`); q/k rows need no permutation because `model.transformer` uses HF's rotate_half RoPE.
-With tied embeddings HF omits `lm_head.weight`; we do the same when saving and accept either when
-loading (a stored lm_head equal in shape is ignored in favour of the tie, as HF does).
-
-Loading builds the model on the meta device and assigns the tensors read from disk (safetensors
-`safe_open(..., device=...)` reads straight to the target device), so peak memory is one copy.
+A directory with `config.json` and `model.safetensors` or its shards (what `save_pretrained`
+writes); names differ from ours by a fixed map (`hf_to_ours`), tied embeddings omit `lm_head.weight`
+as HF does. Loading builds the model on the meta device and assigns tensors read straight to the
+target device: peak memory is one copy. Details: docs/pieces.md (model/).
 
 References: HF `modeling_utils.PreTrainedModel.save_pretrained / from_pretrained`;
 safetensors docs; gpt-fast `scripts/convert_hf_checkpoint.py`.

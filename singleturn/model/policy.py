@@ -1,23 +1,11 @@
 """From chat messages to actions: prompt encoding, generate-and-trim, and the evaluation policy.
 
-The ONE place where a prompt becomes token ids and a generation becomes response tokens, used by
-SFT/GRPO data, the rollouts, the multi-turn baselines, evaluation and the harness CLI:
-
-- `encode_prompt(tokenizer, messages, max_tokens)`: the checkpoint's chat template with the
-  generation prompt. The length policy, stated once: a prompt longer than `max_tokens` keeps its
-  LAST `max_tokens` ids (the newest observation, the admissible list and the assistant header
-  survive; the goal line may not) and reports `truncated=True`. Training drops such states
-  (counted: a target after a cut prompt teaches the wrong thing); inference plays them (counted).
-- `sample_completions(...)`: `model.generate`, then each row trimmed to its length (stop token
-  included) with its sampled-token log-probs and its decoded text (template tokens skipped, so
-  `harness.parse_action` sees plain text).
-- `ModelPolicy`: the batched `harness.evaluate` policy (list[messages] -> list[str]): greedy
-  (optionally under the admissible-command trie, model/constrained.py) or ranked (the admissible
-  command with the highest total log-prob, `model.score_continuations`). It needs full weights
-  (call it inside `fsdp.summon_full_params`, or on an unsharded model).
-- `POLICY_FILE` (`policy.json` next to an exported checkpoint): the decoding and prompt settings
-  the run evaluated with, so `load_policy(dir)` (and `python -m singleturn.harness evaluate --policy DIR`)
-  plays exactly the policy the trainer measured.
+The ONE place where a prompt becomes token ids (`encode_prompt`, with the length policy: a prompt
+longer than `max_tokens` keeps its LAST ids and reports `truncated`) and a generation becomes
+response tokens (`sample_completions`), used by SFT/GRPO data, the rollouts, evaluation and the
+harness CLI. `ModelPolicy` is the batched `harness.evaluate` policy (greedy, trie-greedy or ranked);
+`PolicySpec` / `policy.json` record the settings a run evaluated with, so `load_policy(dir)` plays
+exactly that policy. Details: docs/pieces.md (model/).
 
 Nothing here knows of torch.distributed, the trainer or TextWorld; the harness imports it lazily.
 """

@@ -1,23 +1,11 @@
 """A minimal LLaMA-3 decoder: RMSNorm, RoPE (llama3 scaling), GQA attention, SwiGLU, optional tied head.
 
 Plain single-device code in the gpt-fast / torchtitan style: no torch.distributed, no device calls,
-no KV cache in `__init__`. Parallelism (trainer/fsdp.py) and the static KV cache (`setup_caches`,
-used by model/generate.py) are attached from outside.
-
-Numerics follow HF `LlamaForCausalLM` op for op so real checkpoints give the same logits:
-- RoPE uses HF's rotate_half layout (q/k rows of HF checkpoints are stored for it), so weights load
-  without the q/k permutation that Meta's interleaved-complex layout would need. cos/sin are computed
-  in fp32 from positions on the fly (no [max_seq_len, head_dim] table) and cast to the activation dtype.
-- RMSNorm normalizes in fp32 and casts back before the weight multiply.
-- Logits keep the parameter dtype (bf16 for bf16 weights, like HF); losses that need fp32 call
-  `hidden()` and fuse the head (kernels.token_logprobs) instead of materializing logits.
-
-Attention: `flash_attn.flash_attn_func` (causal, GQA-native) for fp16/bf16 CUDA tensors when
-flash-attn is installed and no KV cache is read (training, prefill); `F.scaled_dot_product_attention`
-otherwise (decoding reads the static cache through a per-row position mask). Packed rows (model/masks.py:
-GRPO groups sharing their prompt, packed SFT) come in as `hidden(tokens, positions=, attn_mask=)` with a
-dense bool mask (SDPA) or a `SegmentMask`, which becomes FlexAttention's BlockMask on CUDA (compiled
-`flex_attention`; no [T, T] mask) and the dense mask elsewhere.
+no KV cache in `__init__`; parallelism (trainer/fsdp.py) and the static KV cache (`setup_caches`)
+are attached from outside. Numerics follow HF `LlamaForCausalLM` op for op (rotate_half RoPE, fp32
+RMSNorm) so real checkpoints give the same logits. Attention: flash-attn for fp16/bf16 CUDA without
+a cache, SDPA otherwise; packed rows come in through `hidden(tokens, positions=, attn_mask=)` with a
+dense mask or a `SegmentMask` (FlexAttention on CUDA). Details: docs/pieces.md (model/).
 
 References: Meta llama-models `model.py`; gpt-fast `model.py`; HF `modeling_llama.py`;
 LLaMA-3.1 RoPE scaling (`_compute_llama3_parameters`).
