@@ -17,11 +17,20 @@ from pathlib import Path
 
 import torch
 
+from singleturn.harness import collect_states, parse_action, read_states, render_prompt
+from singleturn.model import Tokenizer, load_hf_checkpoint
+from singleturn.model.policy import encode_prompt, prompt_budget, response_room
+from singleturn.trainer.config import RolloutConfig
+from singleturn.trainer.data import pack_completions, prompt_format
+from singleturn.trainer.episode_data import build_episode_examples
+from singleturn.trainer.episodes import collect_episodes
+from singleturn.trainer.evaluation import policy_spec
+from singleturn.trainer.fsdp import apply_fsdp
+from singleturn.trainer.policy_loss import action_logprobs
+
 
 def expert_trajectories(games: list[str], cache: Path, *, max_steps: int) -> dict[str, list[dict]]:
     """game -> the expert's states in step order (games the expert cannot win in max_steps: [])."""
-    from singleturn.harness import collect_states, read_states
-
     if not cache.exists():
         tmp = cache.with_suffix(".tmp")
         collect_states(games, tmp, max_steps=max_steps, num_workers=2)
@@ -37,12 +46,6 @@ def lower_bound(
     final_dir: Path, trajectories: dict[str, list[dict]], train_cfg, *, sampled_episodes: int, seed: int
 ) -> dict:
     """Per-step expert agreement along the expert trajectories and the product bounds (module doc)."""
-    from singleturn.harness import parse_action, render_prompt
-    from singleturn.model import Tokenizer, load_hf_checkpoint
-    from singleturn.model.policy import encode_prompt, prompt_budget, response_room
-    from singleturn.trainer.data import pack_completions
-    from singleturn.trainer.policy_loss import action_logprobs
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, mcfg = load_hf_checkpoint(final_dir, device=device, dtype=torch.float32)
     tok = Tokenizer.from_file(str(final_dir / "tokenizer.json"))
@@ -72,8 +75,6 @@ def lower_bound(
             .tolist()
         )
     # The evaluation's own deterministic policy (decoding and constraints), so the check is exact.
-    from singleturn.trainer.evaluation import policy_spec
-
     spec = policy_spec(train_cfg)
     policy = spec.policy(model, tok)
     if episode:
@@ -115,8 +116,6 @@ def lower_bound(
 
 def _episode_prompts(states: list[dict], tok, train_cfg, max_seq_len: int) -> list[list[int]]:
     """Per-state prompt ids of the episode format, in `states`' order (every state must fit)."""
-    from singleturn.trainer.episode_data import build_episode_examples
-
     _, examples, dropped = build_episode_examples(
         states, tok, list_admissible=train_cfg.data.list_admissible,
         system_prompt=train_cfg.data.system_prompt, max_seq_len=max_seq_len,
@@ -143,11 +142,6 @@ def _episode_actions(policy, trajectories: dict[str, list[dict]], batch_size: in
 
 
 def _sampled_success(model, tok, games, train_cfg, k, seed, device) -> dict:
-    from singleturn.trainer.config import RolloutConfig
-    from singleturn.trainer.data import prompt_format
-    from singleturn.trainer.episodes import collect_episodes
-    from singleturn.trainer.fsdp import apply_fsdp
-
     fsdp = apply_fsdp(model)  # world 1: collect_episodes gathers "full" weights through it
     rcfg = RolloutConfig(temperature=1.0, max_new_tokens=train_cfg.eval.max_new_tokens)
     eps, _ = collect_episodes(

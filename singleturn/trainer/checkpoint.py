@@ -1,12 +1,6 @@
-"""Sharded training checkpoints (save, verify, load with resharding) and the final HF export.
+"""Sharded training checkpoints: save, verify, load with resharding (collective), and the final HF
+export. The files and their checksums: trainer/checkpoint_format.py.
 
-Layout of `run_dir/checkpoints/step_N/`:
-    shard_rank{r}.safetensors  rank r's fp32 master shard of every unit (`{unit}/param`) and its
-                               AdamW state (`{unit}/exp_avg`, `{unit}/exp_avg_sq`, `{unit}/step`)
-    extra_rank{r}.pt           rank r's `extra` dict (RNG states, data position, config, ...)
-    manifest.json              written last: format, world size, step, the FSDP flat layout per unit
-                               (param names, shapes, offsets, numel, padding), optimizer param groups,
-                               every file's byte size and crc32, and a crc32 of the manifest itself
 A checkpoint is written under `checkpoints/.tmp_step_N/` and renamed to `step_N/` by rank 0 once
 every rank has written its files (barrier): a `step_N/` directory is complete by construction.
 Room is made first: rank 0 deletes `.tmp_step_*` leftovers and prunes to the newest keep_last - 1
@@ -18,20 +12,8 @@ The run directory must be on a filesystem every rank sees (multi-node: a shared 
 A checkpoint never holds a non-finite parameter: `save_checkpoint` and `export_final` refuse
 (`CheckpointError`, with the count and the first offending parameter) before writing anything.
 
-Checksums: zlib.crc32 over each file in 8 MiB chunks (each rank hashes the two files it wrote, at
-save, reading them back from the page cache). crc32 guards against the corruption that keeps a
-file's size (flipped bits on disk, a torn page), not against tampering. In CPython on this 2-core
-VM, crc32 ran at 1.2-2.8 GB/s, adler32 0.9-2.1, sha1 1.0-1.4, sha256 0.7-1.3, blake2b 0.3-0.5
-(ranges over runs: other jobs shared the cores). Measured cost (bench/bench_checkpoint_hash.py ->
-bench/results/checkpoint_hash.md) on the 1B preset's whole checkpoint, 1.24B params x (fp32 param
-+ AdamW exp_avg + exp_avg_sq) = 14.8 GB as one file (world size 1): `file_crc32` 19.4 s
-(0.76 GB/s, page cache warm; 14.9 s in a quieter earlier run) against 64 s (43 s) to write the
-file with fsync and 7.7 s (4.0 s) to read it without hashing. The cost is split over the ranks:
-each hashes its own file at save and 1/W of the files at load, so 8 ranks hash 1.9 GB (~2.4 s) each.
-
-Loading (`load_latest_checkpoint`) walks `step_N/` from the newest and verifies each (manifest
-present, parseable and matching its own checksum; every listed file present with its recorded size
-and crc32; every safetensors header valid and covering the file; every rank's `extra` unpickles),
+Loading (`load_latest_checkpoint`) walks `step_N/` from the newest and verifies each (manifest,
+sizes, crc32s, safetensors headers, the files split over the ranks; every rank's `extra` unpickles),
 logs and skips a bad one with its path and reason, and loads the first good one; the skipped
 (newer) ones are renamed to `step_N.corrupt`, so pruning never keeps them over new saves. When
 checkpoints exist but none is usable it raises `CheckpointError` listing each and why, so a resumed
@@ -56,10 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import torch
@@ -67,6 +46,19 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from singleturn.model.hf_io import save_hf_checkpoint
+from singleturn.model.transformer import Transformer
+from singleturn.trainer.checkpoint_format import (
+    FORMAT,
+    MANIFEST,
+    CheckpointError,
+    complete_steps,
+    file_crc32,
+    file_problem,
+    manifest_checksum,
+    read_manifest,
+    verify_checkpoint,
+)
 from singleturn.trainer.disk_full import DiskFullError, is_disk_full, no_room_message, pickled, write_bytes
 from singleturn.trainer.dist import barrier, broadcast_object, get_rank, get_world_size, is_main
 
@@ -80,32 +72,7 @@ __all__ = [
     "file_crc32",
 ]
 
-_STEP_RE = re.compile(r"^step_(\d+)$")
-_MANIFEST = "manifest.json"
-_FORMAT = 2  # 2: per-file {"bytes", "crc32"} + the manifest's own checksum; before: byte sizes only
-_CHUNK = 8 << 20
 log = logging.getLogger(__name__)  # skips are warnings: printed even when logging is not configured
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that must not be written (non-finite parameters) or checkpoints that exist but
-    none of which can be loaded: the run stops rather than poison or silently restart itself."""
-
-
-def file_crc32(path) -> str:
-    """zlib.crc32 of a file's bytes as 8 hex digits (8 MiB chunks read into one reused buffer)."""
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    crc = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)  # releases the GIL on large buffers
-    return f"{crc:08x}"
-
-
-def _manifest_checksum(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode()):08x}"
 
 
 def _gather_objects(obj) -> list:
@@ -206,16 +173,16 @@ def save_checkpoint(run_dir, step: int, *, fsdp, optimizer, extra: dict, keep_la
 
     if is_main() and not problems:
         manifest = {
-            "format": _FORMAT,
+            "format": FORMAT,
             "step": step,
             "world_size": world,
             "layout": fsdp.layout(),
             "param_groups": groups,
             "files": {k: v for s, _, _ in written for k, v in s.items()},
         }
-        manifest["checksum"] = _manifest_checksum(manifest)
+        manifest["checksum"] = manifest_checksum(manifest)
         try:
-            write_bytes(tmp / _MANIFEST, json.dumps(manifest, indent=1).encode(), fsync=True)
+            write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode(), fsync=True)
             if final.exists():  # re-saving a step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)  # the commit point
@@ -251,7 +218,7 @@ def _raise_save_failure(root: Path, step: int, need: int, problems: list, failur
     """Every rank raises: DiskFullError when every failure was a full disk; else this rank's own
     exception (a traceback), or a CheckpointError naming the rank that failed."""
     if all(full for _, (full, _) in problems):
-        kept = [p for _, p in _complete_steps(root)]
+        kept = [p for _, p in complete_steps(root)]
         raise DiskFullError(no_room_message(root, f"checkpoint step_{step}", need, kept)) from failure
     if failure is not None and not is_disk_full(failure):
         raise failure
@@ -261,101 +228,19 @@ def _raise_save_failure(root: Path, step: int, need: int, problems: list, failur
     )
 
 
-def _complete_steps(root: Path) -> list[tuple[int, Path]]:
-    found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_RE.match(p.name))]
-    return sorted(found, reverse=True)
-
-
 def _prune(root: Path, keep_last: int) -> None:
-    for _, p in _complete_steps(root)[keep_last:]:
+    for _, p in complete_steps(root)[keep_last:]:
         shutil.rmtree(p, ignore_errors=True)
-
-
-def _safetensors_ok(path: Path) -> str | None:
-    """None if the header parses and its tensors end exactly at the end of the file, else why not."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            return "shorter than a safetensors header"
-        (n,) = struct.unpack("<Q", raw)
-        if 8 + n > size:
-            return "header runs past the end of the file"
-        try:
-            header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            return "header is not valid JSON"
-    if 8 + n + end != size:
-        return f"data ends at byte {8 + n + end}, file has {size}"
-    return None
-
-
-def _read_manifest(path: Path) -> tuple[dict | None, str | None]:
-    """(manifest, None) when manifest.json parses, matches its checksum and lists every rank's
-    files; else (None, why not)."""
-    mf = path / _MANIFEST
-    if not mf.is_file():
-        return None, "partial: no manifest.json"
-    try:
-        manifest = json.loads(mf.read_text())
-        files, world = manifest["files"], manifest["world_size"]
-        if not isinstance(files, dict) or not isinstance(world, int):
-            raise ValueError("'files' is not a table or 'world_size' not an int")
-    except (OSError, ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
-        return None, f"manifest.json unreadable ({type(e).__name__}: {e})"
-    if not all(isinstance(e, dict) and {"bytes", "crc32"} <= e.keys() for e in files.values()):
-        return None, "manifest.json lists a file without its bytes and crc32 (not written by this version)"
-    if manifest.get("checksum") != _manifest_checksum(manifest):
-        return None, (
-            f"manifest.json checksum mismatch (crc32 {_manifest_checksum(manifest)}, "
-            f"recorded {manifest.get('checksum')}): altered after it was written"
-        )
-    for r in range(world):
-        for f in (f"shard_rank{r}.safetensors", f"extra_rank{r}.pt"):
-            if f not in files:
-                return None, f"manifest lists no {f}"
-    return manifest, None
-
-
-def _file_problem(path: Path, name: str, entry) -> str | None:
-    """None when `path/name` matches its manifest entry ({"bytes", "crc32"}), else why not."""
-    size, crc = entry["bytes"], entry["crc32"]
-    p = path / name
-    try:
-        if not p.is_file():
-            return f"missing {name}"
-        got = p.stat().st_size
-        if got != size:
-            return f"{name} truncated or altered ({got} bytes, manifest says {size})"
-        if name.endswith(".safetensors") and (why := _safetensors_ok(p)):
-            return f"{name}: {why}"
-        if (got_crc := file_crc32(p)) != crc:
-            return f"{name} checksum mismatch (crc32 {got_crc}, manifest says {crc}): corrupted on disk"
-    except OSError as e:
-        return f"{name} unreadable ({e})"
-    return None
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """None when `path` is a complete, intact checkpoint (manifest, sizes, checksums, safetensors
-    headers); otherwise the reason it is not. Reads every file (single process)."""
-    path = Path(path)
-    manifest, why = _read_manifest(path)
-    if why:
-        return why
-    problems = [p for f, e in sorted(manifest["files"].items()) if (p := _file_problem(path, f, e))]
-    return "; ".join(problems) or None
 
 
 def _verify_collective(path: Path) -> tuple[dict | None, str | None]:
     """verify_checkpoint split over the ranks: rank 0 reads the manifest, rank r hashes the files
     r, r + W, ... Every rank gets the same (manifest, None) or (None, why)."""
-    manifest, why = broadcast_object(_read_manifest(path) if is_main() else None)
+    manifest, why = broadcast_object(read_manifest(path) if is_main() else None)
     if why:
         return None, why
     names = sorted(manifest["files"])[get_rank() :: get_world_size()]
-    mine = [p for f in names if (p := _file_problem(path, f, manifest["files"][f]))]
+    mine = [p for f in names if (p := file_problem(path, f, manifest["files"][f]))]
     problems = sorted(p for ps in _gather_objects(mine) for p in ps)
     return (None, "; ".join(problems)) if problems else (manifest, None)
 
@@ -382,7 +267,7 @@ def _select_checkpoint(root: Path) -> tuple[Path, dict, dict] | None:
             log.warning(
                 f"skipping partial checkpoint {tmp} (never completed: still under its temporary name)"
             )
-        steps = [str(p) for _, p in _complete_steps(root)]
+        steps = [str(p) for _, p in complete_steps(root)]
     skipped = []
     for path in map(Path, broadcast_object(steps)):
         manifest, why = _verify_collective(path)
@@ -508,9 +393,6 @@ def export_final(out_dir, fsdp, model_config, tokenizer_path) -> Path:
     given) to `out_dir` (collective; rank 0 writes). Loadable by `model.load_hf_checkpoint` and by
     `transformers.LlamaForCausalLM.from_pretrained`. Raises CheckpointError, before writing, when
     a parameter is non-finite."""
-    from singleturn.model.hf_io import save_hf_checkpoint
-    from singleturn.model.transformer import Transformer
-
     if why := _nonfinite_parameters(fsdp):
         raise CheckpointError(f"refusing to export {out_dir}: {why}")
     out_dir = Path(out_dir)

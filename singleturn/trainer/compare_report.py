@@ -10,15 +10,12 @@ per checkpoint.
 from __future__ import annotations
 
 import statistics
-import typing
 from pathlib import Path
 
 from singleturn.harness.tasks import TASK_SHORT
+from singleturn.trainer.compare_config import CompareConfig
 from singleturn.trainer.stages import STAGES
 from singleturn.trainer.stats import paired_over_seeds, pooled_success
-
-if typing.TYPE_CHECKING:
-    from singleturn.trainer.compare import CompareConfig
 
 ZERO_SHOT = "zero-shot"
 """The row of the model before fine-tuning: an SFT run's eval/zero-shot.json (eval.zero_shot = true)."""
@@ -196,10 +193,10 @@ def to_markdown(summary: dict, results: list[dict], cc: CompareConfig, meta: dic
 
 
 def plot_accuracy_vs_success(results: list[dict], path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # lazy: optional plotting dependency, slow to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for method in dict.fromkeys(r["method"] for r in results):

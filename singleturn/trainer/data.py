@@ -17,6 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from singleturn.harness import render_prompt
+from singleturn.harness.prompts import PromptFormat
+from singleturn.model.policy import encode_prompt, prompt_budget
+
 PACK_PAD = 0
 """Right padding of packed training sequences: any in-vocabulary id works (causal attention keeps it
 invisible and it is never a target); the tokenizer's pad id may lie outside the embedding."""
@@ -37,8 +41,6 @@ class Example:
 def prompt_format(data_cfg):
     """The run's `harness.PromptFormat` (data.prompt, history_window, system_prompt, list_admissible),
     shared by training, rollouts and evaluation."""
-    from singleturn.harness.prompts import PromptFormat
-
     return PromptFormat(
         data_cfg.prompt, data_cfg.history_window, data_cfg.system_prompt, data_cfg.list_admissible
     )
@@ -46,8 +48,6 @@ def prompt_format(data_cfg):
 
 def prompt_messages(state: dict, history_window: int, system_prompt: bool = True) -> list[dict]:
     """A state's chat messages in the window format (harness.render_prompt), shared with evaluation."""
-    from singleturn.harness import render_prompt
-
     return render_prompt(state, history_window, system_prompt)
 
 
@@ -58,8 +58,6 @@ def build_examples(
 
     A state whose prompt would be cut (`encode_prompt`'s length policy) is dropped and counted.
     """
-    from singleturn.model.policy import encode_prompt, prompt_budget
-
     out, dropped = [], 0
     for state in states:
         target = tokenizer.encode(state["expert_action"]) + [tokenizer.eot_id]

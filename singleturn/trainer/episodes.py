@@ -25,7 +25,12 @@ from pathlib import Path
 
 import torch
 
+from singleturn import harness
+from singleturn.harness import parse_action
+from singleturn.model.policy import DTYPES, prompt_budget
 from singleturn.trainer.data import batch_indices, rank_slice
+from singleturn.trainer.rollout import SamplingPolicy
+from singleturn.trainer.value import state_features
 
 
 @dataclass
@@ -70,9 +75,6 @@ class CollectStats:
 def _act_fn(model, tokenizer, rollout_cfg, *, fmt, max_prompt, seed, pending, log):
     """The `run_episodes` act callable: the rollout's `SamplingPolicy` on each live state's prompt
     (`fmt`), one response per state; every turn recorded with its ids and sampling log-probs."""
-    from singleturn.harness import parse_action
-    from singleturn.trainer.rollout import SamplingPolicy
-
     policy = SamplingPolicy(model, tokenizer, rollout_cfg, max_prompt=max_prompt, seed=seed)
 
     def act(states: list[dict]) -> list[str | None]:
@@ -115,13 +117,13 @@ def collect_episodes(
     left-truncated to max_seq_len - max_new_tokens. with_features: also compute each turn's critic
     feature with the same gathered weights. Returns episodes in `games` order and the counts.
     """
+    # lazy: harness.rollout imports ALFWorld, which a run from a states file does not need
     from singleturn.harness.rollout import run_episodes
 
     t0 = time.perf_counter()
     log: dict = {i: [] for i in range(len(games))}
     log["truncated"] = 0
     pending: list[int] = []
-    from singleturn.model.policy import DTYPES, prompt_budget
 
     max_prompt = prompt_budget(max_seq_len, rollout_cfg.max_new_tokens)
     with fsdp.summon_full_params(dtype=DTYPES[rollout_cfg.dtype]), torch.no_grad():
@@ -148,8 +150,6 @@ def collect_episodes(
             for i, ep in enumerate(played)
         ]
         if with_features:
-            from singleturn.trainer.value import state_features
-
             prompts = [t.prompt for ep in episodes for t in ep.turns]
             feats = state_features(model, prompts, device=device)  # (n, D)
             start = 0
@@ -173,11 +173,9 @@ def train_games(data_cfg) -> list[str]:
     """The train-split game files the multi-turn stages play (the games the expert states came from):
     this run's own generation (`harness.generation_dir`) when the trainer generated it, else every
     train game under data.games_dir (games given with data.states_path, or the official layout)."""
-    from singleturn.harness import find_games, generation_dir
-
-    own = generation_dir(data_cfg.games_dir, "train", data_cfg.train_games, data_cfg.games_seed)
+    own = harness.generation_dir(data_cfg.games_dir, "train", data_cfg.train_games, data_cfg.games_seed)
     root = own if (own / "manifest.json").is_file() else Path(data_cfg.games_dir)  # not another run's
-    games = [str(g) for g in find_games(root, "train")]
+    games = [str(g) for g in harness.find_games(root, "train")]
     if not games:
         raise FileNotFoundError(f"no train games under {data_cfg.games_dir!r} for the multi-turn stages")
     return games

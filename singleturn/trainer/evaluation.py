@@ -21,16 +21,16 @@ import json
 import time
 from pathlib import Path
 
+from singleturn import harness
 from singleturn.harness.atomic import write_text_atomic
 from singleturn.harness.tasks import TASK_SHORT
+from singleturn.model.policy import DTYPES, PolicySpec
 from singleturn.trainer.dist import barrier, broadcast_object, is_main
 from singleturn.trainer.run_dir import RunDirError
 
 
 def policy_spec(cfg):
     """The `model.policy.PolicySpec` the run evaluates with (and exports next to its weights)."""
-    from singleturn.model.policy import PolicySpec
-
     return PolicySpec(
         decoding=cfg.eval.decoding,
         constrained=cfg.eval.constrained,
@@ -82,11 +82,9 @@ class Evaluator:
             )
 
     def _play(self, policy, label: str, seed: int = 0):
-        from singleturn.harness.evaluate import evaluate
-
         log = self.run_dir / "eval" / f"{label}.episodes.jsonl"  # a killed evaluation resumes from it
         log.parent.mkdir(parents=True, exist_ok=True)
-        return evaluate(
+        return harness.evaluate(
             policy,
             self.games,
             max_steps=self.spec.max_steps,
@@ -102,8 +100,6 @@ class Evaluator:
         )
 
     def _model(self, label: str) -> dict:
-        from singleturn.model.policy import DTYPES
-
         t0 = time.perf_counter()
         report = None
         with self.fsdp.summon_full_params(dtype=DTYPES[self.spec.dtype]):

@@ -37,7 +37,9 @@ from singleturn.trainer.config import ConfigError, parse_args, validate_for_worl
 from singleturn.trainer.disk_full import DiskFullError, is_disk_full
 from singleturn.trainer.dist import destroy, init_distributed
 from singleturn.trainer.optim import NonFiniteError
+from singleturn.trainer.run_dir import exit_when_parent_dies
 from singleturn.trainer.signals import Interrupted
+from singleturn.trainer.train import Trainer
 
 
 def _set_threads(num_threads: int) -> None:
@@ -62,8 +64,6 @@ def _fail(kind: str, e: Exception | str, code: int) -> int:
 
 def main(argv: list[str]) -> int:
     if "LOCAL_RANK" in os.environ:  # a torchrun worker: never outlive the launcher (no orphan training)
-        from singleturn.trainer.run_dir import exit_when_parent_dies
-
         exit_when_parent_dies()
     try:
         cfg = parse_args(argv)
@@ -74,8 +74,6 @@ def main(argv: list[str]) -> int:
     try:
         _set_threads(cfg.run.num_threads)
         torch.manual_seed(cfg.run.seed)
-        from singleturn.trainer.train import Trainer
-
         Trainer(cfg, info).train()
     except ConfigError as e:
         return _fail("config error", e, 2)

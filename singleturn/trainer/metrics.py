@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from singleturn.trainer.stages import STAGES
+
 
 class MetricsLogger:
     """Appends rows to <run_dir>/metrics.jsonl and prints a progress line (rank 0 only)."""
@@ -32,7 +34,7 @@ class MetricsLogger:
             keep = [r for r in rows if resume_step is not None and r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         try:  # optional dependency
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: optional, and slow to import
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
         except Exception:
@@ -106,15 +108,14 @@ def write_plots(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         return []
-    import matplotlib
+    import matplotlib  # lazy: optional plotting dependency, slow to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
-    from singleturn.trainer.stages import STAGES
 
     ylabels = {"loss": "loss", "reward": "mean reward", "accuracy": "accuracy"}
     series = {
@@ -151,3 +152,13 @@ def write_plots(run_dir: Path) -> list[Path]:
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class Clock:
+    """Wall seconds per named phase (rank 0 reports them at the end)."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.t[name] = round(self.t.get(name, 0.0) + seconds, 2)

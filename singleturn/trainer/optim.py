@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from singleturn.trainer.dist import all_reduce_sum
+
 
 def make_optimizer(fsdp, optim_cfg, lr: float) -> torch.optim.AdamW:
     """AdamW over `fsdp.parameters()` (fp32 master shards) with the optim section's settings."""
@@ -65,8 +67,6 @@ class StepResult:
 
 def _all_finite(tensors) -> bool:
     """Every tensor finite on every rank (one all-reduced flag: a host sync)."""
-    from singleturn.trainer.dist import all_reduce_sum
-
     bad = sum(int((~torch.isfinite(t)).any()) for t in tensors)
     return all_reduce_sum(float(bad)) == 0.0
 

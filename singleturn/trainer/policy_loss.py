@@ -29,6 +29,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from singleturn.kernels.group_advantages import group_advantages
+from singleturn.kernels.grpo_loss import grpo_loss
+from singleturn.kernels.token_logprobs import token_logprobs
+from singleturn.model.masks import build_prefix_chain_batch, build_shared_prefix_batch
 from singleturn.trainer.data import PACK_PAD, chunks, pack_completions
 from singleturn.trainer.dist import all_reduce_max, all_reduce_sum, all_reduce_sums
 from singleturn.trainer.reward import zero_variance_groups
@@ -74,8 +78,6 @@ def select_sequences(
     their tokens count in the loss normalization and cost a forward/backward, as in TRL's
     GRPOTrainer). Off in training; bench/bench_vs_trl.py uses it to measure equal work.
     """
-    from singleturn.kernels.group_advantages import group_advantages
-
     adv = group_advantages(rewards, group_size, scale=adv_scale)  # (B*G,) fp32
     zero_var = zero_variance_groups(rewards, group_size)  # (B,)
     keep = [True] * len(zero_var) if keep_zero_variance else (~zero_var).tolist()
@@ -141,7 +143,6 @@ def _pack(seqs: list[Sequence], layout: Layout, device) -> list[MicroBatch]:
             )
             for mb in chunks(seqs, layout.micro_batch_size)
         ]
-    from singleturn.model.masks import build_prefix_chain_batch, build_shared_prefix_batch
 
     groups = _groups(seqs)
     build = build_prefix_chain_batch if layout.prefix_chains else build_shared_prefix_batch
@@ -193,8 +194,6 @@ def _hidden(model, packed) -> torch.Tensor:
 @torch.no_grad()
 def fill_reference_logprobs(ref_model, ref_head, mbs: list[MicroBatch], *, temperature: float, autocast=None):
     """ref_logp of every sequence of `mbs` (the dummies' too) under the frozen reference model."""
-    from singleturn.kernels.token_logprobs import token_logprobs
-
     for mb in mbs:
         packed = mb.packed
         with autocast() if autocast else contextlib.nullcontext():
@@ -229,8 +228,6 @@ def grpo_forward_backward(
     loss = sum_tokens grpo_loss / global_tokens. Statistics (clip_frac, ratio, kl) are token means.
     autocast: a context-manager factory around the model forward (bf16 autocast), or None.
     """
-    from singleturn.kernels.grpo_loss import grpo_loss
-
     loss_sum = torch.zeros((), dtype=torch.float64)
     clipped = ratio = kl = 0.0
     nonfinite = 0
@@ -285,8 +282,6 @@ def action_logprobs(model, head, packed) -> torch.Tensor:
 
     packed: padded rows (trainer.data.PackedBatch) or packed rows with positions and a mask
     (model.masks.PackedRows)."""
-    from singleturn.kernels.token_logprobs import token_logprobs
-
     h = _hidden(model, packed)  # (B, T, D)
     h_N = h[packed.rows, packed.cols]  # (N, D)
     return token_logprobs(h_N, head(), packed.targets)  # (N,) fp32

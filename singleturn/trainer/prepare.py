@@ -25,9 +25,13 @@ from pathlib import Path
 
 import torch
 
-from singleturn.trainer.config import ConfigError
+from singleturn import harness  # its exports load on first use: games import ALFWorld, states do not
+from singleturn.harness import read_states
+from singleturn.harness.prompts import PROMPT_VERSION
+from singleturn.model import LlamaConfig, Tokenizer, Transformer, load_hf_checkpoint, train_tokenizer
 from singleturn.trainer.data import prompt_format
 from singleturn.trainer.dist import barrier, broadcast_object, is_main
+from singleturn.trainer.errors import ConfigError
 
 _WORKERS = max(1, min(4, os.cpu_count() or 1))  # env processes for generation / expert states
 
@@ -60,7 +64,7 @@ def prepare_data(
     if data_cfg.states_path and not need_eval_games:  # nothing to generate: ALFWorld is not needed
         GenerationError = ()  # noqa: N806 - `except ()` catches nothing
     else:
-        from singleturn.harness import GenerationError
+        GenerationError = harness.GenerationError  # noqa: N806 - imports ALFWorld
 
     result, error = None, None
     if is_main():
@@ -83,20 +87,16 @@ def prepare_data(
 def _prepare_on_main(
     data_cfg, *, model_path: str, need_eval_games: bool, eval_max_steps: int
 ) -> DataArtifacts:
-    from singleturn import harness  # lazy: games and play import ALFWorld, states files do not
-
     timings: dict[str, float] = {}
     root = Path(data_cfg.games_dir)
     if data_cfg.states_path:
         states_path = Path(data_cfg.states_path)
     else:
-        from singleturn.harness.games import generation_dir
-
         train_games = _timed(
             timings,
             "generate_train_games",
             lambda: harness.generate_games(
-                generation_dir(root, "train", data_cfg.train_games, data_cfg.games_seed),
+                harness.generation_dir(root, "train", data_cfg.train_games, data_cfg.games_seed),
                 "train",
                 data_cfg.train_games,
                 data_cfg.games_seed,
@@ -123,12 +123,10 @@ def _prepare_on_main(
             timings["collect_states"] = 0.0
     eval_games: dict[str, list[str]] = {}
     if need_eval_games:
-        from singleturn.harness.games import GenConfig, generation_dir
-
-        gen_cfg = GenConfig(max_expert_steps=eval_max_steps)
+        gen_cfg = harness.GenConfig(max_expert_steps=eval_max_steps)
         seed = data_cfg.games_seed + 1
         for split in data_cfg.eval_splits:
-            out = generation_dir(root, split, data_cfg.eval_games, seed, config=gen_cfg)
+            out = harness.generation_dir(root, split, data_cfg.eval_games, seed, config=gen_cfg)
             games = _timed(
                 timings,
                 f"generate_{split}_games",
@@ -148,16 +146,12 @@ def _prepare_on_main(
 
 def _train_tokenizer(states_path: Path, data_cfg, root: Path) -> Path:
     """Byte-level BPE on the rendered prompts + expert actions (cached by states hash and vocab)."""
-    from singleturn.harness.prompts import PROMPT_VERSION
-    from singleturn.model import train_tokenizer
-
     digest = hashlib.sha256(Path(states_path).read_bytes()).hexdigest()[:12]
     sys_tag = "" if data_cfg.system_prompt else "-nosys"
     name = f"tokenizer-v{data_cfg.vocab_size}-h{data_cfg.history_window}{sys_tag}-p{PROMPT_VERSION}-{digest}.json"
     path = root / name
     if path.exists():
         return path
-    from singleturn.harness import read_states
 
     texts = []
     for state in read_states(states_path):
@@ -181,15 +175,11 @@ def _private_tmp(path: Path) -> Path:
 
 
 def load_tokenizer(path: str):
-    from singleturn.model import Tokenizer
-
     return Tokenizer.from_file(path)
 
 
 def build_model(model_cfg, *, tokenizer, device: torch.device):
     """(Transformer in fp32 on `device`, LlamaConfig): from model.path, or from scratch with init_seed."""
-    from singleturn.model import LlamaConfig, Transformer, load_hf_checkpoint
-
     if model_cfg.path:
         model, cfg = load_hf_checkpoint(model_cfg.path, device=device, dtype=torch.float32)
         return model, cfg

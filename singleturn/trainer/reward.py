@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from singleturn.harness import parse_action
+
 
 @dataclass
 class RewardResult:
@@ -24,8 +26,6 @@ class RewardResult:
 
 def expert_match_rewards(responses: list[str], states: list[dict], group_size: int) -> RewardResult:
     """Rewards for prompt-major responses: response i answers states[i // group_size]."""
-    from singleturn.harness import parse_action
-
     if len(responses) != len(states) * group_size:
         raise ValueError(f"{len(responses)} responses for {len(states)} states x group {group_size}")
     rewards, actions, unparseable = [], [], 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from singleturn.model.policy import DTYPES, encode_prompt, sample_completions
+
 
 def rollout_seed(run_seed: int, step: int, rank: int) -> int:
     """A distinct, reproducible sampling seed per (run, step, rank)."""
@@ -14,8 +16,6 @@ def rollout_seed(run_seed: int, step: int, rank: int) -> int:
 
 
 def rollout_dtype(cfg) -> torch.dtype:
-    from singleturn.model.policy import DTYPES
-
     return DTYPES[cfg.rollout.dtype]
 
 
@@ -32,8 +32,6 @@ class SamplingPolicy:
         self.last: list = []
 
     def __call__(self, batch: list[list[dict]]) -> list[str]:
-        from singleturn.model.policy import encode_prompt, sample_completions
-
         prompts = []
         for messages in batch:
             ids, cut = encode_prompt(self.tokenizer, messages, self.max_prompt)

@@ -21,17 +21,8 @@ What each guard prevents:
 - `guard_fresh_run`: a fresh run (no --resume) in a directory holding an earlier run's
   checkpoints/final/eval/metrics, which it would silently mix with or delete.
 
-Which settings may change on resume (`RESUME_FREE_KEYS`), i.e. stay out of `TrainConfig.hash()`:
-checkpoint.every / keep_last / export_final / resume / overwrite (when and what to save, not what
-is trained: lowering keep_last after a full disk is fine), eval.* (evaluation reads the weights and
-never feeds back into training, nor draws from the training RNGs), run.plots, run.num_threads
-(CPU threads: the same math, though a CPU run's last bits may differ), run.log_every,
-run.stop_after_step (debug stop), run.max_nonfinite_steps (when to give up, not what is trained),
-run.out_dir and run.name (where the run lives, so a moved run
-directory resumes). Every other setting, including new ones by default, changes the trajectory:
-model.*, data.* (the states, tokenizer, prompt format, shuffle), optim.*, fsdp.*, every stage's
-section, rollout.*, run.seed and run.stages. Paths in model/data stay in: another path may be
-other data, and telling cheaply that two paths hold the same bytes is not possible.
+Which settings may change on resume (`RESUME_FREE_KEYS`, i.e. out of `TrainConfig.hash()`) and
+why: trainer/config/resume_keys.py.
 
 Run start, in this order:
     if "LOCAL_RANK" in os.environ:      # trainer/main.py, first thing: a torchrun worker (not a
@@ -58,7 +49,9 @@ from pathlib import Path
 
 from singleturn.harness.atomic import write_text_atomic
 from singleturn.harness.parent_death import exit_when_parent_dies
-from singleturn.trainer.config import ConfigError
+from singleturn.trainer.config.resume_keys import RESUME_FREE_KEYS, flatten, trajectory_settings
+from singleturn.trainer.dist import broadcast_object, is_main
+from singleturn.trainer.errors import ConfigError
 
 __all__ = [
     "RESUME_FREE_KEYS",
@@ -76,24 +69,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)  # warnings print even when logging is not configured
 
-RESUME_FREE_KEYS = (
-    "checkpoint.every",
-    "checkpoint.keep_last",
-    "checkpoint.export_final",
-    "checkpoint.resume",
-    "checkpoint.overwrite",
-    "eval.*",
-    "run.plots",
-    "run.num_threads",
-    "run.log_every",
-    "run.stop_after_step",
-    "run.max_nonfinite_steps",
-    "run.out_dir",
-    "run.name",
-)
-"""Settings that may differ between a run and its resume (see the module docstring for why);
-'section.*' covers a whole section."""
-
 RUN_ARTIFACTS = ("checkpoints", "final", "sft_model", "eval", "metrics.jsonl", "plots", "timings.json")
 """What a run writes into its directory besides config.json and .lock; `--overwrite` removes these."""
 
@@ -103,35 +78,13 @@ class RunDirError(ConfigError):
     run, or resumed with other settings. A ConfigError: the entry point prints one line, exits 2."""
 
 
-def _flatten(d: dict) -> dict:
-    """{"section": {"key": v}} -> {"section.key": v}; keys that are already flat pass through."""
-    out = {}
-    for section, values in d.items():
-        if isinstance(values, dict):
-            out.update({f"{section}.{k}": v for k, v in values.items()})
-        else:
-            out[section] = values
-    return out
-
-
-def _resume_free(key: str) -> bool:
-    section = key.partition(".")[0]
-    return key in RESUME_FREE_KEYS or f"{section}.*" in RESUME_FREE_KEYS
-
-
-def trajectory_settings(config: dict) -> dict:
-    """The settings of a `TrainConfig.to_dict()` (nested or flat) that change the training
-    trajectory, as a flat {"section.key": value} dict: everything but RESUME_FREE_KEYS."""
-    return {k: v for k, v in _flatten(config).items() if not _resume_free(k)}
-
-
 _ABSENT = "<absent>"
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
     """'section.key: old -> new' for every key whose value differs (values as JSON; a key missing
     on one side shows as <absent>), sorted by key. Takes nested or flat config dicts."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     lines = []
     for k in sorted(a.keys() | b.keys()):
         va, vb = a.get(k, _ABSENT), b.get(k, _ABSENT)
@@ -163,7 +116,7 @@ def check_resume_config(run_dir, cfg) -> list[str]:
         ) from None
     new = _as_json(cfg)
     # A key the saved config lacks (added in a later version) blocks only when it is not at its default.
-    defaults, new_flat, saved_flat = _flatten(_as_json(type(cfg)())), _flatten(new), _flatten(saved)
+    defaults, new_flat, saved_flat = flatten(_as_json(type(cfg)())), flatten(new), flatten(saved)
     saved_flat.update({k: v for k, v in defaults.items() if k not in saved_flat and new_flat.get(k) == v})
     blocking = config_diff(trajectory_settings(saved_flat), trajectory_settings(new))
     if blocking:
@@ -299,11 +252,6 @@ def open_run_dir(cfg) -> RunDirLock | None:
     --overwrite removes): config.json waits for `write_run_config`, after every check that can
     refuse the run. Raises RunDirError with rank 0's message on every rank; returns the held lock
     on rank 0, None on the others."""
-    from singleturn.trainer.dist import (  # imports torch: only where a collective runs
-        broadcast_object,
-        is_main,
-    )
-
     lock, error = None, None
     if is_main():
         run_dir = cfg.run_dir

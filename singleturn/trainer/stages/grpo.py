@@ -17,12 +17,16 @@ import time
 
 import torch
 
+from singleturn.model import load_hf_checkpoint
+from singleturn.model.policy import DTYPES, sample_completions
 from singleturn.trainer.data import Example
 from singleturn.trainer.dist import all_reduce_sums
+from singleturn.trainer.fsdp import apply_fsdp
 from singleturn.trainer.policy_loss import select_sequences
+from singleturn.trainer.prepare import build_model
 from singleturn.trainer.reward import expert_match_rewards
 from singleturn.trainer.rollout import rollout_dtype, rollout_seed
-from singleturn.trainer.stages import Stage, StageContext, StageSpan, local_examples, register
+from singleturn.trainer.stages.base import Stage, StageContext, StageSpan, local_examples, register
 from singleturn.trainer.update import UpdateSettings, policy_update
 
 
@@ -57,8 +61,6 @@ class GRPOStage(Stage):
         return local_examples(ctx, i, ctx.cfg.grpo.batch_size * ctx.cfg.grpo.oversample)
 
     def step(self, ctx: StageContext, i: int) -> dict:
-        from singleturn.model.policy import sample_completions
-
         c, G = ctx.cfg, ctx.cfg.rollout.group_size
         local = self.batch(ctx, i)
         t0 = time.perf_counter()
@@ -134,11 +136,6 @@ class GRPOStage(Stage):
 
 def build_reference(ctx: StageContext):
     """The frozen KL reference: the SFT weights (or the initial weights without an SFT stage), sharded."""
-    from singleturn.model import load_hf_checkpoint
-    from singleturn.model.policy import DTYPES
-    from singleturn.trainer.fsdp import apply_fsdp
-    from singleturn.trainer.prepare import build_model
-
     cfg = ctx.cfg
     if "sft" in cfg.run.stages:
         ref, _ = load_hf_checkpoint(ctx.reference_dir, device=ctx.info.device, dtype=torch.float32)

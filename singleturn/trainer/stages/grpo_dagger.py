@@ -38,12 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from singleturn.harness import collect_states, read_states
+from singleturn.model.policy import DTYPES, prompt_budget
 from singleturn.trainer.data import Example, batch_indices, build_examples, prompt_format, rank_slice
 from singleturn.trainer.dist import all_reduce_sums, broadcast_object
 from singleturn.trainer.episode_data import build_episode_examples
 from singleturn.trainer.episodes import train_games
 from singleturn.trainer.rollout import SamplingPolicy, rollout_seed
-from singleturn.trainer.stages import StageContext, StageSpan, register
+from singleturn.trainer.stages.base import StageContext, StageSpan, register
 from singleturn.trainer.stages.grpo import GRPOStage
 
 
@@ -107,9 +109,6 @@ def play_policy_states(
     order, steps in order; counts: decisions = sampled responses, env_steps = the env steps taken
     (= labelled states, plus the steps of episodes an env failure ended, whose states are dropped),
     won / env_failures = episodes, truncated prompts, response tokens). Collective (the weights are gathered) even without games."""
-    from singleturn.harness import collect_states, read_states
-    from singleturn.model.policy import DTYPES, prompt_budget
-
     policy = SamplingPolicy(
         model,
         tokenizer,

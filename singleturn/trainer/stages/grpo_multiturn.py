@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from singleturn.kernels.group_advantages import group_advantages
 from singleturn.trainer.episodes import EpisodeRollout
 from singleturn.trainer.gae import episode_returns
 from singleturn.trainer.policy_loss import Sequence
-from singleturn.trainer.stages import StageContext, StageSpan, register
+from singleturn.trainer.reward import zero_variance_groups
+from singleturn.trainer.stages.base import StageContext, StageSpan, register
 from singleturn.trainer.stages.multiturn import EpisodeStage
 
 
@@ -22,9 +24,6 @@ def group_episode_advantages(
     episodes: list[EpisodeRollout], group_size: int, *, success_discount: float, adv_scale: str
 ) -> tuple[torch.Tensor, int]:
     """(per-episode advantage [B*G] fp32, zero-variance groups). Episodes come group-contiguous."""
-    from singleturn.kernels.group_advantages import group_advantages
-    from singleturn.trainer.reward import zero_variance_groups
-
     won = torch.tensor([ep.won for ep in episodes], dtype=torch.bool)
     steps = torch.tensor([ep.steps for ep in episodes], dtype=torch.int64)
     rewards = episode_returns(won, steps, success_discount=success_discount)  # (B*G,)

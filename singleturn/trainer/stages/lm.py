@@ -9,7 +9,7 @@ policy yet, so the stage is never evaluated.
 from __future__ import annotations
 
 from singleturn.trainer.data import Example
-from singleturn.trainer.stages import StageContext, register
+from singleturn.trainer.stages.base import StageContext, register
 from singleturn.trainer.stages.sft import SFTStage
 
 

@@ -22,7 +22,7 @@ from singleturn.trainer.dist import all_reduce_sums
 from singleturn.trainer.episodes import EpisodeRollout, collect_episodes, step_games, train_games
 from singleturn.trainer.policy_loss import GRPOBatch, Sequence
 from singleturn.trainer.rollout import rollout_seed
-from singleturn.trainer.stages import Stage, StageContext, StageSpan
+from singleturn.trainer.stages.base import Stage, StageContext, StageSpan
 from singleturn.trainer.update import UpdateSettings, policy_update
 
 

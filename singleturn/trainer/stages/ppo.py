@@ -17,8 +17,9 @@ from singleturn.trainer.dist import all_reduce_sum, all_reduce_sums
 from singleturn.trainer.episodes import EpisodeRollout
 from singleturn.trainer.gae import compute_gae, episode_rewards, masked_whiten, turn_mask, value_loss
 from singleturn.trainer.policy_loss import Sequence
-from singleturn.trainer.stages import StageContext, StageSpan, register
+from singleturn.trainer.stages.base import StageContext, StageSpan, register
 from singleturn.trainer.stages.multiturn import EpisodeStage
+from singleturn.trainer.value import ValueHead, sync_grads
 
 
 def ppo_advantages(episodes: list[EpisodeRollout], values: list[torch.Tensor], ppo_cfg, *, all_reduce=None):
@@ -53,7 +54,6 @@ class PPOStage(EpisodeStage):
 
     def __init__(self, ctx: StageContext, span: StageSpan):
         super().__init__(ctx, span)
-        from singleturn.trainer.value import ValueHead
 
         c = ctx.cfg.ppo
         with torch.random.fork_rng(devices=[]):  # same head on every rank; the run's RNG untouched
@@ -100,8 +100,6 @@ class PPOStage(EpisodeStage):
 
     def update_value(self, feats: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor) -> dict:
         """value_epochs full-batch AdamW steps of the clipped value loss (global mean over turns)."""
-        from singleturn.trainer.value import sync_grads
-
         c = self.cfg
         n = max(all_reduce_sum(float(returns.numel())), 1.0)  # host sync: the global normalizer
         clip = self.grad_clip or float("inf")

@@ -17,11 +17,12 @@ import time
 
 import torch
 
+from singleturn.model.masks import build_packed_causal_batch
 from singleturn.trainer.data import PACK_PAD, Example, chunks, pack_completions
 from singleturn.trainer.dist import all_reduce_max, all_reduce_sum, all_reduce_sums
 from singleturn.trainer.episode_data import EpisodeExample, episode_micro_batches
 from singleturn.trainer.policy_loss import action_logprobs
-from singleturn.trainer.stages import Stage, StageContext, local_examples, register
+from singleturn.trainer.stages.base import STAGES, Stage, StageContext, local_examples, register
 
 
 def _micro_batches(examples: list, *, micro_batch_size, packing, max_tokens, row_len, device):
@@ -41,7 +42,6 @@ def _micro_batches(examples: list, *, micro_batch_size, packing, max_tokens, row
             packed = pack_completions([e.prompt_ids for e in mb], [e.target_ids for e in mb], device=device)
             out.append((packed, k * micro_batch_size))
         return out
-    from singleturn.model.masks import build_packed_causal_batch
 
     pairs = [(e.prompt_ids, e.target_ids) for e in examples]
     batches = build_packed_causal_batch(
@@ -174,8 +174,6 @@ class SFTStage(Stage):
     @classmethod
     def finish(cls, ctx: StageContext) -> None:
         """Export the SFT weights when a later stage needs them as its frozen reference."""
-        from singleturn.trainer.stages import STAGES
-
         later = ctx.cfg.run.stages[ctx.cfg.run.stages.index(cls.name) + 1 :]
         if any(STAGES[s].needs_reference(ctx.cfg) for s in later):
             ctx.export_once(ctx.reference_dir)
