@@ -48,6 +48,9 @@ API:
     fsdp.layout() -> dict                            # flat layout per unit (checkpoint manifest)
     fsdp.memory_report(optimizer=None) -> dict       # per-rank bytes vs unsharded
 
+Layout: fsdp_units.py (the flat unit, collectives), fsdp_state.py (summon, state dicts, layout,
+memory report: `FSDPStateMixin`), this file (the schedule: hooks, gather/free, reduce-scatter).
+
 References: PyTorch FSDP2 (`torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py`,
 `_fsdp_state.py`: pre-backward hooks on forward outputs, post-backward via AccumulateGrad hooks and a
 final callback); FSDP1 `FlatParamHandle` (flat parameters, storage resize); torchtitan
@@ -56,59 +59,20 @@ final callback); FSDP1 `FlatParamHandle` (flat parameters, storage resize); torc
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from singleturn.trainer.fsdp_state import FSDPStateMixin
+from singleturn.trainer.fsdp_units import FlatUnit, ParamSlot, all_gather, reduce_scatter, resize_storage
+
 __all__ = ["apply_fsdp", "HandFSDP"]
 
-# torch 2.13 renamed the flat-tensor collectives; older torch (GPU installs keep theirs) has the old names.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-
-@dataclass
-class _ParamSlot:
-    """One parameter's place in its unit's flat buffer; `fqns` lists every name it has (tied)."""
-
-    fqns: list[str]
-    shape: torch.Size
-    offset: int
-    numel: int
-
-
-@dataclass(eq=False)
-class _Unit:
-    name: str
-    index: int  # position in forward order
-    modules: list[nn.Module]
-    sticky: bool
-    slots: list[_ParamSlot]
-    params: list[nn.Parameter]  # the views registered in the modules (full, param_dtype)
-    shard: nn.Parameter  # fp32 master shard [shard_numel]
-    full: torch.Tensor  # [padded] param_dtype; params are views of it (storage freed when resharded)
-    full_io: torch.Tensor  # same storage, own version counter: collectives write here (see _gather)
-    numel: int
-    padded: int
-    gathered: bool = False
-    pending: tuple | None = None  # (work, input, cuda event) of an async all-gather
-    awaiting_backward: bool = False
-    grads_ready: int = 0
-    n_grad_params: int = 0
-    gather_in_backward: bool = True  # False for an untied embedding: its backward needs no weight
-    hooks: list = field(default_factory=list)
-
-
-def _resize(t: torch.Tensor, numel: int) -> None:
-    t.untyped_storage().resize_(numel * t.element_size())
-
-
-class HandFSDP:
+class HandFSDP(FSDPStateMixin):
     """Handle returned by `apply_fsdp`; see the module docstring."""
 
     def __init__(self, model, *, param_dtype, reduce_dtype, activation_checkpointing, group, grad_reduce):
@@ -153,7 +117,7 @@ class HandFSDP:
                 blk.forward = functools.partial(_checkpointed, blk.forward)
 
     # ---- construction -------------------------------------------------------------------------
-    def _build_unit(self, index, name, modules, sticky, fqns_of) -> _Unit:
+    def _build_unit(self, index, name, modules, sticky, fqns_of) -> FlatUnit:
         seen: dict[int, nn.Parameter] = {}
         for m in modules:
             for p in m.parameters():
@@ -161,7 +125,7 @@ class HandFSDP:
         originals = list(seen.values())
         slots, offset = [], 0
         for p in originals:
-            slots.append(_ParamSlot(fqns_of[id(p)], p.shape, offset, p.numel()))
+            slots.append(ParamSlot(fqns_of[id(p)], p.shape, offset, p.numel()))
             offset += p.numel()
         numel = offset
         padded = -(-numel // self.world) * self.world
@@ -186,12 +150,12 @@ class HandFSDP:
             for fqn in s.fqns:  # re-register under every name (tied weights share one view)
                 mod_name, _, attr = fqn.rpartition(".")
                 self.model.get_submodule(mod_name)._parameters[attr] = view
-        _resize(full, 0)
-        unit = _Unit(name, index, modules, sticky, slots, params, shard, full, full_io, numel, padded)
+        resize_storage(full, 0)
+        unit = FlatUnit(name, index, modules, sticky, slots, params, shard, full, full_io, numel, padded)
         unit.n_grad_params = sum(p.requires_grad for p in params)
         return unit
 
-    def _register_hooks(self, u: _Unit) -> None:
+    def _register_hooks(self, u: FlatUnit) -> None:
         for m in u.modules:
             u.hooks.append(m.register_forward_pre_hook(functools.partial(self._pre_forward, u)))
             u.hooks.append(m.register_forward_hook(functools.partial(self._post_forward, u)))
@@ -200,13 +164,13 @@ class HandFSDP:
                 u.hooks.append(p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, u)))
 
     # ---- gather / free ------------------------------------------------------------------------
-    def _gather(self, u: _Unit, *, async_op: bool) -> None:
+    def _gather(self, u: FlatUnit, *, async_op: bool) -> None:
         """All-gather u's master shard (cast to param_dtype) into its full buffer."""
         if u.gathered or u.pending is not None:
             return
         # Collectives write through full_io, a tensor with its own version counter on the same
         # storage: re-gathering must not bump the version of the parameter views autograd saved.
-        _resize(u.full, u.padded)  # allocated on the current stream (see _wait)
+        resize_storage(u.full, u.padded)  # allocated on the current stream (see _wait)
         self.stats["all_gather"] += 1
         live = sum(v.gathered or v.pending is not None for v in self.units) + 1
         self.stats["max_gathered"] = max(self.stats["max_gathered"], live)
@@ -219,17 +183,17 @@ class HandFSDP:
             self._ag_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._ag_stream):
                 inp = u.shard.detach().to(self.param_dtype)
-                work = _all_gather(u.full_io, inp, group=self.group, async_op=True)
+                work = all_gather(u.full_io, inp, group=self.group, async_op=True)
                 event = self._ag_stream.record_event()
         else:
             inp = u.shard.detach().to(self.param_dtype)
-            work = _all_gather(u.full_io, inp, group=self.group, async_op=async_op)
+            work = all_gather(u.full_io, inp, group=self.group, async_op=async_op)
             event = None
         u.pending = (work, inp, event)
         if not async_op:
             self._wait(u)
 
-    def _wait(self, u: _Unit) -> None:
+    def _wait(self, u: FlatUnit) -> None:
         if u.pending is None:
             return
         work, _inp, event = u.pending
@@ -240,16 +204,16 @@ class HandFSDP:
         u.pending = None
         u.gathered = True
 
-    def _ensure_gathered(self, u: _Unit) -> None:
+    def _ensure_gathered(self, u: FlatUnit) -> None:
         if u.pending is not None:
             self._wait(u)
         elif not u.gathered:
             self._gather(u, async_op=False)
 
-    def _free(self, u: _Unit) -> None:
+    def _free(self, u: FlatUnit) -> None:
         self._wait(u)
         if u.gathered:
-            _resize(u.full, 0)
+            resize_storage(u.full, 0)
             u.gathered = False
 
     def gathered_units(self) -> list[str]:
@@ -263,7 +227,7 @@ class HandFSDP:
                 self._free(u)
 
     # ---- hooks --------------------------------------------------------------------------------
-    def _pre_forward(self, u: _Unit, module, args):
+    def _pre_forward(self, u: FlatUnit, module, args):
         if self._summoned:
             return
         i = u.index
@@ -275,7 +239,7 @@ class HandFSDP:
         if module is u.modules[0] and i + 1 < len(self.units):
             self._gather(self.units[i + 1], async_op=True)  # prefetch the next unit
 
-    def _post_forward(self, u: _Unit, module, args, output):
+    def _post_forward(self, u: FlatUnit, module, args, output):
         if self._summoned:
             return output
         outs = [t for t in _tensors(output) if t.requires_grad]
@@ -287,7 +251,7 @@ class HandFSDP:
             self._free(u)
         return output
 
-    def _pre_backward(self, u: _Unit, grad):
+    def _pre_backward(self, u: FlatUnit, grad):
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._final_callback)
@@ -298,7 +262,7 @@ class HandFSDP:
             self._gather(prev, async_op=True)  # prefetch the previous unit
         return grad
 
-    def _on_grad(self, u: _Unit, param):
+    def _on_grad(self, u: FlatUnit, param):
         u.grads_ready += 1
         if u.grads_ready == u.n_grad_params:
             self._reduce_grads(u)
@@ -312,7 +276,7 @@ class HandFSDP:
         self._callback_queued = False
         self.reshard()
 
-    def _reduce_grads(self, u: _Unit) -> None:
+    def _reduce_grads(self, u: FlatUnit) -> None:
         """Reduce-scatter u's full gradients (in reduce_dtype) into its master shard's .grad."""
         flat = torch.zeros(u.padded, dtype=self.reduce_dtype, device=self.device)  # padding stays 0
         for s, p in zip(u.slots, u.params):
@@ -323,7 +287,7 @@ class HandFSDP:
         self.stats["reduce_scatter"] += 1
         if self.distributed and self.world > 1:
             out = torch.empty(shard_numel, dtype=self.reduce_dtype, device=self.device)
-            _reduce_scatter(out, flat, op=dist.ReduceOp.SUM, group=self.group)
+            reduce_scatter(out, flat, op=dist.ReduceOp.SUM, group=self.group)
         else:
             out = flat
         if self.grad_reduce == "mean" and self.world > 1:
@@ -360,122 +324,6 @@ class HandFSDP:
         for g in grads:
             g.mul_(coef)
         return total
-
-    @contextlib.contextmanager
-    def summon_full_params(self, dtype: torch.dtype | None = torch.bfloat16, writeback: bool = False):
-        """Gather every unit once (in `dtype`, default bf16) and leave full weights in the model.
-
-        Meant for rollouts / evaluation: inside, the model runs as a plain module (no hooks, no
-        collectives), e.g. `generate(model, ...)`. On exit the full weights are freed; with
-        `writeback=True` this rank's slice of the (possibly modified) full weights is copied back
-        into the master shard. Cannot be entered while a backward is pending.
-        """
-        if any(u.awaiting_backward for u in self.units):
-            raise RuntimeError(
-                "summon_full_params: a forward ran with grad enabled and its backward has not run yet; "
-                "call it after backward(), and wrap forwards that need no gradient in torch.no_grad()"
-            )
-        self.reshard()
-        dtype = dtype or self.param_dtype
-        saved = []
-        try:
-            self._summoned = True
-            for u in self.units:
-                flat = self._gather_flat(u, dtype)
-                datas = [p.data for p in u.params]
-                saved.append((u, flat, datas))
-                for s, p in zip(u.slots, u.params):
-                    p.data = flat[s.offset : s.offset + s.numel].view(s.shape)
-            yield self.model
-        finally:
-            self._summoned = False
-            for u, flat, datas in saved:
-                if writeback:
-                    n = u.padded // self.world
-                    with torch.no_grad():
-                        u.shard.copy_(flat[self.rank * n : (self.rank + 1) * n])
-                for p, d in zip(u.params, datas):
-                    p.data = d
-            saved.clear()
-
-    def _gather_flat(self, u: _Unit, dtype: torch.dtype) -> torch.Tensor:
-        """A new [padded] tensor of `dtype` holding u's full flat parameters (collective)."""
-        inp = u.shard.detach().to(dtype)
-        if not self.distributed or self.world == 1:
-            return inp.clone() if inp.data_ptr() == u.shard.data_ptr() else inp  # never alias the master
-        out = torch.empty(u.padded, dtype=dtype, device=self.device)
-        _all_gather(out, inp, group=self.group)
-        return out
-
-    @torch.no_grad()
-    def full_state_dict(self, rank0_only: bool = False) -> dict[str, torch.Tensor] | None:
-        """fp32 CPU tensors keyed like `model.state_dict()` (tied names share one tensor). Collective;
-        with rank0_only, other ranks get None."""
-        managed = {f for u in self.units for s in u.slots for f in s.fqns}
-        out = {}
-        for u in self.units:
-            flat = self._gather_flat(u, torch.float32).cpu()
-            for s in u.slots:
-                t = flat[s.offset : s.offset + s.numel].view(s.shape).clone()
-                for f in s.fqns:
-                    out[f] = t
-        for name, t in self.model.state_dict().items():  # persistent buffers, if any
-            if name not in managed:
-                out[name] = t.detach().cpu().clone()
-        return None if rank0_only and self.rank != 0 else out
-
-    def sharded_state_dict(self) -> dict[str, torch.Tensor]:
-        """{unit name: this rank's fp32 master shard} (detached, shares memory)."""
-        return {u.name: u.shard.detach() for u in self.units}
-
-    @torch.no_grad()
-    def load_sharded_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Copy shards (same world size / layout as `sharded_state_dict`) into the master shards."""
-        for u in self.units:
-            src = sd[u.name]
-            if src.shape != u.shard.shape:
-                raise ValueError(
-                    f"shard of {u.name}: expected {tuple(u.shard.shape)}, got {tuple(src.shape)}"
-                )
-            u.shard.copy_(src)
-        self.reshard()
-
-    def layout(self) -> dict:
-        """The flat layout (for checkpoint manifests and resharding to another world size)."""
-        units = []
-        for u in self.units:
-            params = [
-                {"fqns": s.fqns, "shape": list(s.shape), "offset": s.offset, "numel": s.numel}
-                for s in u.slots
-            ]
-            units.append({"name": u.name, "numel": u.numel, "padded": u.padded, "params": params})
-            units[-1]["shard_numel"] = u.padded // self.world
-        return {"world_size": self.world, "units": units}
-
-    def memory_report(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
-        """Per-rank bytes of master params + grads + optimizer state, vs the unsharded fp32 total."""
-        shards = self.parameters()
-        param_b = sum(p.numel() * p.element_size() for p in shards)
-        grad_b = sum(p.grad.numel() * p.grad.element_size() for p in shards if p.grad is not None)
-        optim_b = 0
-        if optimizer is not None:
-            for p in shards:
-                for v in optimizer.state.get(p, {}).values():
-                    if isinstance(v, torch.Tensor) and v.numel() > 1:  # skip scalar `step`
-                        optim_b += v.numel() * v.element_size()
-        local_numel = sum(p.numel() for p in shards)
-        full_numel = sum(u.numel for u in self.units)
-        total = param_b + grad_b + optim_b
-        unsharded = total * full_numel / max(local_numel, 1)
-        return {
-            "world_size": self.world,
-            "param_bytes": param_b,
-            "grad_bytes": grad_b,
-            "optim_bytes": optim_b,
-            "total_bytes": total,
-            "unsharded_bytes": int(unsharded),
-            "fraction": total / unsharded if unsharded else 0.0,
-        }
 
 
 def _tensors(x) -> list[torch.Tensor]:
