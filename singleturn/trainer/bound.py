@@ -65,26 +65,8 @@ def lower_bound(
             for s in states
         ]
     targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in states]
-    logp = []
-    for i in range(0, len(states), 16):
-        packed = pack_completions(prompts[i : i + 16], targets[i : i + 16], device=device)
-        lp = action_logprobs(model, lambda: model.output.weight, packed)  # (N,)
-        logp.extend(
-            torch.zeros(len(packed.tokens), dtype=torch.float64)
-            .index_add_(0, packed.seq.cpu(), lp.double().cpu())
-            .tolist()
-        )
-    # The evaluation's own deterministic policy (decoding and constraints), so the check is exact.
-    spec = policy_spec(train_cfg)
-    policy = spec.policy(model, tok)
-    if episode:
-        chosen = _episode_actions(policy, trajectories, spec.batch_size)
-        greedy = [c == s["expert_action"] for c, s in zip(chosen, states)]
-    else:
-        messages = [render_prompt(s, hw, train_cfg.data.system_prompt) for s in states]
-        kw = {"admissible": [s["admissible"] for s in states]} if policy.wants_admissible else {}
-        texts = policy(messages, **kw) if states else []
-        greedy = [parse_action(t, s["admissible"]) == s["expert_action"] for t, s in zip(texts, states)]
+    logp = _sequence_logprobs(model, prompts, targets, device)
+    greedy = _greedy_matches(model, tok, train_cfg, trajectories, states)
     per_game, k = {}, 0
     for g, traj in trajectories.items():
         lp = logp[k : k + len(traj)]
@@ -112,6 +94,36 @@ def lower_bound(
             _sampled_success(model, tok, list(trajectories), train_cfg, sampled_episodes, seed, device)
         )
     return out
+
+
+def _sequence_logprobs(model, prompts: list[list[int]], targets: list[list[int]], device) -> list[float]:
+    """log pi(target | prompt) of each pair (the sum over the target's tokens), 16 pairs a forward."""
+    logp = []
+    for i in range(0, len(prompts), 16):
+        packed = pack_completions(prompts[i : i + 16], targets[i : i + 16], device=device)
+        lp = action_logprobs(model, lambda: model.output.weight, packed)  # (N,)
+        logp.extend(
+            torch.zeros(len(packed.tokens), dtype=torch.float64)
+            .index_add_(0, packed.seq.cpu(), lp.double().cpu())
+            .tolist()
+        )
+    return logp
+
+
+def _greedy_matches(
+    model, tok, train_cfg, trajectories: dict[str, list[dict]], states: list[dict]
+) -> list[bool]:
+    """Whether the evaluation's own deterministic policy (decoding and constraints, so the check is
+    exact) takes the expert's action at each state, in `states`' order."""
+    spec = policy_spec(train_cfg)
+    policy = spec.policy(model, tok)
+    if train_cfg.data.prompt == "episode":
+        chosen = _episode_actions(policy, trajectories, spec.batch_size)
+        return [c == s["expert_action"] for c, s in zip(chosen, states)]
+    messages = [render_prompt(s, train_cfg.data.history_window, train_cfg.data.system_prompt) for s in states]
+    kw = {"admissible": [s["admissible"] for s in states]} if policy.wants_admissible else {}
+    texts = policy(messages, **kw) if states else []
+    return [parse_action(t, s["admissible"]) == s["expert_action"] for t, s in zip(texts, states)]
 
 
 def _episode_prompts(states: list[dict], tok, train_cfg, max_seq_len: int) -> list[list[int]]:

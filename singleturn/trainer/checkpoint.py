@@ -154,19 +154,7 @@ def save_checkpoint(run_dir, step: int, *, fsdp, optimizer, extra: dict, keep_la
         tensors.update(opt_tensors)
     else:
         groups = []
-    shard_file, extra_file = f"shard_rank{rank}.safetensors", f"extra_rank{rank}.pt"
-    files, failure, extra_bytes = None, None, pickled(extra)
-    try:
-        save_file(tensors, str(tmp / shard_file), metadata={"step": str(step), "rank": str(rank)})
-        write_bytes(tmp / extra_file, extra_bytes)
-        # Each rank hashes what it wrote (read back from the page cache): the cost is split over ranks.
-        files = {
-            f: {"bytes": (tmp / f).stat().st_size, "crc32": file_crc32(tmp / f)}
-            for f in (shard_file, extra_file)
-        }
-    except Exception as e:  # every rank must learn of it, or the others wait in the gather forever
-        failure = e
-    need = sum(t.nbytes for t in tensors.values()) + len(extra_bytes)  # this rank's (headers add little)
+    files, failure, need = _write_rank_files(tmp, step, rank, tensors, extra)
     written = _gather_objects((files, need, _describe(failure)))
     need = sum(n for _, n, _ in written)
     problems = [(r, f) for r, (_, _, f) in enumerate(written) if f]
@@ -198,6 +186,25 @@ def save_checkpoint(run_dir, step: int, *, fsdp, optimizer, extra: dict, keep_la
         barrier()
         _raise_save_failure(root, step, need, problems, failure)
     return final
+
+
+def _write_rank_files(tmp: Path, step: int, rank: int, tensors: dict, extra: dict):
+    """Write this rank's shard and extra files into `tmp` and hash them. Returns (files: {name:
+    {"bytes", "crc32"}} or None, the exception that stopped the write or None, bytes needed)."""
+    shard_file, extra_file = f"shard_rank{rank}.safetensors", f"extra_rank{rank}.pt"
+    files, failure, extra_bytes = None, None, pickled(extra)
+    try:
+        save_file(tensors, str(tmp / shard_file), metadata={"step": str(step), "rank": str(rank)})
+        write_bytes(tmp / extra_file, extra_bytes)
+        # Each rank hashes what it wrote (read back from the page cache): the cost is split over ranks.
+        files = {
+            f: {"bytes": (tmp / f).stat().st_size, "crc32": file_crc32(tmp / f)}
+            for f in (shard_file, extra_file)
+        }
+    except Exception as e:  # every rank must learn of it, or the others wait in the gather forever
+        failure = e
+    need = sum(t.nbytes for t in tensors.values()) + len(extra_bytes)  # this rank's (headers add little)
+    return files, failure, need
 
 
 def _make_room(root: Path, keep_last: int) -> None:

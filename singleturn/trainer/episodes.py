@@ -150,23 +150,31 @@ def collect_episodes(
             for i, ep in enumerate(played)
         ]
         if with_features:
-            prompts = [t.prompt for ep in episodes for t in ep.turns]
-            feats = state_features(model, prompts, device=device)  # (n, D)
-            start = 0
-            for ep in episodes:
-                ep.features = feats[start : start + len(ep.turns)]
-                start += len(ep.turns)
+            _add_features(model, episodes, device)
+    return episodes, _stats(episodes, log["truncated"], time.perf_counter() - t0)
+
+
+def _add_features(model, episodes: list[EpisodeRollout], device) -> None:
+    """Set each episode's critic features (one row per turn), from the weights gathered now."""
+    prompts = [t.prompt for ep in episodes for t in ep.turns]
+    feats = state_features(model, prompts, device=device)  # (n, D)
+    start = 0
+    for ep in episodes:
+        ep.features = feats[start : start + len(ep.turns)]
+        start += len(ep.turns)
+
+
+def _stats(episodes: list[EpisodeRollout], truncated: int, seconds: float) -> CollectStats:
     turns = [t for ep in episodes for t in ep.turns]
-    stats = CollectStats(
+    return CollectStats(
         episodes=len(episodes),
         env_steps=sum(ep.steps for ep in episodes),
         samples=len(turns),
         response_tokens=sum(len(t.response) for t in turns),
         prompt_tokens=sum(len(t.prompt) for t in turns),
-        truncated_prompts=log["truncated"],
-        seconds=time.perf_counter() - t0,
+        truncated_prompts=truncated,
+        seconds=seconds,
     )
-    return episodes, stats
 
 
 def train_games(data_cfg) -> list[str]:

@@ -210,6 +210,28 @@ def global_response_tokens(batch: GRPOBatch) -> float:
     return all_reduce_sum(float(sum(len(s.response) for s in batch.sequences)))
 
 
+def _micro_batch_loss(model, head, mb: MicroBatch, *, kl_coef: float, device, autocast, **loss_kw):
+    """`kernels.grpo_loss` of one micro-batch (summed over its tokens; forward only)."""
+    packed, seqs = mb.packed, mb.sequences
+    adv_N = torch.tensor([s.advantage for s in seqs], dtype=torch.float32, device=device)[packed.seq]  # (N,)
+    old_N = torch.cat([s.old_logp for s in seqs]).to(device=device, dtype=torch.float32)  # (N,)
+    ref_N = None
+    if kl_coef > 0:
+        ref_N = torch.cat([s.ref_logp for s in seqs]).to(device=device, dtype=torch.float32)
+    with autocast() if autocast else contextlib.nullcontext():
+        h = _hidden(model, packed)  # (B, T, D)
+    return grpo_loss(
+        h[packed.rows, packed.cols],
+        head(),
+        packed.targets,
+        adv_N,
+        old_N,
+        ref_logp=ref_N,
+        kl_coef=kl_coef,
+        **loss_kw,
+    )
+
+
 def grpo_forward_backward(
     model,
     head,
@@ -231,29 +253,10 @@ def grpo_forward_backward(
     loss_sum = torch.zeros((), dtype=torch.float64)
     clipped = ratio = kl = 0.0
     nonfinite = 0
+    loss_kw = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, temperature=temperature)
     for mb in mbs:
-        packed, seqs, weight = mb.packed, mb.sequences, mb.weight
-        adv_N = torch.tensor([s.advantage for s in seqs], dtype=torch.float32, device=device)[
-            packed.seq
-        ]  # (N,)
-        old_N = torch.cat([s.old_logp for s in seqs]).to(device=device, dtype=torch.float32)  # (N,)
-        ref_N = None
-        if kl_coef > 0:
-            ref_N = torch.cat([s.ref_logp for s in seqs]).to(device=device, dtype=torch.float32)
-        with autocast() if autocast else contextlib.nullcontext():
-            h = _hidden(model, packed)  # (B, T, D)
-        out = grpo_loss(
-            h[packed.rows, packed.cols],
-            head(),
-            packed.targets,
-            adv_N,
-            old_N,
-            ref_logp=ref_N,
-            kl_coef=kl_coef,
-            clip_eps_low=clip_eps_low,
-            clip_eps_high=clip_eps_high,
-            temperature=temperature,
-        )
+        weight = mb.weight
+        out = _micro_batch_loss(model, head, mb, kl_coef=kl_coef, device=device, autocast=autocast, **loss_kw)
         # weight 0 (a padding dummy) gives exactly zero gradient while the FSDP collectives still run.
         loss = out.loss * weight / global_tokens
         loss.backward()

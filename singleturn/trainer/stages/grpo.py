@@ -64,18 +64,7 @@ class GRPOStage(Stage):
         c, G = ctx.cfg, ctx.cfg.rollout.group_size
         local = self.batch(ctx, i)
         t0 = time.perf_counter()
-        with ctx.fsdp.summon_full_params(dtype=rollout_dtype(c)):
-            done = sample_completions(
-                ctx.model,
-                ctx.tokenizer,
-                [e.prompt_ids for e in local],
-                num_samples=G,
-                max_new_tokens=c.rollout.max_new_tokens,
-                temperature=c.rollout.temperature,
-                top_p=c.rollout.top_p,
-                top_k=c.rollout.top_k,
-                seed=rollout_seed(c.run.seed, self.span.first + i, ctx.info.rank),
-            )
+        done = self._sample(ctx, i, local)
         rew = expert_match_rewards([d.text for d in done], [e.state for e in local], G)
         batch = select_sequences(
             [e.prompt_ids for e in local],
@@ -89,30 +78,7 @@ class GRPOStage(Stage):
             max_groups=None if c.grpo.oversample == 1 else c.grpo.batch_size // ctx.info.world_size,
         )
         t_roll = time.perf_counter() - t0
-        r = rew.rewards.view(-1, G)
-        sums = all_reduce_sums(
-            {
-                "reward": float(r.sum()),
-                "responses": float(r.numel()),
-                "solved_groups": float((r.max(1).values > 0).sum()),
-                "groups": float(r.shape[0]),
-                "unparseable": float(rew.unparseable),
-                "zero_var_groups": float(batch.zero_var_groups),
-                "kept_sequences": float(len(batch.sequences)),
-                "response_tokens": float(sum(len(d.tokens) for d in done)),
-            }
-        )
-        row = {
-            "reward_mean": sums["reward"] / sums["responses"],
-            "action_accuracy": sums["reward"] / sums["responses"],
-            "pass_at_g": sums["solved_groups"] / sums["groups"],
-            "unparseable_frac": sums["unparseable"] / sums["responses"],
-            "zero_var_groups": int(sums["zero_var_groups"]),
-            "groups": int(sums["groups"]),
-            "kept_sequences": int(sums["kept_sequences"]),
-            "response_len": sums["response_tokens"] / sums["responses"],
-            "time_rollout": t_roll,
-        }
+        row = {**_rollout_row(rew, batch, done, G), "time_rollout": t_roll}
         t1 = time.perf_counter()
         if row["kept_sequences"] == 0:
             # Every group had zero reward variance: nothing to learn from this batch.
@@ -132,6 +98,50 @@ class GRPOStage(Stage):
         seq_tokens = sum(len(s.prompt) + len(s.response) for s in batch.sequences) * c.grpo.ppo_epochs
         row.update(time_train=t_train, tokens_per_s=seq_tokens / max(t_train, 1e-9))
         return row
+
+    def _sample(self, ctx: StageContext, i: int, local: list[Example]) -> list:
+        """G sampled responses per state of `local` (`Completion`s, grouped by state), from the full
+        weights gathered in rollout.dtype."""
+        c = ctx.cfg
+        with ctx.fsdp.summon_full_params(dtype=rollout_dtype(c)):
+            return sample_completions(
+                ctx.model,
+                ctx.tokenizer,
+                [e.prompt_ids for e in local],
+                num_samples=c.rollout.group_size,
+                max_new_tokens=c.rollout.max_new_tokens,
+                temperature=c.rollout.temperature,
+                top_p=c.rollout.top_p,
+                top_k=c.rollout.top_k,
+                seed=rollout_seed(c.run.seed, self.span.first + i, ctx.info.rank),
+            )
+
+
+def _rollout_row(rew, batch, done: list, G: int) -> dict:
+    """The metrics row's rollout part: rewards, groups and kept sequences summed over ranks (collective)."""
+    r = rew.rewards.view(-1, G)
+    sums = all_reduce_sums(
+        {
+            "reward": float(r.sum()),
+            "responses": float(r.numel()),
+            "solved_groups": float((r.max(1).values > 0).sum()),
+            "groups": float(r.shape[0]),
+            "unparseable": float(rew.unparseable),
+            "zero_var_groups": float(batch.zero_var_groups),
+            "kept_sequences": float(len(batch.sequences)),
+            "response_tokens": float(sum(len(d.tokens) for d in done)),
+        }
+    )
+    return {
+        "reward_mean": sums["reward"] / sums["responses"],
+        "action_accuracy": sums["reward"] / sums["responses"],
+        "pass_at_g": sums["solved_groups"] / sums["groups"],
+        "unparseable_frac": sums["unparseable"] / sums["responses"],
+        "zero_var_groups": int(sums["zero_var_groups"]),
+        "groups": int(sums["groups"]),
+        "kept_sequences": int(sums["kept_sequences"]),
+        "response_len": sums["response_tokens"] / sums["responses"],
+    }
 
 
 def build_reference(ctx: StageContext):

@@ -19,11 +19,60 @@ import torch
 
 from singleturn.trainer.data import prompt_format
 from singleturn.trainer.dist import all_reduce_sums
-from singleturn.trainer.episodes import EpisodeRollout, collect_episodes, step_games, train_games
+from singleturn.trainer.episodes import (
+    CollectStats,
+    EpisodeRollout,
+    collect_episodes,
+    step_games,
+    train_games,
+)
 from singleturn.trainer.policy_loss import GRPOBatch, Sequence
 from singleturn.trainer.rollout import rollout_seed
 from singleturn.trainer.stages.base import Stage, StageContext, StageSpan
 from singleturn.trainer.update import UpdateSettings, policy_update
+
+
+def _rollout_sums(episodes: list[EpisodeRollout], cs: CollectStats, kept: int, zero_var: int) -> dict:
+    """The rollout batch's counts, summed over ranks (collective)."""
+    turns = [t for ep in episodes for t in ep.turns]
+    labeled = [t for t in turns if t.expert_match is not None]
+    return all_reduce_sums(
+        {
+            "won": float(sum(ep.won for ep in episodes)),
+            "episodes": float(len(episodes)),
+            "samples": float(cs.samples),
+            "invalid": float(sum(t.action is None for t in turns)),
+            "expert_matches": float(sum(bool(t.expert_match) for t in labeled)),
+            "labeled": float(len(labeled)),
+            "env_failures": float(sum(ep.failed for ep in episodes)),
+            "kept_sequences": float(kept),
+            "response_tokens": float(cs.response_tokens),
+            "prompt_tokens": float(cs.prompt_tokens),
+            "zero_var_groups": float(zero_var),
+            "truncated_prompts": float(cs.truncated_prompts),
+        }
+    )
+
+
+def _rollout_row(sums: dict) -> dict:
+    """The metrics row's rollout part from the summed counts."""
+    n_samples = max(sums["samples"], 1.0)
+    n_episodes = max(sums["episodes"], 1.0)
+    return {
+        "reward_mean": sums["won"] / n_episodes,
+        "success_rate": sums["won"] / n_episodes,
+        "episodes": int(sums["episodes"]),
+        "samples": int(sums["samples"]),
+        "env_steps": int(sums["samples"]),
+        "episode_len": sums["samples"] / n_episodes,
+        "invalid_rate": sums["invalid"] / n_samples,
+        "action_accuracy": sums["expert_matches"] / max(sums["labeled"], 1.0),
+        "env_failures": int(sums["env_failures"]),
+        "kept_sequences": int(sums["kept_sequences"]),
+        "response_len": sums["response_tokens"] / n_samples,
+        "zero_var_groups": int(sums["zero_var_groups"]),
+        "truncated_prompts": int(sums["truncated_prompts"]),
+    }
 
 
 def _dummy(episodes: list[EpisodeRollout], eot_id: int) -> Sequence:
@@ -76,65 +125,13 @@ class EpisodeStage(Stage):
     def step(self, ctx: StageContext, i: int) -> dict:
         c, info = ctx.cfg.ppo, ctx.info
         t0 = time.perf_counter()
-        games = step_games(
-            self.games, i, episodes=c.episodes_per_step, group_size=self.group_size(ctx.cfg),
-            seed=ctx.cfg.data.seed, rank=info.rank, world=info.world_size,
-        )  # fmt: skip
-        episodes, cs = collect_episodes(
-            ctx.model,
-            ctx.fsdp,
-            ctx.tokenizer,
-            games,
-            rollout_cfg=ctx.cfg.rollout,
-            fmt=prompt_format(ctx.cfg.data),
-            max_steps=c.max_steps,
-            max_seq_len=ctx.model.config.max_seq_len,
-            seed=rollout_seed(ctx.cfg.run.seed, self.span.first + i, info.rank),
-            device=info.device,
-            num_workers=c.num_workers,
-            with_features=self.with_features,
-        )
+        episodes, cs = self._collect(ctx, i)
         t_roll = time.perf_counter() - t0
         t1 = time.perf_counter()
         kept, extra = self.sequences(episodes)
         batch = GRPOBatch(kept, _dummy(episodes, ctx.tokenizer.eot_id), extra.get("zero_var_groups", 0))
-        turns = [t for ep in episodes for t in ep.turns]
-        labeled = [t for t in turns if t.expert_match is not None]
-        sums = all_reduce_sums(
-            {
-                "won": float(sum(ep.won for ep in episodes)),
-                "episodes": float(len(episodes)),
-                "samples": float(cs.samples),
-                "invalid": float(sum(t.action is None for t in turns)),
-                "expert_matches": float(sum(bool(t.expert_match) for t in labeled)),
-                "labeled": float(len(labeled)),
-                "env_failures": float(sum(ep.failed for ep in episodes)),
-                "kept_sequences": float(len(kept)),
-                "response_tokens": float(cs.response_tokens),
-                "prompt_tokens": float(cs.prompt_tokens),
-                "zero_var_groups": float(batch.zero_var_groups),
-                "truncated_prompts": float(cs.truncated_prompts),
-            }
-        )
-        n_samples = max(sums["samples"], 1.0)
-        n_episodes = max(sums["episodes"], 1.0)
-        row = {
-            "reward_mean": sums["won"] / n_episodes,
-            "success_rate": sums["won"] / n_episodes,
-            "episodes": int(sums["episodes"]),
-            "samples": int(sums["samples"]),
-            "env_steps": int(sums["samples"]),
-            "episode_len": sums["samples"] / n_episodes,
-            "invalid_rate": sums["invalid"] / n_samples,
-            "action_accuracy": sums["expert_matches"] / max(sums["labeled"], 1.0),
-            "env_failures": int(sums["env_failures"]),
-            "kept_sequences": int(sums["kept_sequences"]),
-            "response_len": sums["response_tokens"] / n_samples,
-            "zero_var_groups": int(sums["zero_var_groups"]),
-            "truncated_prompts": int(sums["truncated_prompts"]),
-            "time_rollout": t_roll,
-            **extra.get("row", {}),
-        }
+        sums = _rollout_sums(episodes, cs, len(kept), batch.zero_var_groups)
+        row = {**_rollout_row(sums), "time_rollout": t_roll, **extra.get("row", {})}
         if row["kept_sequences"] == 0:
             # Nothing to learn from (every group had zero reward variance, or no turn survived).
             row.update(skipped=True, skip_reason="no_sequences", loss=0.0, clip_frac=0.0, kl=0.0)
@@ -154,3 +151,25 @@ class EpisodeStage(Stage):
         tokens = sums["response_tokens"] + sums["prompt_tokens"]
         row.update(time_train=dt, tokens_per_s=tokens * c.ppo_epochs / max(dt, 1e-9) / info.world_size)
         return row
+
+    def _collect(self, ctx: StageContext, i: int) -> tuple[list[EpisodeRollout], CollectStats]:
+        """This rank's rollout batch of step i: its games played with the sampling policy."""
+        c, info = ctx.cfg.ppo, ctx.info
+        games = step_games(
+            self.games, i, episodes=c.episodes_per_step, group_size=self.group_size(ctx.cfg),
+            seed=ctx.cfg.data.seed, rank=info.rank, world=info.world_size,
+        )  # fmt: skip
+        return collect_episodes(
+            ctx.model,
+            ctx.fsdp,
+            ctx.tokenizer,
+            games,
+            rollout_cfg=ctx.cfg.rollout,
+            fmt=prompt_format(ctx.cfg.data),
+            max_steps=c.max_steps,
+            max_seq_len=ctx.model.config.max_seq_len,
+            seed=rollout_seed(ctx.cfg.run.seed, self.span.first + i, info.rank),
+            device=info.device,
+            num_workers=c.num_workers,
+            with_features=self.with_features,
+        )

@@ -50,6 +50,13 @@ def _micro_batches(examples: list, *, micro_batch_size, packing, max_tokens, row
     return [(p, 0) for p in batches]  # seq is already the example's index in `examples`
 
 
+def _counts(examples: list) -> tuple[int, int]:
+    """(target tokens, states) of this rank's examples: an episode example counts each of its states."""
+    if examples and isinstance(examples[0], EpisodeExample):
+        return sum(len(e.item.targets) for e in examples), sum(len(e.states) for e in examples)
+    return sum(len(e.target_ids) for e in examples), len(examples)
+
+
 def sft_forward_backward(
     model,
     head,
@@ -70,13 +77,7 @@ def sft_forward_backward(
     action_prob (mean probability of the whole expert action under the model at T=1), num_tokens
     (global), nonfinite (micro-batches with a NaN/inf loss).
     """
-    episodes = bool(examples) and isinstance(examples[0], EpisodeExample)
-    if episodes:  # one example per expert episode; statistics per state
-        local_tokens = sum(len(e.item.targets) for e in examples)
-        num_seq = sum(len(e.states) for e in examples)
-    else:
-        local_tokens = sum(len(e.target_ids) for e in examples)
-        num_seq = len(examples)
+    local_tokens, num_seq = _counts(examples)
     global_tokens = all_reduce_sum(float(local_tokens))  # host sync: the normalizer must be known up front
     mbs = _micro_batches(
         examples, micro_batch_size=micro_batch_size, packing=packing, max_tokens=max_tokens,
@@ -102,12 +103,7 @@ def sft_forward_backward(
         loss_sum += d.double().cpu()
         seq_logp.index_add_(0, packed.seq.cpu() + first, logp_N.detach().double().cpu())
     stats = all_reduce_sums(
-        {
-            "loss": float(loss_sum),
-            "prob": float(seq_logp.exp().sum()),
-            "nonfinite": nonfinite,
-            "n": num_seq,
-        }
+        {"loss": float(loss_sum), "prob": float(seq_logp.exp().sum()), "nonfinite": nonfinite, "n": num_seq}
     )
     return {
         "loss": stats["loss"],
