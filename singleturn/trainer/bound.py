@@ -129,9 +129,12 @@ def _greedy_matches(
 def _episode_prompts(states: list[dict], tok, train_cfg, max_seq_len: int) -> list[list[int]]:
     """Per-state prompt ids of the episode format, in `states`' order (every state must fit)."""
     _, examples, dropped = build_episode_examples(
-        states, tok, list_admissible=train_cfg.data.list_admissible,
-        system_prompt=train_cfg.data.system_prompt, max_seq_len=max_seq_len,
-    )  # fmt: skip
+        states,
+        tok,
+        list_admissible=train_cfg.data.list_admissible,
+        system_prompt=train_cfg.data.system_prompt,
+        max_seq_len=max_seq_len,
+    )
     if dropped:
         raise ValueError(f"{dropped} expert states of the eval games do not fit in max_seq_len={max_seq_len}")
     if [id(e.state) for e in examples] != [id(s) for s in states]:
@@ -157,10 +160,18 @@ def _sampled_success(model, tok, games, train_cfg, k, seed, device) -> dict:
     fsdp = apply_fsdp(model)  # world 1: collect_episodes gathers "full" weights through it
     rcfg = RolloutConfig(temperature=1.0, max_new_tokens=train_cfg.eval.max_new_tokens)
     eps, _ = collect_episodes(
-        model, fsdp, tok, [g for g in games for _ in range(k)], rollout_cfg=rcfg,
-        fmt=prompt_format(train_cfg.data), max_steps=train_cfg.eval.max_steps,
-        max_seq_len=model.config.max_seq_len, seed=seed, device=device, num_workers=train_cfg.eval.num_workers,
-    )  # fmt: skip
+        model,
+        fsdp,
+        tok,
+        [g for g in games for _ in range(k)],
+        rollout_cfg=rcfg,
+        fmt=prompt_format(train_cfg.data),
+        max_steps=train_cfg.eval.max_steps,
+        max_seq_len=model.config.max_seq_len,
+        seed=seed,
+        device=device,
+        num_workers=train_cfg.eval.num_workers,
+    )
     return {"sampled_success": sum(e.won for e in eps) / max(len(eps), 1), "sampled_episodes": len(eps)}
 
 

@@ -57,9 +57,13 @@ class Checkpointer:
             "stage_state": stage.state_dict(),  # e.g. the ppo critic (replicated, every rank)
         }
         save_checkpoint(
-            self.run_dir, step, fsdp=ctx.fsdp, optimizer=ctx.optimizer, extra=extra,
+            self.run_dir,
+            step,
+            fsdp=ctx.fsdp,
+            optimizer=ctx.optimizer,
+            extra=extra,
             keep_last=self.cfg.checkpoint.keep_last,
-        )  # fmt: skip
+        )
         self.clock.add("checkpoint", time.perf_counter() - t)
 
     def resume(self, ctx: StageContext) -> dict:

@@ -140,10 +140,14 @@ def _split_of(game: str, splits: list[str]) -> str:
 def _eval_fields(rep: dict, splits: list[str]) -> dict:
     """An eval report's columns and its per-episode outcomes ({game, split, won, failed})."""
     episodes = [
-        {"game": e["game"], "split": _split_of(e["game"], splits), "won": bool(e["won"]),
-         "failed": bool(e.get("failed", False))}
+        {
+            "game": e["game"],
+            "split": _split_of(e["game"], splits),
+            "won": bool(e["won"]),
+            "failed": bool(e.get("failed", False)),
+        }
         for e in rep["episodes"]
-    ]  # fmt: skip
+    ]
     return {
         "success_rate": rep["success_rate"],
         "per_task": {t: v["success_rate"] for t, v in (rep.get("per_task") or {}).items()},

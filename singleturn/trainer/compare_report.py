@@ -85,9 +85,18 @@ def summarize(results: list[dict], cc: CompareConfig) -> dict:
             continue
         tasks = sorted({t for r in rs for t in r["per_task"]})
         row = {"method": method, "seeds": [r["seed"] for r in rs]}
-        for key in ("success_rate", "action_accuracy", "mean_steps_success", "expert_mean_steps",
-                    "invalid_action_rate", "env_failures", "samples", "env_steps", "train_seconds",
-                    "tokens_per_gpu"):  # fmt: skip
+        for key in (
+            "success_rate",
+            "action_accuracy",
+            "mean_steps_success",
+            "expert_mean_steps",
+            "invalid_action_rate",
+            "env_failures",
+            "samples",
+            "env_steps",
+            "train_seconds",
+            "tokens_per_gpu",
+        ):
             row[key] = _mean_std([r.get(key) for r in rs])
         row["per_task"] = {t: _mean_std([r["per_task"].get(t) for r in rs]) for t in tasks}
         row["env_failures_total"] = sum(int(r.get("env_failures") or 0) for r in rs)
@@ -111,8 +120,14 @@ def _ci(s: dict | None) -> str:
 def _success_table(summary: dict) -> list[str]:
     splits = [s for s in _SPLIT_ORDER if any(s in r["success"] for r in summary.values())]
     splits += sorted({s for r in summary.values() for s in r["success"]} - {"all", *splits})
-    head = ["method", "success [95% CI] (won/episodes)", "per seed", *splits,
-            "vs SFT: wins / losses (both won, both lost)", "McNemar p"]  # fmt: skip
+    head = [
+        "method",
+        "success [95% CI] (won/episodes)",
+        "per seed",
+        *splits,
+        "vs SFT: wins / losses (both won, both lost)",
+        "McNemar p",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, row in summary.items():
         s = row["success"]
@@ -130,18 +145,34 @@ def _success_table(summary: dict) -> list[str]:
 def _cost_table(summary: dict) -> list[str]:
     tasks = sorted({t for row in summary.values() for t in row["per_task"]})
     short = {t: TASK_SHORT.get(t, t) for t in tasks}
-    head = ["method", *[short[t] for t in tasks], "action acc", "steps on wins (expert)", "invalid",
-            "env failures", "samples", "env steps", "train s", "tokens/GPU"]  # fmt: skip
+    head = [
+        "method",
+        *[short[t] for t in tasks],
+        "action acc",
+        "steps on wins (expert)",
+        "invalid",
+        "env failures",
+        "samples",
+        "env steps",
+        "train s",
+        "tokens/GPU",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, row in summary.items():
         s = row["mean_steps_success"][0]
         e = row["expert_mean_steps"][0]
         cells = [_display(method)]
         cells += [_pct(*row["per_task"][t]) if t in row["per_task"] else "-" for t in tasks]
-        cells += [_pct(row["action_accuracy"][0]), f"{_num(s)} ({_num(e)})", _pct(row["invalid_action_rate"][0]),
-                  f"{row['env_failures_total']}/{row['success']['all']['episodes']}",
-                  _num(row["samples"][0], "{:.0f}"), _num(row["env_steps"][0], "{:.0f}"),
-                  _num(row["train_seconds"][0]), _num(row["tokens_per_gpu"][0], "{:.3g}")]  # fmt: skip
+        cells += [
+            _pct(row["action_accuracy"][0]),
+            f"{_num(s)} ({_num(e)})",
+            _pct(row["invalid_action_rate"][0]),
+            f"{row['env_failures_total']}/{row['success']['all']['episodes']}",
+            _num(row["samples"][0], "{:.0f}"),
+            _num(row["env_steps"][0], "{:.0f}"),
+            _num(row["train_seconds"][0]),
+            _num(row["tokens_per_gpu"][0], "{:.3g}"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -164,8 +195,12 @@ def to_markdown(summary: dict, results: list[dict], cc: CompareConfig, meta: dic
         "seeds: wins = the method won and SFT lost, losses = the reverse; p = exact two-sided McNemar (sign) "
         "test on wins vs losses. An episode lost to an env failure counts as not won. Seeds share the eval "
         "games, so the interval covers episode noise, not the choice of games."
-        + (" The zero-shot row pools the SFT runs that evaluated their (common) starting model: with "
-           "deterministic decoding, a second seed repeats the same episodes." if ZERO_SHOT in summary else ""),
+        + (
+            " The zero-shot row pools the SFT runs that evaluated their (common) starting model: with "
+            "deterministic decoding, a second seed repeats the same episodes."
+            if ZERO_SHOT in summary
+            else ""
+        ),
         "",
         *_success_table(summary),
         "",
@@ -175,12 +210,17 @@ def to_markdown(summary: dict, results: list[dict], cc: CompareConfig, meta: dic
         "on the states the policy visits. Env failures: episodes lost to an env crash or hang, over all seeds.",
         "",
         *_cost_table(summary),
-    ]  # fmt: skip
-    lines += ["", "## Lower-bound check per checkpoint", "",
-              "p_t = pi(expert action | expert state) at T=1 along the expert trajectories of the eval games; "
-              "bound = mean over games of prod_t p_t (sampling) or prod_t 1{eval policy = expert} (greedy: the evaluation's deterministic decoding).", "",
-              "| run | action acc | mean p_t | greedy step acc | greedy bound | greedy success | ok | sampled bound | sampled success | ok |",
-              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    ]
+    lines += [
+        "",
+        "## Lower-bound check per checkpoint",
+        "",
+        "p_t = pi(expert action | expert state) at T=1 along the expert trajectories of the eval games; "
+        "bound = mean over games of prod_t p_t (sampling) or prod_t 1{eval policy = expert} (greedy: the evaluation's deterministic decoding).",
+        "",
+        "| run | action acc | mean p_t | greedy step acc | greedy bound | greedy success | ok | sampled bound | sampled success | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         b, c = r["bound"], r["bound_check"]
         lines.append(

@@ -150,8 +150,9 @@ def episode_micro_batches(episodes: list[EpisodeExample], *, max_tokens: int, ro
         items.append(shifted(ep.item, offset))
         offset += len(ep.states)
     if not all(_linear(it) for it in items):
-        return build_tree_batch(items, max_tokens=max_tokens, row_len=row_len, order="length", pad_id=PACK_PAD,
-                                device=device)  # fmt: skip
+        return build_tree_batch(
+            items, max_tokens=max_tokens, row_len=row_len, order="length", pad_id=PACK_PAD, device=device
+        )
     plan = pack_by_tokens(
         [len(it.tokens) for it in items], max_tokens=max_tokens, items_per_row=1, order="length"
     )

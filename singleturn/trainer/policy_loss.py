@@ -147,9 +147,12 @@ def _pack(seqs: list[Sequence], layout: Layout, device) -> list[MicroBatch]:
     groups = _groups(seqs)
     build = build_prefix_chain_batch if layout.prefix_chains else build_shared_prefix_batch
     packed = build(
-        [(g[0].prompt, [s.response for s in g]) for g in groups], max_tokens=layout.max_tokens,
-        row_len=layout.row_len, pad_id=PACK_PAD, device=device,
-    )  # fmt: skip
+        [(g[0].prompt, [s.response for s in g]) for g in groups],
+        max_tokens=layout.max_tokens,
+        row_len=layout.row_len,
+        pad_id=PACK_PAD,
+        device=device,
+    )
     if layout.prefix_chains:  # a micro-batch holds whole chains, not a consecutive range: renumber
         out = []
         for p in packed:

@@ -39,10 +39,16 @@ class SamplingPolicy:
             prompts.append(ids)
         r = self.cfg
         done = sample_completions(
-            self.model, self.tokenizer, prompts, num_samples=1, max_new_tokens=r.max_new_tokens,
-            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            self.model,
+            self.tokenizer,
+            prompts,
+            num_samples=1,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
             seed=(self.seed + 7919 * self.calls) & 0x7FFF_FFFF,
-        )  # fmt: skip
+        )
         self.calls += 1
         self.decisions += len(done)
         self.response_tokens += sum(len(d.tokens) for d in done)

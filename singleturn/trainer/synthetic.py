@@ -37,10 +37,18 @@ def write_synthetic_inputs(
         if episodic:
             game = f"synthetic/{i // 3}"
             history = [[r["observation"], r["expert_action"]] for r in rows if r["game"] == game]
-            rows.append({"game": game, "task_type": "pick_and_place_simple", "step": len(history),
-                         "goal": f"put a {_OBJECTS[(i // 3) % 6]} in {_PLACES[(i // 3) % 6]}", "history": history,
-                         "observation": f"You see a {obj} {k} on the {place} {k}.", "admissible": adm,
-                         "expert_action": expert})  # fmt: skip
+            rows.append(
+                {
+                    "game": game,
+                    "task_type": "pick_and_place_simple",
+                    "step": len(history),
+                    "goal": f"put a {_OBJECTS[(i // 3) % 6]} in {_PLACES[(i // 3) % 6]}",
+                    "history": history,
+                    "observation": f"You see a {obj} {k} on the {place} {k}.",
+                    "admissible": adm,
+                    "expert_action": expert,
+                }
+            )
             continue
         rows.append(
             {

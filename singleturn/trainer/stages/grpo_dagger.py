@@ -102,8 +102,17 @@ def mixed_batch(
 
 
 def play_policy_states(
-    model, fsdp, tokenizer, games: list[str], *, rollout_cfg, fmt, max_steps: int, num_workers: int, seed: int,
-) -> tuple[list[dict], dict]:  # fmt: skip
+    model,
+    fsdp,
+    tokenizer,
+    games: list[str],
+    *,
+    rollout_cfg,
+    fmt,
+    max_steps: int,
+    num_workers: int,
+    seed: int,
+) -> tuple[list[dict], dict]:
     """Play `games` (one episode each) with the sampling policy; every visited state, labelled with
     the expert's action (harness.collect_states with a policy). Returns (states.jsonl rows in games
     order, steps in order; counts: decisions = sampled responses, env_steps = the env steps taken
@@ -123,11 +132,18 @@ def play_policy_states(
             with tempfile.TemporaryDirectory(prefix="dagger-") as tmp:
                 path = Path(tmp) / "states.jsonl"
                 n = collect_states(
-                    games, path, policy=policy, max_steps=max_steps, num_workers=num_workers,
-                    prompt=fmt.kind, history_window=fmt.history_window, system_prompt=fmt.system_prompt,
-                    list_admissible=fmt.list_admissible, seed=seed,
+                    games,
+                    path,
+                    policy=policy,
+                    max_steps=max_steps,
+                    num_workers=num_workers,
+                    prompt=fmt.kind,
+                    history_window=fmt.history_window,
+                    system_prompt=fmt.system_prompt,
+                    list_admissible=fmt.list_admissible,
+                    seed=seed,
                     episodes=played,
-                )  # fmt: skip
+                )
                 rows = read_states(path) if n else []
     counts = {
         "decisions": policy.decisions,
@@ -182,14 +198,24 @@ class GRPODaggerStage(GRPOStage):
         """Play refresh (i + 1) // K - 1 with the current policy, add its labelled states to the pool."""
         c, d, info = ctx.cfg, ctx.cfg.dagger, ctx.info
         games = refresh_games(
-            self.games, (i + 1) // d.every - 1, episodes=d.episodes, seed=c.data.seed,
-            rank=info.rank, world=info.world_size,
-        )  # fmt: skip
+            self.games,
+            (i + 1) // d.every - 1,
+            episodes=d.episodes,
+            seed=c.data.seed,
+            rank=info.rank,
+            world=info.world_size,
+        )
         rows, counts = play_policy_states(
-            ctx.model, ctx.fsdp, ctx.tokenizer, games, rollout_cfg=c.rollout,
-            fmt=prompt_format(c.data), max_steps=d.max_steps, num_workers=d.num_workers,
+            ctx.model,
+            ctx.fsdp,
+            ctx.tokenizer,
+            games,
+            rollout_cfg=c.rollout,
+            fmt=prompt_format(c.data),
+            max_steps=d.max_steps,
+            num_workers=d.num_workers,
             seed=rollout_seed(c.run.seed, self.span.first + i, info.rank) ^ 0x2DA66,  # not the rollout's
-        )  # fmt: skip
+        )
         examples, dropped = self._examples(_gather_rows(rows, info.rank, info.world_size))
         evicted = self.pool.add(examples)
         sums = all_reduce_sums({"episodes": float(len(games)), **{k: float(v) for k, v in counts.items()}})
@@ -214,14 +240,20 @@ class GRPODaggerStage(GRPOStage):
         max_seq_len = min(c.data.max_seq_len, self.ctx.model.config.max_seq_len)
         if c.data.prompt == "episode":  # the played episodes' per-state prompts in the episode format
             _, examples, dropped = build_episode_examples(
-                rows, self.ctx.tokenizer, list_admissible=c.data.list_admissible,
-                system_prompt=c.data.system_prompt, max_seq_len=max_seq_len,
-            )  # fmt: skip
+                rows,
+                self.ctx.tokenizer,
+                list_admissible=c.data.list_admissible,
+                system_prompt=c.data.system_prompt,
+                max_seq_len=max_seq_len,
+            )
             return examples, dropped
         return build_examples(
-            rows, self.ctx.tokenizer, history_window=c.data.history_window, system_prompt=c.data.system_prompt,
+            rows,
+            self.ctx.tokenizer,
+            history_window=c.data.history_window,
+            system_prompt=c.data.system_prompt,
             max_seq_len=max_seq_len,
-        )  # fmt: skip
+        )
 
     def step(self, ctx: StageContext, i: int) -> dict:
         t0 = time.perf_counter()

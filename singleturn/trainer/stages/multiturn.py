@@ -156,9 +156,14 @@ class EpisodeStage(Stage):
         """This rank's rollout batch of step i: its games played with the sampling policy."""
         c, info = ctx.cfg.ppo, ctx.info
         games = step_games(
-            self.games, i, episodes=c.episodes_per_step, group_size=self.group_size(ctx.cfg),
-            seed=ctx.cfg.data.seed, rank=info.rank, world=info.world_size,
-        )  # fmt: skip
+            self.games,
+            i,
+            episodes=c.episodes_per_step,
+            group_size=self.group_size(ctx.cfg),
+            seed=ctx.cfg.data.seed,
+            rank=info.rank,
+            world=info.world_size,
+        )
         return collect_episodes(
             ctx.model,
             ctx.fsdp,

@@ -80,9 +80,13 @@ def sft_forward_backward(
     local_tokens, num_seq = _counts(examples)
     global_tokens = all_reduce_sum(float(local_tokens))  # host sync: the normalizer must be known up front
     mbs = _micro_batches(
-        examples, micro_batch_size=micro_batch_size, packing=packing, max_tokens=max_tokens,
-        row_len=row_len, device=device,
-    )  # fmt: skip
+        examples,
+        micro_batch_size=micro_batch_size,
+        packing=packing,
+        max_tokens=max_tokens,
+        row_len=row_len,
+        device=device,
+    )
     weights = [1.0] * len(mbs)
     n = all_reduce_max(len(mbs))
     mbs += [mbs[0]] * (n - len(mbs))
@@ -152,9 +156,14 @@ class SFTStage(Stage):
         lr = self.lr(ctx, i)
         norm, ok = ctx.apply_update(lr, stats["nonfinite"])
         dt = time.perf_counter() - t0
-        tokens = all_reduce_sum(float(sum(
-            e.num_tokens if isinstance(e, EpisodeExample) else len(e.prompt_ids) + len(e.target_ids) for e in local
-        )))  # fmt: skip
+        tokens = all_reduce_sum(
+            float(
+                sum(
+                    e.num_tokens if isinstance(e, EpisodeExample) else len(e.prompt_ids) + len(e.target_ids)
+                    for e in local
+                )
+            )
+        )
         return {
             **stats,
             "grad_norm": norm,
