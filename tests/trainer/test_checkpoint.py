@@ -120,9 +120,7 @@ def test_verify_checkpoint_rejects_bad_header(tmp_path):
     torch.save({}, tmp_path / "extra_rank0.pt")
     files = {f.name: {"bytes": f.stat().st_size, "crc32": file_crc32(f)} for f in tmp_path.iterdir()}
     manifest = {"world_size": 1, "files": files}
-    (tmp_path / "manifest.json").write_text(
-        json.dumps({**manifest, "checksum": manifest_checksum(manifest)})
-    )
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "checksum": manifest_checksum(manifest)}))
     assert verify_checkpoint(tmp_path) is None
     shard = tmp_path / "shard_rank0.safetensors"
     raw = bytearray(shard.read_bytes())
