@@ -31,6 +31,7 @@ def _run(out: Path, sides: list[str]) -> dict[str, dict]:
     return {r["side"]: r for r in rows}
 
 
+@pytest.mark.slow
 def test_our_sides_run_the_job(tmp_path):
     by = _run(tmp_path, ["ours", "ours-keep", "ours-padded-keep"])
     for r in by.values():

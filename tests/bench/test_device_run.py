@@ -43,6 +43,7 @@ def dry(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_dry_run_passes_and_reaches_every_asked_part(dry):
     out, proc = dry
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -52,6 +53,7 @@ def test_dry_run_passes_and_reaches_every_asked_part(dry):
     assert all(p["status"] == "ok" for p in status["parts"]), status["parts"]
 
 
+@pytest.mark.slow
 def test_dry_run_output_fits_what_the_device_returns(dry):
     out, _ = dry
     files = sorted(p for p in out.rglob("*") if p.is_file())
@@ -72,6 +74,7 @@ def test_dry_run_output_fits_what_the_device_returns(dry):
     assert "| train-fsdp | ok |" in summary and "Ceilings" in summary
 
 
+@pytest.mark.slow
 def test_every_gpu_command_line_parses():
     # The rehearsal parses the GPU argv of each bench part with --help; here for every part at once.
     for step in device_run.STEPS:

@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topic", ["token_logprobs", "grpo_loss"])
 def test_bench_cpu_smoke(topic, tmp_path):
     script = REPO / "bench" / f"bench_{topic}.py"

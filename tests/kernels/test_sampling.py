@@ -180,6 +180,7 @@ def test_no_build_attempt_without_cuda():
         assert _csrc.load() is False or _csrc.op_registered()
 
 
+@pytest.mark.slow
 def test_bench_quick_smoke(tmp_path):
     bench = Path(__file__).resolve().parents[2] / "bench" / "bench_sampling.py"
     proc = subprocess.run(

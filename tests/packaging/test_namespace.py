@@ -38,7 +38,7 @@ def _check(proc):
     return result
 
 
-@pytest.mark.parametrize("where", ["root", "elsewhere"])
+@pytest.mark.parametrize("where", ["root", pytest.param("elsewhere", marks=pytest.mark.slow)])
 def test_no_collision_from_any_directory(where, tmp_path):
     # `python -c` puts the working directory on sys.path[0], as `python`, `python -m` and notebooks do.
     cwd = REPO if where == "root" else tmp_path

@@ -44,6 +44,7 @@ def test_runs_with_other_eval_settings_keep_each_others_games(tmp_path):
     assert _eval_games(tmp_path, eval_games=2, eval_max_steps=30) == a  # A resumes: reused
 
 
+@pytest.mark.slow
 def test_a_generation_the_expert_cannot_win_is_a_config_error_and_deletes_nothing(tmp_path):
     a = _eval_games(tmp_path, eval_games=1, eval_max_steps=30)
     before = _snapshot(a)

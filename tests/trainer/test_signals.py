@@ -47,7 +47,12 @@ def _one_worker_pid(launcher: int) -> int:
 
 
 @pytest.mark.parametrize(
-    "sig, target", [(signal.SIGTERM, "worker"), (signal.SIGINT, "group"), (signal.SIGTERM, "python")]
+    "sig, target",
+    [  # one in `make test`; the other two targets take ~40 s each (make test-all)
+        pytest.param(signal.SIGTERM, "worker", marks=pytest.mark.slow),
+        pytest.param(signal.SIGINT, "group", marks=pytest.mark.slow),
+        (signal.SIGTERM, "python"),
+    ],
 )
 def test_signal_saves_the_step_it_stopped_at_and_resume_continues(inputs, sig, target):
     root, states, tok = inputs
