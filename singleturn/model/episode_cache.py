@@ -16,8 +16,10 @@
 - `greedy(candidates)`: trie-constrained greedy decoding of one candidate per row, one batched
   forward per branching point of the trie (a token the trie forces goes in with the next choice); the
   tokens it decodes stay appended, up to the last one it had to compute.
-- `next_logits(rows)`: the logits of each row's next token (free greedy or sampled decoding drives
-  `append` with the tokens it picks).
+- `sample(rows, ...)`: free sampled decoding (a rollout's response), one batched forward per token
+  over the listed rows, drawn with `kernels.sample_tokens` at counter (step, row's place in the
+  call) exactly as `generate` draws for the same batch of whole prompts; the sampled ids stay appended.
+- `next_logits(rows)`: the logits of each row's next token.
 - `truncate(row, length)`: forget a row's tokens past `length` (a decoded action that the episode's
   next turn writes differently, a per-turn suffix); the next `append` to it overwrites them.
 
@@ -35,6 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
+from singleturn.kernels.sampling import sample_tokens
 from singleturn.model.generate import _token_trie
 from singleturn.model.transformer import Transformer
 
@@ -56,8 +59,9 @@ class EpisodeCache:
         self._caches = [layer.attention.kv_cache for layer in model.layers]
         model.clear_caches()
         self.lengths = [0] * rows
-        self._last_h = torch.zeros(rows, model.config.dim, dtype=dtype or model.tok_embeddings.weight.dtype,
-                                   device=self.device)  # fmt: skip
+        self._last_h = torch.zeros(
+            rows, model.config.dim, dtype=dtype or model.tok_embeddings.weight.dtype, device=self.device
+        )
         self.computed_tokens = 0  # tokens through the model so far (appended + scored trie nodes)
         self.forwards = 0  # batched forwards so far
         self._stale: set[int] = set()  # truncated rows: _last_h is not their last token's until an append
@@ -205,9 +209,12 @@ class EpisodeCache:
                 mask[r, i, anc[i]] = True
         with self._installed():
             h = self.model.hidden(
-                tokens.to(self.device), input_pos=slots.to(self.device), positions=positions.to(self.device),
-                attn_mask=mask.to(self.device), kv_len=kv_len,
-            )  # fmt: skip
+                tokens.to(self.device),
+                input_pos=slots.to(self.device),
+                positions=positions.to(self.device),
+                attn_mask=mask.to(self.device),
+                kv_len=kv_len,
+            )
         self.forwards += 1
         out: list[list[float]] = [[] for _ in candidates]
         for r in scored:
@@ -274,3 +281,59 @@ class EpisodeCache:
                 ids = torch.as_tensor([tries[r].tokens[i] for i in options], device=logits.device)
                 node[r] = options[int(torch.argmax(logits[j, ids]))]  # the first of equal maxima
                 pending[r] = [tries[r].tokens[node[r]]]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        rows: Sequence[int],
+        prefix: Sequence[Sequence[int]] | None = None,
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """[(ids, fp32 log-probs)] per listed row: prefix[i] (this turn's material, e.g. the assistant
+        header) is appended to rows[i] first, then up to max_new_tokens ids are sampled, the stop id
+        included. Row i of the call draws at counter (step, i) with `seed`, as `generate` draws for
+        prompt i of a batch: the same ids as `generate` on the whole sequences (exact up to the
+        logits' rounding). The sampled ids stay appended (the last one is appended only if the row
+        continues: truncate to drop them)."""
+        rows = list(rows)
+        if len(set(rows)) != len(rows) or any(not 0 <= r < self.rows for r in rows):
+            raise ValueError(f"sample: rows must be distinct rows of the cache, got {rows}")
+        if max_new_tokens < 1:
+            raise ValueError(f"sample: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prefix is not None:
+            if len(prefix) != len(rows):
+                raise ValueError(f"sample: {len(prefix)} prefixes for {len(rows)} rows")
+            new = [[] for _ in range(self.rows)]
+            for r, p in zip(rows, prefix):
+                new[r] = list(p)
+            self.append(new)
+        for r in rows:
+            if self.lengths[r] == 0:
+                raise ValueError(f"sample: row {r} holds no tokens yet (append its prompt first)")
+        stop = set(stop_ids)
+        ids: list[list[int]] = [[] for _ in rows]
+        logps: list[list[float]] = [[] for _ in rows]
+        live = list(range(len(rows)))  # places in the call still decoding
+        for step in range(max_new_tokens):
+            logits = self.next_logits(rows)  # every row draws (its counter is its place), as generate does
+            tok, logp = sample_tokens(
+                logits, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, offset=step
+            )
+            tok, logp = tok.tolist(), logp.tolist()
+            for i in live:
+                ids[i].append(tok[i])
+                logps[i].append(logp[i])
+            live = [i for i in live if tok[i] not in stop]
+            if not live or step + 1 == max_new_tokens:
+                break
+            new = [[] for _ in range(self.rows)]
+            for i in live:
+                new[rows[i]] = [tok[i]]
+            self.append(new)
+        return [(t, torch.tensor(lp, dtype=torch.float32)) for t, lp in zip(ids, logps)]

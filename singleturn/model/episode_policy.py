@@ -16,6 +16,12 @@ the admissible commands (`encode(action) + end of turn`, as SFT targets are writ
   template keeps the assistant's turn verbatim, and no per-turn list sits before it), they are not
   computed again.
 
+- `decoding="sample"`: free sampled decoding (a rollout: `sampling` holds temperature, top_p, top_k,
+  max_new_tokens), drawn as `generate` draws for the same batch of whole prompts (`EpisodeCache.sample`);
+  call c is seeded `seed + 7919 c` (`trainer.rollout.SamplingPolicy`'s rule). `act_states` returns the
+  response texts, and `last` the call's (prompt ids, `Completion`) pairs: the ids the response was
+  conditioned on, exactly, and the sampled ids and log-probs, for the RL losses.
+
 All live episodes advance in one batched forward per step. Deterministic; the same actions as the
 per-state path on the whole prompt (`ModelPolicy`, ranked or constrained greedy) up to batched-matmul
 rounding on near-ties (exact in float64: tests/harness/test_episode_policy.py).
@@ -29,19 +35,36 @@ import torch
 
 from singleturn.model.episode_cache import EpisodeCache
 from singleturn.model.episode_tokens import extend_committed, split_turn
+from singleturn.model.policy import Completion, stop_ids
 
 __all__ = ["DECODINGS", "EpisodePolicy"]
 
-DECODINGS = ("rank", "greedy")
+DECODINGS = ("rank", "greedy", "sample")
 
 
 class EpisodePolicy:
     name = "EpisodePolicy"
 
-    def __init__(self, model, tokenizer, *, decoding: str = "rank", max_episodes: int = 64, max_len: int = 4096,
-                 list_admissible: bool = True, system_prompt: bool = False, dtype: torch.dtype | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        decoding: str = "rank",
+        max_episodes: int = 64,
+        max_len: int = 4096,
+        list_admissible: bool = True,
+        system_prompt: bool = False,
+        dtype: torch.dtype | None = None,
+        sampling: dict | None = None,
+        seed: int = 0,
+    ):
         if decoding not in DECODINGS:
             raise ValueError(f"EpisodePolicy decodes by one of {DECODINGS}, got {decoding!r}")
+        if (decoding == "sample") != (sampling is not None):
+            raise ValueError("EpisodePolicy: decoding='sample' takes `sampling` (and only it does)")
+        self.sampling, self.seed = dict(sampling or {}), seed
+        self.last: list[tuple[list[int], Completion]] = []
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
         self.list_admissible, self.system_prompt = list_admissible, system_prompt
         self.cache = EpisodeCache(model, max_episodes, max_len, dtype=dtype)
@@ -94,9 +117,20 @@ class EpisodePolicy:
             if t:
                 self.held[r] = self.held[r] + list(t)
 
+    def _sample(self, rows: list[int], turn: list[list[int]]) -> list[str]:
+        seed = (self.seed + 7919 * (self.calls - 1)) & 0x7FFF_FFFF
+        prompts = [self.held[r] + t for r, t in zip(rows, turn)]
+        out = self.cache.sample(rows, turn, stop_ids=stop_ids(self.tokenizer), seed=seed, **self.sampling)
+        self.last = []
+        for r, p, t, (ids, logp) in zip(rows, prompts, turn, out):
+            self.held[r] = self.held[r] + t + ids[:-1]  # the last id is not appended (EpisodeCache.sample)
+            self.last.append((p, Completion(ids, logp, self.tokenizer.decode(ids))))
+        return [c.text for _, c in self.last]
+
     @torch.no_grad()
     def act_states(self, states: Sequence[dict]) -> list[str]:
-        """One admissible command per state; states of distinct episodes."""
+        """One admissible command per state (rank, greedy) or one response text (sample); states of
+        distinct episodes."""
         from singleturn.harness.prompts import render_episode  # torch-free; the harness imports models lazily
 
         live = {str(s["game"]) for s in states}
@@ -109,7 +143,7 @@ class EpisodePolicy:
         rows = []
         eot = self.tokenizer.eot_id
         for s in states:
-            if not s["admissible"]:
+            if not s["admissible"] and self.decoding != "sample":
                 raise ValueError(f"state {s['game']} step {s['step']}: no admissible action to decode")
             row = self._row(s)
             rows.append(row)
@@ -118,9 +152,12 @@ class EpisodePolicy:
             )
             committed, turn[row] = split_turn(self.tokenizer, messages, suffix)
             new[row] = self._sync(row, committed)
-            cands[row] = [self.tokenizer.encode(a) + [eot] for a in s["admissible"]]
+            if self.decoding != "sample":
+                cands[row] = [self.tokenizer.encode(a) + [eot] for a in s["admissible"]]
         self.calls += 1
         self._append(new)
+        if self.decoding == "sample":
+            return self._sample(rows, [turn[r] for r in rows])
         if self.decoding == "greedy":
             picks, appended = self.cache.greedy(cands, prefix=turn)
             for r in rows:

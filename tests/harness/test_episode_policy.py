@@ -31,8 +31,18 @@ def model_and_tok(train_games):
         "take apple 1 from countertop 1",
     ]
     tok = train_tokenizer(texts, vocab_size=600)
-    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_dim=128,
-                      max_seq_len=4096, tie_word_embeddings=True, bos_id=tok.bos_id, eos_ids=(tok.eot_id,))  # fmt: skip
+    cfg = LlamaConfig(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=tok.vocab_size,
+        ffn_dim=128,
+        max_seq_len=4096,
+        tie_word_embeddings=True,
+        bos_id=tok.bos_id,
+        eos_ids=(tok.eot_id,),
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.init_weights(0)
@@ -40,8 +50,15 @@ def model_and_tok(train_games):
 
 
 def _play(model, tok, games, batch_size, rows, decoding="rank", list_admissible=True):
-    policy = EpisodePolicy(model, tok, decoding=decoding, max_episodes=rows, max_len=4096, dtype=torch.float64,
-                           list_admissible=list_admissible)  # fmt: skip
+    policy = EpisodePolicy(
+        model,
+        tok,
+        decoding=decoding,
+        max_episodes=rows,
+        max_len=4096,
+        dtype=torch.float64,
+        list_admissible=list_admissible,
+    )
     report = evaluate(policy, games, max_steps=5, batch_size=batch_size, num_workers=1)
     policy.close()
     return report, policy
@@ -63,8 +80,10 @@ def test_lockstep_equals_one_by_one(model_and_tok, train_games, decoding):
 def test_refuses_more_live_episodes_than_rows(model_and_tok, train_games):
     model, tok = model_and_tok
     policy = EpisodePolicy(model, tok, max_episodes=1, max_len=4096, dtype=torch.float64)
-    states = [{"game": str(g), "step": 0, "goal": "x", "history": [], "observation": "o", "admissible": ["look"]}
-              for g in train_games[:2]]  # fmt: skip
+    states = [
+        {"game": str(g), "step": 0, "goal": "x", "history": [], "observation": "o", "admissible": ["look"]}
+        for g in train_games[:2]
+    ]
     with pytest.raises(ValueError, match="more than 1 live episodes"):
         policy.act_states(states)
 
@@ -133,8 +152,9 @@ def test_the_policy_spec_builds_the_episode_policy(model_and_tok):
 
 
 @pytest.mark.parametrize("list_admissible", [True, False])
-def test_greedy_over_the_cache_equals_constrained_greedy_on_each_whole_prompt(model_and_tok, train_games,
-                                                                              list_admissible):  # fmt: skip
+def test_greedy_over_the_cache_equals_constrained_greedy_on_each_whole_prompt(
+    model_and_tok, train_games, list_admissible
+):
     """The same episodes, actions and outcomes as ModelPolicy's trie-constrained greedy decoding of each
     state's whole episode-format prompt (re-encoded every turn), in float64."""
     from singleturn.model.policy import ModelPolicy
@@ -143,8 +163,16 @@ def test_greedy_over_the_cache_equals_constrained_greedy_on_each_whole_prompt(mo
     games = train_games[:4]
     cached, policy = _play(model, tok, games, 4, 4, decoding="greedy", list_admissible=list_admissible)
     whole = ModelPolicy(model, tok, max_new_tokens=4, max_seq_len=4096, constrained=True, decoding="greedy")
-    ref = evaluate(whole, games, max_steps=5, batch_size=4, num_workers=1, prompt="episode",
-                   list_admissible=list_admissible, system_prompt=False)  # fmt: skip
+    ref = evaluate(
+        whole,
+        games,
+        max_steps=5,
+        batch_size=4,
+        num_workers=1,
+        prompt="episode",
+        list_admissible=list_admissible,
+        system_prompt=False,
+    )
     by_game = lambda r: {e["game"]: (e["actions"], e["won"]) for e in r.episodes}  # noqa: E731
     assert by_game(cached) == by_game(ref) and sum(len(a) for a, _ in by_game(ref).values()) >= 12
     assert cached.action_accuracy == ref.action_accuracy
@@ -154,11 +182,24 @@ def test_greedy_keeps_what_the_next_turn_writes_the_same_way(model_and_tok):
     """Without a per-turn list, the assistant header and the decoded action's ids that the cache holds
     are the next turn's ids too: the next turn computes only what follows them."""
     model, tok = model_and_tok
-    policy = EpisodePolicy(model, tok, decoding="greedy", max_episodes=1, max_len=4096, dtype=torch.float64,
-                           list_admissible=False)  # fmt: skip
+    policy = EpisodePolicy(
+        model,
+        tok,
+        decoding="greedy",
+        max_episodes=1,
+        max_len=4096,
+        dtype=torch.float64,
+        list_admissible=False,
+    )
     admissible = ["go to cabinet 1", "go to countertop 1", "take apple 1 from countertop 1", "look"]
-    s0 = {"game": "g", "step": 0, "goal": "put an apple in the cabinet", "history": [],
-          "observation": "You are in the middle of a room.", "admissible": admissible}  # fmt: skip
+    s0 = {
+        "game": "g",
+        "step": 0,
+        "goal": "put an apple in the cabinet",
+        "history": [],
+        "observation": "You are in the middle of a room.",
+        "admissible": admissible,
+    }
     (a0,) = policy.act_states([s0])
     held = list(policy.held[0])
     committed0 = list(policy.committed[0])
@@ -202,3 +243,61 @@ def test_teacher_forced_episode_actions_equal_ranking_each_whole_prompt(model_an
         scores = score_continuations(model, [p], [cands])[0]
         want.append(s["admissible"][max(range(len(cands)), key=scores.__getitem__)])
     assert got == want and len(got) == len(ordered) > 6
+
+
+def test_sampled_rollouts_over_the_cache_equal_sampling_each_whole_prompt(model_and_tok, train_games):
+    """decoding='sample' (the multi-turn rollouts): on real games in lockstep, each turn's recorded
+    prompt ids are the whole episode prompt as the per-state path encodes it, and the sampled ids and
+    log-probs are what `sample_completions` draws for the call's whole prompts with the call's seed
+    (float64). The responses of an untrained model rarely name a command, so the next turns also
+    check that a response the history writes differently is dropped from the row, not kept."""
+    from singleturn.harness import parse_action
+    from singleturn.harness.prompts import render_episode
+    from singleturn.harness.rollout import run_episodes
+    from singleturn.model.policy import sample_completions
+
+    model, tok = model_and_tok
+    knobs = dict(temperature=0.9, top_p=0.95, top_k=0, max_new_tokens=6)
+    policy = EpisodePolicy(
+        model,
+        tok,
+        decoding="sample",
+        max_episodes=3,
+        max_len=4096,
+        dtype=torch.float64,
+        list_admissible=True,
+        sampling=knobs,
+        seed=5,
+    )
+    calls = []
+
+    def act(states):
+        texts = policy.act_states(states)
+        calls.append(([dict(s) for s in states], list(policy.last)))
+        return [parse_action(t, s["admissible"]) for t, s in zip(texts, states)]
+
+    run_episodes(train_games[:3], act, max_steps=4, batch_size=3, num_workers=1)
+    policy.close()
+    assert len(calls) >= 3 and sum(len(st) for st, _ in calls) >= 9
+    for c, (states, last) in enumerate(calls):
+        whole = []
+        for s in states:
+            messages, suffix = render_episode(s, list_admissible=True, system_prompt=False)
+            messages[-1] = {**messages[-1], "content": messages[-1]["content"] + suffix}
+            whole.append(tok.apply_chat_template(messages, add_generation_prompt=True))
+        assert [p for p, _ in last] == whole, c
+        ref = sample_completions(
+            model,
+            tok,
+            whole,
+            num_samples=1,
+            max_new_tokens=6,
+            temperature=0.9,
+            top_p=0.95,
+            seed=(5 + 7919 * c) & 0x7FFF_FFFF,
+        )
+        for (_, got), want in zip(last, ref):
+            assert got.tokens == want.tokens and got.text == want.text, c
+            torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="takes `sampling`"):
+        EpisodePolicy(model, tok, decoding="sample")

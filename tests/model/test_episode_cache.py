@@ -109,8 +109,15 @@ def test_trie_greedy_equals_constrained_generate_and_truncation_forgets(hf_pair)
         picks, appended = cache.greedy(cands, prefix=prefix)
         live = [r for r in range(3) if cands[r]]
         tries = [ActionTrie(cands[r]) for r in live]
-        ref = generate(model, [seqs[r] + prefix[r] for r in live], num_samples=1, max_new_tokens=8,
-                       temperature=0.0, stop_ids=(2,), allowed_tokens=allowed_tokens_fn(tries)).token_lists()  # fmt: skip
+        ref = generate(
+            model,
+            [seqs[r] + prefix[r] for r in live],
+            num_samples=1,
+            max_new_tokens=8,
+            temperature=0.0,
+            stop_ids=(2,),
+            allowed_tokens=allowed_tokens_fn(tries),
+        ).token_lists()
         for r, want in zip(live, ref):
             assert cands[r][picks[r]] == want, (turn, r)
             assert appended[r] == (prefix[r] + want)[: len(appended[r])] and len(appended[r]) <= len(
@@ -132,6 +139,51 @@ def test_trie_greedy_equals_constrained_generate_and_truncation_forgets(hf_pair)
         assert all(abs(g - w) <= 1e-9 for gr, wr in zip(got, want) for g, w in zip(gr, wr))
     with pytest.raises(ValueError, match="cannot keep"):
         cache.truncate(0, cache.lengths[0] + 1)
+    cache.close()
+
+
+def test_sampling_through_the_cache_equals_generate_over_turns(hf_pair):
+    """cache.sample draws, for the rows listed (in any order, a subset), the ids and log-probs
+    `generate` samples for the same batch of whole sequences (prefix included) with the same seed,
+    top-k/top-p truncation included; the ids it appends are the ones it sampled but the last, and the
+    next turn continues from them."""
+    _, model = hf_pair(seed=6, n_kv_heads=2)
+    model = model.double()
+    rng = random.Random(2)
+    seqs = [[rng.randrange(3, V) for _ in range(n)] for n in (4, 9, 2)]
+    cache = EpisodeCache(model, 3, max_len=160, dtype=torch.float64)
+    cache.append(seqs)
+    stop = tuple(range(3, 150))  # ~15% of the vocabulary: rows stop at different steps
+    lengths = []
+    knobs = [dict(temperature=1.0), dict(temperature=0.7, top_k=50), dict(temperature=1.3, top_p=0.9)]
+    for turn, (rows, kw) in enumerate(zip([[0, 1, 2], [2, 0], [1, 2, 0]], knobs)):
+        prefix = [[30 + r, 31] for r in rows]
+        seed = 11 + turn
+        got = cache.sample(rows, prefix, max_new_tokens=6, stop_ids=stop, seed=seed, **kw)
+        ref = generate(
+            model,
+            [seqs[r] + p for r, p in zip(rows, prefix)],
+            num_samples=1,
+            max_new_tokens=6,
+            stop_ids=stop,
+            seed=seed,
+            **kw,
+        )
+        ref_logp = ref.logprobs.float()
+        for i, (r, want) in enumerate(zip(rows, ref.token_lists())):
+            ids, logp = got[i]
+            assert ids == want, (turn, r)
+            torch.testing.assert_close(logp, ref_logp[i, : len(want)], rtol=1e-5, atol=1e-6)
+            seqs[r] += prefix[i] + ids[:-1]  # what the row holds now
+            assert cache.lengths[r] == len(seqs[r]), (turn, r)
+        lengths += [len(ids) for ids, _ in got]
+    assert min(lengths) < 6 and max(lengths) > 1 and len(set(lengths)) > 1, lengths
+    # the rows continue from what they hold: scores equal the cache-free path over the whole sequences
+    cands = [[[7, 8], [9]] for _ in range(3)]
+    got, want = cache.score(cands), score_continuations(model, seqs, cands)
+    assert all(abs(g - w) <= 1e-9 for gr, wr in zip(got, want) for g, w in zip(gr, wr))
+    with pytest.raises(ValueError, match="distinct"):
+        cache.sample([0, 0], max_new_tokens=2, stop_ids=stop)
     cache.close()
 
 
