@@ -64,6 +64,9 @@ class EpisodePolicy:
         if (decoding == "sample") != (sampling is not None):
             raise ValueError("EpisodePolicy: decoding='sample' takes `sampling` (and only it does)")
         self.sampling, self.seed = dict(sampling or {}), seed
+        self.decisions = self.response_tokens = self.truncated = (
+            0  # SamplingPolicy's counts (never truncates)
+        )
         self.last: list[tuple[list[int], Completion]] = []
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
         self.list_admissible, self.system_prompt = list_admissible, system_prompt
@@ -80,8 +83,7 @@ class EpisodePolicy:
     def close(self) -> None:
         self.cache.close()
 
-    def _row(self, state: dict) -> int:
-        key = str(state["game"])
+    def _row(self, state: dict, key: str) -> int:
         row = self.rows.get(key)
         if row is not None and state["step"] == 0:  # the same game started over
             self.free.append(self.rows.pop(key))
@@ -125,15 +127,19 @@ class EpisodePolicy:
         for r, p, t, (ids, logp) in zip(rows, prompts, turn, out):
             self.held[r] = self.held[r] + t + ids[:-1]  # the last id is not appended (EpisodeCache.sample)
             self.last.append((p, Completion(ids, logp, self.tokenizer.decode(ids))))
+        self.decisions += len(rows)
+        self.response_tokens += sum(len(c.tokens) for _, c in self.last)
         return [c.text for _, c in self.last]
 
     @torch.no_grad()
-    def act_states(self, states: Sequence[dict]) -> list[str]:
+    def act_states(self, states: Sequence[dict], keys: Sequence | None = None) -> list[str]:
         """One admissible command per state (rank, greedy) or one response text (sample); states of
-        distinct episodes."""
+        distinct episodes. keys[i] names state i's episode (default: its game; a rollout group plays
+        one game several times at once)."""
         from singleturn.harness.prompts import render_episode  # torch-free; the harness imports models lazily
 
-        live = {str(s["game"]) for s in states}
+        keys = [str(s["game"]) for s in states] if keys is None else [str(k) for k in keys]
+        live = set(keys)
         if len(live) != len(states):
             raise ValueError("act_states: two states of the same episode in one call")
         for key in [k for k in self.rows if k not in live]:  # episodes that ended: their rows are free
@@ -142,10 +148,10 @@ class EpisodePolicy:
         new, turn, cands = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         rows = []
         eot = self.tokenizer.eot_id
-        for s in states:
+        for s, key in zip(states, keys):
             if not s["admissible"] and self.decoding != "sample":
                 raise ValueError(f"state {s['game']} step {s['step']}: no admissible action to decode")
-            row = self._row(s)
+            row = self._row(s, key)
             rows.append(row)
             messages, suffix = render_episode(
                 s, list_admissible=self.list_admissible, system_prompt=self.system_prompt

@@ -29,7 +29,7 @@ from singleturn import harness
 from singleturn.harness import parse_action
 from singleturn.model.policy import DTYPES, prompt_budget
 from singleturn.trainer.data import batch_indices, rank_slice
-from singleturn.trainer.rollout import SamplingPolicy
+from singleturn.trainer.rollout import sampling_policy
 from singleturn.trainer.value import state_features
 
 
@@ -72,16 +72,24 @@ class CollectStats:
     seconds: float
 
 
-def _act_fn(model, tokenizer, rollout_cfg, *, fmt, max_prompt, seed, pending, log):
-    """The `run_episodes` act callable: the rollout's `SamplingPolicy` on each live state's prompt
-    (`fmt`), one response per state; every turn recorded with its ids and sampling log-probs."""
-    policy = SamplingPolicy(model, tokenizer, rollout_cfg, max_prompt=max_prompt, seed=seed)
+def _act_fn(model, tokenizer, rollout_cfg, *, fmt, max_prompt, rows, seed, pending, log):
+    """The `run_episodes` act callable: one sampled response per live state, every turn recorded with
+    its ids and sampling log-probs. The window format re-encodes each state's prompt (`SamplingPolicy`,
+    left-truncated to max_prompt); the episode format keeps each live episode's KV cache
+    (`model.EpisodePolicy`, decoding 'sample': the same prompts and draws, each turn computing only
+    what it adds; an episode longer than the context is an error, not a truncation)."""
+    policy = sampling_policy(
+        model, tokenizer, rollout_cfg, fmt=fmt, max_prompt=max_prompt, rows=rows, seed=seed
+    )
 
     def act(states: list[dict]) -> list[str | None]:
         before = policy.truncated
-        policy([fmt.messages(s) for s in states])
         episode_of = pending[-len(states) :]  # on_state ran once per state, in this order
         del pending[-len(states) :]
+        if fmt.kind == "episode":
+            policy.act_states(states, keys=episode_of)
+        else:
+            policy([fmt.messages(s) for s in states])
         actions = []
         for i, (s, (prompt, c)) in enumerate(zip(states, policy.last)):
             action = parse_action(c.text, s["admissible"])
@@ -91,7 +99,7 @@ def _act_fn(model, tokenizer, rollout_cfg, *, fmt, max_prompt, seed, pending, lo
         log["truncated"] += policy.truncated - before
         return actions
 
-    return act
+    return act, policy
 
 
 def collect_episodes(
@@ -127,24 +135,30 @@ def collect_episodes(
 
     max_prompt = prompt_budget(max_seq_len, rollout_cfg.max_new_tokens)
     with fsdp.summon_full_params(dtype=DTYPES[rollout_cfg.dtype]), torch.no_grad():
-        act = _act_fn(
+        rows = batch_size or 8 * num_workers  # run_episodes' live episodes at once
+        act, policy = _act_fn(
             model,
             tokenizer,
             rollout_cfg,
             fmt=fmt,
             max_prompt=max_prompt,
+            rows=rows,
             seed=seed,
             pending=pending,
             log=log,
         )
-        played = run_episodes(
-            games,
-            act,
-            max_steps=max_steps,
-            num_workers=num_workers,
-            batch_size=batch_size,
-            on_state=lambda state, index: pending.append(index),
-        )
+        try:
+            played = run_episodes(
+                games,
+                act,
+                max_steps=max_steps,
+                num_workers=num_workers,
+                batch_size=rows,
+                on_state=lambda state, index: pending.append(index),
+            )
+        finally:
+            if hasattr(policy, "close"):  # the episode format's KV caches
+                policy.close()
         episodes = [
             EpisodeRollout(game=ep.game, task_type=ep.task_type, won=ep.won, failed=ep.failed, turns=log[i])
             for i, ep in enumerate(played)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from singleturn.model.episode_policy import EpisodePolicy
 from singleturn.model.policy import DTYPES, encode_prompt, sample_completions
 
 
@@ -54,3 +55,26 @@ class SamplingPolicy:
         self.response_tokens += sum(len(d.tokens) for d in done)
         self.last = list(zip(prompts, done))
         return [d.text for d in done]
+
+
+def sampling_policy(model, tokenizer, rollout_cfg, *, fmt, max_prompt: int, rows: int, seed: int):
+    """The rollout's sampling policy for prompt format `fmt`: the window format re-encodes each
+    state's prompt (`SamplingPolicy`, left-truncated to max_prompt); the episode format keeps each live
+    episode's KV cache (`model.EpisodePolicy`, decoding 'sample', `rows` live episodes at most): the
+    same prompts and draws, each turn computing only what it adds; an episode longer than the context
+    is an error there, not a truncation. Both count decisions, response_tokens and truncated and
+    leave the call's (prompt ids, Completion) pairs in `last`."""
+    if fmt.kind != "episode":
+        return SamplingPolicy(model, tokenizer, rollout_cfg, max_prompt=max_prompt, seed=seed)
+    sampling = {k: getattr(rollout_cfg, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens")}
+    return EpisodePolicy(
+        model,
+        tokenizer,
+        decoding="sample",
+        max_episodes=rows,
+        max_len=max_prompt + rollout_cfg.max_new_tokens,
+        list_admissible=fmt.list_admissible,
+        system_prompt=fmt.system_prompt,
+        sampling=sampling,
+        seed=seed,
+    )

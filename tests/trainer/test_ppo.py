@@ -251,6 +251,61 @@ def test_collect_episodes_in_the_episode_format_grows_one_conversation(real_game
     assert tok.decode(turns[2].prompt).count("Observation:") == 3
 
 
+def test_episode_format_rollouts_over_the_cache_equal_re_encoding_each_prompt(real_games):
+    """The episode format's rollouts run over each episode's KV cache (model.EpisodePolicy, sampled):
+    every turn's prompt ids, sampled ids, log-probs and parsed action equal what re-encoding each
+    state's whole prompt and sampling it (trainer.rollout.SamplingPolicy, the window format's path)
+    gives with the same seeds, a game played twice at once (a group) included."""
+    from singleturn.harness import parse_action
+    from singleturn.harness.rollout import run_episodes
+    from singleturn.model import train_tokenizer
+    from singleturn.trainer.episodes import collect_episodes
+    from singleturn.trainer.fsdp import apply_fsdp
+    from singleturn.trainer.rollout import SamplingPolicy
+
+    tok = train_tokenizer(["go to countertop 1", "take cloth 1 from sinkbasin 1", "Your task is to"], 300)
+    torch.manual_seed(0)
+    model = _tiny_model(tok.vocab_size, max_seq_len=4096)
+    fmt = PromptFormat("episode", system_prompt=False, list_admissible=True)
+    rcfg = RolloutConfig(max_new_tokens=6, temperature=0.9, top_p=0.95)
+    games = [real_games[0], real_games[0], real_games[1]]
+    eps, stats = collect_episodes(
+        model,
+        apply_fsdp(model),
+        tok,
+        games,
+        rollout_cfg=rcfg,
+        fmt=fmt,
+        max_steps=3,
+        max_seq_len=4096,
+        seed=3,
+        device="cpu",
+        num_workers=1,
+    )
+    ref: dict[int, list] = {i: [] for i in range(len(games))}
+    policy, pending = SamplingPolicy(model, tok, rcfg, max_prompt=4096 - 6, seed=3), []
+
+    def act(states):
+        policy([fmt.messages(s) for s in states])
+        idx = pending[-len(states) :]
+        del pending[-len(states) :]
+        out = [parse_action(c.text, s["admissible"]) for s, (_, c) in zip(states, policy.last)]
+        for i, (p, c), a in zip(idx, policy.last, out):
+            ref[i].append((p, c.tokens, c.logprobs, a))
+        return out
+
+    with torch.no_grad():
+        run_episodes(games, act, max_steps=3, batch_size=8, num_workers=1, on_state=lambda s, i: pending.append(i))
+    assert stats.samples == sum(len(v) for v in ref.values()) >= 6
+    for i, ep in enumerate(eps):
+        assert len(ep.turns) == len(ref[i])
+        for t, (p, ids, logp, a) in zip(ep.turns, ref[i]):
+            assert (t.prompt, t.response, t.action) == (p, ids, a)
+            torch.testing.assert_close(t.logprobs, logp, rtol=1e-4, atol=1e-5)
+    assert eps[0].turns[0].prompt == eps[1].turns[0].prompt  # the group's two copies of one game
+    assert [t.response for t in eps[0].turns] != [t.response for t in eps[1].turns]  # drawn apart
+
+
 def _worker(out: Path) -> None:
     """2-rank gloo run of both stages on the toy task (launched by the test below via torchrun)."""
     from singleturn.trainer.dist import destroy, init_distributed

@@ -44,7 +44,7 @@ from singleturn.trainer.data import Example, batch_indices, build_examples, prom
 from singleturn.trainer.dist import all_reduce_sums, broadcast_object
 from singleturn.trainer.episode_data import build_episode_examples
 from singleturn.trainer.episodes import train_games
-from singleturn.trainer.rollout import SamplingPolicy, rollout_seed
+from singleturn.trainer.rollout import rollout_seed, sampling_policy
 from singleturn.trainer.stages.base import StageContext, StageSpan, register
 from singleturn.trainer.stages.grpo import GRPOStage
 
@@ -118,16 +118,15 @@ def play_policy_states(
     order, steps in order; counts: decisions = sampled responses, env_steps = the env steps taken
     (= labelled states, plus the steps of episodes an env failure ended, whose states are dropped),
     won / env_failures = episodes, truncated prompts, response tokens). Collective (the weights are gathered) even without games."""
-    policy = SamplingPolicy(
-        model,
-        tokenizer,
-        rollout_cfg,
-        max_prompt=prompt_budget(model.config.max_seq_len, rollout_cfg.max_new_tokens),
-        seed=seed,
-    )
+    max_prompt = prompt_budget(model.config.max_seq_len, rollout_cfg.max_new_tokens)
     rows: list[dict] = []
     played: list = []
     with fsdp.summon_full_params(dtype=DTYPES[rollout_cfg.dtype]), torch.no_grad():
+        # Built on the gathered weights (the episode format's caches take their dtype); rows: the live
+        # episodes run_episodes plays at once.
+        policy = sampling_policy(
+            model, tokenizer, rollout_cfg, fmt=fmt, max_prompt=max_prompt, rows=8 * num_workers, seed=seed
+        )
         if games:
             with tempfile.TemporaryDirectory(prefix="dagger-") as tmp:
                 path = Path(tmp) / "states.jsonl"
@@ -145,6 +144,8 @@ def play_policy_states(
                     episodes=played,
                 )
                 rows = read_states(path) if n else []
+    if hasattr(policy, "close"):  # the episode format's KV caches
+        policy.close()
     counts = {
         "decisions": policy.decisions,
         "states": len(rows),
