@@ -18,7 +18,6 @@ Output: episode_prompt_selection.jsonl + .md (default bench/results/).
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -31,6 +30,7 @@ from singleturn.model.tokenizer import Tokenizer
 from singleturn.trainer.bound import _episode_actions
 from singleturn.trainer.episode_data import build_episode_examples, episode_states
 from singleturn.trainer.stages.sft import sft_forward_backward
+from singleturn.trainer.stats import wilson_interval
 
 COLUMNS = [
     ("variant", "per-turn material"), ("when", "model"), ("states", "held-out states"),
@@ -38,16 +38,6 @@ COLUMNS = [
     ("eval_tokens_per_state", "eval tokens / state"), ("sft_tokens_per_state", "SFT tokens / state"),
     ("sft_s_per_state", "SFT s / state"),
 ]  # fmt: skip
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def agreement(model, tok, held_out: dict[str, list[dict]], *, list_admissible: bool, batch: int) -> dict:
@@ -60,7 +50,7 @@ def agreement(model, tok, held_out: dict[str, list[dict]], *, list_admissible: b
     policy.close()
     states = [s for g in held_out for s in held_out[g]]
     k = sum(c == s["expert_action"] for c, s in zip(chosen, states))
-    lo, hi = wilson(k, len(states))
+    lo, hi = wilson_interval(k, len(states))
     return {"states": len(states), "agreement": k / max(len(states), 1), "wilson95": f"[{lo:.3f}, {hi:.3f}]",
             "eval_ms_per_state": 1e3 * dt / max(len(states), 1), "eval_tokens_per_state": tokens / max(len(states), 1)}  # fmt: skip
 
