@@ -116,13 +116,16 @@ def _run(spec: RunSpec, cc: CompareConfig) -> None:
     cfg_path = Path(cc.out_dir) / "configs" / f"{spec.name}.toml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(dump_toml(spec.raw))
-    print(f"[compare] {spec.name}: training ({cfg_path})", flush=True)
+    # A killed earlier attempt left its config.json: continue it (its last checkpoint, the finished
+    # episodes of a cut evaluation); --resume refuses it if the settings changed since.
+    resume = ["--resume"] if (run_dir / "config.json").exists() else []
+    print(f"[compare] {spec.name}: {'resuming' if resume else 'training'} ({cfg_path})", flush=True)
+    args = ["--config", str(cfg_path), *resume]
     if cc.launcher:
-        cmd = [*shlex.split(cc.launcher), str(_REPO / "trainer" / "main.py"), "--config", str(cfg_path)]
-        subprocess.run(cmd, check=True)
+        subprocess.run([*shlex.split(cc.launcher), str(_REPO / "trainer" / "main.py"), *args], check=True)
         return
 
-    if train_main(["--config", str(cfg_path)]) != 0:
+    if train_main(args) != 0:
         raise RuntimeError(f"run {spec.name} failed (config {cfg_path})")
 
 

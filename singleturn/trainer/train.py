@@ -82,9 +82,14 @@ class Trainer:
 
     def train(self) -> None:
         """Run every configured stage end to end (all ranks call this). SIGTERM / SIGINT stop it at
-        the next step boundary with a checkpoint: `Interrupted` (trainer/signals.py)."""
-        with StopSignals() as self.stop:
-            self._train()
+        the next step boundary with a checkpoint: `Interrupted` (trainer/signals.py). The run directory
+        is free again when it returns or raises (a second run in this process may resume it)."""
+        try:
+            with StopSignals() as self.stop:
+                self._train()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def _train(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -143,7 +148,7 @@ class Trainer:
         the checkpoint's config hash has been checked too (`write_run_config`)."""
         if is_main():
             print(format_config(self.cfg), flush=True)
-        self.lock = open_run_dir(self.cfg)  # held until the process exits
+        self.lock = open_run_dir(self.cfg)  # held until train() ends (or the process exits)
 
     def _build(self):
         """Data (games, states, tokenizer, examples), the model, its FSDP wrapper, the stage context."""

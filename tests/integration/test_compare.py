@@ -4,6 +4,7 @@ outputs."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ every = 0
 """
 
 
-def test_compare_toy_budget(tmp_path):
+def test_compare_toy_budget(tmp_path, capsys):
     from singleturn.trainer.compare import load_compare_config, plan_runs, rl_steps, run_comparison
 
     cfg = tmp_path / "compare.toml"
@@ -124,6 +125,19 @@ def test_compare_toy_budget(tmp_path):
     # A second call reuses every finished run and bound.
     again = run_comparison(str(cfg))
     assert [r["success_rate"] for r in again["runs"]] == [r["success_rate"] for r in doc["runs"]]
+    # A run killed in its final evaluation (after its last checkpoint; final/ and eval/grpo.json not
+    # yet written) is resumed, not refused as "already holds a run", and redoes only what was missing.
+    killed = out / "grpo-s0"
+    shutil.rmtree(killed / "final")
+    (killed / "eval" / "grpo.json").unlink()
+    (killed / "eval" / "bound.json").unlink()
+    sft_mtime = (out / "sft-s0" / "final" / "config.json").stat().st_mtime_ns
+    resumed = run_comparison(str(cfg))
+    assert (killed / "final" / "config.json").exists() and (killed / "eval" / "grpo.json").exists()
+    assert (out / "sft-s0" / "final" / "config.json").stat().st_mtime_ns == sft_mtime, "SFT redone"
+    keys = ("run", "success_rate", "action_accuracy", "episodes", "samples", "env_steps", "steps")
+    assert [[r[k] for k in keys] for r in resumed["runs"]] == [[r[k] for k in keys] for r in doc["runs"]]
+    assert "resuming" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
