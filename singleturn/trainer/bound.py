@@ -25,8 +25,8 @@ from singleturn.trainer.data import pack_completions, prompt_format
 from singleturn.trainer.episode_data import build_episode_examples
 from singleturn.trainer.episodes import collect_episodes
 from singleturn.trainer.evaluation import policy_spec
+from singleturn.trainer.forward_backward import action_logprobs
 from singleturn.trainer.fsdp import apply_fsdp
-from singleturn.trainer.policy_loss import action_logprobs
 
 
 def expert_trajectories(games: list[str], cache: Path, *, max_steps: int) -> dict[str, list[dict]]:

@@ -24,7 +24,6 @@ dummy micro-batch whose loss is multiplied by 0 (exactly zero gradient, the coll
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,7 +33,8 @@ from singleturn.kernels.grpo_loss import grpo_loss
 from singleturn.kernels.token_logprobs import token_logprobs
 from singleturn.model.masks import build_prefix_chain_batch, build_shared_prefix_batch
 from singleturn.trainer.data import PACK_PAD, chunks, pack_completions
-from singleturn.trainer.dist import all_reduce_max, all_reduce_sum, all_reduce_sums
+from singleturn.trainer.dist import all_reduce_sum
+from singleturn.trainer.forward_backward import forward_backward, hidden, pad_for_ranks
 from singleturn.trainer.reward import zero_variance_groups
 
 
@@ -179,19 +179,15 @@ def _shift_seq(p, lo: int):
 
 def micro_batches(batch: GRPOBatch, layout: Layout, *, device="cpu") -> list[MicroBatch]:
     """This rank's micro-batches, padded with zero-weight dummies to the max count over ranks."""
-    mbs = _pack(batch.sequences, layout, device)
-    n = all_reduce_max(len(mbs))
-    if n > len(mbs):
-        dummy = _pack([batch.dummy], layout, device)[0]
-        mbs += [MicroBatch(dummy.sequences, 0.0, dummy.packed)] * (n - len(mbs))
-    return mbs
+    dummy: list[MicroBatch] = []  # packed once, only when this rank pads
 
+    def pad() -> MicroBatch:
+        if not dummy:
+            d = _pack([batch.dummy], layout, device)[0]
+            dummy.append(MicroBatch(d.sequences, 0.0, d.packed))
+        return dummy[0]
 
-def _hidden(model, packed) -> torch.Tensor:
-    """model.hidden over padded rows (causal) or shared-prefix rows (positions + tree mask)."""
-    if getattr(packed, "mask", None) is None:
-        return model.hidden(packed.tokens)  # (B, T, D)
-    return model.hidden(packed.tokens, positions=packed.positions, attn_mask=packed.mask)
+    return pad_for_ranks(_pack(batch.sequences, layout, device), pad)
 
 
 @torch.no_grad()
@@ -200,7 +196,7 @@ def fill_reference_logprobs(ref_model, ref_head, mbs: list[MicroBatch], *, tempe
     for mb in mbs:
         packed = mb.packed
         with autocast() if autocast else contextlib.nullcontext():
-            h = _hidden(ref_model, packed)  # (B, T, D)
+            h = hidden(ref_model, packed)  # (B, T, D)
         logp_N = token_logprobs(
             h[packed.rows, packed.cols], ref_head(), packed.targets, temperature=temperature
         )
@@ -211,28 +207,6 @@ def fill_reference_logprobs(ref_model, ref_head, mbs: list[MicroBatch], *, tempe
 def global_response_tokens(batch: GRPOBatch) -> float:
     """All-reduced count of the kept response tokens: the loss normalizer (host sync)."""
     return all_reduce_sum(float(sum(len(s.response) for s in batch.sequences)))
-
-
-def _micro_batch_loss(model, head, mb: MicroBatch, *, kl_coef: float, device, autocast, **loss_kw):
-    """`kernels.grpo_loss` of one micro-batch (summed over its tokens; forward only)."""
-    packed, seqs = mb.packed, mb.sequences
-    adv_N = torch.tensor([s.advantage for s in seqs], dtype=torch.float32, device=device)[packed.seq]  # (N,)
-    old_N = torch.cat([s.old_logp for s in seqs]).to(device=device, dtype=torch.float32)  # (N,)
-    ref_N = None
-    if kl_coef > 0:
-        ref_N = torch.cat([s.ref_logp for s in seqs]).to(device=device, dtype=torch.float32)
-    with autocast() if autocast else contextlib.nullcontext():
-        h = _hidden(model, packed)  # (B, T, D)
-    return grpo_loss(
-        h[packed.rows, packed.cols],
-        head(),
-        packed.targets,
-        adv_N,
-        old_N,
-        ref_logp=ref_N,
-        kl_coef=kl_coef,
-        **loss_kw,
-    )
 
 
 def grpo_forward_backward(
@@ -248,31 +222,34 @@ def grpo_forward_backward(
     device,
     autocast=None,
 ) -> dict[str, float]:
-    """One epoch's gradients over this rank's micro-batches; returns globally normalized statistics.
-
-    loss = sum_tokens grpo_loss / global_tokens. Statistics (clip_frac, ratio, kl) are token means.
-    autocast: a context-manager factory around the model forward (bf16 autocast), or None.
+    """One epoch's gradients over this rank's micro-batches (trainer.forward_backward, the loss
+    `kernels.grpo_loss`); returns globally normalized statistics: loss = sum_tokens grpo_loss /
+    global_tokens; clip_frac, ratio, kl are token means. autocast: a context-manager factory around the
+    model forward (bf16 autocast), or None.
     """
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    clipped = ratio = kl = 0.0
-    nonfinite = 0
-    loss_kw = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, temperature=temperature)
-    for mb in mbs:
-        weight = mb.weight
-        out = _micro_batch_loss(model, head, mb, kl_coef=kl_coef, device=device, autocast=autocast, **loss_kw)
-        # weight 0 (a padding dummy) gives exactly zero gradient while the FSDP collectives still run.
-        loss = out.loss * weight / global_tokens
-        loss.backward()
-        if weight:
-            d = loss.detach().double().cpu()
-            loss_sum += d
-            clipped += float(out.clip_count)
-            ratio += float(out.ratio)
-            kl += float(out.kl)
-            nonfinite += 0 if math.isfinite(float(d)) else 1
-    sums = all_reduce_sums(
-        {"loss": float(loss_sum), "clipped": clipped, "ratio": ratio, "kl": kl, "nonfinite": nonfinite}
-    )
+
+    def clipped_loss(h_N: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
+        packed, seqs = mb.packed, mb.sequences
+        adv_N = torch.tensor([s.advantage for s in seqs], dtype=torch.float32, device=device)[packed.seq]
+        old_N = torch.cat([s.old_logp for s in seqs]).to(device=device, dtype=torch.float32)  # (N,)
+        ref_N = None
+        if kl_coef > 0:
+            ref_N = torch.cat([s.ref_logp for s in seqs]).to(device=device, dtype=torch.float32)
+        out = grpo_loss(
+            h_N,
+            head(),
+            packed.targets,
+            adv_N,
+            old_N,
+            ref_logp=ref_N,
+            kl_coef=kl_coef,
+            clip_eps_low=clip_eps_low,
+            clip_eps_high=clip_eps_high,
+            temperature=temperature,
+        )
+        return out.loss, {"clipped": out.clip_count, "ratio": out.ratio, "kl": out.kl}
+
+    sums = forward_backward(model, mbs, clipped_loss, global_tokens=global_tokens, autocast=autocast)
     n = max(global_tokens, 1.0)
     return {
         "loss": sums["loss"],
@@ -281,13 +258,3 @@ def grpo_forward_backward(
         "kl": sums["kl"] / n,
         "nonfinite": int(sums["nonfinite"]),
     }
-
-
-def action_logprobs(model, head, packed) -> torch.Tensor:
-    """logp[N] fp32 of packed.targets under the model (differentiable): hidden -> gather -> fused head.
-
-    packed: padded rows (trainer.data.PackedBatch) or packed rows with positions and a mask
-    (model.masks.PackedRows)."""
-    h = _hidden(model, packed)  # (B, T, D)
-    h_N = h[packed.rows, packed.cols]  # (N, D)
-    return token_logprobs(h_N, head(), packed.targets)  # (N,) fp32

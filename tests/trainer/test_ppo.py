@@ -191,7 +191,7 @@ def test_collect_episodes_records_the_policys_own_turns(real_games):
     from singleturn.trainer.data import pack_completions
     from singleturn.trainer.episodes import collect_episodes
     from singleturn.trainer.fsdp import apply_fsdp
-    from singleturn.trainer.policy_loss import action_logprobs
+    from singleturn.trainer.forward_backward import action_logprobs
 
     tok = train_tokenizer(["go to countertop 1", "take cloth 1 from sinkbasin 1", "Your task is to"], 300)
     torch.manual_seed(0)
@@ -295,7 +295,9 @@ def test_episode_format_rollouts_over_the_cache_equal_re_encoding_each_prompt(re
         return out
 
     with torch.no_grad():
-        run_episodes(games, act, max_steps=3, batch_size=8, num_workers=1, on_state=lambda s, i: pending.append(i))
+        run_episodes(
+            games, act, max_steps=3, batch_size=8, num_workers=1, on_state=lambda s, i: pending.append(i)
+        )
     assert stats.samples == sum(len(v) for v in ref.values()) >= 6
     for i, ep in enumerate(eps):
         assert len(ep.turns) == len(ref[i])

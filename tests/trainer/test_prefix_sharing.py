@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from singleturn.trainer.data import Example
+from singleturn.trainer.forward_backward import action_logprobs
 from singleturn.trainer.policy_loss import (
     Layout,
-    action_logprobs,
     fill_reference_logprobs,
     grpo_forward_backward,
     micro_batches,
@@ -158,18 +158,16 @@ def test_shared_prefix_update_equals_padded(G, kl_coef):
 
 def test_zero_weight_dummies_pad_the_shared_layout(monkeypatch):
     """A rank with fewer micro-batches than another runs zero-weight dummies: exactly zero gradient."""
-    import singleturn.trainer.policy_loss as pl
+    import singleturn.trainer.forward_backward as fb
 
     m = _model(0)
     batch = _batch(m, 3, seed=3)
     batch.sequences = []  # this rank kept nothing; another rank (simulated) has 2 micro-batches
-    monkeypatch.setattr(pl, "all_reduce_max", lambda n: 2)
+    monkeypatch.setattr(fb, "all_reduce_max", lambda n: 2)
     mbs = micro_batches(batch, LAYOUTS["shared"])
     assert len(mbs) == 2 and all(mb.weight == 0.0 and mb.packed.mask is not None for mb in mbs)
-    stats = grpo_forward_backward(
-        m, lambda: m.output.weight, mbs, global_tokens=1.0, clip_eps_low=0.2, clip_eps_high=0.2,
-        kl_coef=0.0, temperature=1.0, device="cpu",
-    )  # fmt: skip
+    kw = dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0, temperature=1.0, device="cpu")
+    stats = grpo_forward_backward(m, lambda: m.output.weight, mbs, global_tokens=1.0, **kw)
     assert stats["loss"] == 0.0
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in m.parameters())
 

@@ -7,21 +7,23 @@ that predict action tokens are gathered (`h[rows, cols]`, N x D), and `kernels.t
 the LM head with the log-softmax so no [N, V] (let alone [B, T, V]) logits exist. The loss is the
 summed negative log-likelihood divided by the GLOBAL number of action tokens (all-reduced before the
 first micro-batch), and the FSDP gradients are summed over ranks: so the step equals one big batch
-on one device, for any world size and micro-batch split.
+on one device, for any world size and micro-batch split. The passes run through the driver every
+stage shares (trainer/forward_backward.py); this stage supplies the loss.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
+from dataclasses import dataclass
 
 import torch
 
+from singleturn.kernels import token_logprobs
 from singleturn.model.masks import build_packed_causal_batch
 from singleturn.trainer.data import PACK_PAD, Example, chunks, pack_completions
-from singleturn.trainer.dist import all_reduce_max, all_reduce_sum, all_reduce_sums
+from singleturn.trainer.dist import all_reduce_sum
 from singleturn.trainer.episode_data import EpisodeExample, episode_micro_batches
-from singleturn.trainer.policy_loss import action_logprobs
+from singleturn.trainer.forward_backward import forward_backward, pad_for_ranks
 from singleturn.trainer.stages.base import STAGES, Stage, StageContext, local_examples, register
 
 
@@ -57,6 +59,14 @@ def _counts(examples: list) -> tuple[int, int]:
     return sum(len(e.target_ids) for e in examples), len(examples)
 
 
+@dataclass
+class _SFTPass:
+    packed: object
+    weight: float
+    first: int
+    """Index (in this rank's examples) of the pass's first example: packed.seq + first."""
+
+
 def sft_forward_backward(
     model,
     head,
@@ -69,13 +79,10 @@ def sft_forward_backward(
     row_len: int | None = None,
     autocast=None,
 ) -> dict[str, float]:
-    """Accumulate this rank's gradients for one SFT step; returns globally reduced statistics.
-
-    `head()` returns the (gathered) LM head weight [V, D] valid outside a module forward. Ranks run
-    the same number of forward/backward passes (FSDP): a rank with fewer micro-batches repeats its
-    first one with weight 0 (exactly zero gradient). Statistics: loss (mean NLL per action token),
-    action_prob (mean probability of the whole expert action under the model at T=1), num_tokens
-    (global), nonfinite (micro-batches with a NaN/inf loss).
+    """Accumulate this rank's gradients for one SFT step (trainer.forward_backward); returns globally
+    reduced statistics: loss (mean NLL per action token), action_prob (mean probability of the whole
+    expert action under the model at T=1), num_tokens (global), nonfinite (passes with a NaN/inf loss).
+    `head()` returns the (gathered) LM head weight [V, D] valid outside a module forward.
     """
     local_tokens, num_seq = _counts(examples)
     global_tokens = all_reduce_sum(float(local_tokens))  # host sync: the normalizer must be known up front
@@ -87,27 +94,24 @@ def sft_forward_backward(
         row_len=row_len,
         device=device,
     )
-    weights = [1.0] * len(mbs)
-    n = all_reduce_max(len(mbs))
-    mbs += [mbs[0]] * (n - len(mbs))
-    weights += [0.0] * (n - len(weights))
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    passes = pad_for_ranks(
+        [_SFTPass(p, 1.0, first) for p, first in mbs], lambda: _SFTPass(mbs[0][0], 0.0, mbs[0][1])
+    )
     seq_logp = torch.zeros(num_seq, dtype=torch.float64)  # (states,) summed action log-probs
-    nonfinite = 0
-    for (packed, first), weight in zip(mbs, weights):
-        with autocast() if autocast else contextlib.nullcontext():
-            logp_N = action_logprobs(model, head, packed)  # (N,)
-        loss = -logp_N.sum() * weight / global_tokens
-        loss.backward()
-        if not weight:
-            continue
-        d = loss.detach()
-        if not torch.isfinite(d):
-            nonfinite += 1
-        loss_sum += d.double().cpu()
-        seq_logp.index_add_(0, packed.seq.cpu() + first, logp_N.detach().double().cpu())
-    stats = all_reduce_sums(
-        {"loss": float(loss_sum), "prob": float(seq_logp.exp().sum()), "nonfinite": nonfinite, "n": num_seq}
+
+    def nll(h_N: torch.Tensor, p: _SFTPass) -> tuple[torch.Tensor, dict]:
+        logp_N = token_logprobs(h_N, head(), p.packed.targets)  # (N,)
+        if p.weight:
+            seq_logp.index_add_(0, p.packed.seq.cpu() + p.first, logp_N.detach().double().cpu())
+        return -logp_N.sum(), {}
+
+    stats = forward_backward(
+        model,
+        passes,
+        nll,
+        global_tokens=global_tokens,
+        autocast=autocast,
+        extra_sums=lambda: {"prob": float(seq_logp.exp().sum()), "n": num_seq},
     )
     return {
         "loss": stats["loss"],
