@@ -33,9 +33,9 @@ from collections.abc import Sequence
 
 import torch
 
+from singleturn.model.completion import Completion, stop_ids
 from singleturn.model.episode_cache import EpisodeCache
 from singleturn.model.episode_tokens import extend_committed, split_turn
-from singleturn.model.policy import Completion, stop_ids
 
 __all__ = ["DECODINGS", "EpisodePolicy"]
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from singleturn.model.completion import Completion, stop_ids
 from singleturn.model.constrained import action_trie, allowed_tokens_fn
+from singleturn.model.episode_policy import EpisodePolicy
 from singleturn.model.generate import generate, score_continuations
 from singleturn.model.hf_io import load_hf_checkpoint
 from singleturn.model.tokenizer import Tokenizer
@@ -44,13 +46,6 @@ DECODINGS = ("greedy", "rank")
 POLICY_FILE = "policy.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """Config dtype names -> torch dtypes (the one map; the trainer's configs use these names)."""
-
-
-def stop_ids(tokenizer) -> tuple[int, ...]:
-    """Tokens that end a response: the end-of-turn id and the tokenizer's other end-of-sequence ids."""
-    ids = {tokenizer.eot_id}
-    ids.update(getattr(tokenizer, "eos_ids", ()) or ())
-    return tuple(sorted(ids))
 
 
 def prompt_budget(max_seq_len: int, response_tokens: int) -> int:
@@ -82,15 +77,6 @@ def encode_prompt(tokenizer, messages: Sequence[dict], max_tokens: int) -> tuple
     if len(ids) > max_tokens:
         return ids[-max_tokens:], True
     return ids, False
-
-
-@dataclass
-class Completion:
-    """One generated response: ids up to and including the stop token, their log-probs, the text."""
-
-    tokens: list[int]
-    logprobs: torch.Tensor  # (len(tokens),) fp32 cpu: sampled-token log-probs (0 for greedy)
-    text: str
 
 
 def sample_completions(
@@ -240,8 +226,6 @@ class PolicySpec:
                 raise ValueError(
                     "prompt='episode' decodes ranked or greedy under the admissible trie: set constrained"
                 )
-            from singleturn.model.episode_policy import EpisodePolicy  # a cycle: it imports Completion
-
             return EpisodePolicy(
                 model,
                 tokenizer,
