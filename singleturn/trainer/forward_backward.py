@@ -72,8 +72,8 @@ def forward_backward(
 ) -> dict[str, float]:
     """Accumulate this rank's gradients over `passes`; returns the statistics summed over ranks:
     `loss` (the step's loss), `nonfinite` (passes with a NaN/inf loss), every key loss_fn returns
-    (summed over weight-1 passes; 0 from padding passes) and every key of extra_sums() (called after the last pass), in one
-    all-reduce."""
+    (summed over weight-1 passes; 0 from padding passes) and every key of extra_sums() (called after
+    the last pass), in one all-reduce."""
     loss_sum = torch.zeros((), dtype=torch.float64)
     sums: dict[str, float] = {}
     nonfinite = 0

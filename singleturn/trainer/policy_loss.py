@@ -23,7 +23,6 @@ dummy micro-batch whose loss is multiplied by 0 (exactly zero gradient, the coll
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,7 +33,7 @@ from singleturn.kernels.token_logprobs import token_logprobs
 from singleturn.model.masks import build_prefix_chain_batch, build_shared_prefix_batch
 from singleturn.trainer.data import PACK_PAD, chunks, pack_completions
 from singleturn.trainer.dist import all_reduce_sum
-from singleturn.trainer.forward_backward import forward_backward, hidden, pad_for_ranks
+from singleturn.trainer.forward_backward import forward_backward, pad_for_ranks, target_hidden
 from singleturn.trainer.reward import zero_variance_groups
 
 
@@ -195,11 +194,8 @@ def fill_reference_logprobs(ref_model, ref_head, mbs: list[MicroBatch], *, tempe
     """ref_logp of every sequence of `mbs` (the dummies' too) under the frozen reference model."""
     for mb in mbs:
         packed = mb.packed
-        with autocast() if autocast else contextlib.nullcontext():
-            h = hidden(ref_model, packed)  # (B, T, D)
-        logp_N = token_logprobs(
-            h[packed.rows, packed.cols], ref_head(), packed.targets, temperature=temperature
-        )
+        h_N = target_hidden(ref_model, packed, autocast)  # (N, D)
+        logp_N = token_logprobs(h_N, ref_head(), packed.targets, temperature=temperature)
         for b, s in enumerate(mb.sequences):
             s.ref_logp = logp_N[packed.seq == b].float().cpu()
 
