@@ -20,7 +20,7 @@ import torch
 from _common import base_parser, env_info, write_jsonl, write_markdown
 
 from singleturn.harness import read_states
-from singleturn.model.episode_policy import DECODINGS, EpisodePolicy
+from singleturn.model.episode_policy import EpisodePolicy
 from singleturn.model.hf_io import load_hf_checkpoint
 from singleturn.model.tokenizer import Tokenizer
 from singleturn.trainer.bound import _episode_actions
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sft-batch", type=int, required=True, help="the SFT run's episodes per step")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--games", type=int, default=40, help="how many unseen training episodes to score")
-    p.add_argument("--decodings", nargs="+", default=list(DECODINGS), choices=DECODINGS)
+    p.add_argument("--decodings", nargs="+", default=["rank", "greedy"], choices=["rank", "greedy"])
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only (accepted like every bench)")

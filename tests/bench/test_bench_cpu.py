@@ -245,25 +245,40 @@ def test_bench_grpo_tokens_on_synthetic_episodes(tmp_path):
     )
 
 
-def test_episode_prompt_selection_smoke(tmp_path):
-    """The item-3 measurement end to end on a tiny random model and the synthetic episodes: both
-    variants, zero-shot and after SFT, agreement and costs per state."""
-    import torch
-
-    from singleturn.model import LlamaConfig, Transformer, save_hf_checkpoint
+def _tiny_checkpoint(tmp_path):
+    """(states, checkpoint dir): the synthetic episodic states and a tiny random model over their
+    tokenizer, exported as an HF directory with its tokenizer (what the checkpoint benches read)."""
+    from singleturn.model import save_hf_checkpoint
     from singleturn.model.tokenizer import Tokenizer
     from singleturn.trainer.synthetic import write_synthetic_inputs
 
     states, tok_path = write_synthetic_inputs(tmp_path, n=30, episodic=True)
     tok = Tokenizer.from_file(str(tok_path))
-    cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=tok.vocab_size,
-                      max_seq_len=1024, tie_word_embeddings=True, bos_id=tok.bos_id, eos_ids=(tok.eot_id,))  # fmt: skip
+    cfg = LlamaConfig(
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        ffn_dim=64,
+        vocab_size=tok.vocab_size,
+        max_seq_len=1024,
+        tie_word_embeddings=True,
+        bos_id=tok.bos_id,
+        eos_ids=(tok.eot_id,),
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.init_weights(0)
     ckpt = tmp_path / "ckpt"
     save_hf_checkpoint(model, ckpt)
     (ckpt / "tokenizer.json").write_bytes(tok_path.read_bytes())
+    return states, ckpt
+
+
+def test_episode_prompt_selection_smoke(tmp_path):
+    """The item-3 measurement end to end on a tiny random model and the synthetic episodes: both
+    variants, zero-shot and after SFT, agreement and costs per state."""
+    states, ckpt = _tiny_checkpoint(tmp_path)
     _run("episode_prompt_selection.py", "--out-dir", str(tmp_path), "--model", str(ckpt), "--states", str(states),
          "--held-out-games", "3", "--sft-episodes", "4", "--batch-episodes", "2", "--threads", "1")  # fmt: skip
     rows = _rows(tmp_path / "episode_prompt_selection.jsonl")
@@ -276,3 +291,19 @@ def test_episode_prompt_selection_smoke(tmp_path):
     assert all(r["states"] == 9 and 0 <= r["agreement"] <= 1 for r in rows)
     after = {r["variant"]: r for r in rows if r["when"].startswith("after")}
     assert after["list"]["sft_tokens_per_state"] > after["none"]["sft_tokens_per_state"]
+
+
+def test_decoding_agreement_smoke(tmp_path):
+    """Ranked vs trie-greedy on the episodes a recorded SFT run never drew: the exclusion is exact
+    (the SFT batches recomputed from the data seed), both decodings score the same states, and
+    ranking agrees with itself."""
+    states, ckpt = _tiny_checkpoint(tmp_path)
+    _run("decoding_agreement.py", "--out-dir", str(tmp_path), "--checkpoint", str(ckpt),
+         "--states", str(states), "--sft-steps", "2", "--sft-batch", "2", "--games", "3", "--threads", "1")  # fmt: skip
+    rows = {r["decoding"]: r for r in _rows(tmp_path / "decoding_agreement.jsonl")}
+    assert list(rows) == ["rank", "greedy"]
+    # 10 synthetic episodes of 3 states; 2 SFT steps x 2 episodes draw 4 of them; 3 of the other 6 scored
+    assert {(r["games"], r["states"]) for r in rows.values()} == {(3, 9)}
+    assert rows["rank"]["same_as_rank"] == 1.0
+    assert 0 <= rows["greedy"]["same_as_rank"] <= 1 and 0 <= rows["greedy"]["agreement"] <= 1
+    assert rows["greedy"]["tokens_per_state"] < rows["rank"]["tokens_per_state"]
