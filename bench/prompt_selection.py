@@ -26,8 +26,10 @@ import torch
 from _common import base_parser, env_info, markdown_table, write_jsonl, write_markdown
 
 from singleturn.harness import parse_action, read_states, render_prompt
+from singleturn.model.constrained import action_trie, allowed_tokens_fn
+from singleturn.model.generate import score_continuations
 from singleturn.model.hf_io import load_hf_checkpoint
-from singleturn.model.policy import ModelPolicy
+from singleturn.model.policy import sample_completions
 from singleturn.model.tokenizer import Tokenizer
 
 _ADMISSIBLE_LINE = "\nAdmissible actions: "
@@ -39,6 +41,19 @@ def messages(state: dict, window: int, system_prompt: bool, admissible: bool) ->
         text = m[-1]["content"]
         m[-1] = {"role": "user", "content": text[: text.rindex(_ADMISSIBLE_LINE)]}
     return m
+
+
+def act(model, tok, messages: list[dict], admissible: list[str], decoding: str) -> str:
+    """The policy's command for one prompt (each variant's messages as written), cache-free: the
+    admissible command of highest total log-prob, or greedy decoding under the admissible trie."""
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    if decoding == "rank":
+        scores = score_continuations(model, [prompt], [[tok.encode(a) + [tok.eot_id] for a in admissible]])[0]
+        return admissible[max(range(len(admissible)), key=scores.__getitem__)]
+    trie = action_trie(tok, admissible)
+    (done,) = sample_completions(model, tok, [prompt], num_samples=1, max_new_tokens=trie.max_len,
+                                 temperature=0.0, seed=0, allowed_tokens=allowed_tokens_fn([trie]))  # fmt: skip
+    return done.text
 
 
 def main(argv=None) -> int:
@@ -63,14 +78,14 @@ def main(argv=None) -> int:
                 {**base, "decoding": "trie-greedy"}]  # fmt: skip
     out = []
     for v in variants:
-        decoding, constrained = ("greedy", True) if v["decoding"] == "trie-greedy" else ("rank", False)
-        policy = ModelPolicy(model, tok, max_new_tokens=16, max_seq_len=4096, decoding=decoding,
-                             constrained=constrained, max_batch=1)  # fmt: skip
+        decoding = "greedy" if v["decoding"] == "trie-greedy" else "rank"
         t0, hits, tokens = time.perf_counter(), 0, 0
         for s in sample:
             m = messages(s, v["history_window"], v["system_prompt"], v["admissible_in_prompt"])
             tokens += len(tok.apply_chat_template(m))
-            hits += parse_action(policy([m], [s["admissible"]])[0], s["admissible"]) == s["expert_action"]
+            with torch.no_grad():
+                text = act(model, tok, m, s["admissible"], decoding)
+            hits += parse_action(text, s["admissible"]) == s["expert_action"]
         n = len(sample)
         row = {
             "model": args.model, **v, "states": n, "agreement": hits / n, "hits": hits,

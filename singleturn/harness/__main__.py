@@ -134,22 +134,26 @@ class _Refused(Exception):
     """An expected failure `main` prints as one line (exit 2)."""
 
 
-def _checkpoint_policy(path: str):
+def _checkpoint_policy(path: str, history_window: int | None = None):
     """(policy, PolicySpec) from an exported checkpoint dir (config.json, *.safetensors, tokenizer).
 
     `model.policy.load_policy` reads the run's `policy.json` (decoding, constraints, dtype, history
     window, system prompt, step limit), so the CLI plays exactly the policy the trainer evaluated.
     Imported lazily: only this CLI path needs torch; the library never does. A checkpoint that does
-    not load (missing, truncated, not a checkpoint) is a `_Refused` naming it.
+    not load (missing, truncated, not a checkpoint) is a `_Refused` naming it. `history_window`
+    (the CLI flag, when given) overrides the spec's: the policy renders its own prompts.
     """
     from safetensors import SafetensorError  # a model dependency: only this CLI path loads weights
 
     from singleturn.model.policy import load_policy  # torch-free: the harness imports the model lazily
 
     try:
-        return load_policy(path)
+        policy, spec = load_policy(path)
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise _Refused(f"checkpoint {path} does not load ({type(e).__name__}: {e})") from e
+    if history_window is not None:
+        policy.history_window = history_window
+    return policy, spec
 
 
 def _prompt_settings(args, spec) -> dict:
@@ -201,7 +205,11 @@ def _run(args) -> None:
         )
     elif args.cmd == "expert":
         games = _games(args)
-        policy, spec = _checkpoint_policy(args.policy_states) if args.policy_states else (None, None)
+        policy, spec = (
+            _checkpoint_policy(args.policy_states, args.history_window)
+            if args.policy_states
+            else (None, None)
+        )
         t0 = time.perf_counter()
         n = collect_states(
             games,
@@ -210,13 +218,16 @@ def _run(args) -> None:
             policy=policy,
             beta=args.beta,
             num_workers=args.workers,
+            batch_size=spec.batch_size if spec is not None else None,
             **_prompt_settings(args, spec),
         )
         print(f"{n} states from {len(games)} games -> {args.out} ({time.perf_counter() - t0:.1f}s)")
     elif args.cmd == "evaluate":
         games = _games(args)
         policy, spec = (
-            (args.policy, None) if args.policy in ("expert", "random") else _checkpoint_policy(args.policy)
+            (args.policy, None)
+            if args.policy in ("expert", "random")
+            else _checkpoint_policy(args.policy, args.history_window)
         )
         report = evaluate(
             policy,
@@ -224,8 +235,8 @@ def _run(args) -> None:
             num_workers=args.workers,
             expert=args.expert,
             seed=args.seed,
-            # an episode-keeping policy holds spec.batch_size cache rows: never more live episodes
-            batch_size=spec.batch_size if spec is not None and spec.prompt == "episode" else None,
+            # a checkpoint's policy holds spec.batch_size cache rows: never more live episodes
+            batch_size=spec.batch_size if spec is not None else None,
             **_prompt_settings(args, spec),
         )
         print(report.to_markdown())

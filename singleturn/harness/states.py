@@ -37,6 +37,7 @@ def collect_states(
     seed: int = 0,
     only_won: bool = True,
     episodes: list | None = None,
+    batch_size: int | None = None,
 ) -> int:
     """Play `games` and write one row per visited state to `out_jsonl`; returns the row count.
 
@@ -45,7 +46,8 @@ def collect_states(
     mixture); rows are still labelled with the expert's action. `only_won`: keep only episodes
     that reach the goal (expert runs; ignored with a policy, whose failures are the point).
     episodes: a list to append the played `Episode`s to, in games order (won, steps, env failures:
-    what the rows alone do not say).
+    what the rows alone do not say). batch_size: live episodes at once (default 8 per worker; a
+    policy that keeps episodes holds a cache row for each).
     """
     from singleturn.harness.rollout import run_episodes  # ALFWorld: only for play, not to read states
 
@@ -69,6 +71,7 @@ def collect_states(
         act,
         max_steps=max_steps,
         num_workers=num_workers,
+        batch_size=batch_size,
         expert=expert,
         on_state=on_state,
         stop_without_expert=True,

@@ -1,7 +1,8 @@
 """Live episodes as growing token sequences: each turn computes only the tokens it adds.
 
-`EpisodeCache(model, rows, max_len)` holds one static KV cache row per live episode (the model's
-`setup_caches`). The three operations an agent loop needs, batched over the episodes in lockstep:
+`EpisodeCache(model, rows, max_len, trie_slots=0)` holds one static KV cache row per live episode
+(the model's `setup_caches`): a row holds at most `max_len` tokens (positions), and a scored trie may
+use `trie_slots` slots past that (its nodes sit at positions len + depth, but each needs its own slot). The three operations an agent loop needs, batched over the episodes in lockstep:
 
 - `append(new_tokens)`: row r's committed sequence grows by new_tokens[r] (the next observation, the
   action taken, ...; an empty list leaves the row as it is). Only the new tokens are computed; they
@@ -47,15 +48,26 @@ __all__ = ["EpisodeCache"]
 class EpisodeCache:
     """One KV-cache row per episode; see the module docstring. Needs full (unsharded) weights."""
 
-    def __init__(self, model: Transformer, rows: int, max_len: int, *, dtype: torch.dtype | None = None):
-        if rows < 1 or max_len < 2:
-            raise ValueError(f"EpisodeCache needs rows >= 1 and max_len >= 2, got {rows}, {max_len}")
+    def __init__(
+        self,
+        model: Transformer,
+        rows: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype | None = None,
+        trie_slots: int = 0,
+    ):
+        if rows < 1 or max_len < 2 or trie_slots < 0:
+            raise ValueError(
+                f"EpisodeCache needs rows >= 1, max_len >= 2, trie_slots >= 0; got {rows}, {max_len}, {trie_slots}"
+            )
         self.model, self.rows, self.max_len = model, rows, max_len
+        self.slots = max_len + trie_slots  # a row's slots; slot `slots` is the scratch slot for pads
         self.device = model.tok_embeddings.weight.device
         # The caches are this object's, installed on the model only for the length of its own forwards:
         # any other forward of the model in between (a cache-free one writes the caches it finds,
         # `generate` replaces them) can neither corrupt them nor be slowed by them.
-        model.setup_caches(rows, max_len + 1, dtype=dtype)  # + a scratch slot for pads (see append)
+        model.setup_caches(rows, self.slots + 1, dtype=dtype)  # + a scratch slot for pads (see append)
         self._caches = [layer.attention.kv_cache for layer in model.layers]
         model.clear_caches()
         self.lengths = [0] * rows
@@ -103,11 +115,13 @@ class EpisodeCache:
         if stale:
             raise ValueError(f"{what}: rows {stale} were truncated and not appended to since")
 
-    def _check_room(self, r: int, extra: int, what: str) -> None:
-        if self.lengths[r] + extra > self.max_len:
+    def _check_room(self, r: int, extra: int, what: str, limit: int | None = None) -> None:
+        limit = self.max_len if limit is None else limit
+        if self.lengths[r] + extra > limit:
+            name = "max_len" if limit == self.max_len else "max_len + trie_slots"
             raise ValueError(
-                f"episode row {r}: {self.lengths[r]} tokens + {extra} {what} exceed the cache's max_len "
-                f"{self.max_len} (window the episode or raise max_len; nothing is truncated silently)"
+                f"episode row {r}: {self.lengths[r]} tokens + {extra} {what} exceed the cache's {name} "
+                f"{limit} (window the episode or raise it; nothing is truncated silently)"
             )
 
     @torch.no_grad()
@@ -123,15 +137,15 @@ class EpisodeCache:
         live = [r for r, t in enumerate(new_tokens) if t]
         # Rows 0..B-1 of the cache take part (KVCache.update works on a leading block); rows without new
         # tokens and the pads of shorter rows write into slots past their row's length, which no later
-        # query sees before an append overwrites them; past max_len they go to the scratch slot
-        # max_len, which holds no token of any row (a query at slot p < max_len never sees it).
+        # query sees before an append overwrites them; past the row's slots they go to the scratch slot
+        # `slots`, which holds no token of any row (a query at slot p < slots never sees it).
         B = max(live) + 1
         tokens = torch.zeros((B, T), dtype=torch.int64)
         slots = torch.empty((B, T), dtype=torch.int64)
         for r in range(B):
             t = list(new_tokens[r])
             tokens[r, : len(t)] = torch.as_tensor(t, dtype=torch.int64) if t else tokens[r, :0]
-            slots[r] = (self.lengths[r] + torch.arange(T)).clamp(max=self.max_len)
+            slots[r] = (self.lengths[r] + torch.arange(T)).clamp(max=self.slots)
         tokens, slots = tokens.to(self.device), slots.to(self.device)
         with self._installed():  # attend only up to the highest slot written (not the whole max_len)
             h = self.model.hidden(tokens, input_pos=slots, kv_len=int(slots.max()) + 1)  # (B, T, D)
@@ -183,14 +197,15 @@ class EpisodeCache:
         self._check_fresh(scored, "score")
         tries = {r: _token_trie(candidates[r]) for r in scored}
         S = max(len(t.tokens) for t in tries.values())
-        for r in scored:
-            self._check_room(r, len(tries[r].tokens), "trie nodes")
+        for r in scored:  # the nodes' slots, and their positions (the deepest: the longest candidate)
+            self._check_room(r, len(tries[r].tokens), "trie nodes", limit=self.slots)
+            self._check_room(r, max(tries[r].depth) + 1, "tokens of the longest candidate")
         B = max(scored) + 1
         tokens = torch.zeros((B, S), dtype=torch.int64)
         slots = torch.empty((B, S), dtype=torch.int64)
         positions = torch.zeros((B, S), dtype=torch.int64)
-        for r in range(B):  # pads past max_len go to the scratch slot
-            slots[r] = (self.lengths[r] + torch.arange(S)).clamp(max=self.max_len)
+        for r in range(B):  # pads past the row's slots go to the scratch slot
+            slots[r] = (self.lengths[r] + torch.arange(S)).clamp(max=self.slots)
         kv_len = int(slots.max()) + 1  # the attention reads (and the mask spans) only the slots in use
         mask = torch.zeros((B, S, kv_len), dtype=torch.bool)
         for r in range(B):

@@ -117,13 +117,9 @@ def _greedy_matches(
     exact) takes the expert's action at each state, in `states`' order."""
     spec = policy_spec(train_cfg)
     policy = spec.policy(model, tok)
-    if train_cfg.data.prompt == "episode":
-        chosen = _episode_actions(policy, trajectories, spec.batch_size)
-        return [c == s["expert_action"] for c, s in zip(chosen, states)]
-    messages = [render_prompt(s, train_cfg.data.history_window, train_cfg.data.system_prompt) for s in states]
-    kw = {"admissible": [s["admissible"] for s in states]} if policy.wants_admissible else {}
-    texts = policy(messages, **kw) if states else []
-    return [parse_action(t, s["admissible"]) == s["expert_action"] for t, s in zip(texts, states)]
+    chosen = _episode_actions(policy, trajectories, spec.batch_size)
+    policy.close()
+    return [parse_action(c, s["admissible"]) == s["expert_action"] for c, s in zip(chosen, states)]
 
 
 def _episode_prompts(states: list[dict], tok, train_cfg, max_seq_len: int) -> list[list[int]]:
@@ -143,7 +139,7 @@ def _episode_prompts(states: list[dict], tok, train_cfg, max_seq_len: int) -> li
 
 
 def _episode_actions(policy, trajectories: dict[str, list[dict]], batch_size: int) -> list[str]:
-    """The episode policy's action at every expert state (teacher-forced: the expert's history), in
+    """The policy's response at every expert state (teacher-forced: the expert's history), in
     trajectory order: `batch_size` games at a time in lockstep, as the evaluation plays them."""
     games = [g for g in trajectories if trajectories[g]]
     chosen: dict[tuple[str, int], str] = {}

@@ -4,8 +4,8 @@
 `collect_episodes` plays a list of games with the CURRENT policy, sampling (not greedy), through
 `harness.rollout.run_episodes` (the same loop `harness.evaluate` and `collect_states` drive, on an
 `EnvPool` of worker processes). Each turn records:
-  - the prompt ids: `harness.render_prompt(state)` through `model.policy.encode_prompt`, exactly the
-    single-turn format (its length policy: left-truncated to fit the context, counted),
+  - the prompt ids, exactly as the policy saw them (`trainer.rollout.sampling_policy`: the window
+    format's prompt left-truncated to fit the context, counted; the episode format's whole episode),
   - the sampled response ids (stop token included) and their sampling log-probs (the behaviour
     policy of the PPO ratio),
   - the parsed action (None: invalid) and whether it equals the expert's action in that env state,
@@ -74,10 +74,8 @@ class CollectStats:
 
 def _act_fn(model, tokenizer, rollout_cfg, *, fmt, max_prompt, rows, seed, pending, log):
     """The `run_episodes` act callable: one sampled response per live state, every turn recorded with
-    its ids and sampling log-probs. The window format re-encodes each state's prompt (`SamplingPolicy`,
-    left-truncated to max_prompt); the episode format keeps each live episode's KV cache
-    (`model.EpisodePolicy`, decoding 'sample': the same prompts and draws, each turn computing only
-    what it adds; an episode longer than the context is an error, not a truncation)."""
+    its ids and sampling log-probs (`trainer.rollout.sampling_policy`, one cache row per live
+    episode, keyed per episode so a group plays one game several times at once)."""
     policy = sampling_policy(
         model, tokenizer, rollout_cfg, fmt=fmt, max_prompt=max_prompt, rows=rows, seed=seed
     )
@@ -86,10 +84,7 @@ def _act_fn(model, tokenizer, rollout_cfg, *, fmt, max_prompt, rows, seed, pendi
         before = policy.truncated
         episode_of = pending[-len(states) :]  # on_state ran once per state, in this order
         del pending[-len(states) :]
-        if fmt.kind == "episode":
-            policy.act_states(states, keys=episode_of)
-        else:
-            policy([fmt.messages(s) for s in states])
+        policy.act_states(states, keys=episode_of)
         actions = []
         for i, (s, (prompt, c)) in enumerate(zip(states, policy.last)):
             action = parse_action(c.text, s["admissible"])
@@ -157,8 +152,7 @@ def collect_episodes(
                 on_state=lambda state, index: pending.append(index),
             )
         finally:
-            if hasattr(policy, "close"):  # the episode format's KV caches
-                policy.close()
+            policy.close()  # its KV caches
         episodes = [
             EpisodeRollout(game=ep.game, task_type=ep.task_type, won=ep.won, failed=ep.failed, turns=log[i])
             for i, ep in enumerate(played)

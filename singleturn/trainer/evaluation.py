@@ -9,7 +9,7 @@ part-way resumes from eval/<label>.episodes.jsonl (its finished episodes), unles
 with other settings (eval.* may change on resume: the games, step limit, decoding), which restart it. eval/<label>.md, then
 eval/<label>.json are written atomically (the json last: it marks the label done); a json that
 does not parse all the same (damaged on disk) is an error naming the file and what to delete. The policy is
-`model.policy.ModelPolicy` with the run's `PolicySpec` (decoding, constraints, dtype, prompt
+`model.EpisodePolicy` built from the run's `PolicySpec` (decoding, constraints, dtype, prompt
 settings), the same spec `final/policy.json` carries for `python -m singleturn.harness evaluate`.
 `comparison_table` renders the table the run prints.
 """
@@ -105,7 +105,10 @@ class Evaluator:
         with self.fsdp.summon_full_params(dtype=DTYPES[self.spec.dtype]):
             if is_main():
                 policy = self.spec.policy(self.model, self.tokenizer)
-                report = _save(self._play(policy, label), label, self.run_dir, time.perf_counter() - t0)
+                try:
+                    report = _save(self._play(policy, label), label, self.run_dir, time.perf_counter() - t0)
+                finally:
+                    policy.close()  # its KV caches
             barrier()
         return broadcast_object(report)
 

@@ -1,8 +1,9 @@
-"""EpisodePolicy (model/episode_policy.py) through harness.evaluate on real games: episodes played in
-lockstep (one batched forward per turn over all live episodes) take the same actions, success and
-accuracy as the same episodes played one at a time (float64: no batched-rounding near-ties); rows are
-given back as episodes end, so fewer rows than games suffice; trie-constrained greedy over the cache
-picks what the per-state path (ModelPolicy on each whole prompt) picks."""
+"""EpisodePolicy (model/episode_policy.py), the one act path, through harness.evaluate on real games:
+episodes played in lockstep (one batched forward per turn over all live episodes) take the same
+actions, success and accuracy as the same episodes played one at a time (float64: no batched-rounding
+near-ties); rows are given back as episodes end, so fewer rows than games suffice; in both prompt
+formats and every decoding it picks what the cache-free reference (`per_state_policy`: each state's
+whole prompt through model/generate.py) picks, window prompts cut to fit included."""
 
 import pytest
 import torch
@@ -142,40 +143,75 @@ def test_the_policy_spec_builds_the_episode_policy(model_and_tok):
     policy = PolicySpec(prompt="episode", decoding="rank", batch_size=3, max_len=512).policy(model, tok)
     assert isinstance(policy, EpisodePolicy) and policy.cache.rows == 3 and policy.cache.max_len == 512
     policy.close()
-    policy = PolicySpec(prompt="episode", decoding="greedy", constrained=True, batch_size=2).policy(
-        model, tok
+    spec = PolicySpec(prompt="window", decoding="greedy", history_window=2, batch_size=2, max_new_tokens=5)
+    policy = spec.policy(model, tok)
+    assert (policy.prompt, policy.decoding, policy.constrained, policy.history_window) == (
+        "window",
+        "greedy",
+        False,
+        2,
     )
-    assert isinstance(policy, EpisodePolicy) and policy.decoding == "greedy"
+    assert policy.sampling["max_new_tokens"] == 5 and policy.cache.max_len == model.config.max_seq_len
     policy.close()
-    with pytest.raises(ValueError, match="set constrained"):
-        PolicySpec(prompt="episode", decoding="greedy").policy(model, tok)
+    with pytest.raises(ValueError, match="'greedy' or 'rank'"):
+        PolicySpec(decoding="sample").policy(model, tok)
 
 
-@pytest.mark.parametrize("list_admissible", [True, False])
-def test_greedy_over_the_cache_equals_constrained_greedy_on_each_whole_prompt(
-    model_and_tok, train_games, list_admissible
-):
-    """The same episodes, actions and outcomes as ModelPolicy's trie-constrained greedy decoding of each
-    state's whole episode-format prompt (re-encoded every turn), in float64."""
-    from singleturn.model.policy import ModelPolicy
-
-    model, tok = model_and_tok
-    games = train_games[:4]
-    cached, policy = _play(model, tok, games, 4, 4, decoding="greedy", list_admissible=list_admissible)
-    whole = ModelPolicy(model, tok, max_new_tokens=4, max_seq_len=4096, constrained=True, decoding="greedy")
-    ref = evaluate(
-        whole,
-        games,
-        max_steps=5,
-        batch_size=4,
-        num_workers=1,
-        prompt="episode",
-        list_admissible=list_admissible,
-        system_prompt=False,
+def _reference(model, tok, games, per_state_policy, *, prompt, decoding, constrained, list_admissible,
+               max_len=4096):  # fmt: skip
+    """The same games through the cache-free reference and through the cache; both reports, both policies."""
+    free = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 4}
+    sampling = None if decoding == "rank" or constrained else free
+    fmt = dict(prompt=prompt, list_admissible=list_admissible, system_prompt=False, history_window=2)
+    ref = per_state_policy(
+        model, tok, decoding=decoding, constrained=constrained, max_len=max_len, sampling=sampling
     )
-    by_game = lambda r: {e["game"]: (e["actions"], e["won"]) for e in r.episodes}  # noqa: E731
-    assert by_game(cached) == by_game(ref) and sum(len(a) for a, _ in by_game(ref).values()) >= 12
-    assert cached.action_accuracy == ref.action_accuracy
+    want = evaluate(ref, games, max_steps=5, batch_size=4, num_workers=1, **fmt)
+    policy = EpisodePolicy(model, tok, decoding=decoding, constrained=constrained, max_new_tokens=4,
+                           max_episodes=4, max_len=max_len, dtype=torch.float64, **fmt)  # fmt: skip
+    got = evaluate(policy, games, max_steps=5, batch_size=4, num_workers=1, **fmt)
+    policy.close()
+    return got, want, policy, ref
+
+
+_by_game = lambda r: {e["game"]: (e["actions"], e["won"], e["invalid"]) for e in r.episodes}  # noqa: E731
+
+
+@pytest.mark.parametrize(
+    "prompt,decoding,constrained,list_admissible",
+    [
+        ("episode", "greedy", True, True),
+        ("episode", "greedy", True, False),
+        ("episode", "greedy", False, False),
+        ("window", "rank", True, True),
+        ("window", "greedy", True, True),
+        ("window", "greedy", False, True),
+    ],
+)
+def test_the_cache_plays_what_each_whole_prompt_plays(
+    model_and_tok, train_games, per_state_policy, prompt, decoding, constrained, list_admissible
+):
+    """The same episodes, actions and outcomes as the cache-free reference decoding each state's whole
+    prompt (re-encoded every turn), in float64: trie-constrained greedy, free greedy, ranking; the
+    episode format with and without the per-turn list, and the window format."""
+    model, tok = model_and_tok
+    kw = dict(prompt=prompt, decoding=decoding, constrained=constrained, list_admissible=list_admissible)
+    got, want, _, _ = _reference(model, tok, train_games[:4], per_state_policy, **kw)
+    assert _by_game(got) == _by_game(want) and sum(len(a) for a, _, _ in _by_game(want).values()) >= 12
+    assert got.action_accuracy == want.action_accuracy
+
+
+@pytest.mark.parametrize("decoding", ["rank", "greedy"])
+def test_window_prompts_that_do_not_fit_keep_their_last_ids(
+    model_and_tok, train_games, per_state_policy, decoding
+):
+    """A window prompt longer than the context keeps its last ids (leaving room for the state's
+    response), counted, as the per-state path cuts it: the same actions, the same count."""
+    model, tok = model_and_tok
+    kw = dict(prompt="window", decoding=decoding, constrained=True, list_admissible=True)
+    got, want, policy, ref = _reference(model, tok, train_games[:4], per_state_policy, max_len=160, **kw)
+    assert _by_game(got) == _by_game(want)
+    assert policy.truncated == ref.truncated > 0
 
 
 def test_greedy_keeps_what_the_next_turn_writes_the_same_way(model_and_tok):

@@ -184,22 +184,26 @@ def _check_dagger_run(out, run):
 
 
 def _check_greedy_bound_scores_the_eval_policy(out, run):
-    """g_t is the evaluation's own deterministic action (the base's eval.decoding = rank) == expert."""
+    """g_t is the evaluation's own deterministic action (the base's eval.decoding = rank) == expert:
+    ranking each state's whole window prompt, cache-free."""
     import torch
 
-    from singleturn.harness import parse_action, read_states, render_prompt
+    from singleturn.harness import read_states, render_prompt
     from singleturn.model import Tokenizer, load_hf_checkpoint
-    from singleturn.model.policy import ModelPolicy
+    from singleturn.model.generate import score_continuations
 
     final = out / run["run"] / "final"
-    model, mcfg = load_hf_checkpoint(final, device=torch.device("cpu"), dtype=torch.float32)
+    model, _ = load_hf_checkpoint(final, device=torch.device("cpu"), dtype=torch.float32)
     tok = Tokenizer.from_file(str(final / "tokenizer.json"))
-    pol = ModelPolicy(model, tok, max_new_tokens=4, max_seq_len=mcfg.max_seq_len, decoding="rank")
     states = read_states(out / "bound-expert-states.jsonl")
-    acts = pol([render_prompt(s, 2, False) for s in states], admissible=[s["admissible"] for s in states])
     want = {}
-    for s, a in zip(states, acts):
-        want.setdefault(s["game"], []).append(parse_action(a, s["admissible"]) == s["expert_action"])
+    with torch.no_grad():
+        for s in states:
+            prompt = tok.apply_chat_template(render_prompt(s, 2, False), add_generation_prompt=True)
+            cands = [tok.encode(a) + [tok.eot_id] for a in s["admissible"]]
+            scores = score_continuations(model, [prompt], [cands])[0]
+            pick = s["admissible"][max(range(len(cands)), key=scores.__getitem__)]
+            want.setdefault(s["game"], []).append(pick == s["expert_action"])
     got = {g: v["greedy"] for g, v in run["bound"]["per_game"].items() if v["steps"]}
     assert got == {g: w for g, w in want.items() if g in got} and got
 

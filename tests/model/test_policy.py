@@ -1,5 +1,7 @@
-"""Admissible-constrained decoding: the action trie, the constrained eval policy (every output is
-an admissible command, the greedy best among them), and harness.evaluate passing admissible lists."""
+"""Admissible-constrained decoding: the action trie; the act path's decodings on window prompts
+(`model.EpisodePolicy(prompt="window")`: trie-constrained greedy is the greedy best admissible command,
+ranking the most probable one, free greedy what `generate` decodes); the one prompt-length rule; and
+harness.evaluate passing admissible lists to text policies that want them."""
 
 import pytest
 import torch
@@ -62,33 +64,57 @@ def test_action_trie_is_the_sft_target_format(tok):
         assert trie.allowed(target) == []
 
 
+def _window_policy(model, tok, **kw):
+    from singleturn.model.episode_policy import EpisodePolicy
+
+    return EpisodePolicy(model, tok, prompt="window", history_window=1, system_prompt=True, max_len=512, **kw)
+
+
+def _states():
+    return [{"game": f"g{i}", "step": 0, "history": [], **s} for i, s in enumerate(STATES)]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_constrained_policy_outputs_the_best_admissible_action(tok, seed):
-    from singleturn.harness import parse_action, render_prompt
-    from singleturn.model.policy import ModelPolicy
+    from singleturn.harness import render_prompt
 
     torch.manual_seed(seed)
     model = _tiny_model(tok.vocab_size, seed=seed)
-    states = STATES
-    messages = [render_prompt(s, history_window=1) for s in states]
-    free = ModelPolicy(model, tok, max_new_tokens=3, max_seq_len=512)
-    pol = ModelPolicy(model, tok, max_new_tokens=3, max_seq_len=512, constrained=True)
-    assert pol.wants_admissible and not free.wants_admissible
-    with pytest.raises(ValueError, match="admissible"):
-        pol(messages)
-    texts = pol(messages, admissible=[s["admissible"] for s in states])
-    for s, m, text in zip(states, messages, texts):
-        action = parse_action(text, s["admissible"])
-        assert action is not None and text == action  # longer than max_new_tokens=3 is still whole
+    states = _states()
+    pol = _window_policy(model, tok, decoding="greedy", constrained=True, max_new_tokens=3)
+    texts = pol.act_states(states)
+    for s, text in zip(states, texts):
+        assert text in s["admissible"]  # longer than max_new_tokens=3 is still whole
         # Greedy over the trie: at each token, the best-scoring id among those the trie allows.
         trie = action_trie(tok, s["admissible"])
-        prompt = tok.apply_chat_template(m, add_generation_prompt=True)
-        resp = tok.encode(action) + [tok.eot_id]
+        prompt = tok.apply_chat_template(render_prompt(s, 1), add_generation_prompt=True)
+        resp = tok.encode(text) + [tok.eot_id]
         with torch.no_grad():
             logits = model(torch.tensor([prompt + resp]))[0, len(prompt) - 1 :]  # (len(resp)+1, V)
         for j, t in enumerate(resp):
             ids = trie.allowed(resp[:j])
-            assert t == ids[int(logits[j, ids].argmax())], (action, j)
+            assert t == ids[int(logits[j, ids].argmax())], (text, j)
+    pol.close()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_free_greedy_decodes_what_generate_decodes(tok, seed):
+    """constrained=False: free greedy, at most max_new_tokens, the ids `generate` picks at temperature 0."""
+    from singleturn.harness import render_prompt
+    from singleturn.model.policy import sample_completions
+
+    model = _tiny_model(tok.vocab_size, seed=seed)
+    states = _states()
+    pol = _window_policy(model, tok, decoding="greedy", constrained=False, max_new_tokens=3)
+    texts = pol.act_states(states)
+    prompts = [tok.apply_chat_template(render_prompt(s, 1), add_generation_prompt=True) for s in states]
+    with torch.no_grad():
+        want = sample_completions(
+            model, tok, prompts, num_samples=1, max_new_tokens=3, temperature=0.0, seed=0
+        )
+    assert texts == [c.text for c in want] and [c.tokens for _, c in pol.last] == [c.tokens for c in want]
+    assert all(len(c.tokens) <= 3 for _, c in pol.last)
+    pol.close()
 
 
 def test_evaluate_passes_admissible_to_policies_that_want_it():
@@ -117,18 +143,14 @@ def test_evaluate_passes_admissible_to_policies_that_want_it():
 def test_rank_policy_plays_the_most_probable_admissible_action(tok, seed):
     """decoding='rank': the argmax over admissible commands of the teacher-forced total log-prob."""
     from singleturn.harness import render_prompt
-    from singleturn.model.policy import ModelPolicy
+    from singleturn.model.episode_policy import EpisodePolicy
 
     model = _tiny_model(tok.vocab_size, seed=seed)
-    states = STATES
-    messages = [render_prompt(s, history_window=1) for s in states]
-    pol = ModelPolicy(model, tok, max_new_tokens=3, max_seq_len=512, decoding="rank")
-    assert pol.wants_admissible
-    with pytest.raises(ValueError, match="admissible"):
-        pol(messages)
-    got = pol(messages, admissible=[s["admissible"] for s in states])
-    for s, m, action in zip(states, messages, got):
-        prompt = tok.apply_chat_template(m, add_generation_prompt=True)
+    states = _states()
+    pol = _window_policy(model, tok, decoding="rank")
+    got = pol.act_states(states)
+    for s, action in zip(states, got):
+        prompt = tok.apply_chat_template(render_prompt(s, 1), add_generation_prompt=True)
         totals = []
         for a in s["admissible"]:
             resp = tok.encode(a) + [tok.eot_id]
@@ -136,8 +158,11 @@ def test_rank_policy_plays_the_most_probable_admissible_action(tok, seed):
                 logp = model(torch.tensor([prompt + resp]))[0].double().log_softmax(-1)
             totals.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(resp)))
         assert action == s["admissible"][max(range(len(totals)), key=totals.__getitem__)]
-    with pytest.raises(ValueError, match="decoding"):
-        ModelPolicy(model, tok, max_new_tokens=3, max_seq_len=512, decoding="beam")
+    pol.close()
+    with pytest.raises(ValueError, match="decodes by"):
+        EpisodePolicy(model, tok, decoding="beam")
+    with pytest.raises(ValueError, match="prompt must be"):
+        EpisodePolicy(model, tok, prompt="novel")
 
 
 def test_one_prompt_length_rule():

@@ -152,22 +152,23 @@ def _any_admissible(text: str, admissible: list[str]) -> str:
 
 def test_play_labels_the_policys_own_states(world, monkeypatch):
     import singleturn.harness.prompts as harness_prompts
-    import singleturn.trainer.rollout as rollout_mod
     from singleturn.harness import render_prompt
+    from singleturn.model.completion import encode_prompt
+    from singleturn.model.episode_policy import EpisodePolicy
 
     monkeypatch.setattr(harness_prompts, "parse_action", _any_admissible)
 
     model, fsdp = _model(world.tok)
     asked: dict[tuple, list[str]] = {}  # prompt ids -> the responses the policy sampled for them
-    real = rollout_mod.sample_completions
+    real = EpisodePolicy.act_states
 
-    def spy(model, tokenizer, prompts, **kw):
-        done = real(model, tokenizer, prompts, **kw)
-        for p, d in zip(prompts, done):
-            asked.setdefault(tuple(p), []).append(d.text)
-        return done
+    def spy(self, states, keys=None):
+        out = real(self, states, keys)
+        for p, c in self.last:
+            asked.setdefault(tuple(p), []).append(c.text)
+        return out
 
-    monkeypatch.setattr(rollout_mod, "sample_completions", spy)  # SamplingPolicy samples through it
+    monkeypatch.setattr(EpisodePolicy, "act_states", spy)  # the act path every rollout samples through
     rcfg = RolloutConfig(max_new_tokens=6, temperature=1.0)
 
     def play(seed):
@@ -193,7 +194,7 @@ def test_play_labels_the_policys_own_states(world, monkeypatch):
         assert [r["step"] for r in steps] == list(range(len(steps))) and len(steps) <= 4
         assert steps[0]["expert_action"] == walkthrough[game][0], "the expert labels the start state"
         for prev, cur in zip(steps, steps[1:]):
-            ids, _ = rollout_mod.encode_prompt(world.tok, render_prompt(prev, 2, False), 2048 - 6)
+            ids, _ = encode_prompt(world.tok, render_prompt(prev, 2, False), 2048 - 6)
             acted = {_any_admissible(t, prev["admissible"]) for t in asked[tuple(ids)]}
             assert cur["history"][-1][0] == prev["observation"] and cur["history"][-1][1] in acted, (
                 f"{game} step {cur['step']}: the state does not follow the policy's action"

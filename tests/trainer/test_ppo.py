@@ -190,8 +190,8 @@ def test_collect_episodes_records_the_policys_own_turns(real_games):
     from singleturn.model import train_tokenizer
     from singleturn.trainer.data import pack_completions
     from singleturn.trainer.episodes import collect_episodes
-    from singleturn.trainer.fsdp import apply_fsdp
     from singleturn.trainer.forward_backward import action_logprobs
+    from singleturn.trainer.fsdp import apply_fsdp
 
     tok = train_tokenizer(["go to countertop 1", "take cloth 1 from sinkbasin 1", "Your task is to"], 300)
     torch.manual_seed(0)
@@ -251,22 +251,22 @@ def test_collect_episodes_in_the_episode_format_grows_one_conversation(real_game
     assert tok.decode(turns[2].prompt).count("Observation:") == 3
 
 
-def test_episode_format_rollouts_over_the_cache_equal_re_encoding_each_prompt(real_games):
-    """The episode format's rollouts run over each episode's KV cache (model.EpisodePolicy, sampled):
-    every turn's prompt ids, sampled ids, log-probs and parsed action equal what re-encoding each
-    state's whole prompt and sampling it (trainer.rollout.SamplingPolicy, the window format's path)
-    gives with the same seeds, a game played twice at once (a group) included."""
+@pytest.mark.parametrize("kind", ["episode", "window"])
+def test_rollouts_over_the_cache_equal_re_encoding_each_prompt(real_games, per_state_policy, kind):
+    """The rollouts run over each episode's KV cache (model.EpisodePolicy, sampled): every turn's
+    prompt ids, sampled ids, log-probs and parsed action equal what re-encoding each state's whole
+    prompt and sampling it (the cache-free reference, `generate`) gives with the same seeds, a game
+    played twice at once (a group) included, in both prompt formats."""
     from singleturn.harness import parse_action
     from singleturn.harness.rollout import run_episodes
     from singleturn.model import train_tokenizer
     from singleturn.trainer.episodes import collect_episodes
     from singleturn.trainer.fsdp import apply_fsdp
-    from singleturn.trainer.rollout import SamplingPolicy
 
     tok = train_tokenizer(["go to countertop 1", "take cloth 1 from sinkbasin 1", "Your task is to"], 300)
     torch.manual_seed(0)
     model = _tiny_model(tok.vocab_size, max_seq_len=4096)
-    fmt = PromptFormat("episode", system_prompt=False, list_admissible=True)
+    fmt = PromptFormat(kind, history_window=1, system_prompt=False, list_admissible=True)
     rcfg = RolloutConfig(max_new_tokens=6, temperature=0.9, top_p=0.95)
     games = [real_games[0], real_games[0], real_games[1]]
     eps, stats = collect_episodes(
@@ -283,10 +283,12 @@ def test_episode_format_rollouts_over_the_cache_equal_re_encoding_each_prompt(re
         num_workers=1,
     )
     ref: dict[int, list] = {i: [] for i in range(len(games))}
-    policy, pending = SamplingPolicy(model, tok, rcfg, max_prompt=4096 - 6, seed=3), []
+    sampling = {"temperature": 0.9, "top_p": 0.95, "top_k": 0, "max_new_tokens": 6}
+    policy = per_state_policy(model, tok, decoding="sample", max_len=4096, sampling=sampling, seed=3)
+    pending = []
 
     def act(states):
-        policy([fmt.messages(s) for s in states])
+        policy([fmt.messages(s) for s in states], [s["admissible"] for s in states])
         idx = pending[-len(states) :]
         del pending[-len(states) :]
         out = [parse_action(c.text, s["admissible"]) for s, (_, c) in zip(states, policy.last)]

@@ -142,10 +142,10 @@ def play_policy_states(
                     list_admissible=fmt.list_admissible,
                     seed=seed,
                     episodes=played,
+                    batch_size=8 * num_workers,  # the policy's cache rows
                 )
                 rows = read_states(path) if n else []
-    if hasattr(policy, "close"):  # the episode format's KV caches
-        policy.close()
+    policy.close()  # its KV caches
     counts = {
         "decisions": policy.decisions,
         "states": len(rows),
