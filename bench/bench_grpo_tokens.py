@@ -1,4 +1,4 @@
-"""Tokens a single-turn GRPO update computes per step: window prompts vs the episode format's trunk.
+"""Tokens a single-turn GRPO step computes: window prompts vs the episode format's trunk.
 
     python bench/bench_grpo_tokens.py --tokenizer data/models/SmolLM2-135M-Instruct/tokenizer.json \
         --states data/games/states-train-n300-s0.jsonl [--steps 20]
@@ -11,6 +11,8 @@ sampling (seed 0), median per step:
 - episode prompt, prefix chains (`Layout.prefix_chains`) over states drawn at random;
 - episode prompt, prefix chains over states drawn episode by episode (what the trainer does in the
   episode format: a batch's prompts extend one another, each episode's trunk computed once).
+And the rollout's prefill per step: every prompt of the step prefilled on its own (before) against
+`model.generate`'s trunks (a prompt that is a prefix of another prompt of the call is not prefilled).
 Output: grpo_tokens.jsonl + .md (default bench/results/).
 """
 
@@ -22,12 +24,19 @@ import torch
 from _common import base_parser, env_info, write_jsonl, write_markdown
 
 from singleturn.harness import read_states
+from singleturn.model.generate import _trunks
 from singleturn.model.tokenizer import Tokenizer
 from singleturn.trainer.data import batch_indices, build_examples
 from singleturn.trainer.episode_data import build_episode_examples
 from singleturn.trainer.policy_loss import GRPOBatch, Layout, Sequence, micro_batches
 
-COLUMNS = [("path", "path"), ("tokens", "computed tokens / step (median)"), ("ratio", "vs window")]
+COLUMNS = [
+    ("path", "path"),
+    ("tokens", "update: computed tokens / step (median)"),
+    ("ratio", "vs window"),
+    ("prefill_per_prompt", "rollout prefill, each prompt"),
+    ("prefill_trunks", "rollout prefill, trunks"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,33 +63,44 @@ def main(argv: list[str] | None = None) -> None:
         seqs = [Sequence(examples[j].prompt_ids, [5] * L, torch.zeros(L), 1.0) for j in idx for _ in range(G)]
         return sum(m.packed.computed_tokens for m in micro_batches(GRPOBatch(seqs, seqs[0], 0), layout))
 
+    def prefill(examples, idx) -> tuple[int, int]:
+        prompts = [examples[j].prompt_ids for j in idx]
+        _, trunks = _trunks(prompts)
+        return sum(map(len, prompts)), sum(len(prompts[t]) for t in trunks)
+
     shared = Layout(shared_prefix=True, max_tokens=8192, row_len=4096)
     chains = Layout(shared_prefix=True, prefix_chains=True, max_tokens=8192, row_len=4096)
-    paths = {
-        "window prompt, segment per group": lambda s: computed(
-            window, batch_indices(s, B, len(window), 0), shared
+    draws = {  # path -> (examples, the step's states, layout)
+        "window prompt, segment per group": (window, lambda st: batch_indices(st, B, len(window), 0), shared),
+        "episode prompt, segment per group": (ep_ex, lambda st: batch_indices(st, B, len(ep_ex), 0), shared),
+        "episode prompt, prefix chains, random states": (
+            ep_ex,
+            lambda st: batch_indices(st, B, len(ep_ex), 0),
+            chains,
         ),
-        "episode prompt, segment per group": lambda s: computed(
-            ep_ex, batch_indices(s, B, len(ep_ex), 0), shared
-        ),
-        "episode prompt, prefix chains, random states": lambda s: computed(
-            ep_ex, batch_indices(s, B, len(ep_ex), 0), chains
-        ),
-        "episode prompt, prefix chains, episode by episode": lambda s: computed(
-            ep_ex, batch_indices(s, B, len(ep_ex), 0, blocks), chains
+        "episode prompt, prefix chains, episode by episode": (
+            ep_ex,
+            lambda st: batch_indices(st, B, len(ep_ex), 0, blocks),
+            chains,
         ),
     }
     env, rows, base = env_info(), [], None
-    for label, fn in paths.items():
-        med = statistics.median(fn(s) for s in range(args.steps))
+    for label, (examples, draw, layout) in draws.items():
+        steps = range(args.steps)
+        med = statistics.median(computed(examples, draw(st), layout) for st in steps)
+        pre = [prefill(examples, draw(st)) for st in steps]
         base = base or med
         rows.append({"topic": "grpo_tokens", "path": label, "tokens": med, "ratio": round(base / med, 2),
+                     "prefill_per_prompt": statistics.median(a for a, _ in pre),
+                     "prefill_trunks": statistics.median(b for _, b in pre),
                      "batch": B, "group_size": G, "response_len": L, "steps": args.steps, **env})  # fmt: skip
-        print(f"[grpo_tokens] {label:50s} {med:8.0f} tokens/step x{base / med:.2f}", flush=True)
+        print(
+            f"[grpo_tokens] {label:50s} update {med:8.0f} tokens/step x{base / med:.2f}; rollout prefill "
+            f"{rows[-1]['prefill_per_prompt']:.0f} -> {rows[-1]['prefill_trunks']:.0f}",
+            flush=True,
+        )
     write_jsonl(args.out_dir, "grpo_tokens", rows)
-    write_markdown(
-        args.out_dir, "grpo_tokens", "Tokens a single-turn GRPO update computes per step", rows, COLUMNS
-    )
+    write_markdown(args.out_dir, "grpo_tokens", "Tokens a single-turn GRPO step computes", rows, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Batched sampling with a static KV cache: each prompt prefilled once, decoded into num_samples rows.
 
-`generate` prefills B right-padded prompts once, copies each prompt's KV into its G cache rows
-(`Transformer.broadcast_cache_rows`) and decodes the B*G rows together, each at its own positions.
+`generate` prefills the B prompts once, copies each prompt's KV into its G cache rows
+(`Transformer.gather_cache_rows`) and decodes the B*G rows together, each at its own positions. A
+prompt that is a prefix of another prompt of the call (the states of one episode in the episode
+format: each state's prompt extends the last) is not prefilled on its own: causal attention makes
+its KV the first slots of the longer prompt's, and its next-token logits the longer prompt's hidden
+state at its last position, so only the longest prompt of each chain (its trunk) is computed.
 `allowed_tokens(row, prefix)` optionally masks every draw (e.g. an admissible-command trie). Draws
 go through `kernels.sample_tokens` keyed by (seed, step, row): reproducible on any device.
 `score_continuations` ranks fixed candidates by total log-prob in one forward per prompt over
@@ -78,7 +82,9 @@ def generate(
     device = model.tok_embeddings.weight.device
     B, S = len(prompts), num_samples
     N = B * S
-    prompt_BL, lens = _right_padded(prompts, device)
+    trunk, trunks = _trunks(prompts)
+    prompt_BL, _ = _right_padded([prompts[t] for t in trunks], device)
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
     max_len = prompt_BL.shape[1]
     stop = torch.as_tensor(list(stop_ids), dtype=torch.int64, device=device)
 
@@ -89,7 +95,7 @@ def generate(
 
     model.setup_caches(N, max_len + max_new_tokens)
     try:
-        logits_NV, pos_N = _prefill(model, prompt_BL, lens, S)
+        logits_NV, pos_N = _prefill(model, prompt_BL, lens, torch.as_tensor(trunk, device=device), S)
 
         for step in range(max_new_tokens):
             if allowed_tokens is not None:
@@ -126,14 +132,39 @@ def _right_padded(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tenso
     return prompt_BL.to(device), lens.to(device)
 
 
-def _prefill(model: Transformer, prompt_BL: torch.Tensor, lens: torch.Tensor, S: int):
-    """Prefill B prompt rows once (only each prompt's last position goes through the LM head), then
-    copy each row's cache to its S sample rows: (next-token logits [B*S, V], positions [B*S])."""
-    B = prompt_BL.shape[0]
-    h_BLD = model.hidden(prompt_BL)
-    last_BD = h_BLD[torch.arange(B, device=prompt_BL.device), lens - 1]  # (B, D)
+def _trunks(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """(trunk of each prompt, the trunks): trunk[i] indexes `trunks`, the prompts (by index, in order
+    of first use) that are a prefix of no other prompt; prompt i is a prefix of prompts[trunks[trunk[i]]].
+    trunk[i] <= i, so the cache rows can be spread in place (see `_prefill`)."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    longest: dict[int, int] = {}  # prompt -> the prompt it is computed as part of
+    maximal: list[int] = []
+    for i in order:  # longer first: a prompt's trunk is already known when it is reached
+        p = prompts[i]
+        longest[i] = next((m for m in maximal if list(prompts[m][: len(p)]) == list(p)), i)
+        if longest[i] == i:
+            maximal.append(i)
+    trunks: list[int] = []
+    slot: dict[int, int] = {}
+    trunk = []
+    for i in range(len(prompts)):
+        m = longest[i]
+        if m not in slot:
+            slot[m] = len(trunks)
+            trunks.append(m)
+        trunk.append(slot[m])
+    return trunk, trunks
+
+
+def _prefill(model: Transformer, trunk_BL: torch.Tensor, lens: torch.Tensor, trunk: torch.Tensor, S: int):
+    """Prefill the trunk rows once (only each prompt's last position goes through the LM head), then
+    copy each prompt's trunk row to its S sample rows: (next-token logits [B*S, V], positions [B*S]).
+    Prompt i reads trunk row trunk[i] <= i, so writing rows in place never overwrites a row still to
+    be read (`KVCache.gather_rows` copies a layer's rows at once anyway)."""
+    h_TLD = model.hidden(trunk_BL)
+    last_BD = h_TLD[trunk, lens - 1]  # (B, D): each prompt's last position within its trunk
     logits_NV = model.output(last_BD).repeat_interleave(S, dim=0)  # (N, V)
-    model.broadcast_cache_rows(B, S)
+    model.gather_cache_rows(trunk.repeat_interleave(S))
     pos_N = lens.repeat_interleave(S)  # (N,) position of the token about to be sampled
     return logits_NV, pos_N
 

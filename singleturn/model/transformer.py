@@ -133,16 +133,12 @@ class KVCache(nn.Module):
         self.v[:B].scatter_(2, idx, v)
         return self.k[:B], self.v[:B]
 
-    def broadcast_rows(self, n_src: int, repeats: int) -> None:
-        """Rows 0..n_src-1 -> rows i*repeats .. (i+1)*repeats-1, in place (prefill once, sample many).
-
-        Descending order so a source row is read before anything overwrites it; only one row is
-        cloned at a time (no second full-size cache).
-        """
+    def gather_rows(self, src: torch.Tensor) -> None:
+        """Row n <- row src[n] for n < len(src), in place (src on the cache's device). One layer's
+        rows are copied once (index_select), not the whole cache."""
+        n = src.shape[0]
         for cache in (self.k, self.v):
-            for i in reversed(range(n_src)):
-                row = cache[i].clone()  # (n_kv, S, hd)
-                cache[i * repeats : (i + 1) * repeats] = row
+            cache[:n] = cache.index_select(0, src)
 
 
 class Attention(nn.Module):
@@ -298,10 +294,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def broadcast_cache_rows(self, n_src: int, repeats: int) -> None:
-        """Copy cache rows 0..n_src-1 to rows i*repeats..(i+1)*repeats-1 in every layer."""
+    def gather_cache_rows(self, src: torch.Tensor) -> None:
+        """Cache row n <- row src[n] in every layer (prompts prefilled as part of a longer one)."""
         for layer in self.layers:
-            layer.attention.kv_cache.broadcast_rows(n_src, repeats)
+            layer.attention.kv_cache.gather_rows(src)
 
     def hidden(
         self,

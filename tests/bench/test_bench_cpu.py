@@ -239,10 +239,16 @@ def test_bench_grpo_tokens_on_synthetic_episodes(tmp_path):
     states, tok = write_synthetic_inputs(tmp_path, n=30, episodic=True)
     _run("bench_grpo_tokens.py", "--out-dir", str(tmp_path), "--tokenizer", str(tok), "--states", str(states),
          "--steps", "3", "--batch", "6", "--group-size", "2", "--response-len", "3")  # fmt: skip
-    rows = {r["path"]: r["tokens"] for r in _rows(tmp_path / "grpo_tokens.jsonl")}
+    by_path = {r["path"]: r for r in _rows(tmp_path / "grpo_tokens.jsonl")}
+    rows = {p: r["tokens"] for p, r in by_path.items()}
     assert (
         rows["episode prompt, prefix chains, episode by episode"] < rows["episode prompt, segment per group"]
     )
+    # the rollout prefills only trunks: fewer tokens where a step's prompts chain, the same where none do
+    chained = by_path["episode prompt, prefix chains, episode by episode"]
+    assert chained["prefill_trunks"] < chained["prefill_per_prompt"]
+    window = by_path["window prompt, segment per group"]
+    assert window["prefill_trunks"] == window["prefill_per_prompt"]
 
 
 def _tiny_checkpoint(tmp_path):

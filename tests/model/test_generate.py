@@ -75,6 +75,40 @@ def test_samples_share_prefill(hf_pair):
     torch.testing.assert_close(shared.logprobs, repeated.logprobs, rtol=0, atol=1e-5)
 
 
+def test_prompts_that_extend_one_another_are_prefilled_once(hf_pair, monkeypatch):
+    """An episode's states (each prompt extends the last) and a duplicate: only the longest prompt of
+    each chain is prefilled (2 trunk rows for 6 prompts, one of them out of order); the draws and
+    log-probs equal those of prefilling every prompt on its own (float64)."""
+    import sys
+
+    from singleturn.model.generate import _trunks
+
+    gen = sys.modules["singleturn.model.generate"]  # the package exports a function of the same name
+
+    _, model = hf_pair(seed=12)
+    model = model.double()
+    a, b = _prompts(4, lens=[14, 9])
+    prompts = [a[:5], b[:4], a[:9], a, b, a[:5]]  # chain a: 5, 9, 14 (and 5 again); chain b: 4, 9
+    assert _trunks(prompts) == ([0, 1, 0, 0, 1, 0], [3, 4])
+    assert _trunks([[1, 2], [1, 3], [1]]) == ([0, 1, 0], [0, 1])  # [1] goes with the first trunk
+    sizes = []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape[:2])))
+    kw = dict(num_samples=3, max_new_tokens=5, temperature=1.0, seed=11)
+    shared = generate(model, prompts, **kw)
+    hook.remove()
+    assert sizes[0] == (2, 14), sizes  # the prefill: the two trunks only
+    # The reference: every prompt its own trunk (each prefilled on its own), same rows, same draws.
+    monkeypatch.setattr(gen, "_trunks", lambda ps: (list(range(len(ps))), list(range(len(ps)))))
+    sizes.clear()
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape[:2])))
+    alone = generate(model, prompts, **kw)
+    hook.remove()
+    assert sizes[0] == (6, 14)
+    assert torch.equal(shared.tokens, alone.tokens) and torch.equal(shared.lengths, alone.lengths)
+    torch.testing.assert_close(shared.logprobs, alone.logprobs, rtol=0, atol=1e-12)
+    assert len({tuple(r) for r in shared.tokens.tolist()}) > 6  # real draws, not one repeated row
+
+
 @pytest.mark.parametrize(
     "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 20, 1.0), (1.0, 0, 0.9)]
 )
