@@ -19,10 +19,17 @@ from _common import base_parser, env_info, time_ms, write_jsonl, write_markdown
 from flops import device_peak
 
 COLUMNS = [
-    ("what", "what"), ("dtype", "dtype"), ("size", "size"), ("ms_median", "ms (median)"),
-    ("ms_p20", "p20"), ("ms_p80", "p80"), ("value", "measured"), ("unit", "unit"),
-    ("datasheet", "datasheet"), ("pct_datasheet", "% of datasheet"),
-]  # fmt: skip
+    ("what", "what"),
+    ("dtype", "dtype"),
+    ("size", "size"),
+    ("ms_median", "ms (median)"),
+    ("ms_p20", "p20"),
+    ("ms_p80", "p80"),
+    ("value", "measured"),
+    ("unit", "unit"),
+    ("datasheet", "datasheet"),
+    ("pct_datasheet", "% of datasheet"),
+]
 
 
 def run(out_dir, quick: bool, cpu_smoke: bool) -> list[dict]:
@@ -38,11 +45,20 @@ def run(out_dir, quick: bool, cpu_smoke: bool) -> list[dict]:
     t = time_ms(lambda: dst.copy_(src), rep_ms=50.0 if quick else 200.0)
     gbps = 2 * nbytes / (t["ms_median"] * 1e-3) / 1e9
     assert torch.equal(dst, src), "copy wrote wrong data"
-    rows.append({
-        "topic": "ceilings", "what": "copy (read + write)", "dtype": "float32", "size": f"{nbytes >> 20} MiB",
-        **t, "value": gbps, "unit": "GB/s", "datasheet": peak.hbm_gbps if peak else None,
-        "pct_datasheet": 100 * gbps / peak.hbm_gbps if peak else None, **env,
-    })  # fmt: skip
+    rows.append(
+        {
+            "topic": "ceilings",
+            "what": "copy (read + write)",
+            "dtype": "float32",
+            "size": f"{nbytes >> 20} MiB",
+            **t,
+            "value": gbps,
+            "unit": "GB/s",
+            "datasheet": peak.hbm_gbps if peak else None,
+            "pct_datasheet": 100 * gbps / peak.hbm_gbps if peak else None,
+            **env,
+        }
+    )
     src = dst = None  # free the buffers before the matmul
 
     n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
@@ -54,11 +70,21 @@ def run(out_dir, quick: bool, cpu_smoke: bool) -> list[dict]:
     ref = (a[:64].double() @ b.double()).float()
     rel = ((a[:64] @ b).float() - ref).norm() / ref.norm()
     assert rel < 2e-2, f"matmul relative error {rel:.2e} against float64"
-    rows.append({
-        "topic": "ceilings", "what": "matmul", "dtype": str(dtype).removeprefix("torch."), "size": f"{n}^3",
-        **t, "value": tflops, "unit": "TFLOP/s", "datasheet": peak.bf16_tflops if peak else None,
-        "pct_datasheet": 100 * tflops / peak.bf16_tflops if peak else None, "rel_err_vs_fp64": float(rel), **env,
-    })  # fmt: skip
+    rows.append(
+        {
+            "topic": "ceilings",
+            "what": "matmul",
+            "dtype": str(dtype).removeprefix("torch."),
+            "size": f"{n}^3",
+            **t,
+            "value": tflops,
+            "unit": "TFLOP/s",
+            "datasheet": peak.bf16_tflops if peak else None,
+            "pct_datasheet": 100 * tflops / peak.bf16_tflops if peak else None,
+            "rel_err_vs_fp64": float(rel),
+            **env,
+        }
+    )
     for r in rows:
         print(f"{r['what']:20s} {r['size']:>10s}: {r['value']:10.1f} {r['unit']} ({r['ms_median']:.3f} ms)")
     write_jsonl(out_dir, "ceilings", rows)

@@ -102,8 +102,15 @@ def main() -> None:
         t0 = time.perf_counter()
         _write(path, nbytes)
         write_s = time.perf_counter() - t0
-        rows.append({**env, "what": "write + fsync (once)", "bytes": nbytes, "s_median": write_s,
-                     "GB_s": nbytes / write_s / 1e9})  # fmt: skip
+        rows.append(
+            {
+                **env,
+                "what": "write + fsync (once)",
+                "bytes": nbytes,
+                "s_median": write_s,
+                "GB_s": nbytes / write_s / 1e9,
+            }
+        )
         for what, fn in (
             ("read 8 MiB chunks", lambda: _read(path)),
             ("file_crc32", lambda: file_crc32(path)),
@@ -114,8 +121,14 @@ def main() -> None:
         path.unlink(missing_ok=True)
     rows += _in_memory_rows(env)
     write_jsonl(args.out_dir, TOPIC, rows)
-    cols = [("what", "what"), ("bytes", "bytes"), ("s_median", "s (median)"), ("ms_p20", "p20 ms"),
-            ("ms_p80", "p80 ms"), ("GB_s", "GB/s")]  # fmt: skip
+    cols = [
+        ("what", "what"),
+        ("bytes", "bytes"),
+        ("s_median", "s (median)"),
+        ("ms_p20", "p20 ms"),
+        ("ms_p80", "p80 ms"),
+        ("GB_s", "GB/s"),
+    ]
     md = write_markdown(args.out_dir, TOPIC, "Checkpoint checksum cost (trainer/checkpoint.py)", rows, cols)
     with open(md, "a") as f:
         f.write(_summary(rows, nbytes))

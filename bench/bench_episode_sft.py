@@ -34,10 +34,15 @@ from singleturn.trainer.episode_data import build_episode_examples, episode_stat
 from singleturn.trainer.stages.sft import _micro_batches, sft_forward_backward
 
 COLUMNS = [
-    ("path", "path"), ("states", "states"), ("tokens_per_state", "tokens / state (computed)"),
-    ("ms_per_state", "ms / state (median)"), ("token_ratio", "tokens vs window"), ("speedup", "speed-up vs window"),
-    ("epoch_minutes", "epoch (min, extrapolated)"), ("loss", "loss"),
-]  # fmt: skip
+    ("path", "path"),
+    ("states", "states"),
+    ("tokens_per_state", "tokens / state (computed)"),
+    ("ms_per_state", "ms / state (median)"),
+    ("token_ratio", "tokens vs window"),
+    ("speedup", "speed-up vs window"),
+    ("epoch_minutes", "epoch (min, extrapolated)"),
+    ("loss", "loss"),
+]
 
 
 def _computed(examples, **kw) -> int:
@@ -62,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     states = [s for ep in sample for s in ep]
     n = len(states)
     window, _ = build_examples(states, tok, history_window=2, system_prompt=False, max_seq_len=8192)
-    tree_nolist, per_state, _ = build_episode_examples(states, tok, list_admissible=False, system_prompt=False,
-                                                       max_seq_len=8192)  # fmt: skip
+    tree_nolist, per_state, _ = build_episode_examples(
+        states, tok, list_admissible=False, system_prompt=False, max_seq_len=8192
+    )
     tree_list, _, _ = build_episode_examples(
         states, tok, list_admissible=True, system_prompt=False, max_seq_len=8192
     )
@@ -81,25 +87,48 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.reps):
             model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            stats = sft_forward_backward(model, lambda: model.output.weight, examples, device="cpu", **{
-                k: kw[k] for k in ("micro_batch_size", "packing", "max_tokens", "row_len")})  # fmt: skip
+            stats = sft_forward_backward(
+                model,
+                lambda: model.output.weight,
+                examples,
+                device="cpu",
+                **{k: kw[k] for k in ("micro_batch_size", "packing", "max_tokens", "row_len")},
+            )
             times.append(time.perf_counter() - t0)
             loss = stats["loss"]
         ms = statistics.median(times) * 1e3 / n
         tokens = _computed(examples, **kw) / n
         base = base or (tokens, ms)
-        rows.append({
-            "topic": "episode_sft", "path": label, "states": n, "episodes": len(sample),
-            "tokens_per_state": round(tokens, 1), "ms_per_state": round(ms, 1),
-            "token_ratio": round(base[0] / tokens, 2), "speedup": round(base[1] / ms, 2),
-            "epoch_minutes": round(ms * len(all_states) / 6e4, 1), "loss": round(loss, 5),
-            "threads": args.threads, "dtype": "float32", **env,
-        })  # fmt: skip
-        print(f"[episode_sft] {label:24s} {tokens:7.1f} tokens/state {ms:8.1f} ms/state x{base[1] / ms:.2f} "
-              f"loss {loss:.5f}", flush=True)  # fmt: skip
+        rows.append(
+            {
+                "topic": "episode_sft",
+                "path": label,
+                "states": n,
+                "episodes": len(sample),
+                "tokens_per_state": round(tokens, 1),
+                "ms_per_state": round(ms, 1),
+                "token_ratio": round(base[0] / tokens, 2),
+                "speedup": round(base[1] / ms, 2),
+                "epoch_minutes": round(ms * len(all_states) / 6e4, 1),
+                "loss": round(loss, 5),
+                "threads": args.threads,
+                "dtype": "float32",
+                **env,
+            }
+        )
+        print(
+            f"[episode_sft] {label:24s} {tokens:7.1f} tokens/state {ms:8.1f} ms/state x{base[1] / ms:.2f} "
+            f"loss {loss:.5f}",
+            flush=True,
+        )
     write_jsonl(args.out_dir, "episode_sft", rows)
-    write_markdown(args.out_dir, "episode_sft", "SFT cost per expert state: per-state prompts vs episode token trees",
-                   rows, COLUMNS)  # fmt: skip
+    write_markdown(
+        args.out_dir,
+        "episode_sft",
+        "SFT cost per expert state: per-state prompts vs episode token trees",
+        rows,
+        COLUMNS,
+    )
 
 
 if __name__ == "__main__":

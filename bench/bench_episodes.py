@@ -36,10 +36,17 @@ from singleturn.model.generate import score_continuations
 PROMPT0, OBS, TEMPLATE, ACTION, ACTION_END, ADMISSIBLE, TODAY_PROMPT = 120, 24, 10, 5, 2, 153, 370
 N_CANDS, VERBS = 25, 6
 COLUMNS = [
-    ("preset", "model"), ("dtype", "dtype"), ("threads", "threads"), ("episodes", "episodes"), ("path", "path"),
-    ("tokens_per_step", "tokens / episode-step"), ("ms_per_step", "ms / episode-step (median)"),
-    ("token_ratio", "tokens vs per-state"), ("speedup", "speed-up vs per-state"), ("max_score_diff", "max |score diff|"),
-]  # fmt: skip
+    ("preset", "model"),
+    ("dtype", "dtype"),
+    ("threads", "threads"),
+    ("episodes", "episodes"),
+    ("path", "path"),
+    ("tokens_per_step", "tokens / episode-step"),
+    ("ms_per_step", "ms / episode-step (median)"),
+    ("token_ratio", "tokens vs per-state"),
+    ("speedup", "speed-up vs per-state"),
+    ("max_score_diff", "max |score diff|"),
+]
 
 
 def _ids(rng, n, V):
@@ -79,7 +86,9 @@ def run_preset(
             t0 = time.perf_counter()
             score_continuations(model, today, cands)
             times["per-state"].append(time.perf_counter() - t0)
-            tokens["per-state"] += sum(TODAY_PROMPT + len({tuple(c[: k + 1]) for c in cs for k in range(len(c))}) for cs in cands)  # fmt: skip
+            tokens["per-state"] += sum(
+                TODAY_PROMPT + len({tuple(c[: k + 1]) for c in cs for k in range(len(c))}) for cs in cands
+            )
             for name, cache in caches.items():
                 before = cache.computed_tokens
                 t0 = time.perf_counter()
@@ -110,18 +119,35 @@ def run_preset(
     env = env_info()
     rows = []
     base_ms = sorted(times["per-state"])[turns // 2] * 1e3 / episodes
-    for path, label in (("per-state", "per-state"), ("admissible", "episode-cache, suffix=admissible"),
-                        ("none", "episode-cache, suffix=none"), ("greedy", "episode-cache, greedy")):  # fmt: skip
+    for path, label in (
+        ("per-state", "per-state"),
+        ("admissible", "episode-cache, suffix=admissible"),
+        ("none", "episode-cache, suffix=none"),
+        ("greedy", "episode-cache, greedy"),
+    ):
         ms = sorted(times[path])[turns // 2] * 1e3 / episodes
-        rows.append({
-            "topic": "episodes", "preset": preset, "dtype": str(dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(), "episodes": episodes, "turns": turns, "path": label,
-            "tokens_per_step": tokens[path] / steps, "ms_per_step": ms,
-            "token_ratio": tokens["per-state"] / tokens[path], "speedup": base_ms / ms,
-            "max_score_diff": max_diff.get(path), **env,
-        })  # fmt: skip
-        print(f"[episodes] {preset} {label:34s} {tokens[path] / steps:7.1f} tokens/step {ms:9.1f} ms/step "
-              f"x{base_ms / ms:.2f}", flush=True)  # fmt: skip
+        rows.append(
+            {
+                "topic": "episodes",
+                "preset": preset,
+                "dtype": str(dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads(),
+                "episodes": episodes,
+                "turns": turns,
+                "path": label,
+                "tokens_per_step": tokens[path] / steps,
+                "ms_per_step": ms,
+                "token_ratio": tokens["per-state"] / tokens[path],
+                "speedup": base_ms / ms,
+                "max_score_diff": max_diff.get(path),
+                **env,
+            }
+        )
+        print(
+            f"[episodes] {preset} {label:34s} {tokens[path] / steps:7.1f} tokens/step {ms:9.1f} ms/step "
+            f"x{base_ms / ms:.2f}",
+            flush=True,
+        )
     for c in caches.values():
         c.close()
     return rows
@@ -144,8 +170,13 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     rows = [r for preset in presets for r in run_preset(preset, episodes, turns, dtype, device)]
     write_jsonl(args.out_dir, "episodes", rows)
-    write_markdown(args.out_dir, "episodes", "Evaluation's model cost per episode-step: per-state vs episode cache",
-                   rows, COLUMNS)  # fmt: skip
+    write_markdown(
+        args.out_dir,
+        "episodes",
+        "Evaluation's model cost per episode-step: per-state vs episode cache",
+        rows,
+        COLUMNS,
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     tok = Tokenizer.from_file(args.tokenizer)
     states = read_states(args.states)
-    episodes, ep_ex, _ = build_episode_examples(states, tok, list_admissible=False, system_prompt=False,
-                                                max_seq_len=8192)  # fmt: skip
+    episodes, ep_ex, _ = build_episode_examples(
+        states, tok, list_admissible=False, system_prompt=False, max_seq_len=8192
+    )
     window, _ = build_examples(states, tok, history_window=2, system_prompt=False, max_seq_len=8192)
     blocks = tuple(len(e.states) for e in episodes)
     G, L, B = args.group_size, args.response_len, args.batch
@@ -90,10 +91,21 @@ def main(argv: list[str] | None = None) -> None:
         med = statistics.median(computed(examples, draw(st), layout) for st in steps)
         pre = [prefill(examples, draw(st)) for st in steps]
         base = base or med
-        rows.append({"topic": "grpo_tokens", "path": label, "tokens": med, "ratio": round(base / med, 2),
-                     "prefill_per_prompt": statistics.median(a for a, _ in pre),
-                     "prefill_trunks": statistics.median(b for _, b in pre),
-                     "batch": B, "group_size": G, "response_len": L, "steps": args.steps, **env})  # fmt: skip
+        rows.append(
+            {
+                "topic": "grpo_tokens",
+                "path": label,
+                "tokens": med,
+                "ratio": round(base / med, 2),
+                "prefill_per_prompt": statistics.median(a for a, _ in pre),
+                "prefill_trunks": statistics.median(b for _, b in pre),
+                "batch": B,
+                "group_size": G,
+                "response_len": L,
+                "steps": args.steps,
+                **env,
+            }
+        )
         print(
             f"[grpo_tokens] {label:50s} update {med:8.0f} tokens/step x{base / med:.2f}; rollout prefill "
             f"{rows[-1]['prefill_per_prompt']:.0f} -> {rows[-1]['prefill_trunks']:.0f}",

@@ -53,12 +53,24 @@ MODELS = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COLUMNS = [
-    ("model", "model"), ("n_layers", "layers"), ("dtype", "dtype"), ("job", "job"), ("G", "G"), ("layout", "layout"),
-    ("shape", "B x T"), ("tokens_computed", "tokens computed"), ("tokens_useful", "useful"),
-    ("ms_median", "ms"), ("ms_p20", "p20"), ("ms_p80", "p80"), ("mem_peak_mb", "peak MB"),
-    ("tokens_ratio", "tokens ratio"), ("speedup", "speedup"), ("mem_ratio", "mem ratio"),
+    ("model", "model"),
+    ("n_layers", "layers"),
+    ("dtype", "dtype"),
+    ("job", "job"),
+    ("G", "G"),
+    ("layout", "layout"),
+    ("shape", "B x T"),
+    ("tokens_computed", "tokens computed"),
+    ("tokens_useful", "useful"),
+    ("ms_median", "ms"),
+    ("ms_p20", "p20"),
+    ("ms_p80", "p80"),
+    ("mem_peak_mb", "peak MB"),
+    ("tokens_ratio", "tokens ratio"),
+    ("speedup", "speedup"),
+    ("mem_ratio", "mem ratio"),
     ("loss_rel_diff", "loss rel diff"),
-]  # fmt: skip
+]
 
 
 def parse_args(argv=None):
@@ -279,17 +291,30 @@ def main(argv=None) -> None:
             dtype = DTYPES[dtype_name]
             for job, G, useful, layouts in job_configs(args, model, rng):
                 for row in measure(model, layouts, useful, dtype, args.device, args.reps):
-                    row = {**env, "bench": "prefix_sharing", "model": model_name, "dtype": dtype_name,
-                           "autocast": dtype == torch.bfloat16, "job": job, "G": G,
-                           "n_layers": model.config.n_layers, "prompt_len": args.prompt_len, **row}  # fmt: skip
+                    row = {
+                        **env,
+                        "bench": "prefix_sharing",
+                        "model": model_name,
+                        "dtype": dtype_name,
+                        "autocast": dtype == torch.bfloat16,
+                        "job": job,
+                        "G": G,
+                        "n_layers": model.config.n_layers,
+                        "prompt_len": args.prompt_len,
+                        **row,
+                    }
                     rows.append(row)
                     print(
                         f"[{model_name} L{row['n_layers']} {dtype_name} {job} G={G}] {row['layout']:16s} "
                         f"{row['shape']:>9s} tokens {row['tokens_computed']:6d} {row['ms_median']:9.1f} ms "
                         f"(p20 {row['ms_p20']:.1f}, p80 {row['ms_p80']:.1f}) peak {row['mem_peak_mb']:.0f} MB"
-                        + (f"  speedup {row['speedup']:.2f}x tokens {row['tokens_ratio']:.2f}x" if "speedup" in row else ""),
+                        + (
+                            f"  speedup {row['speedup']:.2f}x tokens {row['tokens_ratio']:.2f}x"
+                            if "speedup" in row
+                            else ""
+                        ),
                         flush=True,
-                    )  # fmt: skip
+                    )
         del model
     # One file per device kind, so a GPU run (device_run.sh) never mixes into the CPU measurements.
     md = write_report(args.out_dir, f"prefix_sharing_{torch.device(args.device).type}", rows)

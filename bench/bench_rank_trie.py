@@ -37,11 +37,21 @@ from singleturn.model.generate import _token_trie, _trie_rows
 CHECKPOINT = REPO / "data" / "models" / "SmolLM2-135M-Instruct"
 STATES = REPO / "data" / "games" / "states-train-n300-s0.jsonl"
 COLUMNS = [
-    ("state", "state"), ("prompt", "prompt"), ("candidates", "cands"), ("cand_tokens", "cand tokens"),
-    ("trie_nodes", "trie nodes"), ("tokens_flat", "tokens flat"), ("tokens_trie", "tokens trie"),
-    ("head_flat", "head rows flat"), ("head_trie", "head rows trie"), ("ms_flat", "ms flat"),
-    ("ms_trie", "ms trie"), ("ratio", "flat/trie"), ("same_argmax", "same argmax"), ("max_diff", "max |diff|"),
-]  # fmt: skip
+    ("state", "state"),
+    ("prompt", "prompt"),
+    ("candidates", "cands"),
+    ("cand_tokens", "cand tokens"),
+    ("trie_nodes", "trie nodes"),
+    ("tokens_flat", "tokens flat"),
+    ("tokens_trie", "tokens trie"),
+    ("head_flat", "head rows flat"),
+    ("head_trie", "head rows trie"),
+    ("ms_flat", "ms flat"),
+    ("ms_trie", "ms trie"),
+    ("ratio", "flat/trie"),
+    ("same_argmax", "same argmax"),
+    ("max_diff", "max |diff|"),
+]
 
 
 @torch.inference_mode()
@@ -114,19 +124,30 @@ def measure(model, state, prompt, cands, reps: int) -> dict:
     flat, trie = score_flat(model, [prompt], [cands])[0], score_continuations(model, [prompt], [cands])[0]
     rows = _trie_rows([prompt], [_token_trie(cands)])
     t = time_interleaved(
-        {"flat": lambda: score_flat(model, [prompt], [cands]), "trie": lambda: score_continuations(model, [prompt], [cands])},
+        {
+            "flat": lambda: score_flat(model, [prompt], [cands]),
+            "trie": lambda: score_continuations(model, [prompt], [cands]),
+        },
         reps=reps,
-    )  # fmt: skip
+    )
     n_cand = sum(len(c) for c in cands)
     return {
-        "state": state, "prompt": len(prompt), "candidates": len(cands), "cand_tokens": n_cand,
-        "trie_nodes": int(rows.targets.numel()), "tokens_flat": len(prompt) + n_cand,
-        "tokens_trie": int(rows.tokens.numel()), "head_flat": n_cand, "head_trie": int(rows.rows.numel()),
-        "ms_flat": t["flat"]["ms_median"], "ms_trie": t["trie"]["ms_median"],
+        "state": state,
+        "prompt": len(prompt),
+        "candidates": len(cands),
+        "cand_tokens": n_cand,
+        "trie_nodes": int(rows.targets.numel()),
+        "tokens_flat": len(prompt) + n_cand,
+        "tokens_trie": int(rows.tokens.numel()),
+        "head_flat": n_cand,
+        "head_trie": int(rows.rows.numel()),
+        "ms_flat": t["flat"]["ms_median"],
+        "ms_trie": t["trie"]["ms_median"],
         "ratio": t["flat"]["ms_median"] / t["trie"]["ms_median"],
-        "same_argmax": max(range(len(cands)), key=flat.__getitem__) == max(range(len(cands)), key=trie.__getitem__),
+        "same_argmax": max(range(len(cands)), key=flat.__getitem__)
+        == max(range(len(cands)), key=trie.__getitem__),
         "max_diff": max(abs(a - b) for a, b in zip(flat, trie)),
-    }  # fmt: skip
+    }
 
 
 def main(argv=None):
@@ -153,10 +174,12 @@ def main(argv=None):
         k: statistics.median(r[k] for r in rows)
         for k in ("cand_tokens", "trie_nodes", "tokens_flat", "tokens_trie", "ratio")
     }
-    print(f"medians over {len(rows)} states: candidate tokens {med['cand_tokens']} -> trie nodes {med['trie_nodes']}; "
-          f"tokens computed {med['tokens_flat']} -> {med['tokens_trie']}; flat/trie time {med['ratio']:.3f}; "
-          f"same argmax {sum(r['same_argmax'] for r in rows)}/{len(rows)}; "
-          f"max |score diff| {max(r['max_diff'] for r in rows):.2e}")  # fmt: skip
+    print(
+        f"medians over {len(rows)} states: candidate tokens {med['cand_tokens']} -> trie nodes {med['trie_nodes']}; "
+        f"tokens computed {med['tokens_flat']} -> {med['tokens_trie']}; flat/trie time {med['ratio']:.3f}; "
+        f"same argmax {sum(r['same_argmax'] for r in rows)}/{len(rows)}; "
+        f"max |score diff| {max(r['max_diff'] for r in rows):.2e}"
+    )
     if args.out_dir:
         env = env_info() | {"threads": torch.get_num_threads(), "reps": reps, "smoke": args.cpu_smoke}
         write_jsonl(args.out_dir, "rank_trie", [env | r for r in rows])

@@ -189,18 +189,32 @@ def model_bytes(args) -> int:
 
 
 COLUMNS = [
-    ("preset", "preset"), ("compile", "compile"), ("batch", "batch"), ("prompt_len", "prompt"),
-    ("new_tokens", "new"), ("decode_ms_per_step", "ms/step"), ("decode_tokens_per_s", "decode tok/s"),
-    ("decode_gbps", "GB/s"), ("hbm_fraction", "of HBM"), ("decode_gbps_static_cache", "GB/s read (static cache)"), ("prefill_tokens_per_s", "prefill tok/s"),
+    ("preset", "preset"),
+    ("compile", "compile"),
+    ("batch", "batch"),
+    ("prompt_len", "prompt"),
+    ("new_tokens", "new"),
+    ("decode_ms_per_step", "ms/step"),
+    ("decode_tokens_per_s", "decode tok/s"),
+    ("decode_gbps", "GB/s"),
+    ("hbm_fraction", "of HBM"),
+    ("decode_gbps_static_cache", "GB/s read (static cache)"),
+    ("prefill_tokens_per_s", "prefill tok/s"),
     ("error", "error"),
-]  # fmt: skip
+]
 
 
 TURN_COLUMNS = [
-    ("preset", "preset"), ("samples", "samples"), ("group_size", "G"), ("turns", "turns"),
-    ("prompt_len", "prompt"), ("new_tokens", "new"), ("single_turn_tokens_per_s", "single-turn tok/s"),
-    ("multi_turn_tokens_per_s", "multi-turn tok/s"), ("single_over_multi", "speed-up"),
-]  # fmt: skip
+    ("preset", "preset"),
+    ("samples", "samples"),
+    ("group_size", "G"),
+    ("turns", "turns"),
+    ("prompt_len", "prompt"),
+    ("new_tokens", "new"),
+    ("single_turn_tokens_per_s", "single-turn tok/s"),
+    ("multi_turn_tokens_per_s", "multi-turn tok/s"),
+    ("single_over_multi", "speed-up"),
+]
 
 
 def main(argv=None) -> None:

@@ -28,10 +28,20 @@ V = 128256
 SETTINGS = [(1.0, 1.0, 0), (1.0, 0.95, 0), (0.7, 0.9, 50)]
 HBM_PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # SXM parts; None elsewhere
 COLUMNS = [
-    ("provider", "provider"), ("dtype", "dtype"), ("B", "B"), ("V", "V"), ("temperature", "T"),
-    ("top_p", "top_p"), ("top_k", "top_k"), ("ms_median", "ms"), ("ms_p20", "p20"), ("ms_p80", "p80"),
-    ("gbps", "GB/s"), ("hbm_pct", "% HBM"), ("speedup_vs_torch", "x vs torch"),
-]  # fmt: skip
+    ("provider", "provider"),
+    ("dtype", "dtype"),
+    ("B", "B"),
+    ("V", "V"),
+    ("temperature", "T"),
+    ("top_p", "top_p"),
+    ("top_k", "top_k"),
+    ("ms_median", "ms"),
+    ("ms_p20", "p20"),
+    ("ms_p80", "p80"),
+    ("gbps", "GB/s"),
+    ("hbm_pct", "% HBM"),
+    ("speedup_vs_torch", "x vs torch"),
+]
 
 
 def _hbm_peak(device_name: str) -> float | None:
@@ -75,11 +85,20 @@ def run(out_dir, quick: bool, cpu_smoke: bool) -> list[dict]:
                 for name, t in timings.items():
                     gbps = gbytes / (t["ms_median"] / 1e3)
                     row = {
-                        "topic": "sampling", "provider": name, "dtype": str(dtype).removeprefix("torch."), "B": B, "V": V,
-                        "temperature": T, "top_p": top_p, "top_k": top_k, **t, "gbps": gbps,
+                        "topic": "sampling",
+                        "provider": name,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "B": B,
+                        "V": V,
+                        "temperature": T,
+                        "top_p": top_p,
+                        "top_k": top_k,
+                        **t,
+                        "gbps": gbps,
                         "hbm_pct": 100.0 * gbps / peak if peak else None,
-                        "speedup_vs_torch": timings["torch"]["ms_median"] / t["ms_median"], **env,
-                    }  # fmt: skip
+                        "speedup_vs_torch": timings["torch"]["ms_median"] / t["ms_median"],
+                        **env,
+                    }
                     rows.append(row)
                     print(
                         f"{name:5s} {row['dtype']:8s} B={B:5d} T={T} top_p={top_p} top_k={top_k:3d}: "

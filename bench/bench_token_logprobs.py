@@ -28,10 +28,20 @@ from singleturn.kernels.token_logprobs import token_logprobs
 MODES = ("fwd", "bwd", "fwd+bwd")
 MODEL_FLOPS_PER_NDV = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
 COLUMNS = [
-    ("provider", "provider"), ("mode", "mode"), ("N", "N"), ("D", "D"), ("V", "V"), ("dtype", "dtype"),
-    ("ms_median", "ms"), ("ms_p20", "p20"), ("ms_p80", "p80"), ("tflops", "TFLOP/s"),
-    ("mem_peak_mb", "peak MB"), ("mem_extra_mb", "extra MB"), ("error", "error"),
-]  # fmt: skip
+    ("provider", "provider"),
+    ("mode", "mode"),
+    ("N", "N"),
+    ("D", "D"),
+    ("V", "V"),
+    ("dtype", "dtype"),
+    ("ms_median", "ms"),
+    ("ms_p20", "p20"),
+    ("ms_p80", "p80"),
+    ("tflops", "TFLOP/s"),
+    ("mem_peak_mb", "peak MB"),
+    ("mem_extra_mb", "extra MB"),
+    ("error", "error"),
+]
 
 
 def naive_token_logprobs(hidden, weight, targets, temperature=1.0):

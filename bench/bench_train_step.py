@@ -197,9 +197,15 @@ def _context(s: Setup) -> StageContext:
     info = argparse.Namespace(device=s.device, rank=s.rank, world_size=s.world)
     cfg = build_config({"optim": {"grad_clip": 1.0}})
     return StageContext(
-        model=s.model, fsdp=s.fsdp, tokenizer=None, examples=[], cfg=cfg, info=info,
-        optimizer=s.optimizer, ref=s.ref,
-    )  # fmt: skip
+        model=s.model,
+        fsdp=s.fsdp,
+        tokenizer=None,
+        examples=[],
+        cfg=cfg,
+        info=info,
+        optimizer=s.optimizer,
+        ref=s.ref,
+    )
 
 
 def _head(s: Setup):
@@ -225,9 +231,13 @@ def grpo_step(s: Setup, timer: PhaseTimer, step: int) -> dict:
     rewards = (torch.arange(len(responses)) % 2 == 0).float()  # half right per group: all groups kept
     batch = select_sequences(s.prompts, responses, logprobs, rewards, G)
     settings = UpdateSettings(
-        layout=Layout(micro_batch_size=a.micro_batch), epochs=1, clip_eps_low=0.2, clip_eps_high=0.2,
-        kl_coef=a.kl_coef, temperature=1.0,
-    )  # fmt: skip
+        layout=Layout(micro_batch_size=a.micro_batch),
+        epochs=1,
+        clip_eps_low=0.2,
+        clip_eps_high=0.2,
+        kl_coef=a.kl_coef,
+        temperature=1.0,
+    )
     policy_update(_context(s), batch, settings, lr=1e-6, timer=timer)
     seq_lens = [len(x.prompt) + len(x.response) for x in batch.sequences]
     resp_tokens = sum(len(x.response) for x in batch.sequences)
@@ -351,14 +361,27 @@ def measure(s: Setup, algo: str, peak_tflops: float | None, measured_tflops: flo
 
 
 COLUMNS = [
-    ("algo", "algo"), ("preset", "preset"), ("world_size", "GPUs"), ("prompt_len", "prompt"),
-    ("response_len", "resp"), ("step_s", "step s"), ("tokens_per_s_per_gpu", "tok/s/GPU"),
-    ("mfu_train_measured", "MFU train (meas. peak)"), ("mfu_train_datasheet", "MFU train (datasheet)"),
-    ("mfu_step_datasheet", "MFU step (datasheet)"), ("peak_mem_gib", "peak GiB"),
-    ("time_rollout_gather_s", "gather s"), ("time_rollout_prefill_s", "prefill s"), ("time_rollout_decode_s", "decode s"),
-    ("time_ref_logprobs_s", "ref s"), ("time_fwd_bwd_s", "fwd+bwd s"), ("time_optimizer_s", "optim s"),
-    ("time_other_s", "other s"), ("comm_nccl_kernel_s", "nccl s"), ("error", "error"),
-]  # fmt: skip
+    ("algo", "algo"),
+    ("preset", "preset"),
+    ("world_size", "GPUs"),
+    ("prompt_len", "prompt"),
+    ("response_len", "resp"),
+    ("step_s", "step s"),
+    ("tokens_per_s_per_gpu", "tok/s/GPU"),
+    ("mfu_train_measured", "MFU train (meas. peak)"),
+    ("mfu_train_datasheet", "MFU train (datasheet)"),
+    ("mfu_step_datasheet", "MFU step (datasheet)"),
+    ("peak_mem_gib", "peak GiB"),
+    ("time_rollout_gather_s", "gather s"),
+    ("time_rollout_prefill_s", "prefill s"),
+    ("time_rollout_decode_s", "decode s"),
+    ("time_ref_logprobs_s", "ref s"),
+    ("time_fwd_bwd_s", "fwd+bwd s"),
+    ("time_optimizer_s", "optim s"),
+    ("time_other_s", "other s"),
+    ("comm_nccl_kernel_s", "nccl s"),
+    ("error", "error"),
+]
 
 
 def _run_config(args, device, info, algo, prompt_len, response_len, peak, measured) -> dict:

@@ -86,22 +86,33 @@ def synthetic_job(root: Path) -> tuple[Path, Path]:
 
     states = []
     for i, room in enumerate(_ROOMS * 2):
-        states.append({
-            "game": f"g{i}", "task_type": "pick_and_place_simple", "step": 0,
-            "goal": f"put a cloth in {room.split()[0]}", "history": [],
-            "observation": "You are in the middle of a room. You see " + ", ".join(_ROOMS) + ".",
-            "admissible": [f"go to {r}" for r in _ROOMS] + ["look", "inventory"],
-            "expert_action": f"go to {room}",
-        })  # fmt: skip
+        states.append(
+            {
+                "game": f"g{i}",
+                "task_type": "pick_and_place_simple",
+                "step": 0,
+                "goal": f"put a cloth in {room.split()[0]}",
+                "history": [],
+                "observation": "You are in the middle of a room. You see " + ", ".join(_ROOMS) + ".",
+                "admissible": [f"go to {r}" for r in _ROOMS] + ["look", "inventory"],
+                "expert_action": f"go to {room}",
+            }
+        )
     (root / "states.jsonl").write_text("".join(json.dumps(s) + "\n" for s in states))
     texts = [m["content"] for s in states for m in render_prompt(s, 2, False)] + [
         s["expert_action"] for s in states
     ]
     tok = train_tokenizer(texts, 300)
     cfg = dataclasses.replace(
-        PRESETS["tiny"], vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
-        ffn_dim=64, max_seq_len=512,
-    )  # fmt: skip
+        PRESETS["tiny"],
+        vocab_size=tok.vocab_size,
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        ffn_dim=64,
+        max_seq_len=512,
+    )
     save_hf_checkpoint(Transformer(cfg), root / "ckpt")
     tok.save_pretrained(root / "ckpt")
     return root / "ckpt", root / "states.jsonl"
@@ -115,9 +126,12 @@ def job(args):
 
     tok = Tokenizer.from_file(args.model)
     examples, _ = build_examples(
-        read_states(args.states), tok, history_window=args.history_window,
-        max_seq_len=args.max_seq_len, system_prompt=args.system_prompt,
-    )  # fmt: skip
+        read_states(args.states),
+        tok,
+        history_window=args.history_window,
+        max_seq_len=args.max_seq_len,
+        system_prompt=args.system_prompt,
+    )
     steps = [
         [examples[j] for j in batch_indices(s, args.states_per_step, len(examples), args.seed)]
         for s in range(args.steps)
@@ -131,20 +145,34 @@ def train_config(args, side: str):
     return build_config(
         {
             "model": {"path": args.model},
-            "data": {"history_window": args.history_window, "system_prompt": args.system_prompt,
-                     "max_seq_len": args.max_seq_len, "seed": args.seed},
+            "data": {
+                "history_window": args.history_window,
+                "system_prompt": args.system_prompt,
+                "max_seq_len": args.max_seq_len,
+                "seed": args.seed,
+            },
             "optim": {"lr": args.lr, "schedule": "constant", "warmup_steps": 0, "grad_clip": 1.0},
-            "rollout": {"group_size": args.group_size, "temperature": 1.0,
-                        "max_new_tokens": args.max_new_tokens, "dtype": "float32"},
-            "grpo": {"steps": args.steps, "batch_size": args.states_per_step, "oversample": 1,
-                     "lr": args.lr, "kl_coef": 0.0, "ppo_epochs": 1,
-                     "shared_prefix": side != "ours-padded-keep",
-                     "train_zero_variance": side != "ours",  # equal work: TRL trains them (advantage 0)
-                     "max_tokens_per_micro_batch": args.max_tokens,
-                     "micro_batch_size": args.micro_batch},
+            "rollout": {
+                "group_size": args.group_size,
+                "temperature": 1.0,
+                "max_new_tokens": args.max_new_tokens,
+                "dtype": "float32",
+            },
+            "grpo": {
+                "steps": args.steps,
+                "batch_size": args.states_per_step,
+                "oversample": 1,
+                "lr": args.lr,
+                "kl_coef": 0.0,
+                "ppo_epochs": 1,
+                "shared_prefix": side != "ours-padded-keep",
+                "train_zero_variance": side != "ours",  # equal work: TRL trains them (advantage 0)
+                "max_tokens_per_micro_batch": args.max_tokens,
+                "micro_batch_size": args.micro_batch,
+            },
             "run": {"seed": args.seed},
         }
-    )  # fmt: skip
+    )
 
 
 def run_ours(args, side: str) -> dict:
@@ -163,19 +191,29 @@ def run_ours(args, side: str) -> dict:
     model, _ = load_hf_checkpoint(args.model, device=info.device, dtype=torch.float32)
     fsdp = apply_fsdp(model, param_dtype=torch.float32, reduce_dtype=torch.float32)
     ctx = StageContext(
-        model=model, fsdp=fsdp, tokenizer=tok, examples=examples, cfg=cfg, info=info,
+        model=model,
+        fsdp=fsdp,
+        tokenizer=tok,
+        examples=examples,
+        cfg=cfg,
+        info=info,
         optimizer=make_optimizer(fsdp, cfg.optim, args.lr),
-    )  # fmt: skip
+    )
     stage = grpo_stage.GRPOStage(ctx, StageSpan("grpo", 1, args.steps))
     steps = []
     for i in range(args.steps):
         t0 = time.perf_counter()
         row = stage.step(ctx, i)
-        steps.append({
-            "seconds": time.perf_counter() - t0, "rollout_s": row["time_rollout"],
-            "reward": row["reward_mean"], "trained": row["kept_sequences"],
-            "zero_var_groups": row["zero_var_groups"], "loss": row["loss"],
-        })  # fmt: skip
+        steps.append(
+            {
+                "seconds": time.perf_counter() - t0,
+                "rollout_s": row["time_rollout"],
+                "reward": row["reward_mean"],
+                "trained": row["kept_sequences"],
+                "zero_var_groups": row["zero_var_groups"],
+                "loss": row["loss"],
+            }
+        )
     return {"steps": steps}
 
 
@@ -191,10 +229,9 @@ def run_trl(args) -> dict:
 
     tok, _, steps = job(args)
     rows = [e for step in steps for e in step]
-    data = Dataset.from_list([
-        {"prompt": tok.render_chat(_messages(e, args)), "state": json.dumps(e.state)}
-        for e in rows
-    ])  # fmt: skip
+    data = Dataset.from_list(
+        [{"prompt": tok.render_chat(_messages(e, args)), "state": json.dumps(e.state)} for e in rows]
+    )
     hf_tok = AutoTokenizer.from_pretrained(args.model)
     if hf_tok.pad_token is None:
         hf_tok.pad_token_id = tok.pad_id
@@ -224,17 +261,39 @@ def run_trl(args) -> dict:
         raise SystemExit(f"--micro-batch {args.micro_batch} must divide states x G = {per_step}")
     o = OptimConfig()
     config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), report_to=[], save_strategy="no",
-        use_cpu=True, bf16=False, seed=args.seed, data_seed=args.seed, max_steps=args.steps,
-        logging_steps=1, per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=per_step // args.micro_batch, num_generations=args.group_size,
-        max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        beta=0.0, num_iterations=1, loss_type="dapo", scale_rewards="group",
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-        adam_beta1=o.beta1, adam_beta2=o.beta2, adam_epsilon=o.eps, weight_decay=o.weight_decay,
-        shuffle_dataset=False, dataloader_num_workers=0, disable_dropout=True,
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=args.seed,
+        data_seed=args.seed,
+        max_steps=args.steps,
+        logging_steps=1,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=per_step // args.micro_batch,
+        num_generations=args.group_size,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        num_iterations=1,
+        loss_type="dapo",
+        scale_rewards="group",
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        adam_beta1=o.beta1,
+        adam_beta2=o.beta2,
+        adam_epsilon=o.eps,
+        weight_decay=o.weight_decay,
+        shuffle_dataset=False,
+        dataloader_num_workers=0,
+        disable_dropout=True,
         gradient_checkpointing=False,  # TRL's GRPOConfig defaults to True; ours recomputes nothing
-    )  # fmt: skip
+    )
     # TRL's dataset repeat: each prompt appears G times in a row; a step's states are ours, in order.
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=hf_tok
@@ -283,14 +342,22 @@ def summarize(side: str, res: dict, args) -> dict:
     sec = statistics.median(s["seconds"] for s in timed)
     per_step = args.states_per_step * args.group_size
     return {
-        "tag": args.tag, "side": side, "s_per_step": sec, "completions_per_s": per_step / sec,
+        "tag": args.tag,
+        "side": side,
+        "s_per_step": sec,
+        "completions_per_s": per_step / sec,
         "rollout_frac": statistics.median(s["rollout_s"] / s["seconds"] for s in timed),
         "trained_per_step": statistics.mean(s["trained"] for s in timed),
         "reward": statistics.mean(s["reward"] for s in res["steps"] if s.get("reward") is not None),
-        "peak_rss_mb": res["peak_rss_mb"], "steps": len(res["steps"]), "burn_in": args.burn_in,
-        "states_per_step": args.states_per_step, "group_size": args.group_size,
-        "max_new_tokens": args.max_new_tokens, "threads": args.threads, "model": args.model,
-    }  # fmt: skip
+        "peak_rss_mb": res["peak_rss_mb"],
+        "steps": len(res["steps"]),
+        "burn_in": args.burn_in,
+        "states_per_step": args.states_per_step,
+        "group_size": args.group_size,
+        "max_new_tokens": args.max_new_tokens,
+        "threads": args.threads,
+        "model": args.model,
+    }
 
 
 def main(argv=None) -> int:
@@ -303,9 +370,28 @@ def main(argv=None) -> int:
     if args.cpu_smoke and not args.model:  # `make bench`: a synthetic job, TRL's side when installed
         model, states = synthetic_job(Path(tempfile.mkdtemp(prefix="bench-vs-trl-")))
         sides = [s for s in args.sides if s != "trl" or has_trl]
-        argv += ["--model", str(model), "--states", str(states), "--steps", "2", "--states-per-step", "4",
-                 "--group-size", "4", "--max-new-tokens", "4", "--micro-batch", "8", "--threads", "1",
-                 "--tag", args.tag or "cpu-smoke", "--sides", *sides]  # fmt: skip
+        argv += [
+            "--model",
+            str(model),
+            "--states",
+            str(states),
+            "--steps",
+            "2",
+            "--states-per-step",
+            "4",
+            "--group-size",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--micro-batch",
+            "8",
+            "--threads",
+            "1",
+            "--tag",
+            args.tag or "cpu-smoke",
+            "--sides",
+            *sides,
+        ]
         args = parse_args(argv)
     if "trl" in args.sides and not has_trl:
         print("bench_vs_trl: TRL is not installed (pip install -e '.[trl]')", file=sys.stderr)
@@ -330,11 +416,16 @@ def main(argv=None) -> int:
     rows = [{**env, **r} for r in rows]
     write_jsonl(args.out_dir, "vs_trl", rows)
     columns = [
-        ("tag", "model"), ("side", "side"), ("s_per_step", "s/step (median)"),
-        ("completions_per_s", "completions/s"), ("speedup_vs_trl", "x TRL"),
-        ("rollout_frac", "rollout share"), ("trained_per_step", "sequences trained/step"),
-        ("reward", "mean reward"), ("peak_rss_mb", "peak RSS MiB"),
-    ]  # fmt: skip
+        ("tag", "model"),
+        ("side", "side"),
+        ("s_per_step", "s/step (median)"),
+        ("completions_per_s", "completions/s"),
+        ("speedup_vs_trl", "x TRL"),
+        ("rollout_frac", "rollout share"),
+        ("trained_per_step", "sequences trained/step"),
+        ("reward", "mean reward"),
+        ("peak_rss_mb", "peak RSS MiB"),
+    ]
     path = write_markdown(
         args.out_dir, f"vs_trl_{args.tag or 'run'}", "GRPO step: TRL vs ours", rows, columns
     )

@@ -70,44 +70,151 @@ def _bench(script: str, *flags: str) -> list[str]:
 STEPS: list[Step] = [
     # a. correctness
     # tests/csrc (nvcc/g++ compile, link and host checks) runs in `make test`; its op runs in tests/kernels.
-    Step("tests-kernels", [*PYTEST, "-m", "gpu or not slow", "tests/kernels", "--junitxml={W}/junit.xml"],
-         limit_s=200, dry_limit_s=900),  # H200: 170+ s cold (Triton compiles), 68 s cached
-    Step("tests-model-gpu", [*PYTEST, "-m", "gpu", "tests/model", "--junitxml={W}/junit.xml"], limit_s=90),  # 60 s
+    Step(
+        "tests-kernels",
+        [*PYTEST, "-m", "gpu or not slow", "tests/kernels", "--junitxml={W}/junit.xml"],
+        limit_s=200,
+        dry_limit_s=900,
+    ),  # H200: 170+ s cold (Triton compiles), 68 s cached
+    Step(
+        "tests-model-gpu", [*PYTEST, "-m", "gpu", "tests/model", "--junitxml={W}/junit.xml"], limit_s=90
+    ),  # 60 s
     Step("train-fsdp", ["bench/device_train_smoke.py", "--work", "{W}"], limit_s=75, dry_limit_s=240),  # 60 s
     # b. speed
-    Step("ceilings", _bench("bench_ceilings.py", "--quick"), _bench("bench_ceilings.py", "--cpu-smoke"),
-         limit_s=20, parse_check=True),  # 6 s
-    Step("bench-token-logprobs", _bench("bench_token_logprobs.py", "--quick"),
-         _bench("bench_token_logprobs.py", "--cpu-smoke"), limit_s=60, parse_check=True),  # 46 s
-    Step("bench-train-step-1b", _bench("bench_train_step.py", "--preset", "llama3.2-1b", "--quick"),
-         _bench("bench_train_step.py", "--cpu-smoke"), limit_s=45, parse_check=True),  # ~35 s
-    Step("bench-train-step-smollm2",
-         _bench("bench_train_step.py", "--preset", "smollm2-135m", "--quick", "--prompt-len", "384",
-                "--response-len", "16", "--states", "16"),
-         _bench("bench_train_step.py", "--cpu-smoke"), limit_s=40, parse_check=True),  # 28 s
-    Step("bench-rollout",
-         _bench("bench_rollout.py", "--presets", "smollm2-135m", "llama3.2-1b", "--batch", "1", "16", "64", "256",
-                "--prompt-len", "384", "--new-tokens", "32", "--quick"),
-         _bench("bench_rollout.py", "--cpu-smoke"), limit_s=75, parse_check=True),  # 61 s
-    Step("bench-rollout-graphs",  # decoding was launch-bound on the H200 (2026-12-04): CUDA graphs?
-         _bench("bench_rollout.py", "--presets", "smollm2-135m", "--batch", "16", "128", "--prompt-len", "384",
-                "--new-tokens", "32", "--compile", "none", "reduce-overhead", "--quick"),
-         _bench("bench_rollout.py", "--cpu-smoke"), limit_s=120, parse_check=True),
-    Step("bench-episodes",  # the evaluation engine: per-state re-encoding vs the episode cache
-         _bench("bench_episodes.py", "--preset", "smollm2-135m", "--episodes", "64", "--turns", "8"),
-         _bench("bench_episodes.py", "--cpu-smoke"), limit_s=60, parse_check=True),
-    Step("bench-prefix-sharing", _bench("bench_prefix_sharing.py", "--quick"),
-         _bench("bench_prefix_sharing.py", "--cpu-smoke"), limit_s=60, parse_check=True),  # > 45 s
-    Step("bench-grpo-loss", _bench("bench_grpo_loss.py", "--quick"), _bench("bench_grpo_loss.py", "--cpu-smoke"),
-         limit_s=45, parse_check=True),
-    Step("bench-sampling", _bench("bench_sampling.py", "--quick"), _bench("bench_sampling.py", "--cpu-smoke"),
-         limit_s=20, parse_check=True),  # 7 s
-    Step("profile-grpo-1b",
-         ["bench/profile_steps.py", "--algo", "grpo", "--preset", "llama3.2-1b", "--quick", "--response-len", "32",
-          "--warmup", "1", "--steps", "1", "--run-dir", "{W}"],  # 2 quick steps of 128 decoded tokens: export > 60 s
-         ["bench/profile_steps.py", "--algo", "grpo", "--device", "cpu", "--quick", "--run-dir", "{W}"],
-         limit_s=90, parse_check=True),  # > 60 s (the trace export)
-]  # fmt: skip
+    Step(
+        "ceilings",
+        _bench("bench_ceilings.py", "--quick"),
+        _bench("bench_ceilings.py", "--cpu-smoke"),
+        limit_s=20,
+        parse_check=True,
+    ),  # 6 s
+    Step(
+        "bench-token-logprobs",
+        _bench("bench_token_logprobs.py", "--quick"),
+        _bench("bench_token_logprobs.py", "--cpu-smoke"),
+        limit_s=60,
+        parse_check=True,
+    ),  # 46 s
+    Step(
+        "bench-train-step-1b",
+        _bench("bench_train_step.py", "--preset", "llama3.2-1b", "--quick"),
+        _bench("bench_train_step.py", "--cpu-smoke"),
+        limit_s=45,
+        parse_check=True,
+    ),  # ~35 s
+    Step(
+        "bench-train-step-smollm2",
+        _bench(
+            "bench_train_step.py",
+            "--preset",
+            "smollm2-135m",
+            "--quick",
+            "--prompt-len",
+            "384",
+            "--response-len",
+            "16",
+            "--states",
+            "16",
+        ),
+        _bench("bench_train_step.py", "--cpu-smoke"),
+        limit_s=40,
+        parse_check=True,
+    ),  # 28 s
+    Step(
+        "bench-rollout",
+        _bench(
+            "bench_rollout.py",
+            "--presets",
+            "smollm2-135m",
+            "llama3.2-1b",
+            "--batch",
+            "1",
+            "16",
+            "64",
+            "256",
+            "--prompt-len",
+            "384",
+            "--new-tokens",
+            "32",
+            "--quick",
+        ),
+        _bench("bench_rollout.py", "--cpu-smoke"),
+        limit_s=75,
+        parse_check=True,
+    ),  # 61 s
+    Step(
+        "bench-rollout-graphs",  # decoding was launch-bound on the H200 (2026-12-04): CUDA graphs?
+        _bench(
+            "bench_rollout.py",
+            "--presets",
+            "smollm2-135m",
+            "--batch",
+            "16",
+            "128",
+            "--prompt-len",
+            "384",
+            "--new-tokens",
+            "32",
+            "--compile",
+            "none",
+            "reduce-overhead",
+            "--quick",
+        ),
+        _bench("bench_rollout.py", "--cpu-smoke"),
+        limit_s=120,
+        parse_check=True,
+    ),
+    Step(
+        "bench-episodes",  # the evaluation engine: per-state re-encoding vs the episode cache
+        _bench("bench_episodes.py", "--preset", "smollm2-135m", "--episodes", "64", "--turns", "8"),
+        _bench("bench_episodes.py", "--cpu-smoke"),
+        limit_s=60,
+        parse_check=True,
+    ),
+    Step(
+        "bench-prefix-sharing",
+        _bench("bench_prefix_sharing.py", "--quick"),
+        _bench("bench_prefix_sharing.py", "--cpu-smoke"),
+        limit_s=60,
+        parse_check=True,
+    ),  # > 45 s
+    Step(
+        "bench-grpo-loss",
+        _bench("bench_grpo_loss.py", "--quick"),
+        _bench("bench_grpo_loss.py", "--cpu-smoke"),
+        limit_s=45,
+        parse_check=True,
+    ),
+    Step(
+        "bench-sampling",
+        _bench("bench_sampling.py", "--quick"),
+        _bench("bench_sampling.py", "--cpu-smoke"),
+        limit_s=20,
+        parse_check=True,
+    ),  # 7 s
+    Step(
+        "profile-grpo-1b",
+        [
+            "bench/profile_steps.py",
+            "--algo",
+            "grpo",
+            "--preset",
+            "llama3.2-1b",
+            "--quick",
+            "--response-len",
+            "32",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--run-dir",
+            "{W}",
+        ],  # 2 quick steps of 128 decoded tokens: export > 60 s
+        ["bench/profile_steps.py", "--algo", "grpo", "--device", "cpu", "--quick", "--run-dir", "{W}"],
+        limit_s=90,
+        parse_check=True,
+    ),  # > 60 s (the trace export)
+]
 
 
 def _run(argv: list[str], *, cwd: Path, env: dict, limit_s: float, log: Path) -> tuple[str, float]:
@@ -146,9 +253,15 @@ def _preflight(py: str, env: dict, work: Path, dry: bool) -> tuple[bool, dict]:
     if not dry:
         try:
             smi = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=30,
-            )  # fmt: skip
+                [
+                    "nvidia-smi",
+                    "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                    "--format=csv,noheader",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
         except (OSError, subprocess.SubprocessError) as e:
             info["nvidia_smi"] = f"unavailable: {e}"
@@ -256,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     ok, info = _preflight(args.python, env, work, dry)
     git = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True)
     info["git"] = git.stdout.strip() or "unknown (no git here)"
-    print(f"preflight: {info['preflight']}  {json.dumps({k: info.get(k) for k in ('device', 'torch', 'triton', 'transformers', 'python_version')})}", flush=True)  # fmt: skip
+    print(
+        f"preflight: {info['preflight']}  {json.dumps({k: info.get(k) for k in ('device', 'torch', 'triton', 'transformers', 'python_version')})}",
+        flush=True,
+    )
     records: list[dict] = []
     if not ok:
         print(_tail(work / "preflight.log", 30), flush=True)
@@ -296,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("DEVICE_RUN_KEEP_WORK"):
         shutil.rmtree(work, ignore_errors=True)
     files = sorted(out.iterdir())
-    print(f"\ndevice run: {wall:.0f} s; {len(files)} files in {out}: " + ", ".join(f"{f.name} ({f.stat().st_size >> 10} KiB)" for f in files))  # fmt: skip
+    print(
+        f"\ndevice run: {wall:.0f} s; {len(files)} files in {out}: "
+        + ", ".join(f"{f.name} ({f.stat().st_size >> 10} KiB)" for f in files)
+    )
     print((out / "summary.md").read_text().split("\n## ")[0], flush=True)
     failed = [r["name"] for r in records if not (r["status"] == "ok" or r["status"].startswith("SKIP"))]
     return 1 if failed else 0

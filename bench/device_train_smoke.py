@@ -41,21 +41,45 @@ def main(argv: list[str] | None = None) -> int:
     states, tok = write_synthetic_inputs(work / "inputs", n=64)  # not beside the result rows
     dtype = "bfloat16" if cuda else "float32"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
         str(REPO / "trainer" / "main.py"),
-        "--run.name=smoke", f"--run.out_dir={work / 'runs'}", "--run.plots=false", "--run.num_threads=1",
-        f"--data.states_path={states}", f"--data.tokenizer_path={tok}", f"--data.games_dir={work / 'games'}",
-        "--data.history_window=1", "--data.max_seq_len=512",
-        "--model.dim=256", "--model.n_layers=4", "--model.n_heads=4", "--model.n_kv_heads=2",
-        "--model.ffn_dim=512", "--model.max_seq_len=512",
-        "--eval.enabled=false", "--checkpoint.export_final=true", "--checkpoint.keep_last=1",
+        "--run.name=smoke",
+        f"--run.out_dir={work / 'runs'}",
+        "--run.plots=false",
+        "--run.num_threads=1",
+        f"--data.states_path={states}",
+        f"--data.tokenizer_path={tok}",
+        f"--data.games_dir={work / 'games'}",
+        "--data.history_window=1",
+        "--data.max_seq_len=512",
+        "--model.dim=256",
+        "--model.n_layers=4",
+        "--model.n_heads=4",
+        "--model.n_kv_heads=2",
+        "--model.ffn_dim=512",
+        "--model.max_seq_len=512",
+        "--eval.enabled=false",
+        "--checkpoint.export_final=true",
+        "--checkpoint.keep_last=1",
         "--run.stages=sft,grpo",
-        f"--sft.steps={SFT_STEPS}", "--sft.batch_size=16", "--sft.micro_batch_size=8", "--sft.lr=3e-3",
-        f"--grpo.steps={GRPO_STEPS}", "--grpo.batch_size=4", "--grpo.micro_batch_size=16",
-        "--rollout.group_size=8", "--rollout.max_new_tokens=8", "--optim.lr=1e-3",
-        f"--fsdp.param_dtype={dtype}", f"--fsdp.autocast={'bfloat16' if cuda else 'none'}",
+        f"--sft.steps={SFT_STEPS}",
+        "--sft.batch_size=16",
+        "--sft.micro_batch_size=8",
+        "--sft.lr=3e-3",
+        f"--grpo.steps={GRPO_STEPS}",
+        "--grpo.batch_size=4",
+        "--grpo.micro_batch_size=16",
+        "--rollout.group_size=8",
+        "--rollout.max_new_tokens=8",
+        "--optim.lr=1e-3",
+        f"--fsdp.param_dtype={dtype}",
+        f"--fsdp.autocast={'bfloat16' if cuda else 'none'}",
         f"--rollout.dtype={dtype}",
-    ]  # fmt: skip
+    ]
     t0 = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -81,24 +105,38 @@ def main(argv: list[str] | None = None) -> int:
     if not (run / "final" / "model.safetensors").exists():
         failures.append("no final/model.safetensors exported")
     row = {
-        "topic": "train_smoke", "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "nproc": args.nproc, "dtype": dtype, "backend": "nccl" if cuda else "gloo", "wall_s": wall,
-        "steps": len(steps), "sft_loss_first": steps[0]["loss"] if steps else None,
+        "topic": "train_smoke",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "nproc": args.nproc,
+        "dtype": dtype,
+        "backend": "nccl" if cuda else "gloo",
+        "wall_s": wall,
+        "steps": len(steps),
+        "sft_loss_first": steps[0]["loss"] if steps else None,
         "sft_loss_last": steps[SFT_STEPS - 1]["loss"] if len(steps) >= SFT_STEPS else None,
         "grpo_reward_mean": [r.get("reward_mean") for r in steps if r["kind"] == "grpo"],
-        "ok": not failures, "failures": failures, "torch": torch.__version__,
-    }  # fmt: skip
+        "ok": not failures,
+        "failures": failures,
+        "torch": torch.__version__,
+    }
     (work / "train_smoke.jsonl").write_text(json.dumps(row) + "\n")
-    md = ["# Trainer smoke run (torchrun trainer/main.py, hand FSDP, SFT + GRPO)", "",
-          "| step | kind | loss | grad norm | reward mean | update | rollout s | train s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    md = [
+        "# Trainer smoke run (torchrun trainer/main.py, hand FSDP, SFT + GRPO)",
+        "",
+        "| step | kind | loss | grad norm | reward mean | update | rollout s | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in steps:
         md.append(
             f"| {r['step']} | {r['kind']} | {r.get('loss', float('nan')):.4f} | {r.get('grad_norm', float('nan')):.3f} "
             f"| {r.get('reward_mean', '')} | {r.get('skip_reason', 'applied')} | {r.get('time_rollout', 0):.3f} "
             f"| {r.get('time_train', 0):.3f} |"
         )
-    md += ["", f"{row['backend']}, {dtype}, {args.nproc} rank(s), {wall:.1f} s wall (launch included); "
-           + ("all checks passed" if not failures else "FAILED: " + "; ".join(failures))]  # fmt: skip
+    md += [
+        "",
+        f"{row['backend']}, {dtype}, {args.nproc} rank(s), {wall:.1f} s wall (launch included); "
+        + ("all checks passed" if not failures else "FAILED: " + "; ".join(failures)),
+    ]
     (work / "train_smoke.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 1 if failures else 0

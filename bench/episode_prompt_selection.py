@@ -33,16 +33,27 @@ from singleturn.trainer.stages.sft import sft_forward_backward
 from singleturn.trainer.stats import wilson_interval
 
 COLUMNS = [
-    ("variant", "per-turn material"), ("when", "model"), ("states", "held-out states"),
-    ("agreement", "agreement"), ("wilson95", "95% interval"), ("eval_ms_per_state", "eval ms / state"),
-    ("eval_tokens_per_state", "eval tokens / state"), ("sft_tokens_per_state", "SFT tokens / state"),
+    ("variant", "per-turn material"),
+    ("when", "model"),
+    ("states", "held-out states"),
+    ("agreement", "agreement"),
+    ("wilson95", "95% interval"),
+    ("eval_ms_per_state", "eval ms / state"),
+    ("eval_tokens_per_state", "eval tokens / state"),
+    ("sft_tokens_per_state", "SFT tokens / state"),
     ("sft_s_per_state", "SFT s / state"),
-]  # fmt: skip
+]
 
 
 def agreement(model, tok, held_out: dict[str, list[dict]], *, list_admissible: bool, batch: int) -> dict:
-    policy = EpisodePolicy(model, tok, max_episodes=batch, max_len=model.config.max_seq_len,
-                               list_admissible=list_admissible, system_prompt=False)  # fmt: skip
+    policy = EpisodePolicy(
+        model,
+        tok,
+        max_episodes=batch,
+        max_len=model.config.max_seq_len,
+        list_admissible=list_admissible,
+        system_prompt=False,
+    )
     t0 = time.perf_counter()
     chosen = _episode_actions(policy, held_out, batch)
     dt = time.perf_counter() - t0
@@ -51,8 +62,13 @@ def agreement(model, tok, held_out: dict[str, list[dict]], *, list_admissible: b
     states = [s for g in held_out for s in held_out[g]]
     k = sum(c == s["expert_action"] for c, s in zip(chosen, states))
     lo, hi = wilson_interval(k, len(states))
-    return {"states": len(states), "agreement": k / max(len(states), 1), "wilson95": f"[{lo:.3f}, {hi:.3f}]",
-            "eval_ms_per_state": 1e3 * dt / max(len(states), 1), "eval_tokens_per_state": tokens / max(len(states), 1)}  # fmt: skip
+    return {
+        "states": len(states),
+        "agreement": k / max(len(states), 1),
+        "wilson95": f"[{lo:.3f}, {hi:.3f}]",
+        "eval_ms_per_state": 1e3 * dt / max(len(states), 1),
+        "eval_tokens_per_state": tokens / max(len(states), 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,16 +100,33 @@ def main(argv: list[str] | None = None) -> None:
     for variant in args.variants:
         la = variant == "list"
         model, _ = load_hf_checkpoint(args.model, dtype=torch.float32)
-        base = {"topic": "episode_prompt_selection", "variant": variant, "threads": args.threads, "dtype": "float32",
-                "sft_episodes": len(order), "lr": args.lr, **env}  # fmt: skip
+        base = {
+            "topic": "episode_prompt_selection",
+            "variant": variant,
+            "threads": args.threads,
+            "dtype": "float32",
+            "sft_episodes": len(order),
+            "lr": args.lr,
+            **env,
+        }
         if not args.no_zero_shot:
             model.eval()
             with torch.no_grad():
-                rows.append({**base, "when": "zero-shot", **agreement(model, tok, held_out, list_admissible=la,
-                                                                       batch=args.eval_batch)})  # fmt: skip
+                rows.append(
+                    {
+                        **base,
+                        "when": "zero-shot",
+                        **agreement(model, tok, held_out, list_admissible=la, batch=args.eval_batch),
+                    }
+                )
             print(f"[selection] {variant} zero-shot {rows[-1]['agreement']:.3f}", flush=True)
-        trees, _, dropped = build_episode_examples([s for ep in order for s in ep], tok, list_admissible=la,
-                                                   system_prompt=False, max_seq_len=model.config.max_seq_len)  # fmt: skip
+        trees, _, dropped = build_episode_examples(
+            [s for ep in order for s in ep],
+            tok,
+            list_admissible=la,
+            system_prompt=False,
+            max_seq_len=model.config.max_seq_len,
+        )
         if dropped:
             raise SystemExit(f"{dropped} states of the SFT episodes do not fit the model's context")
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -101,8 +134,14 @@ def main(argv: list[str] | None = None) -> None:
         t0, n_states = time.perf_counter(), sum(len(t.states) for t in trees)
         for i in range(0, len(trees), args.batch_episodes):
             opt.zero_grad(set_to_none=True)
-            stats = sft_forward_backward(model, lambda m=model: m.output.weight, trees[i : i + args.batch_episodes],
-                                         device="cpu", max_tokens=args.max_tokens, row_len=args.max_tokens)  # fmt: skip
+            stats = sft_forward_backward(
+                model,
+                lambda m=model: m.output.weight,
+                trees[i : i + args.batch_episodes],
+                device="cpu",
+                max_tokens=args.max_tokens,
+                row_len=args.max_tokens,
+            )
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             print(
@@ -113,16 +152,27 @@ def main(argv: list[str] | None = None) -> None:
         model.eval()
         with torch.no_grad():
             res = agreement(model, tok, held_out, list_admissible=la, batch=args.eval_batch)
-        rows.append({**base, "when": f"after SFT ({n_states} states)", **res,
-                     "sft_tokens_per_state": sum(t.num_tokens for t in trees) / n_states,
-                     "sft_s_per_state": sft_s / n_states})  # fmt: skip
+        rows.append(
+            {
+                **base,
+                "when": f"after SFT ({n_states} states)",
+                **res,
+                "sft_tokens_per_state": sum(t.num_tokens for t in trees) / n_states,
+                "sft_s_per_state": sft_s / n_states,
+            }
+        )
         print(f"[selection] {variant} after SFT {res['agreement']:.3f} {res['wilson95']}", flush=True)
         write_jsonl(
             args.out_dir, "episode_prompt_selection", rows[written:]
         )  # each piece as it finishes (appends)
         written = len(rows)
-        write_markdown(args.out_dir, "episode_prompt_selection",
-                       "Episode format: per-turn material chosen after SFT on held-out training games", rows, COLUMNS)  # fmt: skip
+        write_markdown(
+            args.out_dir,
+            "episode_prompt_selection",
+            "Episode format: per-turn material chosen after SFT on held-out training games",
+            rows,
+            COLUMNS,
+        )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,16 @@ def act(model, tok, messages: list[dict], admissible: list[str], decoding: str) 
         scores = score_continuations(model, [prompt], [[tok.encode(a) + [tok.eot_id] for a in admissible]])[0]
         return admissible[max(range(len(admissible)), key=scores.__getitem__)]
     trie = action_trie(tok, admissible)
-    (done,) = sample_completions(model, tok, [prompt], num_samples=1, max_new_tokens=trie.max_len,
-                                 temperature=0.0, seed=0, allowed_tokens=allowed_tokens_fn([trie]))  # fmt: skip
+    (done,) = sample_completions(
+        model,
+        tok,
+        [prompt],
+        num_samples=1,
+        max_new_tokens=trie.max_len,
+        temperature=0.0,
+        seed=0,
+        allowed_tokens=allowed_tokens_fn([trie]),
+    )
     return done.text
 
 
@@ -73,9 +81,14 @@ def main(argv=None) -> int:
     pool = [r for r in rows if r["game"] in held]
     sample = random.Random(0).sample(pool, min(args.states_sampled, len(pool)))
     base = {"history_window": 2, "admissible_in_prompt": True, "system_prompt": False, "decoding": "rank"}
-    variants = [base, {**base, "history_window": 1}, {**base, "history_window": 3},
-                {**base, "admissible_in_prompt": False}, {**base, "system_prompt": True},
-                {**base, "decoding": "trie-greedy"}]  # fmt: skip
+    variants = [
+        base,
+        {**base, "history_window": 1},
+        {**base, "history_window": 3},
+        {**base, "admissible_in_prompt": False},
+        {**base, "system_prompt": True},
+        {**base, "decoding": "trie-greedy"},
+    ]
     out = []
     for v in variants:
         decoding = "greedy" if v["decoding"] == "trie-greedy" else "rank"
@@ -88,19 +101,32 @@ def main(argv=None) -> int:
             hits += parse_action(text, s["admissible"]) == s["expert_action"]
         n = len(sample)
         row = {
-            "model": args.model, **v, "states": n, "agreement": hits / n, "hits": hits,
-            "prompt_tokens_mean": tokens / n, "s_per_state": (time.perf_counter() - t0) / n,
-            "threads": args.threads, "held_out_games": len(held),
-        }  # fmt: skip
+            "model": args.model,
+            **v,
+            "states": n,
+            "agreement": hits / n,
+            "hits": hits,
+            "prompt_tokens_mean": tokens / n,
+            "s_per_state": (time.perf_counter() - t0) / n,
+            "threads": args.threads,
+            "held_out_games": len(held),
+        }
         out.append(row)
         print(json.dumps(row), flush=True)
     env = env_info()
     out = [{**env, **r} for r in out]
     write_jsonl(args.out_dir, "prompt_selection", out)
-    cols = [("history_window", "history K"), ("admissible_in_prompt", "admissible line"),
-            ("system_prompt", "system message"), ("decoding", "decoding"),
-            ("hits", "agree"), ("states", "states"), ("agreement", "agreement"),
-            ("prompt_tokens_mean", "prompt tokens"), ("s_per_state", "s/state")]  # fmt: skip
+    cols = [
+        ("history_window", "history K"),
+        ("admissible_in_prompt", "admissible line"),
+        ("system_prompt", "system message"),
+        ("decoding", "decoding"),
+        ("hits", "agree"),
+        ("states", "states"),
+        ("agreement", "agreement"),
+        ("prompt_tokens_mean", "prompt tokens"),
+        ("s_per_state", "s/state"),
+    ]
     write_markdown(
         args.out_dir, "prompt_selection", "Ranked agreement on held-out training states", out, cols
     )

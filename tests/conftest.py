@@ -62,9 +62,15 @@ class PerStatePolicy:
             else:
                 tries = [action_trie(tok, adm) for adm in admissible]
                 done = sample_completions(
-                    self.model, tok, prompts, num_samples=1, temperature=0.0, seed=0,
-                    max_new_tokens=max(t.max_len for t in tries), allowed_tokens=allowed_tokens_fn(tries),
-                )  # fmt: skip
+                    self.model,
+                    tok,
+                    prompts,
+                    num_samples=1,
+                    temperature=0.0,
+                    seed=0,
+                    max_new_tokens=max(t.max_len for t in tries),
+                    allowed_tokens=allowed_tokens_fn(tries),
+                )
         self.last = list(zip(prompts, done))
         return [c.text for c in done]
 

@@ -130,8 +130,12 @@ def _run(script: str, *args: str) -> str:
     }  # oversubscribed OMP threads spin
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), "--device", "cpu", "--quick", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -203,8 +207,12 @@ def test_bench_train_step_two_ranks_cpu(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run(
         [*cmd, str(BENCH / "bench_train_step.py"), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     rows = _rows(tmp_path / "train_step.jsonl")
     assert len(rows) == 2 and all(r["world_size"] == 2 and not r.get("error") for r in rows), rows
@@ -237,8 +245,23 @@ def test_bench_grpo_tokens_on_synthetic_episodes(tmp_path):
     from singleturn.trainer.synthetic import write_synthetic_inputs
 
     states, tok = write_synthetic_inputs(tmp_path, n=30, episodic=True)
-    _run("bench_grpo_tokens.py", "--out-dir", str(tmp_path), "--tokenizer", str(tok), "--states", str(states),
-         "--steps", "3", "--batch", "6", "--group-size", "2", "--response-len", "3")  # fmt: skip
+    _run(
+        "bench_grpo_tokens.py",
+        "--out-dir",
+        str(tmp_path),
+        "--tokenizer",
+        str(tok),
+        "--states",
+        str(states),
+        "--steps",
+        "3",
+        "--batch",
+        "6",
+        "--group-size",
+        "2",
+        "--response-len",
+        "3",
+    )
     by_path = {r["path"]: r for r in _rows(tmp_path / "grpo_tokens.jsonl")}
     rows = {p: r["tokens"] for p, r in by_path.items()}
     assert (
@@ -285,8 +308,23 @@ def test_episode_prompt_selection_smoke(tmp_path):
     """The item-3 measurement end to end on a tiny random model and the synthetic episodes: both
     variants, zero-shot and after SFT, agreement and costs per state."""
     states, ckpt = _tiny_checkpoint(tmp_path)
-    _run("episode_prompt_selection.py", "--out-dir", str(tmp_path), "--model", str(ckpt), "--states", str(states),
-         "--held-out-games", "3", "--sft-episodes", "4", "--batch-episodes", "2", "--threads", "1")  # fmt: skip
+    _run(
+        "episode_prompt_selection.py",
+        "--out-dir",
+        str(tmp_path),
+        "--model",
+        str(ckpt),
+        "--states",
+        str(states),
+        "--held-out-games",
+        "3",
+        "--sft-episodes",
+        "4",
+        "--batch-episodes",
+        "2",
+        "--threads",
+        "1",
+    )
     rows = _rows(tmp_path / "episode_prompt_selection.jsonl")
     assert [(r["variant"], r["when"].split(" (")[0]) for r in rows] == [
         ("none", "zero-shot"),
@@ -304,8 +342,23 @@ def test_decoding_agreement_smoke(tmp_path):
     (the SFT batches recomputed from the data seed), both decodings score the same states, and
     ranking agrees with itself."""
     states, ckpt = _tiny_checkpoint(tmp_path)
-    _run("decoding_agreement.py", "--out-dir", str(tmp_path), "--checkpoint", str(ckpt),
-         "--states", str(states), "--sft-steps", "2", "--sft-batch", "2", "--games", "3", "--threads", "1")  # fmt: skip
+    _run(
+        "decoding_agreement.py",
+        "--out-dir",
+        str(tmp_path),
+        "--checkpoint",
+        str(ckpt),
+        "--states",
+        str(states),
+        "--sft-steps",
+        "2",
+        "--sft-batch",
+        "2",
+        "--games",
+        "3",
+        "--threads",
+        "1",
+    )
     rows = {r["decoding"]: r for r in _rows(tmp_path / "decoding_agreement.jsonl")}
     assert list(rows) == ["rank", "greedy"]
     # 10 synthetic episodes of 3 states; 2 SFT steps x 2 episodes draw 4 of them; 3 of the other 6 scored

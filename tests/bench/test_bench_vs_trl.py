@@ -20,8 +20,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(out: Path, sides: list[str]) -> dict[str, dict]:
-    cmd = [sys.executable, str(REPO / "bench" / "bench_vs_trl.py"), "--cpu-smoke", "--sides", *sides,
-           "--out-dir", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "bench_vs_trl.py"),
+        "--cpu-smoke",
+        "--sides",
+        *sides,
+        "--out-dir",
+        str(out),
+    ]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600
     )

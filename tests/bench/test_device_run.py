@@ -38,8 +38,14 @@ def dry(tmp_path_factory):
         "--budget-s",
         "400",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "PY": sys.executable, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PY": sys.executable, "OMP_NUM_THREADS": "1"},
+    )
     return out, proc
 
 

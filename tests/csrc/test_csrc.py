@@ -35,9 +35,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 NVCC_FLAGS = [
-    "-std=c++17", "-O3", "-Werror", "all-warnings", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror",
-    "-gencode", "arch=compute_90a,code=sm_90a", "-gencode", "arch=compute_80,code=sm_80", "-Xptxas", "-v",
-]  # fmt: skip
+    "-std=c++17",
+    "-O3",
+    "-Werror",
+    "all-warnings",
+    "-Xcompiler",
+    "-fPIC,-Wall,-Wextra,-Werror",
+    "-gencode",
+    "arch=compute_90a,code=sm_90a",
+    "-gencode",
+    "arch=compute_80,code=sm_80",
+    "-Xptxas",
+    "-v",
+]
 CXX_FLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror"]
 
 
@@ -93,19 +103,56 @@ def artifacts() -> dict[str, Path]:
     inc = ["-isystem", str(tdir / "include"), "-isystem", str(tdir / "include/torch/csrc/api/include")]
     # The three compiles are independent: run them side by side.
     jobs = [
-        (_run([NVCC, "-c", str(CSRC / "sampling.cu"), "-o", str(paths["obj"]), *NVCC_FLAGS]), "nvcc sampling.cu"),
-        (_run([CXX, *CXX_FLAGS, "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *inc, f"-I{CSRC}", "-c",
-               str(CSRC / "bindings.cpp"), "-o", str(paths["bind"])]), "g++ bindings.cpp"),
-        (_run([CXX, *CXX_FLAGS, f"-I{CSRC}", str(CSRC / "sampling_host_test.cpp"), "-o", str(paths["host"])]),
-         "g++ sampling_host_test.cpp"),
-    ]  # fmt: skip
+        (
+            _run([NVCC, "-c", str(CSRC / "sampling.cu"), "-o", str(paths["obj"]), *NVCC_FLAGS]),
+            "nvcc sampling.cu",
+        ),
+        (
+            _run(
+                [
+                    CXX,
+                    *CXX_FLAGS,
+                    "-fPIC",
+                    f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                    *inc,
+                    f"-I{CSRC}",
+                    "-c",
+                    str(CSRC / "bindings.cpp"),
+                    "-o",
+                    str(paths["bind"]),
+                ]
+            ),
+            "g++ bindings.cpp",
+        ),
+        (
+            _run(
+                [CXX, *CXX_FLAGS, f"-I{CSRC}", str(CSRC / "sampling_host_test.cpp"), "-o", str(paths["host"])]
+            ),
+            "g++ sampling_host_test.cpp",
+        ),
+    ]
     logs = [_wait(proc, what) for proc, what in jobs]
     paths["nvcc_log"].write_text(logs[0])  # ptxas -v: registers, spills, one entry per kernel and arch
     # The static CUDA runtime resolves the nvcc object's cudart calls and loads libcuda only on first use,
     # so the library loads on a machine without a driver.
-    link = [CXX, "-shared", "-o", str(paths["so"]), str(paths["bind"]), str(paths["obj"]),
-            f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{tdir / 'lib'}",
-            f"-L{_cuda_home() / 'lib64'}", "-l:libcudart_static.a", "-ldl", "-lpthread", "-lrt"]  # fmt: skip
+    link = [
+        CXX,
+        "-shared",
+        "-o",
+        str(paths["so"]),
+        str(paths["bind"]),
+        str(paths["obj"]),
+        f"-L{tdir / 'lib'}",
+        "-lc10",
+        "-ltorch_cpu",
+        "-ltorch",
+        f"-Wl,-rpath,{tdir / 'lib'}",
+        f"-L{_cuda_home() / 'lib64'}",
+        "-l:libcudart_static.a",
+        "-ldl",
+        "-lpthread",
+        "-lrt",
+    ]
     _wait(_run(link), "link of the binding against CPU torch")
     return paths
 
@@ -252,8 +299,10 @@ def host_results(artifacts):
     for line in proc.stdout.splitlines():
         case, _row, token, logp, *_ = line.split()
         rows[CASES[int(case)][0]].append((int(token), float(logp)))
-    return {name: (torch.tensor([t for t, _ in r]), torch.tensor([lp for _, lp in r]), logits_by_case[name])
-            for name, r in rows.items()}  # fmt: skip
+    return {
+        name: (torch.tensor([t for t, _ in r]), torch.tensor([lp for _, lp in r]), logits_by_case[name])
+        for name, r in rows.items()
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

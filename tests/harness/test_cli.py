@@ -69,10 +69,19 @@ def test_cli_evaluate_checkpoint_policy(tmp_path, train_games):
     save_hf_checkpoint(Transformer(cfg), ckpt)
     tok.save(ckpt / "tokenizer.json")
     out = _run(
-        "evaluate", "--games", str(train_games[0].parents[2]), "--limit", "2", "--max-steps", "2",
-        "--policy", str(ckpt), "--out", str(tmp_path / "rep"),
+        "evaluate",
+        "--games",
+        str(train_games[0].parents[2]),
+        "--limit",
+        "2",
+        "--max-steps",
+        "2",
+        "--policy",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "rep"),
         env=dict(os.environ, OMP_NUM_THREADS="1"),  # a tiny model: threads only contend on a busy CPU
-    )  # fmt: skip
+    )
     report = json.loads((tmp_path / "rep.json").read_text())
     assert report["meta"]["policy"] == str(ckpt) and len(report["episodes"]) == 2
     assert all(e["steps"] == 2 for e in report["episodes"]) and "| **all** | 2 |" in out
@@ -137,8 +146,10 @@ def test_cli_rejects_meaningless_numbers(tmp_path, args, flag, why):
     policy = ["--policy", "random"] if args[0] == "evaluate" else []
     proc = subprocess.run(
         [sys.executable, "-m", "singleturn.harness", *args, *games, *policy],
-        capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"argument {flag}: {why}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
@@ -178,8 +189,19 @@ def test_cli_expected_failures_are_one_line_errors(tmp_path, train_games):
     err = _refused("evaluate", "--games", str(games), "--policy", str(ckpt))
     assert f"checkpoint {ckpt} does not load" in err, err
     out = tmp_path / "unwinnable"
-    err = _refused("generate", "--out", str(out), "--split", "valid_seen", "--num-games", "1",
-                   "--task-types", "pick_and_place_simple", "--max-expert-steps", "1")  # fmt: skip
+    err = _refused(
+        "generate",
+        "--out",
+        str(out),
+        "--split",
+        "valid_seen",
+        "--num-games",
+        "1",
+        "--task-types",
+        "pick_and_place_simple",
+        "--max-expert-steps",
+        "1",
+    )
     assert "max_expert_steps=1" in err and not out.exists(), err
     (tmp_path / "empty").mkdir()
     assert "no games found under" in _refused(

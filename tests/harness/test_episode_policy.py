@@ -157,8 +157,9 @@ def test_the_policy_spec_builds_the_episode_policy(model_and_tok):
         PolicySpec(decoding="sample").policy(model, tok)
 
 
-def _reference(model, tok, games, per_state_policy, *, prompt, decoding, constrained, list_admissible,
-               max_len=4096):  # fmt: skip
+def _reference(
+    model, tok, games, per_state_policy, *, prompt, decoding, constrained, list_admissible, max_len=4096
+):
     """The same games through the cache-free reference and through the cache; both reports, both policies."""
     free = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 4}
     sampling = None if decoding == "rank" or constrained else free
@@ -167,8 +168,17 @@ def _reference(model, tok, games, per_state_policy, *, prompt, decoding, constra
         model, tok, decoding=decoding, constrained=constrained, max_len=max_len, sampling=sampling
     )
     want = evaluate(ref, games, max_steps=5, batch_size=4, num_workers=1, **fmt)
-    policy = EpisodePolicy(model, tok, decoding=decoding, constrained=constrained, max_new_tokens=4,
-                           max_episodes=4, max_len=max_len, dtype=torch.float64, **fmt)  # fmt: skip
+    policy = EpisodePolicy(
+        model,
+        tok,
+        decoding=decoding,
+        constrained=constrained,
+        max_new_tokens=4,
+        max_episodes=4,
+        max_len=max_len,
+        dtype=torch.float64,
+        **fmt,
+    )
     got = evaluate(policy, games, max_steps=5, batch_size=4, num_workers=1, **fmt)
     policy.close()
     return got, want, policy, ref

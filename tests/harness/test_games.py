@@ -129,8 +129,14 @@ def test_generation_dir_keys_every_argument(tmp_path):
 def test_a_failed_generation_leaves_nothing(tmp_path):
     """The expert cannot win in 1 step: no games, no manifest, no temporary directory stay behind."""
     with pytest.raises(GenerationError, match="max_expert_steps=1"):
-        generate_games(tmp_path / "g", "valid_seen", 1, seed=7, task_types=TASK_TYPES[:1],
-                       config=GenConfig(max_expert_steps=1, max_attempts=2))  # fmt: skip
+        generate_games(
+            tmp_path / "g",
+            "valid_seen",
+            1,
+            seed=7,
+            task_types=TASK_TYPES[:1],
+            config=GenConfig(max_expert_steps=1, max_attempts=2),
+        )
     assert list(tmp_path.iterdir()) == []
 
 

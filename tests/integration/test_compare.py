@@ -218,8 +218,18 @@ def _check_harness_cli_reproduces_the_eval(run_dir, label, games):
     spec = json.loads((run_dir / "final" / "policy.json").read_text())
     assert spec["decoding"] == "rank" and spec["history_window"] == 2 and spec["system_prompt"] is False
     out = run_dir / "cli-eval"
-    cmd = [sys.executable, "-m", "singleturn.harness", "evaluate", "--policy", str(run_dir / "final"),
-           "--games", str(games), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "singleturn.harness",
+        "evaluate",
+        "--policy",
+        str(run_dir / "final"),
+        "--games",
+        str(games),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.with_suffix(".json").read_text())

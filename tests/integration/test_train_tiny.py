@@ -47,8 +47,10 @@ def two_rank_run(tmp_path_factory):
     )
     # The padded reference path of the policy update, on 2 ranks (the shared-prefix default above).
     padded_args = [a if not a.startswith("--run.name=") else "--run.name=padded" for a in common]
-    H.run_torchrun(padded_args + ["--grpo.shared_prefix=false", "--checkpoint.export_final=false",
-                                  "--run.plots=false"], nproc=2)  # fmt: skip
+    H.run_torchrun(
+        padded_args + ["--grpo.shared_prefix=false", "--checkpoint.export_final=false", "--run.plots=false"],
+        nproc=2,
+    )
     return root / "runs", two, one
 
 
@@ -133,9 +135,11 @@ def episode_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("episodes")
     states, tok = H.write_synthetic_inputs(root, n=30, episodic=True)  # 10 episodes of 3 steps
     common = H.tiny_args(root, states, tok, "ep2") + [
-        "--data.prompt=episode", "--data.list_admissible=true", "--sft.batch_size=4",
+        "--data.prompt=episode",
+        "--data.list_admissible=true",
+        "--sft.batch_size=4",
         "--sft.max_tokens_per_micro_batch=256",  # several micro-batches per step (the rank padding path)
-    ]  # fmt: skip
+    ]
     two = H.run_torchrun(common, nproc=2)
     one_args = [a if not a.startswith("--run.name=") else "--run.name=ep1" for a in common]
     one = H.run_torchrun(one_args + ["--run.stages=sft"])

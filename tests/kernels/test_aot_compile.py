@@ -18,12 +18,33 @@ import pytest
 # Pointer / scalar types per argument of each kernel; "DT" is the input dtype (bf16 or fp32).
 _SIGNATURES = {
     "_token_logprobs_fwd_kernel": dict(
-        h_ptr="*DT", w_ptr="*DT", tgt_ptr="*i64", lse_part_ptr="*fp32", mu_part_ptr="*fp32", z_tgt_ptr="*fp32",
-        N="i32", V="i32", D="i32", v_split="i32", ignore_index="i32", inv_temp="fp32",
+        h_ptr="*DT",
+        w_ptr="*DT",
+        tgt_ptr="*i64",
+        lse_part_ptr="*fp32",
+        mu_part_ptr="*fp32",
+        z_tgt_ptr="*fp32",
+        N="i32",
+        V="i32",
+        D="i32",
+        v_split="i32",
+        ignore_index="i32",
+        inv_temp="fp32",
     ),
     "_token_logprobs_dlogits_kernel": dict(
-        h_ptr="*DT", w_ptr="*DT", tgt_ptr="*i64", lse_ptr="*fp32", g_ptr="*fp32", dz_ptr="*DT",
-        N="i32", V="i32", D="i32", v_start="i32", v_chunk="i32", ignore_index="i32", inv_temp="fp32",
+        h_ptr="*DT",
+        w_ptr="*DT",
+        tgt_ptr="*i64",
+        lse_ptr="*fp32",
+        g_ptr="*fp32",
+        dz_ptr="*DT",
+        N="i32",
+        V="i32",
+        D="i32",
+        v_start="i32",
+        v_chunk="i32",
+        ignore_index="i32",
+        inv_temp="fp32",
     ),
     "_token_logprobs_dhidden_kernel": dict(
         dz_ptr="*DT", w_ptr="*DT", dh_ptr="*fp32", N="i32", D="i32", v_start="i32", v_chunk="i32"
@@ -31,7 +52,7 @@ _SIGNATURES = {
     "_token_logprobs_dweight_kernel": dict(
         dz_ptr="*DT", h_ptr="*DT", dw_ptr="*DT", N="i32", D="i32", v_start="i32", v_chunk="i32"
     ),
-}  # fmt: skip
+}
 
 
 def _compile_all(all_configs: bool) -> None:
@@ -62,10 +83,23 @@ def _compile_all(all_configs: bool) -> None:
                 signature = {k: v.replace("DT", dtype) for k, v in sig.items()}
                 jobs.append((getattr(K, name), signature, consts, dict(num_warps=cfg[3], num_stages=cfg[4])))
     grpo_sig = dict(
-        logp_ptr="*fp32", old_ptr="*fp32", adv_ptr="*fp32", ref_ptr="*fp32", tgt_ptr="*i64", loss_ptr="*fp32",
-        dlogp_ptr="*fp32", clipped_ptr="*fp32", ratio_ptr="*fp32", kl_ptr="*fp32",
-        N="i32", ignore_index="i32", eps_lo="fp32", eps_hi="fp32", kl_coef="fp32", clamp_val="fp32",
-    )  # fmt: skip
+        logp_ptr="*fp32",
+        old_ptr="*fp32",
+        adv_ptr="*fp32",
+        ref_ptr="*fp32",
+        tgt_ptr="*i64",
+        loss_ptr="*fp32",
+        dlogp_ptr="*fp32",
+        clipped_ptr="*fp32",
+        ratio_ptr="*fp32",
+        kl_ptr="*fp32",
+        N="i32",
+        ignore_index="i32",
+        eps_lo="fp32",
+        eps_hi="fp32",
+        kl_coef="fp32",
+        clamp_val="fp32",
+    )
     jobs.append((GL._grpo_loss_fwd_kernel, grpo_sig, dict(HAS_REF=True, BLOCK=1024), dict(num_warps=4)))
     adv_sig = dict(r_ptr="*fp32", adv_ptr="*fp32", num_groups="i32", group_size="i32", eps="fp32")
     jobs.append(

@@ -20,8 +20,11 @@ def test_bench_cpu_smoke(topic, tmp_path):
     script = REPO / "bench" / f"bench_{topic}.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--cpu-smoke", "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     rows = [json.loads(line) for line in (tmp_path / f"{topic}.jsonl").read_text().splitlines()]
     assert {r["provider"] for r in rows} >= {"torch-chunked", "torch-naive"}

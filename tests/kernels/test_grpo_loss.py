@@ -94,9 +94,19 @@ def test_matches_fp64(backend, dtype, kl_coef, temperature):
     truth = _run(_plain_grpo, hidden.double(), weight.double(), targets, adv, old, ref_arg, **kw)
     base = _run(_plain_grpo, hidden, weight, targets, adv, old, ref_arg, **kw)
     out = _run(
-        grpo_loss, hidden, weight, targets, adv, old, ref_logp=ref_arg, kl_coef=kl_coef,
-        clip_eps_low=0.2, clip_eps_high=0.28, temperature=temperature, compute_entropy=True,
-    )  # fmt: skip
+        grpo_loss,
+        hidden,
+        weight,
+        targets,
+        adv,
+        old,
+        ref_logp=ref_arg,
+        kl_coef=kl_coef,
+        clip_eps_low=0.2,
+        clip_eps_high=0.28,
+        temperature=temperature,
+        compute_entropy=True,
+    )
     for name, o, b, t in zip(("d_hidden", "d_weight"), out[1:], base[1:], truth[1:]):
         _assert_ratio(f"{backend}/{name}", o, b, t)
     for field in ("loss", "ratio", "kl", "entropy"):

@@ -70,9 +70,25 @@ LAYER = {
 }
 # Per-layer quant types of the main tiny file: q/k F32 in one layer each (checked against the original).
 MIXED = [
-    {"attn_q": "F32", "attn_k": "Q8_0", "attn_v": "Q4_1", "attn_output": "Q8_0", "ffn_gate": "Q4_1", "ffn_up": "Q8_0", "ffn_down": "F32"},
-    {"attn_q": "Q4_1", "attn_k": "F32", "attn_v": "Q8_0", "attn_output": "Q4_1", "ffn_gate": "F32", "ffn_up": "Q4_1", "ffn_down": "Q8_0"},
-]  # fmt: skip
+    {
+        "attn_q": "F32",
+        "attn_k": "Q8_0",
+        "attn_v": "Q4_1",
+        "attn_output": "Q8_0",
+        "ffn_gate": "Q4_1",
+        "ffn_up": "Q8_0",
+        "ffn_down": "F32",
+    },
+    {
+        "attn_q": "Q4_1",
+        "attn_k": "F32",
+        "attn_v": "Q8_0",
+        "attn_output": "Q4_1",
+        "ffn_gate": "F32",
+        "ffn_up": "Q4_1",
+        "ffn_down": "Q8_0",
+    },
+]
 
 
 @pytest.fixture(scope="module")
@@ -217,9 +233,25 @@ def test_every_supported_type_dequantizes_like_transformers(tmp_path, bpe):
     # dim 256: K-quant blocks are 256 wide (ffn_down's input, 160, takes 32-wide blocks only).
     hf = _model(len(bpe[0]), False, dim=256, n_heads=4, n_kv_heads=2)
     types = [
-        {"attn_q": "F16", "attn_k": "BF16", "attn_v": "Q4_0", "attn_output": "Q4_1", "ffn_gate": "Q5_0", "ffn_up": "Q5_1", "ffn_down": "Q8_0"},
-        {"attn_q": "Q2_K", "attn_k": "Q3_K", "attn_v": "Q4_K", "attn_output": "Q5_K", "ffn_gate": "Q6_K", "ffn_up": "Q8_0", "ffn_down": "Q4_1"},
-    ]  # fmt: skip
+        {
+            "attn_q": "F16",
+            "attn_k": "BF16",
+            "attn_v": "Q4_0",
+            "attn_output": "Q4_1",
+            "ffn_gate": "Q5_0",
+            "ffn_up": "Q5_1",
+            "ffn_down": "Q8_0",
+        },
+        {
+            "attn_q": "Q2_K",
+            "attn_k": "Q3_K",
+            "attn_v": "Q4_K",
+            "attn_output": "Q5_K",
+            "ffn_gate": "Q6_K",
+            "ffn_up": "Q8_0",
+            "ffn_down": "Q4_1",
+        },
+    ]
     assert {t for layer in types for t in layer.values()} | {"F32"} == set(SUPPORTED_TYPES)
     path = write_gguf(tmp_path / "types.gguf", hf, bpe, types=types, default="Q6_K")
     ours = load_file(str(convert_gguf(path, tmp_path / "hf") / "model.safetensors"))
@@ -498,9 +530,12 @@ PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [
         {"role": "system", "content": "You are an agent in a household. Answer with one command."},
-        {"role": "user", "content": "You are in the middle of a room. You see a cabinet 1, a drawer 2.\nYour task is to: put a clean apple in fridge."},
+        {
+            "role": "user",
+            "content": "You are in the middle of a room. You see a cabinet 1, a drawer 2.\nYour task is to: put a clean apple in fridge.",
+        },
     ],
-]  # fmt: skip
+]
 
 
 @pytest.mark.slow

@@ -25,8 +25,12 @@ ADMISSIBLE = ["go to cabinet 1", "go to countertop 1", "go to fridge 1", "look",
 
 def _states():
     for t in range(len(OBS)):
-        yield {"goal": "put a clean apple in fridge", "history": [[OBS[i], ACTIONS[i]] for i in range(t)],
-               "observation": OBS[t], "admissible": ADMISSIBLE}  # fmt: skip
+        yield {
+            "goal": "put a clean apple in fridge",
+            "history": [[OBS[i], ACTIONS[i]] for i in range(t)],
+            "observation": OBS[t],
+            "admissible": ADMISSIBLE,
+        }
 
 
 @pytest.fixture(scope="module", params=["llama3", "chatml"])

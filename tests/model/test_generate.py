@@ -315,8 +315,16 @@ def _tiny_llama(seed=0):
 
     from singleturn.model import PRESETS, Transformer
 
-    cfg = dataclasses.replace(PRESETS["tiny"], dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160,
-                              vocab_size=V, tie_word_embeddings=False)  # fmt: skip
+    cfg = dataclasses.replace(
+        PRESETS["tiny"],
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=160,
+        vocab_size=V,
+        tie_word_embeddings=False,
+    )
     model = Transformer(cfg)
     model.init_weights(seed)
     with torch.no_grad():

@@ -83,9 +83,12 @@ def _flex_case():
 
     rng = random.Random(0)
     groups = [
-        ([rng.randrange(3, 1003) for _ in range(P)], [[rng.randrange(3, 1003)] * rng.randint(1, 9) for _ in range(G)])
+        (
+            [rng.randrange(3, 1003) for _ in range(P)],
+            [[rng.randrange(3, 1003)] * rng.randint(1, 9) for _ in range(G)],
+        )
         for P, G in [(300, 3), (90, 5), (37, 8), (140, 1)]
-    ]  # fmt: skip
+    ]
     (mb,) = build_shared_prefix_batch(groups, max_tokens=4096, row_len=400, device="cuda")
     return mb
 

@@ -44,8 +44,12 @@ from singleturn.kernels import group_advantages, grpo_loss, sample_tokens, token
 info["singleturn"] = singleturn.__file__
 if not _inside(singleturn.__file__):
     failures.append(f"singleturn imported from {singleturn.__file__}, not from {REPO}")
-for name, fn in {"token_logprobs": token_logprobs, "group_advantages": group_advantages,
-                 "grpo_loss": grpo_loss, "sample_tokens": sample_tokens}.items():  # fmt: skip
+for name, fn in {
+    "token_logprobs": token_logprobs,
+    "group_advantages": group_advantages,
+    "grpo_loss": grpo_loss,
+    "sample_tokens": sample_tokens,
+}.items():
     if not callable(fn) or type(fn).__name__ == "module":
         failures.append(f"singleturn.kernels.{name} is {fn!r}, not a function")
 h, w = torch.randn(5, 8), torch.randn(11, 8)
@@ -58,8 +62,14 @@ if not torch.allclose(got, ref, atol=1e-5, rtol=1e-5):
 import transformers  # noqa: E402
 
 info["transformers"] = transformers.__version__
-cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+cfg = transformers.LlamaConfig(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 with tempfile.TemporaryDirectory() as d:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)

@@ -225,8 +225,10 @@ def test_extra_that_does_not_unpickle_is_skipped_and_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="singleturn.trainer.checkpoint"):
         extra, _ = _load(tmp_path)
     assert extra["step"] == 1, f"loaded {extra}"
-    assert any(str(step2) in r.getMessage() and "extra_rank0.pt does not unpickle" in r.getMessage()
-               for r in caplog.records), caplog.text  # fmt: skip
+    assert any(
+        str(step2) in r.getMessage() and "extra_rank0.pt does not unpickle" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
 
 
 def test_all_checkpoints_corrupt_is_an_error_naming_each(tmp_path):

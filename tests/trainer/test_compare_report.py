@@ -70,10 +70,21 @@ def _game(games: Path, name: str) -> str:
 
 def _report(games: Path, won: set[str], failed: set[str] = frozenset()) -> dict:
     eps = [
-        {"game": _game(games, g), "task_type": "pick_and_place_simple", "won": g in won, "steps": 5 if g in won else 10,
-         "invalid": 0, "matches": 3, "labeled": 5, "failed": g in failed, "error": "", "actions": [], "expert_steps": 4}
+        {
+            "game": _game(games, g),
+            "task_type": "pick_and_place_simple",
+            "won": g in won,
+            "steps": 5 if g in won else 10,
+            "invalid": 0,
+            "matches": 3,
+            "labeled": 5,
+            "failed": g in failed,
+            "error": "",
+            "actions": [],
+            "expert_steps": 4,
+        }
         for g in SEEN + UNSEEN
-    ]  # fmt: skip
+    ]
     rate = len(won) / len(eps)
     return {
         "success_rate": rate,
@@ -122,8 +133,12 @@ def test_results_carry_per_episode_outcomes_and_splits(comparison):
     grpo0 = next(r for r in results if r["run"] == "grpo-s0")
     assert [e["split"] for e in grpo0["episodes"]] == ["valid_seen"] * 6 + ["valid_unseen"] * 4
     assert {Path(e["game"]).parent.name for e in grpo0["episodes"] if e["won"]} == {
-        "trial_s0", "trial_s1", "trial_s2", "trial_s3", "trial_u0",
-    }  # fmt: skip
+        "trial_s0",
+        "trial_s1",
+        "trial_s2",
+        "trial_s3",
+        "trial_u0",
+    }
     ppo0 = next(r for r in results if r["run"] == "ppo-s0")
     assert ppo0["env_failures"] == 1 and [e["failed"] for e in ppo0["episodes"]].count(True) == 1
     assert grpo0["samples"] == 4 and grpo0["train_seconds"] == 3.0, "the kept cost columns"
@@ -165,8 +180,13 @@ def test_summary_pools_seeds_splits_and_pairs_with_sft(comparison):
 def test_markdown_shows_intervals_seeds_splits_and_paired_test(comparison):
     cc, specs, results, baselines, games = comparison
     for r in results:  # the lower-bound section needs a bound per trained checkpoint
-        r["bound"] = {"mean_step_prob": 0.5, "greedy_step_accuracy": 0.6, "bound_greedy": 0.1,
-                      "bound_sampled": 0.01, "sampled_success": 0.2}  # fmt: skip
+        r["bound"] = {
+            "mean_step_prob": 0.5,
+            "greedy_step_accuracy": 0.6,
+            "bound_greedy": 0.1,
+            "bound_sampled": 0.01,
+            "sampled_success": 0.2,
+        }
         r["bound_check"] = {"greedy_ok": True, "sampled_ok": True}
     meta = {"config": "fixture.toml", "eval_games": 10, "decoding": "rank", "device": "cpu"}
     md = to_markdown(summarize(results + baselines, cc), results, cc, meta)
@@ -176,9 +196,14 @@ def test_markdown_shows_intervals_seeds_splits_and_paired_test(comparison):
     row = next(line for line in md.splitlines() if line.startswith("| GRPO (single-turn) | 45.0%"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == [
-        "GRPO (single-turn)", "45.0% [25.8, 65.8] (9/20)", "s0 50.0%, s1 40.0%",
-        "58.3% [32.0, 80.7] (7/12)", "25.0% [7.1, 59.1] (2/8)", "6 / 1 (3, 10)", "0.125",
-    ], cells  # fmt: skip
+        "GRPO (single-turn)",
+        "45.0% [25.8, 65.8] (9/20)",
+        "s0 50.0%, s1 40.0%",
+        "58.3% [32.0, 80.7] (7/12)",
+        "25.0% [7.1, 59.1] (2/8)",
+        "6 / 1 (3, 10)",
+        "0.125",
+    ], cells
     head = next(line for line in md.splitlines() if line.startswith("| method | success"))
     assert "valid_seen | valid_unseen" in head
     sft_row = next(line for line in md.splitlines() if line.startswith("| SFT | "))

@@ -194,8 +194,13 @@ def test_main_prints_one_line_and_exits_2_on_a_config_error(tmp_path, case):
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim]\nlr = 1e-3\neps = = 2\n" if case == "toml" else "[optim]\nlr = inf\n")
     env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json")} if case == "value" else None
-    proc = subprocess.run([sys.executable, str(REPO / "trainer" / "main.py"), "--config", str(bad)],
-                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "trainer" / "main.py"), "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

@@ -22,11 +22,18 @@ ACTIONS_ALL = ACTIONS + ["move apple 1 to fridge 1"]
 
 def _episode(game: str, n: int) -> list[dict]:
     return [
-        {"game": game, "step": t, "goal": "put a clean apple in fridge", "task_type": "pick_and_place_simple",
-         "history": [[OBS[i], ACTIONS_ALL[i]] for i in range(t)], "observation": OBS[t],
-         "admissible": ADMISSIBLE + [ACTIONS_ALL[t]], "expert_action": ACTIONS_ALL[t]}
+        {
+            "game": game,
+            "step": t,
+            "goal": "put a clean apple in fridge",
+            "task_type": "pick_and_place_simple",
+            "history": [[OBS[i], ACTIONS_ALL[i]] for i in range(t)],
+            "observation": OBS[t],
+            "admissible": ADMISSIBLE + [ACTIONS_ALL[t]],
+            "expert_action": ACTIONS_ALL[t],
+        }
         for t in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def _states() -> list[dict]:

@@ -76,9 +76,16 @@ def test_pool_is_capped_first_in_first_out():
 
 @pytest.mark.parametrize(
     "n, ratio, pool_len, k",
-    [(8, 0.5, 10, 4), (8, 0.3, 10, 2), (7, 0.5, 10, 4), (37, 0.25, 100, 9), (8, 1.0, 3, 3), (8, 0.0, 10, 0),
-     (8, 0.5, 0, 0)],
-)  # fmt: skip
+    [
+        (8, 0.5, 10, 4),
+        (8, 0.3, 10, 2),
+        (7, 0.5, 10, 4),
+        (37, 0.25, 100, 9),
+        (8, 1.0, 3, 3),
+        (8, 0.0, 10, 0),
+        (8, 0.5, 0, 0),
+    ],
+)
 def test_mixed_batch_honours_the_ratio_and_the_step(n, ratio, pool_len, k):
     expert = [_ex(("e", j)) for j in range(50)]
     pool = PolicyPool(100)
@@ -105,8 +112,13 @@ def test_refresh_schedule_games_and_sample_bound():
     split = [refresh_games(games, 2, episodes=4, seed=0, rank=r, world=3) for r in range(3)]
     assert [len(s) for s in split] == [2, 1, 1] and sorted(sum(split, [])) == sorted(one)
     assert refresh_games(games, 3, episodes=4, seed=0, rank=0, world=1) != one
-    cfg = build_config({"grpo": {"batch_size": 4, "oversample": 2}, "rollout": {"group_size": 8},
-                        "dagger": {"episodes": 3, "max_steps": 5, "every": 4}})  # fmt: skip
+    cfg = build_config(
+        {
+            "grpo": {"batch_size": 4, "oversample": 2},
+            "rollout": {"group_size": 8},
+            "dagger": {"episodes": 3, "max_steps": 5, "every": 4},
+        }
+    )
     per = STAGES["grpo-dagger"].samples_per_step(cfg)
     assert per == 4 * 2 * 8 + 4, "grpo's 64 + ceil(3 * 5 / 4) play decisions"
     for n in range(1, 30):  # n steps: at most n * 64 rollout samples + (n // 4) refreshes of <= 15
@@ -173,9 +185,16 @@ def test_play_labels_the_policys_own_states(world, monkeypatch):
 
     def play(seed):
         return play_policy_states(
-            model, fsdp, world.tok, world.games, rollout_cfg=rcfg,
-            fmt=PromptFormat(history_window=2, system_prompt=False), max_steps=4, num_workers=1, seed=seed,
-        )  # fmt: skip
+            model,
+            fsdp,
+            world.tok,
+            world.games,
+            rollout_cfg=rcfg,
+            fmt=PromptFormat(history_window=2, system_prompt=False),
+            max_steps=4,
+            num_workers=1,
+            seed=seed,
+        )
 
     rows, counts = play(5)
     assert counts["decisions"] == sum(map(len, asked.values())) >= counts["env_steps"] == len(rows) > 0
@@ -210,13 +229,27 @@ def test_play_labels_the_policys_own_states(world, monkeypatch):
 def _stage(world, **dagger):
     from singleturn.trainer.optim import make_optimizer
 
-    cfg = build_config({
-        "data": {"games_dir": str(world.root), "history_window": 2, "system_prompt": False, "max_seq_len": 2048},
-        "rollout": {"group_size": 2, "max_new_tokens": 6},
-        "grpo": {"batch_size": 4, "oversample": 1, "micro_batch_size": 8, "lr": 1e-3},
-        "dagger": {"every": 1, "episodes": 2, "max_steps": 2, "num_workers": 1, "mix_ratio": 0.5,
-                   "pool_size": 3, **dagger},
-    })  # fmt: skip
+    cfg = build_config(
+        {
+            "data": {
+                "games_dir": str(world.root),
+                "history_window": 2,
+                "system_prompt": False,
+                "max_seq_len": 2048,
+            },
+            "rollout": {"group_size": 2, "max_new_tokens": 6},
+            "grpo": {"batch_size": 4, "oversample": 1, "micro_batch_size": 8, "lr": 1e-3},
+            "dagger": {
+                "every": 1,
+                "episodes": 2,
+                "max_steps": 2,
+                "num_workers": 1,
+                "mix_ratio": 0.5,
+                "pool_size": 3,
+                **dagger,
+            },
+        }
+    )
     model, fsdp = _model(world.tok)
     examples, _ = build_examples(
         world.expert, world.tok, history_window=2, system_prompt=False, max_seq_len=2048

@@ -55,9 +55,16 @@ def _toy_collect(model, fsdp, tokenizer, games, *, rollout_cfg, seed, with_featu
     with fsdp.summon_full_params(dtype=torch.float32), torch.no_grad():
         prompts = [p + [20 + int(g[3:])] for g in games for p in TOY_PROMPTS]  # (episode, turn) major
         s = generate(
-            model, prompts, num_samples=1, max_new_tokens=1, temperature=rollout_cfg.temperature,
-            top_p=1.0, stop_ids=(1,), seed=seed, pad_id=0,
-        )  # fmt: skip
+            model,
+            prompts,
+            num_samples=1,
+            max_new_tokens=1,
+            temperature=rollout_cfg.temperature,
+            top_p=1.0,
+            stop_ids=(1,),
+            seed=seed,
+            pad_id=0,
+        )
         feats = state_features(model, prompts, pad_id=0, device=device) if with_features else None
     for e, g in enumerate(games):
         turns = []
@@ -200,9 +207,19 @@ def test_collect_episodes_records_the_policys_own_turns(real_games):
     rcfg = RolloutConfig(max_new_tokens=6, temperature=1.0)
     games = [real_games[0], real_games[0], real_games[1]]
     eps, stats = collect_episodes(
-        model, fsdp, tok, games, rollout_cfg=rcfg, fmt=PromptFormat(history_window=1), max_steps=2, max_seq_len=2048,
-        seed=3, device="cpu", num_workers=1, with_features=True,
-    )  # fmt: skip
+        model,
+        fsdp,
+        tok,
+        games,
+        rollout_cfg=rcfg,
+        fmt=PromptFormat(history_window=1),
+        max_steps=2,
+        max_seq_len=2048,
+        seed=3,
+        device="cpu",
+        num_workers=1,
+        with_features=True,
+    )
     assert [e.game for e in eps] == games
     assert all(not e.failed and e.steps == 2 for e in eps), [(e.failed, e.steps) for e in eps]
     assert stats.samples == stats.env_steps == 6 and stats.truncated_prompts == 0
@@ -239,9 +256,18 @@ def test_collect_episodes_in_the_episode_format_grows_one_conversation(real_game
     model = _tiny_model(tok.vocab_size, max_seq_len=4096)
     fmt = PromptFormat("episode", system_prompt=False, list_admissible=False)
     eps, stats = collect_episodes(
-        model, apply_fsdp(model), tok, [real_games[0]], rollout_cfg=RolloutConfig(max_new_tokens=6, temperature=1.0),
-        fmt=fmt, max_steps=3, max_seq_len=4096, seed=3, device="cpu", num_workers=1,
-    )  # fmt: skip
+        model,
+        apply_fsdp(model),
+        tok,
+        [real_games[0]],
+        rollout_cfg=RolloutConfig(max_new_tokens=6, temperature=1.0),
+        fmt=fmt,
+        max_steps=3,
+        max_seq_len=4096,
+        seed=3,
+        device="cpu",
+        num_workers=1,
+    )
     turns = eps[0].turns
     assert len(turns) == 3 and stats.truncated_prompts == 0
     text = tok.decode(turns[0].prompt)
@@ -338,8 +364,16 @@ def _worker(out: Path) -> None:
 def test_multiturn_stages_on_two_ranks(tmp_path):
     """Uneven per-rank turn counts, FSDP micro-batch padding, the replicated value head and the global
     whitening all run on 2 gloo ranks: both ranks end with the same model and critic, and learn."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           __file__, "--worker", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        __file__,
+        "--worker",
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"workers failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

@@ -78,8 +78,10 @@ def test_prefix_chains_update_equals_padded(kl_coef):
     response branched off where its prompt ends; log-probs, reference log-probs, loss, statistics and
     gradients equal the padded path's (fp32)."""
     G = 3
-    layouts = {"padded": LAYOUTS["padded"],
-               "chains": Layout(shared_prefix=True, prefix_chains=True, max_tokens=120, row_len=120)}  # fmt: skip
+    layouts = {
+        "padded": LAYOUTS["padded"],
+        "chains": Layout(shared_prefix=True, prefix_chains=True, max_tokens=120, row_len=120),
+    }
     out = {}
     for name, layout in layouts.items():
         m, ref = _model(0), _model(1)
@@ -113,11 +115,22 @@ def _update(m, ref, mbs, batch, kl_coef) -> dict:
                 logp[id(s)] = lp[mb.packed.seq == b]
     n_tok = float(sum(len(s.response) for s in batch.sequences))
     stats = grpo_forward_backward(
-        m, lambda m=m: m.output.weight, mbs, global_tokens=n_tok, clip_eps_low=0.2, clip_eps_high=0.2,
-        kl_coef=kl_coef, temperature=1.0, device="cpu",
-    )  # fmt: skip
-    return {"stats": stats, "grads": _grads(m), "logp": [logp[id(s)] for s in batch.sequences],
-            "ref": [s.ref_logp for s in batch.sequences] if kl_coef else []}  # fmt: skip
+        m,
+        lambda m=m: m.output.weight,
+        mbs,
+        global_tokens=n_tok,
+        clip_eps_low=0.2,
+        clip_eps_high=0.2,
+        kl_coef=kl_coef,
+        temperature=1.0,
+        device="cpu",
+    )
+    return {
+        "stats": stats,
+        "grads": _grads(m),
+        "logp": [logp[id(s)] for s in batch.sequences],
+        "ref": [s.ref_logp for s in batch.sequences] if kl_coef else [],
+    }
 
 
 def _grads(m) -> dict:
@@ -184,9 +197,15 @@ def test_packed_sft_equals_padded(lm):
     for packing in (False, True):
         m = _model(2)
         stats = sft_forward_backward(
-            m, lambda m=m: m.output.weight, exs, micro_batch_size=4, packing=packing, max_tokens=64,
-            row_len=64, device="cpu",
-        )  # fmt: skip
+            m,
+            lambda m=m: m.output.weight,
+            exs,
+            micro_batch_size=4,
+            packing=packing,
+            max_tokens=64,
+            row_len=64,
+            device="cpu",
+        )
         res[packing] = (stats, _grads(m))
     (s0, g0), (s1, g1) = res[False], res[True]
     assert s0["num_tokens"] == s1["num_tokens"]

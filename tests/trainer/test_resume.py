@@ -144,8 +144,10 @@ def test_huge_lr_stops_the_run_and_never_saves_nonfinite_weights(runs):
     out, _, _ = runs
     root = out.parent
     args = tiny_args(root, root / "states.jsonl", root / "tokenizer.json", "huge-lr") + [
-        "--optim.lr=1e30", "--sft.lr=0", "--checkpoint.every=1",
-    ]  # fmt: skip
+        "--optim.lr=1e30",
+        "--sft.lr=0",
+        "--checkpoint.every=1",
+    ]
     proc = _launch(args)
     assert proc.returncode != 0 and "exitcode  : 4" in proc.stderr, proc.stderr[-2000:]
     assert "step 4 (sft): 3 consecutive non-finite updates (last: nonfinite_" in proc.stderr

@@ -27,11 +27,18 @@ def inputs(tmp_path_factory):
     rows = []
     for i in range(16):
         place = rng.choice(_PLACES)
-        rows.append({
-            "game": f"toy/{i}", "task_type": "pick_and_place_simple", "step": 0, "goal": f"look at {place}",
-            "history": [], "observation": f"You see a {place} 1.",
-            "admissible": [f"go to {p} 1" for p in _PLACES] + ["look"], "expert_action": f"go to {place} 1",
-        })  # fmt: skip
+        rows.append(
+            {
+                "game": f"toy/{i}",
+                "task_type": "pick_and_place_simple",
+                "step": 0,
+                "goal": f"look at {place}",
+                "history": [],
+                "observation": f"You see a {place} 1.",
+                "admissible": [f"go to {p} 1" for p in _PLACES] + ["look"],
+                "expert_action": f"go to {place} 1",
+            }
+        )
     states = root / "states.jsonl"
     states.write_text("".join(json.dumps(r) + "\n" for r in rows))
     texts = [m["content"] for r in rows for m in render_prompt(r, history_window=1)] + [
@@ -46,13 +53,18 @@ def _cfg(root, inputs, **sections):
     states, tok = inputs
     raw = {
         "run": {"name": "r", "out_dir": str(root), "num_threads": 1, "plots": False, "stages": ["sft"]},
-        "data": {"states_path": str(states), "tokenizer_path": str(tok), "games_dir": str(root / "games"),
-                 "history_window": 1, "max_seq_len": 512},
+        "data": {
+            "states_path": str(states),
+            "tokenizer_path": str(tok),
+            "games_dir": str(root / "games"),
+            "history_window": 1,
+            "max_seq_len": 512,
+        },
         "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64, "max_seq_len": 512},
         "sft": {"steps": 2, "batch_size": 4, "micro_batch_size": 4},
         "eval": {"enabled": False},
         "checkpoint": {"every": 1, "export_final": False},
-    }  # fmt: skip
+    }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return build_config(raw)

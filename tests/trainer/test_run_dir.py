@@ -179,8 +179,14 @@ def _run_dir_with_config(tmp_path, **sections):
 def test_resume_with_other_training_settings_is_refused_before_writing(tmp_path):
     saved = _run_dir_with_config(tmp_path)
     before = (saved.run_dir / "config.json").read_bytes()
-    new = build_config({"run": {"out_dir": str(tmp_path), "name": "r"}, "optim": {"lr": 0.002},
-                        "rollout": {"temperature": 0.5}, "checkpoint": {"keep_last": 1, "resume": True}})  # fmt: skip
+    new = build_config(
+        {
+            "run": {"out_dir": str(tmp_path), "name": "r"},
+            "optim": {"lr": 0.002},
+            "rollout": {"temperature": 0.5},
+            "checkpoint": {"keep_last": 1, "resume": True},
+        }
+    )
     with pytest.raises(RunDirError) as err:
         check_resume_config(saved.run_dir, new)
     msg = str(err.value)
@@ -222,8 +228,9 @@ def test_resume_hash_leaves_out_default_settings():
 
 def test_resume_with_a_lower_keep_last_is_allowed_and_reported(tmp_path):
     saved = _run_dir_with_config(tmp_path)
-    new = build_config({"run": {"out_dir": str(tmp_path), "name": "r"},
-                        "checkpoint": {"keep_last": 1, "resume": True}})  # fmt: skip
+    new = build_config(
+        {"run": {"out_dir": str(tmp_path), "name": "r"}, "checkpoint": {"keep_last": 1, "resume": True}}
+    )
     assert check_resume_config(saved.run_dir, new) == [
         "checkpoint.keep_last: 3 -> 1",
         "checkpoint.resume: false -> true",

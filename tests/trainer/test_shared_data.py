@@ -18,9 +18,17 @@ def _eval_games(games_dir: Path, eval_games: int, eval_max_steps: int) -> list[P
     train games, only the eval splits are generated)."""
     for name in ("states.jsonl", "tokenizer.json"):  # given paths must exist; never read here
         (games_dir / name).touch()
-    data = build_config({"data": {"games_dir": str(games_dir), "eval_games": eval_games,
-                                  "eval_splits": ["valid_seen"], "states_path": str(games_dir / "states.jsonl"),
-                                  "tokenizer_path": str(games_dir / "tokenizer.json")}}).data  # fmt: skip
+    data = build_config(
+        {
+            "data": {
+                "games_dir": str(games_dir),
+                "eval_games": eval_games,
+                "eval_splits": ["valid_seen"],
+                "states_path": str(games_dir / "states.jsonl"),
+                "tokenizer_path": str(games_dir / "tokenizer.json"),
+            }
+        }
+    ).data
     art = prepare_data(data, model_path="", need_eval_games=True, eval_max_steps=eval_max_steps)
     return [Path(g) for g in art.eval_games["valid_seen"]]
 

@@ -128,7 +128,10 @@ def test_forked_children_act_as_before(sig, want):
     """An env worker forked during training dies on SIGTERM and gets KeyboardInterrupt on SIGINT
     (exit 7 below), as it did before the trainer installed its handlers. Python's own handlers are
     set first: a shell that starts pytest in the background hands it SIGINT ignored."""
-    saved = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler))}  # fmt: skip
+    saved = {
+        s: signal.signal(s, h)
+        for s, h in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler))
+    }
     try:
         _forked_child_exit(sig, want)
     finally:

@@ -164,8 +164,13 @@ def test_paired_over_seeds_pairs_same_seed_and_pools_counts():
     # seed 0: win g1, loss g3, both won g2; seed 1: wins g1 g2 g3. Pooled: 4 wins, 1 loss:
     # p = 2 * (1 + 5) / 32 = 0.375 (not a combination of the per-seed p-values).
     assert {k: got[k] for k in ("wins", "losses", "ties_success", "ties_fail", "n", "p")} == {
-        "wins": 4, "losses": 1, "ties_success": 1, "ties_fail": 0, "n": 6, "p": 0.375,
-    }  # fmt: skip
+        "wins": 4,
+        "losses": 1,
+        "ties_success": 1,
+        "ties_fail": 0,
+        "n": 6,
+        "p": 0.375,
+    }
     assert got["per_seed"][0]["p"] == 1.0 and got["per_seed"][1]["p"] == 0.25
     assert set(got["per_seed"]) == {0, 1}, "B's extra seed 2 is not paired"
     with pytest.raises(ValueError, match="seeds \\[1\\]"):
