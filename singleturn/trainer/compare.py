@@ -97,7 +97,8 @@ def plan_runs(cc: CompareConfig, train_raw: dict) -> list[RunSpec]:
                 rl,
                 {
                     "run": {"name": f"{method}-s{seed}", "stages": [method]},
-                    "model": {"path": str(out_dir / sft_name / "final")},
+                    # the seed's SFT export, loaded as it is (not converted from the base's wheel)
+                    "model": {"path": str(out_dir / sft_name / "final"), "gguf_wheel": "", "gguf_member": ""},
                     # its start is the seed's SFT row, already evaluated: no zero-shot or random row
                     "eval": {"random_baseline": False, "zero_shot": False},
                     section: {"steps": steps},

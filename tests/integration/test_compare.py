@@ -168,6 +168,11 @@ def test_shipped_compare_configs_parse(name, tmp_path):
     specs = plan_runs(cc, raw)
     assert len(specs) == len(cc.seeds) * (1 + len([m for m in cc.methods if m != "sft"]))
     assert all(s.raw["run"]["out_dir"] == cc.out_dir for s in specs)
+    for s in specs:  # every RL row starts from its seed's SFT export, never from the base's wheel
+        if s.method != "sft":
+            model = s.raw["model"]
+            assert model["path"] == str(Path(cc.out_dir) / f"sft-s{s.seed}" / "final")
+            assert not model.get("gguf_wheel") and not model.get("gguf_member")
 
 
 def _check_dagger_run(out, run):
