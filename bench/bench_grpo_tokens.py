@@ -28,7 +28,7 @@ from singleturn.model.generate import _trunks
 from singleturn.model.tokenizer import Tokenizer
 from singleturn.trainer.data import batch_indices, build_examples
 from singleturn.trainer.episode_data import build_episode_examples
-from singleturn.trainer.policy_loss import GRPOBatch, Layout, Sequence, micro_batches
+from singleturn.trainer.policy_loss import Layout, PolicyBatch, Sequence, micro_batches
 
 COLUMNS = [
     ("path", "path"),
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def computed(examples, idx, layout) -> int:
         seqs = [Sequence(examples[j].prompt_ids, [5] * L, torch.zeros(L), 1.0) for j in idx for _ in range(G)]
-        return sum(m.packed.computed_tokens for m in micro_batches(GRPOBatch(seqs, seqs[0], 0), layout))
+        return sum(m.packed.computed_tokens for m in micro_batches(PolicyBatch(seqs, seqs[0], 0), layout))
 
     def prefill(examples, idx) -> tuple[int, int]:
         prompts = [examples[j].prompt_ids for j in idx]

@@ -49,7 +49,9 @@ class Sequence:
 
 
 @dataclass
-class GRPOBatch:
+class PolicyBatch:
+    """One rank's sequences for `policy_update` (every RL stage: grpo, ppo, grpo-multiturn, grpo-dagger)."""
+
     sequences: list[Sequence]
     """This rank's kept sequences (non-zero-variance groups only)."""
     dummy: Sequence
@@ -68,7 +70,7 @@ def select_sequences(
     adv_scale: str = "std",
     max_groups: int | None = None,
     keep_zero_variance: bool = False,
-) -> GRPOBatch:
+) -> PolicyBatch:
     """Advantages per group, then keep the sequences of groups with reward variance.
 
     max_groups: keep at most this many (the first ones in order); later groups with variance are
@@ -91,7 +93,7 @@ def select_sequences(
         kept.append(Sequence(prompts[g], resp, lp, float(adv[i])))
     j = next(i for i, r in enumerate(responses) if r)  # generate emits >= 1 token per row
     dummy = Sequence(prompts[j // group_size], responses[j], logprobs[j], 0.0)
-    return GRPOBatch(kept, dummy, int(zero_var.sum()))
+    return PolicyBatch(kept, dummy, int(zero_var.sum()))
 
 
 @dataclass
@@ -176,7 +178,7 @@ def _shift_seq(p, lo: int):
     return replace(p, seq=p.seq - lo)
 
 
-def micro_batches(batch: GRPOBatch, layout: Layout, *, device="cpu") -> list[MicroBatch]:
+def micro_batches(batch: PolicyBatch, layout: Layout, *, device="cpu") -> list[MicroBatch]:
     """This rank's micro-batches, padded with zero-weight dummies to the max count over ranks."""
     dummy: list[MicroBatch] = []  # packed once, only when this rank pads
 
@@ -200,7 +202,7 @@ def fill_reference_logprobs(ref_model, ref_head, mbs: list[MicroBatch], *, tempe
             s.ref_logp = logp_N[packed.seq == b].float().cpu()
 
 
-def global_response_tokens(batch: GRPOBatch) -> float:
+def global_response_tokens(batch: PolicyBatch) -> float:
     """All-reduced count of the kept response tokens: the loss normalizer (host sync)."""
     return all_reduce_sum(float(sum(len(s.response) for s in batch.sequences)))
 

@@ -1,6 +1,6 @@
 """The one policy update of every RL stage (grpo, ppo, grpo-multiturn) and of the train-step bench.
 
-Given this rank's kept sequences (`trainer.policy_loss.GRPOBatch`: prompt, response, behaviour
+Given this rank's kept sequences (`trainer.policy_loss.PolicyBatch`: prompt, response, behaviour
 log-probs, advantage), one update is:
   1. micro-batches (`trainer.policy_loss.Layout`): by default each group's prompt appears ONCE per
      row followed by its G responses (tree mask, positions restart after the prompt) and a
@@ -21,8 +21,8 @@ import contextlib
 from dataclasses import dataclass
 
 from singleturn.trainer.policy_loss import (
-    GRPOBatch,
     Layout,
+    PolicyBatch,
     fill_reference_logprobs,
     global_response_tokens,
     grpo_forward_backward,
@@ -45,7 +45,7 @@ def _untimed(name: str):
     return contextlib.nullcontext()
 
 
-def policy_update(ctx, batch: GRPOBatch, settings: UpdateSettings, *, lr: float, timer=_untimed) -> dict:
+def policy_update(ctx, batch: PolicyBatch, settings: UpdateSettings, *, lr: float, timer=_untimed) -> dict:
     """Run the update on `ctx` (a trainer.stages.StageContext: model, fsdp, optimizer, ref, info).
 
     timer(name) -> a context manager around the phases "ref_logprobs", "fwd_bwd", "optimizer" (the

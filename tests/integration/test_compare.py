@@ -62,6 +62,11 @@ oversample = 1
 
 [ppo]
 episodes_per_step = 4
+max_steps = 2
+num_workers = 1
+
+[grpo_multiturn]
+episodes_per_step = 4
 group_size = 2
 max_steps = 2
 num_workers = 1

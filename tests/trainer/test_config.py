@@ -156,6 +156,9 @@ def test_algo_flag_selects_the_rl_stage_after_the_pre_rl_stages():
         (["--ppo.lam=1.5"], r"ppo\.lam must be in \[0, 1\], got 1\.5"),
         (["--ppo.value_lr=inf"], r"ppo\.value_lr=inf must be a finite number"),
         (["--ppo.success_discount=0"], r"ppo\.success_discount must be in \(0, 1\], got 0\.0"),
+        (["--grpo_multiturn.group_size=1"], r"grpo_multiturn\.group_size must be >= 2"),
+        (["--grpo_multiturn.adv_scale=mean"], r"grpo_multiturn\.adv_scale='mean': 'std' or 'none'"),
+        (["--grpo_multiturn.success_discount=2"], r"grpo_multiturn\.success_discount must be in \(0, 1\]"),
         (["--model.rope_theta=inf"], r"model\.rope_theta=inf must be a finite number"),
         (["--run.name=.."], r"run\.name='\.\.' must be a plain directory name"),
         (["--run.name=."], r"run\.name='\.' must be a plain directory name"),
@@ -167,6 +170,24 @@ def test_algo_flag_selects_the_rl_stage_after_the_pre_rl_stages():
 def test_bad_values_are_rejected_with_the_key(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse_args(argv)
+
+
+def test_each_multiturn_baseline_reads_its_own_section():
+    from singleturn.trainer.stages import STAGES
+
+    cfg = build_config(
+        {
+            "ppo": {"steps": 3, "episodes_per_step": 6, "max_steps": 10, "lr": 1e-4},
+            "grpo_multiturn": {"steps": 5, "episodes_per_step": 8, "group_size": 4, "max_steps": 20, "lr": 2e-4},
+        }
+    )
+    ppo, gmt = STAGES["ppo"], STAGES["grpo-multiturn"]
+    assert (ppo.steps(cfg), ppo.samples_per_step(cfg), ppo.peak_lr(cfg)) == (3, 60, 1e-4)
+    assert (gmt.steps(cfg), gmt.samples_per_step(cfg), gmt.peak_lr(cfg)) == (5, 160, 2e-4)
+    assert ppo.global_batch(cfg)[1] == 6 and gmt.global_batch(cfg)[1] == 2  # episodes / games per rollout
+    with pytest.raises(ConfigError, match="not a multiple of grpo_multiturn.group_size=4"):
+        build_config({"grpo_multiturn": {"episodes_per_step": 6}})
+    build_config({"ppo": {"episodes_per_step": 6}})  # ppo has no groups
 
 
 def test_run_name_with_a_nul_byte_is_rejected():

@@ -9,8 +9,8 @@ import torch
 from singleturn.model import LlamaConfig, Transformer
 from singleturn.trainer.data import Example, batch_indices, pack_completions, rank_slice
 from singleturn.trainer.policy_loss import (
-    GRPOBatch,
     MicroBatch,
+    PolicyBatch,
     Sequence,
     grpo_forward_backward,
     select_sequences,
@@ -240,4 +240,4 @@ def test_dummy_microbatch_adds_exactly_zero_gradient():
     assert stats["loss"] == 0.0
     for n, p in m.named_parameters():
         assert p.grad is None or torch.count_nonzero(p.grad) == 0, n
-    assert isinstance(GRPOBatch([], seqs[0], 0).dummy, Sequence)
+    assert isinstance(PolicyBatch([], seqs[0], 0).dummy, Sequence)

@@ -104,12 +104,23 @@ def _build_stage(algo: str, cfg, info, total: int):
     return model, fsdp, ctx, STAGES[algo](ctx, StageSpan(algo, 1, total))
 
 
-def _stage(monkeypatch, algo: str, **ppo_overrides):
+def _toy_config(micro_batch_size: int):
+    """Both multi-turn sections with the same rollout and update settings."""
+    shared = {"episodes_per_step": 16, "micro_batch_size": micro_batch_size, "lr": 1e-2}
+    return build_config(
+        {
+            "ppo": {**shared, "value_lr": 3e-2},
+            "grpo_multiturn": {**shared, "group_size": 4},
+            "rollout": {"max_new_tokens": 1},
+            "optim": {"lr": 1e-2},
+        }
+    )
+
+
+def _stage(monkeypatch, algo: str):
     monkeypatch.setattr(mt_mod, "collect_episodes", _toy_collect)
     monkeypatch.setattr(mt_mod, "train_games", lambda data_cfg: [f"toy{i}" for i in range(8)])
-    ppo = {"episodes_per_step": 16, "group_size": 4, "micro_batch_size": 64, "lr": 1e-2, "value_lr": 3e-2}
-    ppo.update(ppo_overrides)
-    cfg = build_config({"ppo": ppo, "rollout": {"max_new_tokens": 1}, "optim": {"lr": 1e-2}})
+    cfg = _toy_config(micro_batch_size=64)
     info = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
     model, fsdp, ctx, stage = _build_stage(algo, cfg, info, 8)
     stage.ctx = ctx  # the tests step it as stage.step(stage.ctx, i)
@@ -346,8 +357,7 @@ def _worker(out: Path) -> None:
     mt_mod.train_games = lambda data_cfg: [f"toy{i}" for i in range(8)]
     result = {}
     for algo in ("ppo", "grpo-multiturn"):
-        ppo = {"episodes_per_step": 16, "group_size": 4, "micro_batch_size": 3, "lr": 1e-2, "value_lr": 3e-2}
-        cfg = build_config({"ppo": ppo, "rollout": {"max_new_tokens": 1}, "optim": {"lr": 1e-2}})
+        cfg = _toy_config(micro_batch_size=3)
         model, fsdp, ctx, stage = _build_stage(algo, cfg, info, 6)
         with fsdp.summon_full_params(dtype=torch.float32):
             before = _good_prob(model)

@@ -37,6 +37,7 @@ from singleturn.trainer.config.sections import (
 from singleturn.trainer.config.stage_sections import (
     DaggerConfig,
     GRPOConfig,
+    GRPOMultiTurnConfig,
     LMConfig,
     PPOConfig,
     RolloutConfig,
@@ -53,6 +54,7 @@ __all__ = [
     "EvalConfig",
     "FSDPConfig",
     "GRPOConfig",
+    "GRPOMultiTurnConfig",
     "LMConfig",
     "ModelConfig",
     "OptimConfig",

@@ -1,9 +1,10 @@
-"""The sections of the training stages: lm, sft, rollout, grpo, ppo (the multi-turn baselines),
-dagger (grpo-dagger's policy-state pool)."""
+"""The sections of the training stages: lm, sft, rollout, grpo, ppo and grpo_multiturn (the multi-turn
+baselines), dagger (grpo-dagger's policy-state pool)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from singleturn.trainer.config.checks import _check, _check_finite, _check_stage
 
@@ -124,15 +125,15 @@ class GRPOConfig:
 
 
 @dataclass(kw_only=True)
-class PPOConfig:
-    """The multi-turn baselines (trainer/stages/ppo.py, grpo_multiturn.py): stages 'ppo' and 'grpo-multiturn'."""
+class MultiTurnConfig:
+    """What the multi-turn baselines share (trainer/stages/multiturn.py): rollout batches of whole
+    episodes and the clipped policy update. Each baseline has its own section: [ppo] and [grpo_multiturn]."""
 
+    section: ClassVar[str] = ""
     steps: int = 20
     """Rollout batches of episodes (each followed by ppo_epochs policy steps)."""
     episodes_per_step: int = 16
     """Global episodes per rollout batch (divided evenly across ranks)."""
-    group_size: int = 4
-    """grpo-multiturn: episodes per game (the group); episodes_per_step must be a multiple."""
     micro_batch_size: int = 32
     """Turn sequences per forward/backward on one rank."""
     ppo_epochs: int = 1
@@ -147,22 +148,6 @@ class PPOConfig:
     """Env worker processes per rank for the training rollouts."""
     success_discount: float = 1.0
     """Episode reward = won * success_discount**(turns - 1) (1: plain sparse success)."""
-    gamma: float = 1.0
-    """ppo: turn-level discount of GAE."""
-    lam: float = 0.95
-    """ppo: GAE lambda."""
-    adv_whiten: bool = True
-    """ppo: whiten the GAE advantages over the global batch."""
-    value_lr: float = 1e-3
-    """ppo: AdamW learning rate of the value head."""
-    value_epochs: int = 4
-    """ppo: value-head optimizer steps per rollout batch."""
-    value_clip: float = 0.2
-    """ppo: value clipping around the rollout-time values (0: off)."""
-    value_hidden_dim: int = 0
-    """ppo: 0 = linear value head; > 0 = a small MLP critic of that width (on the policy's features)."""
-    adv_scale: str = "std"
-    """grpo-multiturn: group normalization, 'std' (GRPO) or 'none' (Dr.GRPO)."""
     lr: float = 0.0
     """Stage learning rate; 0 uses optim.lr."""
     shared_prefix: bool = True
@@ -171,33 +156,75 @@ class PPOConfig:
     """Token budget (rows x row width) of one forward/backward with shared_prefix."""
 
     def __post_init__(self):
-        _check_finite(self, "ppo")
-        _check(self.max_tokens_per_micro_batch > 0, "ppo.max_tokens_per_micro_batch must be > 0")
-        _check(self.steps >= 0, "ppo.steps must be >= 0")
+        s = self.section
+        _check_finite(self, s)
+        _check(self.max_tokens_per_micro_batch > 0, f"{s}.max_tokens_per_micro_batch must be > 0")
+        _check(self.steps >= 0, f"{s}.steps must be >= 0")
         _check(
             self.episodes_per_step > 0 and self.micro_batch_size > 0,
-            "ppo.episodes_per_step/micro_batch_size must be > 0",
+            f"{s}.episodes_per_step/micro_batch_size must be > 0",
         )
-        _check(self.group_size >= 2, "ppo.group_size must be >= 2 (grpo-multiturn needs a group)")
-        _check(
-            self.episodes_per_step % self.group_size == 0,
-            f"ppo.episodes_per_step={self.episodes_per_step} is not a multiple of ppo.group_size={self.group_size}",
-        )
-        _check(self.ppo_epochs >= 1 and self.value_epochs >= 1, "ppo.ppo_epochs/value_epochs must be >= 1")
-        _check(0 <= self.clip_eps_low < 1, f"ppo.clip_eps_low must be in [0, 1), got {self.clip_eps_low}")
-        _check(self.clip_eps_high >= 0, f"ppo.clip_eps_high must be >= 0, got {self.clip_eps_high}")
-        _check(self.max_steps > 0 and self.num_workers > 0, "ppo.max_steps/num_workers must be > 0")
+        _check(self.ppo_epochs >= 1, f"{s}.ppo_epochs must be >= 1")
+        _check(0 <= self.clip_eps_low < 1, f"{s}.clip_eps_low must be in [0, 1), got {self.clip_eps_low}")
+        _check(self.clip_eps_high >= 0, f"{s}.clip_eps_high must be >= 0, got {self.clip_eps_high}")
+        _check(self.max_steps > 0 and self.num_workers > 0, f"{s}.max_steps/num_workers must be > 0")
         _check(
             0 < self.success_discount <= 1,
-            f"ppo.success_discount must be in (0, 1], got {self.success_discount}",
+            f"{s}.success_discount must be in (0, 1], got {self.success_discount}",
         )
+        _check(self.lr >= 0, f"{s}.lr must be >= 0, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class PPOConfig(MultiTurnConfig):
+    """Stage 'ppo' (trainer/stages/ppo.py): turn-level GAE and a critic."""
+
+    section: ClassVar[str] = "ppo"
+    gamma: float = 1.0
+    """Turn-level discount of GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    adv_whiten: bool = True
+    """Whiten the GAE advantages over the global batch."""
+    value_lr: float = 1e-3
+    """AdamW learning rate of the value head."""
+    value_epochs: int = 4
+    """Value-head optimizer steps per rollout batch."""
+    value_clip: float = 0.2
+    """Value clipping around the rollout-time values (0: off)."""
+    value_hidden_dim: int = 0
+    """0 = linear value head; > 0 = a small MLP critic of that width (on the policy's features)."""
+
+    def __post_init__(self):
+        super().__post_init__()
         for k in ("gamma", "lam"):
             _check(0 <= getattr(self, k) <= 1, f"ppo.{k} must be in [0, 1], got {getattr(self, k)}")
+        _check(self.value_epochs >= 1, "ppo.value_epochs must be >= 1")
         _check(self.value_lr > 0, f"ppo.value_lr must be > 0, got {self.value_lr}")
         _check(self.value_clip >= 0, f"ppo.value_clip must be >= 0, got {self.value_clip}")
         _check(self.value_hidden_dim >= 0, f"ppo.value_hidden_dim must be >= 0, got {self.value_hidden_dim}")
-        _check(self.adv_scale in ("std", "none"), f"ppo.adv_scale={self.adv_scale!r}: 'std' or 'none'")
-        _check(self.lr >= 0, f"ppo.lr must be >= 0, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class GRPOMultiTurnConfig(MultiTurnConfig):
+    """Stage 'grpo-multiturn' (trainer/stages/grpo_multiturn.py): the episode reward normalized within
+    a group of episodes of the same game."""
+
+    section: ClassVar[str] = "grpo_multiturn"
+    group_size: int = 4
+    """Episodes per game (the group); episodes_per_step must be a multiple."""
+    adv_scale: str = "std"
+    """Group normalization, 'std' (GRPO) or 'none' (Dr.GRPO)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        s = self.section
+        _check(self.group_size >= 2, f"{s}.group_size must be >= 2")
+        _check(
+            self.episodes_per_step % self.group_size == 0,
+            f"{s}.episodes_per_step={self.episodes_per_step} is not a multiple of {s}.group_size={self.group_size}",
+        )
+        _check(self.adv_scale in ("std", "none"), f"{s}.adv_scale={self.adv_scale!r}: 'std' or 'none'")
 
 
 @dataclass(kw_only=True)

@@ -22,6 +22,7 @@ from singleturn.trainer.config.sections import (
 from singleturn.trainer.config.stage_sections import (
     DaggerConfig,
     GRPOConfig,
+    GRPOMultiTurnConfig,
     LMConfig,
     PPOConfig,
     RolloutConfig,
@@ -41,6 +42,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo_multiturn: GRPOMultiTurnConfig = field(default_factory=GRPOMultiTurnConfig)
     dagger: DaggerConfig = field(default_factory=DaggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

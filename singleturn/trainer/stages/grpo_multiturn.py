@@ -1,6 +1,6 @@
 """The `grpo-multiturn` stage: trajectory-level GRPO with a sparse episode reward (GiGPO's baseline).
 
-G = ppo.group_size episodes of the same game per group; the episode reward (trainer/gae.py
+G = grpo_multiturn.group_size episodes of the same game per group; the episode reward (trainer/gae.py
 `episode_returns`) is normalized within its group (kernels.group_advantages) and applied to all of
 the episode's action tokens; zero-variance groups are dropped (counted). An env-failed episode
 counts as reward 0 in its group and is not trained on. Rollouts and the policy update are shared
@@ -16,7 +16,7 @@ from singleturn.trainer.episodes import EpisodeRollout
 from singleturn.trainer.gae import episode_returns
 from singleturn.trainer.policy_loss import Sequence
 from singleturn.trainer.reward import zero_variance_groups
-from singleturn.trainer.stages.base import StageContext, StageSpan, register
+from singleturn.trainer.stages.base import register
 from singleturn.trainer.stages.multiturn import EpisodeStage
 
 
@@ -37,13 +37,11 @@ class GRPOMultiTurnStage(EpisodeStage):
     label = "SFT+GRPO-MT"
     method = "GRPO (multi-turn)"
 
-    def __init__(self, ctx: StageContext, span: StageSpan):
-        super().__init__(ctx, span)
-        self.cfg = ctx.cfg.ppo
+    section = "grpo_multiturn"
 
     @classmethod
     def group_size(cls, cfg) -> int:
-        return cfg.ppo.group_size
+        return cfg.grpo_multiturn.group_size
 
     def sequences(self, episodes: list[EpisodeRollout]) -> tuple[list[Sequence], dict]:
         G, c = self.cfg.group_size, self.cfg

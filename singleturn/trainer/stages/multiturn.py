@@ -26,7 +26,7 @@ from singleturn.trainer.episodes import (
     step_games,
     train_games,
 )
-from singleturn.trainer.policy_loss import GRPOBatch, Sequence
+from singleturn.trainer.policy_loss import PolicyBatch, Sequence
 from singleturn.trainer.rollout import rollout_seed
 from singleturn.trainer.stages.base import Stage, StageContext, StageSpan
 from singleturn.trainer.update import UpdateSettings, policy_update
@@ -87,7 +87,6 @@ def _dummy(episodes: list[EpisodeRollout], eot_id: int) -> Sequence:
 class EpisodeStage(Stage):
     """Base of the multi-turn stages (not registered itself)."""
 
-    section = "ppo"
     kind = "rl"
     log_keys = ("loss", "reward_mean", "pass_at_g", "zero_var_groups", "clip_frac", "kl", "response_len")
     plot_keys = {"loss": "loss", "reward": "reward_mean", "accuracy": "action_accuracy"}
@@ -96,11 +95,13 @@ class EpisodeStage(Stage):
 
     def __init__(self, ctx: StageContext, span: StageSpan):
         super().__init__(ctx, span)
+        self.cfg = getattr(ctx.cfg, self.section)
         self.games = train_games(ctx.cfg.data)
 
     @classmethod
     def global_batch(cls, cfg) -> tuple[str, int]:
-        return "ppo: games per rollout batch", cfg.ppo.episodes_per_step // cls.group_size(cfg)
+        c = getattr(cfg, cls.section)
+        return f"{cls.section}: games per rollout batch", c.episodes_per_step // cls.group_size(cfg)
 
     @classmethod
     def group_size(cls, cfg) -> int:
@@ -108,7 +109,8 @@ class EpisodeStage(Stage):
 
     @classmethod
     def samples_per_step(cls, cfg) -> int:
-        return cfg.ppo.episodes_per_step * cfg.ppo.max_steps
+        c = getattr(cfg, cls.section)
+        return c.episodes_per_step * c.max_steps
 
     @classmethod
     def samples(cls, cfg, rows: list[dict]) -> int:
@@ -123,13 +125,13 @@ class EpisodeStage(Stage):
         return {}
 
     def step(self, ctx: StageContext, i: int) -> dict:
-        c, info = ctx.cfg.ppo, ctx.info
+        c, info = self.cfg, ctx.info
         t0 = time.perf_counter()
         episodes, cs = self._collect(ctx, i)
         t_roll = time.perf_counter() - t0
         t1 = time.perf_counter()
         kept, extra = self.sequences(episodes)
-        batch = GRPOBatch(kept, _dummy(episodes, ctx.tokenizer.eot_id), extra.get("zero_var_groups", 0))
+        batch = PolicyBatch(kept, _dummy(episodes, ctx.tokenizer.eot_id), extra.get("zero_var_groups", 0))
         sums = _rollout_sums(episodes, cs, len(kept), batch.zero_var_groups)
         row = {**_rollout_row(sums), "time_rollout": t_roll, **extra.get("row", {})}
         if row["kept_sequences"] == 0:
@@ -154,7 +156,7 @@ class EpisodeStage(Stage):
 
     def _collect(self, ctx: StageContext, i: int) -> tuple[list[EpisodeRollout], CollectStats]:
         """This rank's rollout batch of step i: its games played with the sampling policy."""
-        c, info = ctx.cfg.ppo, ctx.info
+        c, info = self.cfg, ctx.info
         games = step_games(
             self.games,
             i,

@@ -48,6 +48,7 @@ def ppo_advantages(episodes: list[EpisodeRollout], values: list[torch.Tensor], p
 @register
 class PPOStage(EpisodeStage):
     name = "ppo"
+    section = "ppo"
     label = "SFT+PPO"
     method = "PPO (multi-turn)"
     with_features = True
@@ -55,12 +56,12 @@ class PPOStage(EpisodeStage):
     def __init__(self, ctx: StageContext, span: StageSpan):
         super().__init__(ctx, span)
 
-        c = ctx.cfg.ppo
+        c = self.cfg
         with torch.random.fork_rng(devices=[]):  # same head on every rank; the run's RNG untouched
             torch.manual_seed(ctx.cfg.run.seed)
             self.value_head = ValueHead(ctx.model.config.dim, hidden_dim=c.value_hidden_dim)
         self.value_opt = torch.optim.AdamW(self.value_head.parameters(), lr=c.value_lr, weight_decay=0.0)
-        self.cfg, self.grad_clip = c, ctx.cfg.optim.grad_clip
+        self.grad_clip = ctx.cfg.optim.grad_clip
 
     def state_dict(self) -> dict:
         """The critic (value head + its AdamW) for the checkpoint."""
