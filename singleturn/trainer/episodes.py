@@ -113,13 +113,9 @@ def collect_episodes(
     batch_size: int | None = None,
     with_features: bool = False,
 ) -> tuple[list[EpisodeRollout], CollectStats]:
-    """Play `games` (one episode each, in order; repeat a game for a group) with the sampling policy.
-
-    rollout_cfg: `RolloutConfig` (temperature, top_p, top_k, max_new_tokens, dtype); fmt: the
-    `harness.PromptFormat` each turn's prompt is rendered in (`trainer.data.prompt_format`). Prompts are
-    left-truncated to max_seq_len - max_new_tokens. with_features: also compute each turn's critic
-    feature with the same gathered weights. Returns episodes in `games` order and the counts.
-    """
+    """Play `games` (one episode each, in order; repeat a game for a group) with the sampling policy
+    (`rollout_cfg`: `RolloutConfig`) in the prompt format `fmt` (`trainer.data.prompt_format`); with_features:
+    also each turn's critic feature from the same gathered weights. Episodes in `games` order, counts."""
     # lazy: harness.rollout imports ALFWorld, which a run from a states file does not need
     from singleturn.harness.rollout import run_episodes
 

@@ -40,28 +40,48 @@ class ValueHead(nn.Module):
         return self.net(features.float()).squeeze(-1)  # (...,) fp32
 
 
+def prefix_hosts(prompts: list[list[int]]) -> list[int]:
+    """For each prompt, the index of the longest prompt it is a prefix of (itself if none is longer).
+
+    The turns of one episode-format episode extend one another, so their features are all read off
+    one forward of the episode's last prompt; window-format prompts host themselves."""
+    hosts: list[int] = []  # longest first
+    host_of = [0] * len(prompts)
+    for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+        p, n = prompts[i], len(prompts[i])
+        host_of[i] = next((h for h in hosts if prompts[h][:n] == p), i)
+        if host_of[i] == i:
+            hosts.append(i)
+    return host_of
+
+
 @torch.no_grad()
 def state_features(
     model, prompts: list[list[int]], *, device, micro_batch_size: int = 32, pad_id: int = PACK_PAD
 ) -> torch.Tensor:
     """Final hidden state at the last token of each prompt: [n, D] fp32 on cpu (no grad).
 
-    Run with full weights present (inside `fsdp.summon_full_params`, or an unsharded model).
-    Prompts are right-padded per micro-batch (causal attention: the pads never reach real tokens).
+    Run with full weights present (inside `fsdp.summon_full_params`, or an unsharded model). Only
+    the prompts that extend no other are computed (`prefix_hosts`; causal attention: a prefix's
+    hidden states are its host's first positions), right-padded per micro-batch, longest first.
     """
-    out = []
-    for i in range(0, len(prompts), micro_batch_size):
-        mb = prompts[i : i + micro_batch_size]
-        T = max(len(p) for p in mb)
-        tokens = torch.full((len(mb), T), pad_id, dtype=torch.int64)
-        for b, p in enumerate(mb):
-            tokens[b, : len(p)] = torch.tensor(p, dtype=torch.int64)
-        h = model.hidden(tokens.to(device))  # (B, T, D)
-        last = torch.tensor([len(p) - 1 for p in mb], device=device)  # (B,)
-        out.append(h[torch.arange(len(mb), device=device), last].float().cpu())  # (B, D)
-    if not out:
-        return torch.zeros(0, model.output.weight.shape[1])
-    return torch.cat(out)
+    host_of = prefix_hosts(prompts)
+    hosts = sorted(set(host_of), key=lambda h: -len(prompts[h]))
+    members: dict[int, list[int]] = {h: [] for h in hosts}
+    for i, h in enumerate(host_of):
+        members[h].append(i)
+    out = torch.zeros(len(prompts), model.output.weight.shape[1])
+    for k in range(0, len(hosts), micro_batch_size):
+        mb = hosts[k : k + micro_batch_size]
+        tokens = torch.full((len(mb), len(prompts[mb[0]])), pad_id, dtype=torch.int64)
+        for b, h in enumerate(mb):
+            tokens[b, : len(prompts[h])] = torch.tensor(prompts[h], dtype=torch.int64)
+        hid = model.hidden(tokens.to(device))  # (B, T, D)
+        for b, h in enumerate(mb):
+            idx = members[h]
+            last = torch.tensor([len(prompts[i]) - 1 for i in idx], device=device)  # (m,)
+            out[idx] = hid[b, last].float().cpu()  # (m, D)
+    return out
 
 
 def sync_grads(head: nn.Module) -> None:

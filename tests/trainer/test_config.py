@@ -178,7 +178,13 @@ def test_each_multiturn_baseline_reads_its_own_section():
     cfg = build_config(
         {
             "ppo": {"steps": 3, "episodes_per_step": 6, "max_steps": 10, "lr": 1e-4},
-            "grpo_multiturn": {"steps": 5, "episodes_per_step": 8, "group_size": 4, "max_steps": 20, "lr": 2e-4},
+            "grpo_multiturn": {
+                "steps": 5,
+                "episodes_per_step": 8,
+                "group_size": 4,
+                "max_steps": 20,
+                "lr": 2e-4,
+            },
         }
     )
     ppo, gmt = STAGES["ppo"], STAGES["grpo-multiturn"]

@@ -168,3 +168,31 @@ def test_state_features_pick_last_prompt_token():
         for i, p in enumerate(prompts):
             ref = model.hidden(torch.tensor([p]))[0, -1]
             _close(feats[i], ref, f"feature {i}", atol=1e-5)
+
+
+def test_state_features_read_prefix_chains_off_one_forward():
+    """Episode-format turns extend one another: only the prompts that extend no other are computed,
+    and every feature equals the prompt's own forward (float64)."""
+    from singleturn.model import LlamaConfig, Transformer
+    from singleturn.trainer.value import prefix_hosts
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, ffn_dim=64, max_seq_len=64)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    model.double()
+    ep = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    prompts = [ep[:3], ep[:6], ep, [1, 2], ep[:6] + [40, 41], [1, 2, 3], ep[:3], [50]]
+    # hosts: ep hosts ep[:3], ep[:6] and the duplicate ep[:3]; the branch ep[:6]+[40,41] and the chain
+    # [1,2] -> [1,2,3] and [50] host themselves or their extension.
+    assert prefix_hosts(prompts) == [2, 2, 2, 5, 4, 5, 2, 7]
+    shapes = []
+    hidden = model.hidden
+    model.hidden = lambda t: shapes.append(tuple(t.shape)) or hidden(t)
+    feats = state_features(model, prompts, pad_id=0, device="cpu", micro_batch_size=2)
+    assert shapes == [(2, 10), (2, 3)], shapes  # 4 hosts, longest first, 2 per micro-batch
+    assert feats.shape == (len(prompts), 32)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            ref = hidden(torch.tensor([p]))[0, -1].float()
+            _close(feats[i], ref, f"feature {i}", atol=1e-6)

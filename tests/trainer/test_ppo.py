@@ -278,9 +278,15 @@ def test_collect_episodes_in_the_episode_format_grows_one_conversation(real_game
         seed=3,
         device="cpu",
         num_workers=1,
+        with_features=True,
     )
     turns = eps[0].turns
     assert len(turns) == 3 and stats.truncated_prompts == 0
+    with torch.no_grad():  # the critic's features, read off the last turn's forward, equal each turn's own
+        for t, feat in zip(turns, eps[0].features):
+            torch.testing.assert_close(
+                feat, model.hidden(torch.tensor([t.prompt]))[0, -1], rtol=1e-5, atol=1e-5
+            )
     text = tok.decode(turns[0].prompt)
     assert "Your task is to:" in text and "Admissible actions" not in text and text.count("Observation:") == 1
     for a, b in zip(turns, turns[1:]):
