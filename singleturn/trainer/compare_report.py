@@ -16,6 +16,7 @@ from singleturn.harness.tasks import TASK_SHORT
 from singleturn.trainer.compare_config import CompareConfig
 from singleturn.trainer.stages import STAGES
 from singleturn.trainer.stats import paired_over_seeds, pooled_success
+from singleturn.trainer.table import num, pct
 
 ZERO_SHOT = "zero-shot"
 """The row of the model before fine-tuning: an SFT run's eval/zero-shot.json (eval.zero_shot = true)."""
@@ -29,16 +30,6 @@ def _mean_std(xs: list) -> tuple[float | None, float | None]:
     if not xs:
         return None, None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def _pct(m, s=None) -> str:
-    if m is None:
-        return "-"
-    return f"{100 * m:.1f}%" + (f" ± {100 * s:.1f}" if s else "")
-
-
-def _num(v, fmt="{:.1f}") -> str:
-    return "-" if v is None else fmt.format(v)
 
 
 def _display(method: str) -> str:
@@ -131,7 +122,7 @@ def _success_table(summary: dict) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, row in summary.items():
         s = row["success"]
-        per_seed = ", ".join(f"s{seed} {_pct(v['rate'])}" for seed, v in s["all"]["per_seed"].items())
+        per_seed = ", ".join(f"s{seed} {pct(v['rate'])}" for seed, v in s["all"]["per_seed"].items())
         cells = [_display(method), _ci(s["all"]), per_seed, *[_ci(s.get(sp)) for sp in splits]]
         v = row.get("vs_sft", {}).get("all")
         if v is None:
@@ -162,16 +153,16 @@ def _cost_table(summary: dict) -> list[str]:
         s = row["mean_steps_success"][0]
         e = row["expert_mean_steps"][0]
         cells = [_display(method)]
-        cells += [_pct(*row["per_task"][t]) if t in row["per_task"] else "-" for t in tasks]
+        cells += [pct(*row["per_task"][t]) if t in row["per_task"] else "-" for t in tasks]
         cells += [
-            _pct(row["action_accuracy"][0]),
-            f"{_num(s)} ({_num(e)})",
-            _pct(row["invalid_action_rate"][0]),
+            pct(row["action_accuracy"][0]),
+            f"{num(s)} ({num(e)})",
+            pct(row["invalid_action_rate"][0]),
             f"{row['env_failures_total']}/{row['success']['all']['episodes']}",
-            _num(row["samples"][0], "{:.0f}"),
-            _num(row["env_steps"][0], "{:.0f}"),
-            _num(row["train_seconds"][0]),
-            _num(row["tokens_per_gpu"][0], "{:.3g}"),
+            num(row["samples"][0], "{:.0f}"),
+            num(row["env_steps"][0], "{:.0f}"),
+            num(row["train_seconds"][0]),
+            num(row["tokens_per_gpu"][0], "{:.3g}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -224,10 +215,10 @@ def to_markdown(summary: dict, results: list[dict], cc: CompareConfig, meta: dic
     for r in results:
         b, c = r["bound"], r["bound_check"]
         lines.append(
-            f"| {r['run']} | {_pct(r['action_accuracy'])} | {_num(b['mean_step_prob'], '{:.3f}')} | "
-            f"{_pct(b['greedy_step_accuracy'])} | {_pct(b['bound_greedy'])} | {_pct(r['success_rate'])} | "
-            f"{'yes' if c['greedy_ok'] else 'NO'} | {_num(b['bound_sampled'], '{:.2e}')} | "
-            f"{_pct(b.get('sampled_success'))} | {'-' if 'sampled_ok' not in c else 'yes' if c['sampled_ok'] else 'NO'} |"
+            f"| {r['run']} | {pct(r['action_accuracy'])} | {num(b['mean_step_prob'], '{:.3f}')} | "
+            f"{pct(b['greedy_step_accuracy'])} | {pct(b['bound_greedy'])} | {pct(r['success_rate'])} | "
+            f"{'yes' if c['greedy_ok'] else 'NO'} | {num(b['bound_sampled'], '{:.2e}')} | "
+            f"{pct(b.get('sampled_success'))} | {'-' if 'sampled_ok' not in c else 'yes' if c['sampled_ok'] else 'NO'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,7 @@ from singleturn.harness.tasks import TASK_SHORT
 from singleturn.model.policy import DTYPES, PolicySpec
 from singleturn.trainer.dist import barrier, broadcast_object, is_main
 from singleturn.trainer.run_dir import RunDirError
+from singleturn.trainer.table import num, pct
 
 
 def policy_spec(cfg):
@@ -173,12 +174,12 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
         rates = _task_rates(r)
         steps = r.get("mean_steps_success")
         expert = r.get("expert_mean_steps")
-        cells = [name, _pct(r.get("success_rate"))]
-        cells += [_pct(rates.get(t)) for t in tasks]
+        cells = [name, pct(r.get("success_rate"))]
+        cells += [pct(rates.get(t)) for t in tasks]
         cells += [
-            _pct(r.get("action_accuracy")),
-            f"{_num(steps)} ({_num(expert)})",
-            _pct(r.get("invalid_action_rate")),
+            pct(r.get("action_accuracy")),
+            f"{num(steps)} ({num(expert)})",
+            pct(r.get("invalid_action_rate")),
             str(r.get("env_failures", "-")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -191,11 +192,3 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
         "env failures = episodes lost to an env crash or hang (counted as not won)."
     )
     return "\n".join(lines)
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100.0 * float(v):.1f}%"
-
-
-def _num(v) -> str:
-    return "-" if v is None else f"{float(v):.1f}"
