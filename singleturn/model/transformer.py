@@ -133,6 +133,15 @@ class KVCache(nn.Module):
         self.v[:B].scatter_(2, idx, v)
         return self.k[:B], self.v[:B]
 
+    def rows(self, lo: int, hi: int) -> KVCache:
+        """A cache over rows lo..hi-1 of this one, sharing its storage (writes go through): a forward
+        of a few rows of a larger cache computes only those rows."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[lo:hi], persistent=False)
+        view.register_buffer("v", self.v[lo:hi], persistent=False)
+        return view
+
     def gather_rows(self, src: torch.Tensor) -> None:
         """Row n <- row src[n] for n < len(src), in place (src on the cache's device). One layer's
         rows are copied once (index_select), not the whole cache."""

@@ -62,6 +62,39 @@ def test_incremental_scores_equal_the_cache_free_path_over_turns(hf_pair, n_kv_h
     cache.close()
 
 
+def test_a_long_append_beside_short_ones_is_split_and_exact(hf_pair):
+    """A new episode's first message among short turns: the batched forward covers the short turns,
+    the long row's rest goes in a forward of its own (chunked prefill), and every score and next-token
+    logit equals the cache-free path; rows that idle or come later in the block are untouched."""
+    _, model = hf_pair(seed=5, n_kv_heads=2)
+    rng = random.Random(1)
+    rows = 4
+    seqs = [[rng.randrange(3, V) for _ in range(n)] for n in (6, 9, 4, 7)]
+    cache = EpisodeCache(model, rows, max_len=200)
+    cache.append(seqs)
+    for turn in range(3):
+        # row (turn % rows) starts a long stretch (a new episode's first message); row 3 idles at turn 1
+        new = [[rng.randrange(3, V) for _ in range(rng.randint(1, 4))] for _ in range(rows)]
+        new[turn % rows] = [rng.randrange(3, V) for _ in range(40)]
+        if turn == 1:
+            new[3] = []
+        before = cache.forwards
+        cache.append(new)
+        assert cache.forwards == before + 2, "the long row should go in a forward of its own"
+        for r in range(rows):
+            seqs[r] += new[r]
+        assert cache.lengths == [len(s) for s in seqs]
+        cands = [_cands(rng, 4) for _ in range(rows)]
+        got = cache.score(cands)
+        ref = score_continuations(model, seqs, cands)
+        for r in range(rows):
+            for g, w in zip(got[r], ref[r]):
+                assert abs(g - w) <= 1e-5 * max(1.0, abs(w)), (turn, r, g, w)
+        want = model(torch.as_tensor([seqs[0]]))[0, -1].float()
+        assert torch.allclose(cache.next_logits([0])[0], want, atol=1e-4, rtol=1e-5)
+    cache.close()
+
+
 def test_greedy_through_the_cache_equals_generate(hf_pair):
     _, model = hf_pair(seed=4, n_kv_heads=2)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
