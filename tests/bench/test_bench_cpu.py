@@ -366,3 +366,23 @@ def test_decoding_agreement_smoke(tmp_path):
     assert rows["rank"]["same_as_rank"] == 1.0
     assert 0 <= rows["greedy"]["same_as_rank"] <= 1 and 0 <= rows["greedy"]["agreement"] <= 1
     assert rows["greedy"]["tokens_per_state"] < rows["rank"]["tokens_per_state"]
+
+
+def test_profile_eval_summary_by_hand(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import profile_eval
+
+    path = tmp_path / "p.jsonl"
+    rows = [
+        {"op": "append", "B": 4, "T": 10, "real": 16, "live": 4, "kv": 100, "s": 0.5},
+        {"op": "append", "B": 2, "T": 3, "real": 4, "live": 2, "kv": 300, "s": 0.5},
+        {"op": "score", "B": 1, "T": 5, "real": 5, "live": 1, "kv": 50, "s": 0.25},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    append, score = profile_eval.summarize(str(path))
+    # append: 40 + 6 = 46 padded for 20 real (2.30x), 1 s / 20 tokens = 50 ms, kv (100 + 300) / 2
+    assert append == (
+        "append: 2 calls, 1.0 s, 20 real tokens, 46 padded to the longest row (2.30x), "
+        "50.00 ms per real token, mean kv 200"
+    )
+    assert score.startswith("score: 1 calls, 0.2 s, 5 real tokens, 5 padded to the longest row (1.00x)")
