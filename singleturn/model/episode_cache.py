@@ -380,9 +380,9 @@ class EpisodeCache:
         return [(t, torch.tensor(lp, dtype=torch.float32)) for t, lp in zip(ids, logps)]
 
 
-# A batch-1 forward's fixed cost (30 layers of small kernels, the LM-free `hidden` call), in tokens of a
-# batched forward: the split below pays it per row sent alone. Measured order of magnitude on 2 CPU
-# cores (SmolLM2-135M); it only decides ties between near-equal splits.
+# A batch-1 forward's fixed cost (one `hidden` call through every layer), in tokens of a batched forward:
+# the split below pays it per row sent alone. An order-of-magnitude guess, not a measurement; it only
+# decides between near-equal splits (a row ~100 tokens longer than the rest is split either way).
 _ROW_FORWARD_TOKENS = 16
 
 

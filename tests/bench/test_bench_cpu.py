@@ -368,8 +368,8 @@ def test_decoding_agreement_smoke(tmp_path):
     assert rows["greedy"]["tokens_per_state"] < rows["rank"]["tokens_per_state"]
 
 
-def test_profile_eval_summary_by_hand(tmp_path):
-    sys.path.insert(0, str(BENCH))
+def test_profile_eval_summary_by_hand(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # bench/ scripts import as top-level modules; restored after
     import profile_eval
 
     path = tmp_path / "p.jsonl"
