@@ -1,6 +1,6 @@
 """Evaluation's model cost per episode-step: today's per-state re-encoding vs the episode cache.
 
-    python bench/bench_episodes.py [--preset smollm2-135m] [--episodes 16] [--turns 8] [--quick | --cpu-smoke]
+    python bench/bench_episodes.py [--preset smollm2-135m] [--episodes 16] [--turns 8] [--spread 900] [--quick | --cpu-smoke]
 
 Both paths rank the same candidates with the same model (random weights of a preset: the cost does
 not depend on them) over synthetic episodes whose token counts are the ones measured on the 4,994
@@ -17,6 +17,13 @@ turns + memory lines + observation + admissible list) is 370 tokens at every tur
 - `episode-cache, greedy`: `EpisodeCache.greedy`: per turn, append what the turn adds, then decode one
   candidate under the trie (one batched forward per branching point); the decoded ids are then
   truncated and the turn's chosen ids appended (pessimistic: `EpisodePolicy` keeps them when they agree).
+Each episode-cache path runs in both engine modes: `batched` (one forward over every row, padded to
+the longest row's tokens and attending the longest row's cache) and `per-row` (one forward per row,
+each attending its own length). A real lockstep evaluation holds episodes at different turns (a
+finished episode's row restarts with a new one): `--spread` gives row r a history of
+PROMPT0 + spread x r / (episodes - 1) tokens before the timed turns (default 900: rows of 120 to
+1,020 tokens, the longest like the longest row of a real SmolLM2 evaluation, 1,041 tokens on average
+over its score calls; bench/results/smollm2-135m-cpu/selection/). `--spread 0` is the aligned case.
 Reported per episode-step: tokens through the model and wall time (median over turns, all episodes
 in one batch), and the ratio to per-state, side by side in one process. Output: episodes.jsonl + .md.
 """
@@ -40,6 +47,7 @@ COLUMNS = [
     ("dtype", "dtype"),
     ("threads", "threads"),
     ("episodes", "episodes"),
+    ("spread", "history spread"),
     ("path", "path"),
     ("tokens_per_step", "tokens / episode-step"),
     ("ms_per_step", "ms / episode-step (median)"),
@@ -58,8 +66,15 @@ def _candidates(rng, V):
     return [list(rng.choice(verbs)) + _ids(rng, ACTION - 2, V) + [2] for _ in range(N_CANDS)]
 
 
+PATHS = [("per-state", "per-state")] + [
+    (f"{name}/{mode}", f"episode-cache {mode}, {label}")
+    for mode in ("batched", "per-row")
+    for name, label in (("admissible", "suffix=admissible"), ("none", "suffix=none"), ("greedy", "greedy"))
+]
+
+
 def run_preset(
-    preset: str, episodes: int, turns: int, dtype: torch.dtype, device: str, seed: int = 0
+    preset: str, episodes: int, turns: int, dtype: torch.dtype, device: str, spread: int, seed: int = 0
 ) -> list[dict]:
     config = LlamaConfig.from_preset(preset)
     torch.manual_seed(seed)
@@ -68,14 +83,16 @@ def run_preset(
     model = model.to(device=device, dtype=dtype).eval()
     V = config.vocab_size
     rng = random.Random(seed)
-    eps = [{"seq": _ids(rng, PROMPT0, V)} for _ in range(episodes)]
-    max_len = PROMPT0 + turns * (OBS + TEMPLATE + ACTION + ACTION_END) + ADMISSIBLE + 200
+    history = [PROMPT0 + spread * r // max(1, episodes - 1) for r in range(episodes)]
+    eps = [{"seq": _ids(rng, n, V)} for n in history]
+    max_len = max(history) + turns * (OBS + TEMPLATE + ACTION + ACTION_END) + ADMISSIBLE + 200
     caches = {
-        name: EpisodeCache(model, episodes, max_len, dtype=dtype) for name in ("admissible", "none", "greedy")
+        path: EpisodeCache(model, episodes, max_len, dtype=dtype, per_row=path.endswith("per-row"))
+        for path, _ in PATHS[1:]
     }
     for c in caches.values():
         c.append([e["seq"] for e in eps])
-    times: dict[str, list[float]] = {"per-state": [], "admissible": [], "none": [], "greedy": []}
+    times: dict[str, list[float]] = {path: [] for path, _ in PATHS}
     tokens: dict[str, int] = {k: 0 for k in times}
     max_diff: dict[str, float] = {}  # measured for suffix=none (the cache-free path has no suffix)
     with torch.inference_mode():
@@ -89,7 +106,8 @@ def run_preset(
             tokens["per-state"] += sum(
                 TODAY_PROMPT + len({tuple(c[: k + 1]) for c in cs for k in range(len(c))}) for cs in cands
             )
-            for name, cache in caches.items():
+            for path, cache in caches.items():
+                name = path.split("/")[0]
                 before = cache.computed_tokens
                 t0 = time.perf_counter()
                 if name == "greedy":
@@ -97,34 +115,30 @@ def run_preset(
                     cache.greedy(cands)
                     for r, n in enumerate(lengths):
                         cache.truncate(r, n)
-                    times[name].append(time.perf_counter() - t0)
-                    tokens[name] += cache.computed_tokens - before
+                    times[path].append(time.perf_counter() - t0)
+                    tokens[path] += cache.computed_tokens - before
                     continue
                 got = cache.score(cands, suffix=admissible if name == "admissible" else None)
-                times[name].append(time.perf_counter() - t0)
-                tokens[name] += cache.computed_tokens - before
-                if name == "none" and _ == 0:  # the cached scores are the cache-free ones
-                    ref = score_continuations(model, [e["seq"] for e in eps[:2]], cands[:2])
-                    max_diff[name] = max(abs(a - b) for r, g in zip(ref, got[:2]) for a, b in zip(r, g))
+                times[path].append(time.perf_counter() - t0)
+                tokens[path] += cache.computed_tokens - before
+                if name == "none" and _ == 0:  # the cached scores are the cache-free ones (first, last row)
+                    ends = [0, episodes - 1]
+                    ref = score_continuations(model, [eps[r]["seq"] for r in ends], [cands[r] for r in ends])
+                    max_diff[path] = max(abs(a - b) for r, w in zip(ends, ref) for a, b in zip(got[r], w))
             new = [c[0] + _ids(rng, OBS + TEMPLATE, V) for c in cands]  # the chosen action, the next turn
-            for name, cache in caches.items():
+            for path, cache in caches.items():
                 before = cache.computed_tokens
                 t0 = time.perf_counter()
                 cache.append(new)
-                times[name][-1] += time.perf_counter() - t0
-                tokens[name] += cache.computed_tokens - before
+                times[path][-1] += time.perf_counter() - t0
+                tokens[path] += cache.computed_tokens - before
             for e, n in zip(eps, new):
                 e["seq"] += n
     steps = episodes * turns
     env = env_info()
     rows = []
     base_ms = sorted(times["per-state"])[turns // 2] * 1e3 / episodes
-    for path, label in (
-        ("per-state", "per-state"),
-        ("admissible", "episode-cache, suffix=admissible"),
-        ("none", "episode-cache, suffix=none"),
-        ("greedy", "episode-cache, greedy"),
-    ):
+    for path, label in PATHS:
         ms = sorted(times[path])[turns // 2] * 1e3 / episodes
         rows.append(
             {
@@ -134,6 +148,7 @@ def run_preset(
                 "threads": torch.get_num_threads(),
                 "episodes": episodes,
                 "turns": turns,
+                "spread": spread,
                 "path": label,
                 "tokens_per_step": tokens[path] / steps,
                 "ms_per_step": ms,
@@ -144,7 +159,7 @@ def run_preset(
             }
         )
         print(
-            f"[episodes] {preset} {label:34s} {tokens[path] / steps:7.1f} tokens/step {ms:9.1f} ms/step "
+            f"[episodes] {preset} {label:42s} {tokens[path] / steps:7.1f} tokens/step {ms:9.1f} ms/step "
             f"x{base_ms / ms:.2f}",
             flush=True,
         )
@@ -159,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--episodes", type=int, default=None, help="episodes in lockstep (default 16)")
     p.add_argument("--turns", type=int, default=None, help="turns timed per episode (default 8)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on CUDA")
+    p.add_argument(
+        "--spread", type=int, default=None, help="history tokens spread over the rows (default 900)"
+    )
     args = p.parse_args(argv)
     smoke = args.cpu_smoke
     presets = args.preset or (["tiny"] if smoke else ["tiny", "smollm2-135m"])
@@ -168,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         args.dtype or ("bfloat16" if torch.cuda.is_available() and not smoke else "float32")
     ]
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
-    rows = [r for preset in presets for r in run_preset(preset, episodes, turns, dtype, device)]
+    spread = args.spread if args.spread is not None else (40 if smoke else 900)
+    rows = [r for preset in presets for r in run_preset(preset, episodes, turns, dtype, device, spread)]
     write_jsonl(args.out_dir, "episodes", rows)
     write_markdown(
         args.out_dir,

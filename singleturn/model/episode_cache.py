@@ -1,8 +1,12 @@
 """Live episodes as growing token sequences: each turn computes only the tokens it adds.
 
-`EpisodeCache(model, rows, max_len, trie_slots=0)` holds one static KV cache row per live episode
-(the model's `setup_caches`): a row holds at most `max_len` tokens (positions), and a scored trie may
-use `trie_slots` slots past that (its nodes sit at positions len + depth, but each needs its own slot). The three operations an agent loop needs, batched over the episodes in lockstep:
+`EpisodeCache(model, rows, max_len, trie_slots=0, per_row=None)` holds one static KV cache row per
+live episode (the model's `setup_caches`): a row holds at most `max_len` tokens (positions), and a
+scored trie may use `trie_slots` slots past that (its nodes sit at positions len + depth, but each
+needs its own slot). Every operation takes all the episodes in lockstep and runs either one forward
+per row (`per_row`, the default on CPU: each row attends only its own cached length, and nothing is
+padded) or one forward over the rows (the default elsewhere: the rows padded to the longest, each
+attending up to the longest row's length). The operations an agent loop needs:
 
 - `append(new_tokens)`: row r's committed sequence grows by new_tokens[r] (the next observation, the
   action taken, ...; an empty list leaves the row as it is). Only the new tokens are computed; they
@@ -10,7 +14,8 @@ use `trie_slots` slots past that (its nodes sit at positions len + depth, but ea
   comes next.
 - `score(candidates)`: the total log-prob of each candidate continuation of each row (ranked
   decoding over the admissible commands), computed as a token trie on top of the cache and then
-  dropped: a trie node is written into a cache slot past the row's length, sits at RoPE position
+  dropped: only the trie's inner nodes are computed (a leaf predicts nothing); a node is written
+  into a cache slot past the row's length, sits at RoPE position
   len + depth and attends the row's committed slots, its ancestors and itself (the same function as
   `generate.score_continuations` over the whole sequence, which recomputes the prefix every time).
   The trie's slots are overwritten by the next `append`; a query never sees a slot past its own.
@@ -56,6 +61,7 @@ class EpisodeCache:
         *,
         dtype: torch.dtype | None = None,
         trie_slots: int = 0,
+        per_row: bool | None = None,
     ):
         if rows < 1 or max_len < 2 or trie_slots < 0:
             raise ValueError(
@@ -64,6 +70,11 @@ class EpisodeCache:
         self.model, self.rows, self.max_len = model, rows, max_len
         self.slots = max_len + trie_slots  # a row's slots; slot `slots` is the scratch slot for pads
         self.device = model.tok_embeddings.weight.device
+        # Forwards one row at a time (each attends only its own row's length; default on CPU, where
+        # attention over the cache, not the matmuls, is most of a turn's cost and a matmul of ~40 tokens
+        # runs as fast per token as one of 2,000) or batched over the rows (default elsewhere: one
+        # kernel launch per op for every episode).
+        self.per_row = self.device.type == "cpu" if per_row is None else per_row
         # The caches are this object's, installed on the model only for the length of its own forwards:
         # any other forward of the model in between (a cache-free one writes the caches it finds,
         # `generate` replaces them) can neither corrupt them nor be slowed by them.
@@ -83,14 +94,15 @@ class EpisodeCache:
         self._caches = []
 
     @contextlib.contextmanager
-    def _installed(self, row: int | None = None):
-        """The caches on the model for one forward: all rows, or only `row` (a forward of batch 1)."""
+    def _installed(self, lo: int = 0, hi: int | None = None):
+        """The caches on the model for one forward of rows lo..hi-1 (default: all rows)."""
         if not self._caches:
             raise RuntimeError("EpisodeCache is closed")
         layers = self.model.layers
         before = [layer.attention.kv_cache for layer in layers]
+        whole = lo == 0 and hi is None
         for layer, cache in zip(layers, self._caches):
-            layer.attention.kv_cache = cache if row is None else cache.rows(row, row + 1)
+            layer.attention.kv_cache = cache if whole else cache.rows(lo, hi)
         try:
             yield
         finally:
@@ -129,10 +141,11 @@ class EpisodeCache:
     def append(self, new_tokens: Sequence[Sequence[int]]) -> None:
         """Commit new_tokens[r] to row r (len(new_tokens) == rows; empty lists skip a row).
 
-        One batched forward over the rows' first `T` new tokens, then one batch-1 forward per row for
-        the rest of its tokens (chunked prefill: exact). `T` minimizes the padded tokens computed:
-        a new episode's first message (~150 tokens) among turns of ~40 would otherwise pad every
-        row to its length (measured: 2.5x the tokens of a real evaluation's appends)."""
+        Per row (`per_row`): one forward per row with tokens. Batched: one forward over the rows'
+        first `T` new tokens, then one batch-1 forward per row for the rest of its tokens (chunked
+        prefill: exact); `T` minimizes the padded tokens computed: a new episode's first message
+        (~150 tokens) among turns of ~40 would otherwise pad every row to its length (measured: 2.5x
+        the tokens of a real evaluation's appends)."""
         if len(new_tokens) != self.rows:
             raise ValueError(f"append: {len(new_tokens)} token lists for {self.rows} rows")
         if max(len(t) for t in new_tokens) == 0:
@@ -140,8 +153,9 @@ class EpisodeCache:
         for r, t in enumerate(new_tokens):
             self._check_room(r, len(t), "new tokens")
         live = [r for r, t in enumerate(new_tokens) if t]
-        T = _batched_length([len(t) for t in new_tokens], B=max(live) + 1)
-        self._forward_block([list(t[:T]) for t in new_tokens])
+        T = 0 if self.per_row else _batched_length([len(t) for t in new_tokens], B=max(live) + 1)
+        if T:
+            self._forward_block([list(t[:T]) for t in new_tokens])
         for r in live:
             if len(new_tokens[r]) > T:
                 self._forward_row(r, list(new_tokens[r][T:]))
@@ -176,7 +190,7 @@ class EpisodeCache:
         n, L = len(new), self.lengths[r]
         tokens = torch.as_tensor([new], dtype=torch.int64, device=self.device)
         slots = (L + torch.arange(n)).view(1, n).to(self.device)
-        with self._installed(row=r):
+        with self._installed(r, r + 1):
             h = self.model.hidden(tokens, input_pos=slots, kv_len=L + n)  # (1, n, D)
         self.forwards += 1
         self._last_h[r] = h[0, n - 1]
@@ -222,33 +236,61 @@ class EpisodeCache:
                 raise ValueError(f"score: row {r} holds no tokens yet (append its prompt first)")
         self._check_fresh(scored, "score")
         tries = {r: _token_trie(candidates[r]) for r in scored}
-        S = max(len(t.tokens) for t in tries.values())
+        # Only the inner nodes go through the model: a node's hidden state predicts its children, and a
+        # leaf (the last token of a candidate) predicts nothing (a quarter of a real trie's nodes).
+        inner = {r: sorted({p for p in tries[r].parent if p >= 0}) for r in scored}
         for r in scored:  # the nodes' slots, and their positions (the deepest: the longest candidate)
-            self._check_room(r, len(tries[r].tokens), "trie nodes", limit=self.slots)
+            self._check_room(r, len(inner[r]), "trie nodes", limit=self.slots)
             self._check_room(r, max(tries[r].depth) + 1, "tokens of the longest candidate")
-        B = max(scored) + 1
+        groups = [(r, r + 1) for r in scored] if self.per_row else [(0, max(scored) + 1)]
+        h: dict[int, torch.Tensor] = {}
+        for lo, hi in groups:
+            h.update(
+                self._trie_forward(lo, hi, {r: (tries[r], inner[r]) for r in range(lo, hi) if r in tries})
+            )
+        out: list[list[float]] = [[] for _ in candidates]
+        for r in scored:
+            t = tries[r]
+            pred = torch.cat([self._last_h[r : r + 1], h[r]])  # predictors: the last token, inner nodes
+            logp = self.model.output(pred).float().log_softmax(-1)  # (1 + inner, V)
+            row_of = {p: k + 1 for k, p in enumerate(inner[r])}
+            idx = torch.as_tensor([0 if p < 0 else row_of[p] for p in t.parent], device=self.device)
+            node_logp = logp[idx, torch.as_tensor(t.tokens, device=self.device)].double().cpu().tolist()
+            out[r] = [float(sum(node_logp[v] for v in path[skip[r] :])) for path in t.paths]
+        self.computed_tokens += sum(len(inner[r]) for r in scored)
+        return out
+
+    def _trie_forward(self, lo: int, hi: int, nodes: dict) -> dict[int, torch.Tensor]:
+        """One forward of rows lo..hi-1: row r's computed trie nodes (nodes[r] = (trie, its inner node
+        ids, parents first)) in slots len + k, at positions len + depth, each attending the committed
+        slots, its ancestors and itself -> {r: (nodes, D) hidden states}. Rows without nodes and the
+        pads of shorter rows see only their own slot (past the row's slots: the scratch slot)."""
+        S = max(len(ids) for _, ids in nodes.values())
+        if S == 0:  # every candidate one token long: the last token's hidden state predicts them all
+            return {r: self._last_h[r : r + 1][:0] for r in nodes}
+        B = hi - lo
         tokens = torch.zeros((B, S), dtype=torch.int64)
-        slots = torch.empty((B, S), dtype=torch.int64)
         positions = torch.zeros((B, S), dtype=torch.int64)
-        for r in range(B):  # pads past the row's slots go to the scratch slot
-            slots[r] = (self.lengths[r] + torch.arange(S)).clamp(max=self.slots)
+        slots = torch.stack(
+            [(self.lengths[lo + b] + torch.arange(S)).clamp(max=self.slots) for b in range(B)]
+        )
         kv_len = int(slots.max()) + 1  # the attention reads (and the mask spans) only the slots in use
         mask = torch.zeros((B, S, kv_len), dtype=torch.bool)
-        for r in range(B):
-            L = self.lengths[r]
-            mask[r, torch.arange(S), slots[r]] = True  # every query sees itself: no all-masked row
-            t = tries.get(r)
-            if t is None:
+        for b in range(B):
+            mask[b, torch.arange(S), slots[b]] = True  # every query sees itself: no all-masked row
+            if lo + b not in nodes:
                 continue
-            M = len(t.tokens)
-            tokens[r, :M] = torch.as_tensor(t.tokens, dtype=torch.int64)
-            positions[r, :M] = L + torch.as_tensor(t.depth, dtype=torch.int64)
-            mask[r, :M, :L] = True  # every node sees the committed sequence
-            anc: list[list[int]] = []
-            for i, par in enumerate(t.parent):  # a parent precedes its children
-                anc.append((anc[par] if par >= 0 else []) + [L + i])
-                mask[r, i, anc[i]] = True
-        with self._installed():
+            t, ids = nodes[lo + b]
+            L, rank = self.lengths[lo + b], {i: k for k, i in enumerate(ids)}
+            tokens[b, : len(ids)] = torch.as_tensor([t.tokens[i] for i in ids], dtype=torch.int64)
+            positions[b, : len(ids)] = L + torch.as_tensor([t.depth[i] for i in ids], dtype=torch.int64)
+            mask[b, : len(ids), :L] = True  # every node sees the committed sequence
+            anc: list[list[int]] = []  # an inner node's ancestors are inner nodes, listed before it
+            for k, i in enumerate(ids):
+                par = t.parent[i]
+                anc.append((anc[rank[par]] if par >= 0 else []) + [L + k])
+                mask[b, k, anc[k]] = True
+        with self._installed(lo, hi):
             h = self.model.hidden(
                 tokens.to(self.device),
                 input_pos=slots.to(self.device),
@@ -257,20 +299,7 @@ class EpisodeCache:
                 kv_len=kv_len,
             )
         self.forwards += 1
-        out: list[list[float]] = [[] for _ in candidates]
-        for r in scored:
-            t = tries[r]
-            inner = sorted({p for p in t.parent if p >= 0})
-            pred = torch.cat(
-                [self._last_h[r : r + 1], h[r, inner]]
-            )  # predictors: the last token, inner nodes
-            logp = self.model.output(pred).float().log_softmax(-1)  # (1 + inner, V)
-            row_of = {p: k + 1 for k, p in enumerate(inner)}
-            idx = torch.as_tensor([0 if p < 0 else row_of[p] for p in t.parent], device=self.device)
-            node_logp = logp[idx, torch.as_tensor(t.tokens, device=self.device)].double().cpu().tolist()
-            out[r] = [float(sum(node_logp[v] for v in path[skip[r] :])) for path in t.paths]
-        self.computed_tokens += sum(len(tries[r].tokens) for r in scored)
-        return out
+        return {r: h[r - lo, : len(ids)] for r, (_, ids) in nodes.items()}
 
     @torch.no_grad()
     def greedy(

@@ -386,3 +386,20 @@ def test_profile_eval_summary_by_hand(tmp_path, monkeypatch):
         "50.00 ms per real token, mean kv 200"
     )
     assert score.startswith("score: 1 calls, 0.2 s, 5 real tokens, 5 padded to the longest row (1.00x)")
+
+
+def test_bench_episodes_cpu(tmp_path):
+    """Both engine modes over rows of different lengths score what the cache-free path scores (fp32)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, str(BENCH / "bench_episodes.py"), "--cpu-smoke", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["path"]: r for r in _rows(tmp_path / "episodes.jsonl")}
+    assert len(rows) == 7 and all(r["spread"] == 40 and r["ms_per_step"] > 0 for r in rows.values())
+    for mode in ("batched", "per-row"):
+        assert rows[f"episode-cache {mode}, suffix=none"]["max_score_diff"] < 1e-4
+        for what in ("suffix=admissible", "suffix=none", "greedy"):  # the modes compute the same tokens
+            assert (
+                rows[f"episode-cache {mode}, {what}"]["tokens_per_step"]
+                == rows[f"episode-cache batched, {what}"]["tokens_per_step"]
+            )
