@@ -1,12 +1,15 @@
 """Live episodes as growing token sequences: each turn computes only the tokens it adds.
 
-`EpisodeCache(model, rows, max_len, trie_slots=0, per_row=None)` holds one static KV cache row per
-live episode (the model's `setup_caches`): a row holds at most `max_len` tokens (positions), and a
+`EpisodeCache(model, rows, max_len, trie_slots=0, alone_from=None)` holds one static KV cache row
+per live episode (the model's `setup_caches`): a row holds at most `max_len` tokens (positions), and a
 scored trie may use `trie_slots` slots past that (its nodes sit at positions len + depth, but each
-needs its own slot). Every operation takes all the episodes in lockstep and runs either one forward
-per row (`per_row`, the default on CPU: each row attends only its own cached length, and nothing is
-padded) or one forward over the rows (the default elsewhere: the rows padded to the longest, each
-attending up to the longest row's length). The operations an agent loop needs:
+needs its own slot). Every operation takes all the episodes in lockstep. A row that computes at least
+`alone_from` tokens in a call (a turn's observation, a candidate trie) gets a forward of its own,
+attending only its own cached length with nothing padded; the other rows (a decoded token, a chat
+header) go in one batched forward, padded to the longest and attending up to the longest row's
+length. Default: 32 on CPU (attention over the cache, not the matmuls, is most of a turn's cost there,
+and a matmul over >= ~32 tokens runs near its full speed per token), 0 (no row alone) elsewhere: one
+kernel launch per op for every episode. The operations an agent loop needs:
 
 - `append(new_tokens)`: row r's committed sequence grows by new_tokens[r] (the next observation, the
   action taken, ...; an empty list leaves the row as it is). Only the new tokens are computed; they
@@ -61,7 +64,7 @@ class EpisodeCache:
         *,
         dtype: torch.dtype | None = None,
         trie_slots: int = 0,
-        per_row: bool | None = None,
+        alone_from: int | None = None,
     ):
         if rows < 1 or max_len < 2 or trie_slots < 0:
             raise ValueError(
@@ -70,11 +73,12 @@ class EpisodeCache:
         self.model, self.rows, self.max_len = model, rows, max_len
         self.slots = max_len + trie_slots  # a row's slots; slot `slots` is the scratch slot for pads
         self.device = model.tok_embeddings.weight.device
-        # Forwards one row at a time (each attends only its own row's length; default on CPU, where
-        # attention over the cache, not the matmuls, is most of a turn's cost and a matmul of ~40 tokens
-        # runs as fast per token as one of 2,000) or batched over the rows (default elsewhere: one
-        # kernel launch per op for every episode).
-        self.per_row = self.device.type == "cpu" if per_row is None else per_row
+        # Rows computing >= alone_from tokens get forwards of their own (module docstring); 0: none do.
+        if alone_from is None:
+            alone_from = _ALONE_FROM_CPU if self.device.type == "cpu" else 0
+        if alone_from < 0:
+            raise ValueError(f"EpisodeCache: alone_from must be >= 0, got {alone_from}")
+        self.alone_from = alone_from
         # The caches are this object's, installed on the model only for the length of its own forwards:
         # any other forward of the model in between (a cache-free one writes the caches it finds,
         # `generate` replaces them) can neither corrupt them nor be slowed by them.
@@ -94,15 +98,14 @@ class EpisodeCache:
         self._caches = []
 
     @contextlib.contextmanager
-    def _installed(self, lo: int = 0, hi: int | None = None):
-        """The caches on the model for one forward of rows lo..hi-1 (default: all rows)."""
+    def _installed(self, lo: int, hi: int):
+        """The caches on the model for one forward of rows lo..hi-1 (views of this object's caches)."""
         if not self._caches:
             raise RuntimeError("EpisodeCache is closed")
         layers = self.model.layers
         before = [layer.attention.kv_cache for layer in layers]
-        whole = lo == 0 and hi is None
         for layer, cache in zip(layers, self._caches):
-            layer.attention.kv_cache = cache if whole else cache.rows(lo, hi)
+            layer.attention.kv_cache = cache.rows(lo, hi)
         try:
             yield
         finally:
@@ -141,11 +144,12 @@ class EpisodeCache:
     def append(self, new_tokens: Sequence[Sequence[int]]) -> None:
         """Commit new_tokens[r] to row r (len(new_tokens) == rows; empty lists skip a row).
 
-        Per row (`per_row`): one forward per row with tokens. Batched: one forward over the rows'
-        first `T` new tokens, then one batch-1 forward per row for the rest of its tokens (chunked
-        prefill: exact); `T` minimizes the padded tokens computed: a new episode's first message
-        (~150 tokens) among turns of ~40 would otherwise pad every row to its length (measured: 2.5x
-        the tokens of a real evaluation's appends)."""
+        With `alone_from`: one forward per row of at least that many tokens, one batched forward for
+        the others. Without: one batched forward over the rows' first `T` new tokens, then one batch-1
+        forward per row for the rest of its tokens (chunked prefill: exact); `T` minimizes the padded
+        tokens computed: a new episode's first message (~150 tokens) among turns of ~40 would
+        otherwise pad every row to its length (measured: 2.5x the tokens of a real evaluation's
+        appends)."""
         if len(new_tokens) != self.rows:
             raise ValueError(f"append: {len(new_tokens)} token lists for {self.rows} rows")
         if max(len(t) for t in new_tokens) == 0:
@@ -153,35 +157,39 @@ class EpisodeCache:
         for r, t in enumerate(new_tokens):
             self._check_room(r, len(t), "new tokens")
         live = [r for r, t in enumerate(new_tokens) if t]
-        T = 0 if self.per_row else _batched_length([len(t) for t in new_tokens], B=max(live) + 1)
-        if T:
-            self._forward_block([list(t[:T]) for t in new_tokens])
-        for r in live:
-            if len(new_tokens[r]) > T:
-                self._forward_row(r, list(new_tokens[r][T:]))
+        if self.alone_from:  # the block: the rows not alone, whole
+            head = [list(t) if len(t) < self.alone_from else [] for t in new_tokens]
+        else:  # the block: every row's first T tokens
+            T = _batched_length([len(t) for t in new_tokens], B=max(live) + 1)
+            head = [list(t[:T]) for t in new_tokens]
+        if any(head):
+            self._forward_block(head)
+        for r in live:  # the rest of each row, alone (after the block: its pads past a row's end are dead)
+            if len(new_tokens[r]) > len(head[r]):
+                self._forward_row(r, list(new_tokens[r][len(head[r]) :]))
         self._stale.difference_update(live)
 
     def _forward_block(self, new_tokens: list[list[int]]) -> None:
-        """One forward of rows 0..B-1 (B: the last row with tokens), each row's tokens padded to the
-        longest; rows without tokens and the pads of shorter rows write into slots past their row's
-        length, which no later query sees before an append overwrites them; past the row's slots
-        they go to the scratch slot `slots`, which holds no token of any row (a query at slot
-        p < slots never sees it). KVCache.update works on a leading block of rows."""
+        """One forward of rows lo..hi-1 (the first and the last row with tokens), each row's tokens
+        padded to the longest; rows without tokens and the pads of shorter rows write into slots past
+        their row's length, which no later query sees before an append overwrites them; past the
+        row's slots they go to the scratch slot `slots`, which holds no token of any row (a query at
+        slot p < slots never sees it)."""
         live = [r for r, t in enumerate(new_tokens) if t]
-        B, T = max(live) + 1, max(len(t) for t in new_tokens)
-        tokens = torch.zeros((B, T), dtype=torch.int64)
-        slots = torch.empty((B, T), dtype=torch.int64)
-        for r in range(B):
+        lo, hi, T = min(live), max(live) + 1, max(len(t) for t in new_tokens)
+        tokens = torch.zeros((hi - lo, T), dtype=torch.int64)
+        slots = torch.empty((hi - lo, T), dtype=torch.int64)
+        for r in range(lo, hi):
             t = new_tokens[r]
-            tokens[r, : len(t)] = torch.as_tensor(t, dtype=torch.int64) if t else tokens[r, :0]
-            slots[r] = (self.lengths[r] + torch.arange(T)).clamp(max=self.slots)
+            tokens[r - lo, : len(t)] = torch.as_tensor(t, dtype=torch.int64) if t else tokens[r - lo, :0]
+            slots[r - lo] = (self.lengths[r] + torch.arange(T)).clamp(max=self.slots)
         tokens, slots = tokens.to(self.device), slots.to(self.device)
-        with self._installed():  # attend only up to the highest slot written (not the whole max_len)
+        with self._installed(lo, hi):  # attend only up to the highest slot written (not the whole max_len)
             h = self.model.hidden(tokens, input_pos=slots, kv_len=int(slots.max()) + 1)  # (B, T, D)
         self.forwards += 1
         for r in live:
             n = len(new_tokens[r])
-            self._last_h[r] = h[r, n - 1]
+            self._last_h[r] = h[r - lo, n - 1]
             self.lengths[r] += n
         self.computed_tokens += sum(len(new_tokens[r]) for r in live)
 
@@ -242,12 +250,13 @@ class EpisodeCache:
         for r in scored:  # the nodes' slots, and their positions (the deepest: the longest candidate)
             self._check_room(r, len(inner[r]), "trie nodes", limit=self.slots)
             self._check_room(r, max(tries[r].depth) + 1, "tokens of the longest candidate")
-        groups = [(r, r + 1) for r in scored] if self.per_row else [(0, max(scored) + 1)]
+        alone = [r for r in scored if self.alone_from and len(inner[r]) >= self.alone_from]
+        batched = [r for r in scored if r not in alone]
+        groups = [[r] for r in alone] + ([batched] if batched else [])
         h: dict[int, torch.Tensor] = {}
-        for lo, hi in groups:
-            h.update(
-                self._trie_forward(lo, hi, {r: (tries[r], inner[r]) for r in range(lo, hi) if r in tries})
-            )
+        for g in groups:  # rows lo..hi-1 in one forward, the group's own rows with their nodes
+            lo, hi = min(g), max(g) + 1
+            h.update(self._trie_forward(lo, hi, {r: (tries[r], inner[r]) for r in g}))
         out: list[list[float]] = [[] for _ in candidates]
         for r in scored:
             t = tries[r]
@@ -408,6 +417,10 @@ class EpisodeCache:
             self.append(new)
         return [(t, torch.tensor(lp, dtype=torch.float32)) for t, lp in zip(ids, logps)]
 
+
+# Tokens from which a row gets its own forward on CPU: a matmul over 16 tokens costs ~2x per token what
+# one over >= 40 does (docs/episode-engine.md); below that, rows share a batched forward.
+_ALONE_FROM_CPU = 32
 
 # A batch-1 forward's fixed cost (one `hidden` call through every layer), in tokens of a batched forward:
 # the split below pays it per row sent alone. An order-of-magnitude guess, not a measurement; it only
