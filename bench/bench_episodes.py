@@ -17,10 +17,10 @@ turns + memory lines + observation + admissible list) is 370 tokens at every tur
 - `episode-cache, greedy`: `EpisodeCache.greedy`: per turn, append what the turn adds, then decode one
   candidate under the trie (one batched forward per branching point); the decoded ids are then
   truncated and the turn's chosen ids appended (pessimistic: `EpisodePolicy` keeps them when they agree).
-Each episode-cache path runs in both engine modes: `batched` (`alone_from=0`: one forward over every
-row, padded to the longest row's tokens and attending the longest row's cache) and `per-row` (the CPU
-default, `alone_from=32`: a row computing >= 32 tokens gets a forward of its own, attending its own
-length; shorter ones, like greedy's decoded ids, share a batched forward). A real lockstep evaluation holds episodes at different turns (a
+Each episode-cache path runs in both engine modes: `padded` (one forward over every row, padded to
+the longest row's tokens and attending the longest row's cache; the default on GPUs) and `packed`
+(the CPU default: every row's tokens in one sequence without padding, the matmuls over all of them,
+the attention row by row over each row's own length). A real lockstep evaluation holds episodes at different turns (a
 finished episode's row restarts with a new one): `--spread` gives row r a history of
 PROMPT0 + spread x r / (episodes - 1) tokens before the timed turns (default 900: rows of 120 to
 1,020 tokens, the longest like the longest row of a real SmolLM2 evaluation, 1,041 tokens on average
@@ -69,7 +69,7 @@ def _candidates(rng, V):
 
 PATHS = [("per-state", "per-state")] + [
     (f"{name}/{mode}", f"episode-cache {mode}, {label}")
-    for mode in ("batched", "per-row")
+    for mode in ("padded", "packed")
     for name, label in (("admissible", "suffix=admissible"), ("none", "suffix=none"), ("greedy", "greedy"))
 ]
 
@@ -88,9 +88,7 @@ def run_preset(
     eps = [{"seq": _ids(rng, n, V)} for n in history]
     max_len = max(history) + turns * (OBS + TEMPLATE + ACTION + ACTION_END) + ADMISSIBLE + 200
     caches = {
-        path: EpisodeCache(
-            model, episodes, max_len, dtype=dtype, alone_from=0 if path.endswith("batched") else None
-        )
+        path: EpisodeCache(model, episodes, max_len, dtype=dtype, packed=path.endswith("packed"))
         for path, _ in PATHS[1:]
     }
     for c in caches.values():

@@ -1,15 +1,13 @@
 """Live episodes as growing token sequences: each turn computes only the tokens it adds.
 
-`EpisodeCache(model, rows, max_len, trie_slots=0, alone_from=None)` holds one static KV cache row
-per live episode (the model's `setup_caches`): a row holds at most `max_len` tokens (positions), and a
+`EpisodeCache(model, rows, max_len, trie_slots=0, packed=None)` holds one static KV cache row per
+live episode (the model's `setup_caches`): a row holds at most `max_len` tokens (positions), and a
 scored trie may use `trie_slots` slots past that (its nodes sit at positions len + depth, but each
-needs its own slot). Every operation takes all the episodes in lockstep. A row that computes at least
-`alone_from` tokens in a call (a turn's observation, a candidate trie) gets a forward of its own,
-attending only its own cached length with nothing padded; the other rows (a decoded token, a chat
-header) go in one batched forward, padded to the longest and attending up to the longest row's
-length. Default: 32 on CPU (attention over the cache, not the matmuls, is most of a turn's cost there,
-and a matmul over >= ~32 tokens runs near its full speed per token), 0 (no row alone) elsewhere: one
-kernel launch per op for every episode. The operations an agent loop needs:
+needs its own slot). Every operation takes all the episodes in lockstep in one forward: `packed`
+(the default on CPU) puts every row's tokens in one sequence without padding (`PackedRows`: the
+matmuls over all of them at once, the attention row by row over each row's own length); otherwise
+the rows are padded to the longest and each attends up to the longest row's length (one kernel
+launch per op for every episode: the default on GPUs). The operations an agent loop needs:
 
 - `append(new_tokens)`: row r's committed sequence grows by new_tokens[r] (the next observation, the
   action taken, ...; an empty list leaves the row as it is). Only the new tokens are computed; they
@@ -48,7 +46,7 @@ import torch
 
 from singleturn.kernels.sampling import sample_tokens
 from singleturn.model.generate import _token_trie
-from singleturn.model.transformer import Transformer
+from singleturn.model.transformer import PackedRows, Transformer
 
 __all__ = ["EpisodeCache"]
 
@@ -64,7 +62,7 @@ class EpisodeCache:
         *,
         dtype: torch.dtype | None = None,
         trie_slots: int = 0,
-        alone_from: int | None = None,
+        packed: bool | None = None,
     ):
         if rows < 1 or max_len < 2 or trie_slots < 0:
             raise ValueError(
@@ -73,12 +71,7 @@ class EpisodeCache:
         self.model, self.rows, self.max_len = model, rows, max_len
         self.slots = max_len + trie_slots  # a row's slots; slot `slots` is the scratch slot for pads
         self.device = model.tok_embeddings.weight.device
-        # Rows computing >= alone_from tokens get forwards of their own (module docstring); 0: none do.
-        if alone_from is None:
-            alone_from = _ALONE_FROM_CPU if self.device.type == "cpu" else 0
-        if alone_from < 0:
-            raise ValueError(f"EpisodeCache: alone_from must be >= 0, got {alone_from}")
-        self.alone_from = alone_from
+        self.packed = self.device.type == "cpu" if packed is None else packed  # module docstring
         # The caches are this object's, installed on the model only for the length of its own forwards:
         # any other forward of the model in between (a cache-free one writes the caches it finds,
         # `generate` replaces them) can neither corrupt them nor be slowed by them.
@@ -144,12 +137,11 @@ class EpisodeCache:
     def append(self, new_tokens: Sequence[Sequence[int]]) -> None:
         """Commit new_tokens[r] to row r (len(new_tokens) == rows; empty lists skip a row).
 
-        With `alone_from`: one forward per row of at least that many tokens, one batched forward for
-        the others. Without: one batched forward over the rows' first `T` new tokens, then one batch-1
-        forward per row for the rest of its tokens (chunked prefill: exact); `T` minimizes the padded
-        tokens computed: a new episode's first message (~150 tokens) among turns of ~40 would
-        otherwise pad every row to its length (measured: 2.5x the tokens of a real evaluation's
-        appends)."""
+        Packed: one forward of every row's tokens. Padded: one forward over the rows' first `T` new
+        tokens, then one batch-1 forward per row for the rest of its tokens (chunked prefill: exact);
+        `T` minimizes the padded tokens computed: a new episode's first message (~150 tokens) among
+        turns of ~40 would otherwise pad every row to its length (measured: 2.5x the tokens of a real
+        evaluation's appends)."""
         if len(new_tokens) != self.rows:
             raise ValueError(f"append: {len(new_tokens)} token lists for {self.rows} rows")
         if max(len(t) for t in new_tokens) == 0:
@@ -157,17 +149,51 @@ class EpisodeCache:
         for r, t in enumerate(new_tokens):
             self._check_room(r, len(t), "new tokens")
         live = [r for r, t in enumerate(new_tokens) if t]
-        if self.alone_from:  # the block: the rows not alone, whole
-            head = [list(t) if len(t) < self.alone_from else [] for t in new_tokens]
-        else:  # the block: every row's first T tokens
+        if self.packed:
+            h = self._forward_packed({r: (list(new_tokens[r]), None, None) for r in live})
+            for r in live:
+                self._last_h[r] = h[r][-1]
+                self.lengths[r] += len(new_tokens[r])
+            self.computed_tokens += sum(len(new_tokens[r]) for r in live)
+        else:
             T = _batched_length([len(t) for t in new_tokens], B=max(live) + 1)
-            head = [list(t[:T]) for t in new_tokens]
-        if any(head):
-            self._forward_block(head)
-        for r in live:  # the rest of each row, alone (after the block: its pads past a row's end are dead)
-            if len(new_tokens[r]) > len(head[r]):
-                self._forward_row(r, list(new_tokens[r][len(head[r]) :]))
+            self._forward_block([list(t[:T]) for t in new_tokens])
+            for (
+                r
+            ) in live:  # the rest of each row, alone (after the block: its pads past a row's end are dead)
+                if len(new_tokens[r]) > T:
+                    self._forward_row(r, list(new_tokens[r][T:]))
         self._stale.difference_update(live)
+
+    def _forward_packed(self, items: dict) -> dict[int, torch.Tensor]:
+        """One forward of the rows in items, packed (model.PackedRows): items[r] = (tokens, positions
+        or None for their slots, mask (n, len + n) bool over the row's slots or None for causal) ->
+        {r: (n, D) hidden states}. The tokens go into the slots after the row's length; nothing is
+        committed (the caller moves lengths)."""
+        lo, hi = min(items), max(items) + 1
+        bounds, kv_len, masks = [0], [], []
+        tokens: list[int] = []
+        slots: list[int] = []
+        positions: list[int] = []
+        for r in range(lo, hi):
+            t, pos, mask = items.get(r, ([], None, None))
+            L, n = self.lengths[r], len(t)
+            tokens += t
+            slots += range(L, L + n)
+            positions += range(L, L + n) if pos is None else pos
+            bounds.append(bounds[-1] + n)
+            kv_len.append(L + n)
+            masks.append(None if mask is None else mask.to(self.device))
+        rows = PackedRows(bounds, kv_len, masks)
+        with self._installed(lo, hi):
+            h = self.model.hidden(
+                torch.as_tensor([tokens], dtype=torch.int64, device=self.device),
+                input_pos=torch.as_tensor([slots], dtype=torch.int64, device=self.device),
+                positions=torch.as_tensor([positions], dtype=torch.int64, device=self.device),
+                attn_mask=rows,
+            )[0]
+        self.forwards += 1
+        return {r: h[bounds[r - lo] : bounds[r - lo + 1]] for r in items}
 
     def _forward_block(self, new_tokens: list[list[int]]) -> None:
         """One forward of rows lo..hi-1 (the first and the last row with tokens), each row's tokens
@@ -250,13 +276,10 @@ class EpisodeCache:
         for r in scored:  # the nodes' slots, and their positions (the deepest: the longest candidate)
             self._check_room(r, len(inner[r]), "trie nodes", limit=self.slots)
             self._check_room(r, max(tries[r].depth) + 1, "tokens of the longest candidate")
-        alone = [r for r in scored if self.alone_from and len(inner[r]) >= self.alone_from]
-        batched = [r for r in scored if r not in alone]
-        groups = [[r] for r in alone] + ([batched] if batched else [])
-        h: dict[int, torch.Tensor] = {}
-        for g in groups:  # rows lo..hi-1 in one forward, the group's own rows with their nodes
-            lo, hi = min(g), max(g) + 1
-            h.update(self._trie_forward(lo, hi, {r: (tries[r], inner[r]) for r in g}))
+        nodes = {r: self._trie_nodes(r, tries[r], inner[r]) for r in scored if inner[r]}
+        h = {r: self._last_h[r : r + 1][:0] for r in scored}  # no inner node: the last token predicts all
+        if nodes:
+            h.update(self._forward_packed(nodes) if self.packed else self._trie_forward(nodes))
         out: list[list[float]] = [[] for _ in candidates]
         for r in scored:
             t = tries[r]
@@ -269,15 +292,26 @@ class EpisodeCache:
         self.computed_tokens += sum(len(inner[r]) for r in scored)
         return out
 
-    def _trie_forward(self, lo: int, hi: int, nodes: dict) -> dict[int, torch.Tensor]:
-        """One forward of rows lo..hi-1: row r's computed trie nodes (nodes[r] = (trie, its inner node
-        ids, parents first)) in slots len + k, at positions len + depth, each attending the committed
-        slots, its ancestors and itself -> {r: (nodes, D) hidden states}. Rows without nodes and the
-        pads of shorter rows see only their own slot (past the row's slots: the scratch slot)."""
-        S = max(len(ids) for _, ids in nodes.values())
-        if S == 0:  # every candidate one token long: the last token's hidden state predicts them all
-            return {r: self._last_h[r : r + 1][:0] for r in nodes}
-        B = hi - lo
+    def _trie_nodes(self, r: int, t, ids: list[int]) -> tuple[list[int], list[int], torch.Tensor]:
+        """Row r's computed trie nodes (ids: inner node ids, parents first) as (tokens, positions, mask):
+        node k goes in slot len + k at position len + depth and sees the committed slots, its
+        ancestors and itself (mask (n, len + n) bool over the row's slots)."""
+        L, n, rank = self.lengths[r], len(ids), {i: k for k, i in enumerate(ids)}
+        mask = torch.zeros((n, L + n), dtype=torch.bool)
+        mask[:, :L] = True
+        anc: list[list[int]] = []  # an inner node's ancestors are inner nodes, listed before it
+        for k, i in enumerate(ids):
+            par = t.parent[i]
+            anc.append((anc[rank[par]] if par >= 0 else []) + [L + k])
+            mask[k, anc[k]] = True
+        return [t.tokens[i] for i in ids], [L + t.depth[i] for i in ids], mask
+
+    def _trie_forward(self, nodes: dict) -> dict[int, torch.Tensor]:
+        """One padded forward of rows lo..hi-1 (the first and last row in nodes, see _trie_nodes): rows
+        without nodes and the pads of shorter rows see only their own slot (past the row's slots: the
+        scratch slot) -> {r: (n, D) hidden states}."""
+        lo, hi = min(nodes), max(nodes) + 1
+        B, S = hi - lo, max(len(tok) for tok, _, _ in nodes.values())
         tokens = torch.zeros((B, S), dtype=torch.int64)
         positions = torch.zeros((B, S), dtype=torch.int64)
         slots = torch.stack(
@@ -287,18 +321,11 @@ class EpisodeCache:
         mask = torch.zeros((B, S, kv_len), dtype=torch.bool)
         for b in range(B):
             mask[b, torch.arange(S), slots[b]] = True  # every query sees itself: no all-masked row
-            if lo + b not in nodes:
-                continue
-            t, ids = nodes[lo + b]
-            L, rank = self.lengths[lo + b], {i: k for k, i in enumerate(ids)}
-            tokens[b, : len(ids)] = torch.as_tensor([t.tokens[i] for i in ids], dtype=torch.int64)
-            positions[b, : len(ids)] = L + torch.as_tensor([t.depth[i] for i in ids], dtype=torch.int64)
-            mask[b, : len(ids), :L] = True  # every node sees the committed sequence
-            anc: list[list[int]] = []  # an inner node's ancestors are inner nodes, listed before it
-            for k, i in enumerate(ids):
-                par = t.parent[i]
-                anc.append((anc[rank[par]] if par >= 0 else []) + [L + k])
-                mask[b, k, anc[k]] = True
+            if lo + b in nodes:
+                tok, pos, m = nodes[lo + b]
+                tokens[b, : len(tok)] = torch.as_tensor(tok, dtype=torch.int64)
+                positions[b, : len(tok)] = torch.as_tensor(pos, dtype=torch.int64)
+                mask[b, : len(tok), : m.shape[1]] = m
         with self._installed(lo, hi):
             h = self.model.hidden(
                 tokens.to(self.device),
@@ -308,7 +335,7 @@ class EpisodeCache:
                 kv_len=kv_len,
             )
         self.forwards += 1
-        return {r: h[r - lo, : len(ids)] for r, (_, ids) in nodes.items()}
+        return {r: h[r - lo, : len(tok)] for r, (tok, _, _) in nodes.items()}
 
     @torch.no_grad()
     def greedy(
@@ -417,10 +444,6 @@ class EpisodeCache:
             self.append(new)
         return [(t, torch.tensor(lp, dtype=torch.float32)) for t, lp in zip(ids, logps)]
 
-
-# Tokens from which a row gets its own forward on CPU: a matmul over 16 tokens costs ~2x per token what
-# one over >= 40 does (docs/episode-engine.md); below that, rows share a batched forward.
-_ALONE_FROM_CPU = 32
 
 # A batch-1 forward's fixed cost (one `hidden` call through every layer), in tokens of a batched forward:
 # the split below pays it per row sent alone. An order-of-magnitude guess, not a measurement; it only

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ __all__ = [
     "FeedForward",
     "RMSNorm",
     "KVCache",
+    "PackedRows",
     "rope_inv_freq",
 ]
 
@@ -133,6 +135,12 @@ class KVCache(nn.Module):
         self.v[:B].scatter_(2, idx, v)
         return self.k[:B], self.v[:B]
 
+    def update_row(self, b: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Store k, v (1, n_kv, T, hd) at slots (T,) of row b; return row b's first kv_len slots (1, n_kv, kv_len, hd)."""
+        self.k[b].index_copy_(1, slots, k[0])
+        self.v[b].index_copy_(1, slots, v[0])
+        return self.k[b : b + 1, :, :kv_len], self.v[b : b + 1, :, :kv_len]
+
     def rows(self, lo: int, hi: int) -> KVCache:
         """A cache over rows lo..hi-1 of this one, sharing its storage (writes go through): a forward
         of a few rows of a larger cache computes only those rows."""
@@ -148,6 +156,37 @@ class KVCache(nn.Module):
         n = src.shape[0]
         for cache in (self.k, self.v):
             cache[:n] = cache.index_select(0, src)
+
+
+@dataclass
+class PackedRows:
+    """Tokens of several KV-cache rows in one forward of batch 1, without padding (model/episode_cache.py).
+
+    Cache row b's tokens are tokens[0, bounds[b]:bounds[b + 1]] (none: the row sits out), written at
+    their slots (`input_pos`); they attend the row's first kv_len[b] slots under masks[b], a (T_b,
+    kv_len[b]) bool over the slots, or, where masks[b] is None, every slot up to their own. The
+    matmuls run once over every row's tokens (their speed per token needs many tokens on CPU); the
+    attention runs per row, over that row's own length only. Each row's mask is built once per
+    forward and shared by the layers."""
+
+    bounds: list[int]
+    kv_len: list[int]
+    masks: list[torch.Tensor | None]
+    _additive: dict = field(default_factory=dict, repr=False)
+
+    def additive(self, b: int, input_pos: torch.Tensor, rep: int, dtype: torch.dtype) -> torch.Tensor:
+        """Row b's mask as SDPA takes it for `rep` query heads per kv head: (1, 1, rep*T_b, kv_len) of
+        0 / -inf in `dtype` (what SDPA makes of a bool mask; made here once, not once per layer)."""
+        key = (b, rep, dtype)
+        if key not in self._additive:
+            s, e = self.bounds[b], self.bounds[b + 1]
+            mask = self.masks[b]
+            if mask is None:  # a query in slot p sees slots 0..p of its row
+                slots = torch.arange(self.kv_len[b], device=input_pos.device)
+                mask = slots[None, :] <= input_pos[0, s:e, None]
+            add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self._additive[key] = add.repeat(rep, 1)[None, None]  # query rows: head-major, as q's
+        return self._additive[key]
 
 
 class Attention(nn.Module):
@@ -199,6 +238,10 @@ class Attention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call model.setup_caches(...) first")
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+            if isinstance(attn_mask, PackedRows):
+                return self.wo(
+                    self._attend_rows(q, k, v, input_pos, attn_mask).transpose(1, 2).reshape(B, T, -1)
+                )
             k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
             if kv_len is not None:  # attend the first kv_len slots only (every query's own slot is below)
                 k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
@@ -216,6 +259,21 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, n_kv, rep*T, hd)
             y = y.view(B, self.n_heads, T, self.head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend_rows(self, q, k, v, input_pos: torch.Tensor, rows: PackedRows) -> torch.Tensor:
+        """PackedRows attention: q (1, H, N, hd), k/v (1, n_kv, N, hd) -> (1, H, N, hd), row by row."""
+        rep, hd = self.n_heads // self.n_kv_heads, self.head_dim
+        out = torch.empty_like(q)
+        for b, kv_len in enumerate(rows.kv_len):
+            s, e = rows.bounds[b], rows.bounds[b + 1]
+            if s == e:
+                continue
+            k_all, v_all = self.kv_cache.update_row(b, input_pos[0, s:e], k[:, :, s:e], v[:, :, s:e], kv_len)
+            qb = q[:, :, s:e].reshape(1, self.n_kv_heads, rep * (e - s), hd)  # GQA as in the padded path
+            mask = rows.additive(b, input_pos, rep, q.dtype)
+            y = F.scaled_dot_product_attention(qb, k_all, v_all, attn_mask=mask)  # (1, n_kv, rep*T_b, hd)
+            out[:, :, s:e] = y.view(1, self.n_heads, e - s, hd)
+        return out
 
 
 class FeedForward(nn.Module):
@@ -314,7 +372,7 @@ class Transformer(nn.Module):
         *,
         input_pos: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | SegmentMask | BlockMask | None = None,
+        attn_mask: torch.Tensor | SegmentMask | BlockMask | PackedRows | None = None,
         kv_len: int | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) int64 -> h (B, T, D) after the final norm, in the parameter dtype.
@@ -326,6 +384,8 @@ class Transformer(nn.Module):
         row's length, each node attending the row's committed slots and its own ancestors
         (model/episode_cache.py). kv_len (cache only): attend the first kv_len slots, not the whole
         cache (above every slot this call writes; the caller knows where its rows end).
+        With a cache, `attn_mask` may instead be a `PackedRows`: tokens (1, N) of several cache rows
+        packed without padding, each row attending only its own length (positions optional).
         Tree / packed attention (cache-free only): `attn_mask` replaces the causal mask and `positions`
         (B, T) int64 gives each token's RoPE position; e.g. GRPO groups [prompt | r_1 | ... | r_G] or
         packed SFT examples (model.masks builders), or a prompt followed by candidate continuations
@@ -341,7 +401,10 @@ class Transformer(nn.Module):
             pos = torch.arange(T, device=tokens.device) if positions is None else positions
         else:
             input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
-            if (positions is None) != (attn_mask is None) or not (
+            if isinstance(attn_mask, PackedRows):
+                if B != 1 or attn_mask.bounds[-1] != T:
+                    raise ValueError(f"PackedRows: tokens must be (1, {attn_mask.bounds[-1]}), got {(B, T)}")
+            elif (positions is None) != (attn_mask is None) or not (
                 attn_mask is None or torch.is_tensor(attn_mask)
             ):
                 raise ValueError(

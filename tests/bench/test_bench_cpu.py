@@ -396,10 +396,10 @@ def test_bench_episodes_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["path"]: r for r in _rows(tmp_path / "episodes.jsonl")}
     assert len(rows) == 7 and all(r["spread"] == 40 and r["ms_per_step"] > 0 for r in rows.values())
-    for mode in ("batched", "per-row"):
+    for mode in ("padded", "packed"):
         assert rows[f"episode-cache {mode}, suffix=none"]["max_score_diff"] < 1e-4
         for what in ("suffix=admissible", "suffix=none", "greedy"):  # the modes compute the same tokens
             assert (
                 rows[f"episode-cache {mode}, {what}"]["tokens_per_step"]
-                == rows[f"episode-cache batched, {what}"]["tokens_per_step"]
+                == rows[f"episode-cache padded, {what}"]["tokens_per_step"]
             )

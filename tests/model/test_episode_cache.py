@@ -25,14 +25,14 @@ def _cands(rng, n):
     return out + [base[:1], list(out[0])]
 
 
-@pytest.mark.parametrize("alone_from", [0, 1, 4], ids=["batched", "per-row", "mixed"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("n_kv_heads", [1, 4])
-def test_incremental_scores_equal_the_cache_free_path_over_turns(hf_pair, n_kv_heads, alone_from):
+def test_incremental_scores_equal_the_cache_free_path_over_turns(hf_pair, n_kv_heads, packed):
     _, model = hf_pair(seed=3, n_kv_heads=n_kv_heads)
     rng = random.Random(0)
     rows = 3
     seqs = [[rng.randrange(3, V) for _ in range(n)] for n in (5, 11, 2)]  # prompts of different lengths
-    cache = EpisodeCache(model, rows, max_len=160, alone_from=alone_from)
+    cache = EpisodeCache(model, rows, max_len=160, packed=packed)
     cache.append(seqs)
     for turn in range(4):
         cands = [_cands(rng, rng.randint(2, 6)) for _ in range(rows)]
@@ -63,17 +63,17 @@ def test_incremental_scores_equal_the_cache_free_path_over_turns(hf_pair, n_kv_h
     cache.close()
 
 
-@pytest.mark.parametrize("alone_from", [0, 1, None], ids=["batched", "per-row", "default"])
-def test_a_long_append_beside_short_ones_is_split_and_exact(hf_pair, alone_from):
-    """A new episode's first message among short turns: batched, the block covers the short turns and
-    the long row's rest goes in a forward of its own (chunked prefill); per row, every row with tokens
-    is its own forward. Every score and next-token logit equals the cache-free path; rows that idle or
-    come later in the block are untouched."""
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_long_append_beside_short_ones_is_split_and_exact(hf_pair, packed):
+    """A new episode's first message among short turns: padded, the block covers the short turns and
+    the long row's rest goes in a forward of its own (chunked prefill); packed, one forward holds every
+    row's tokens. Every score and next-token logit equals the cache-free path; rows that idle or come
+    later in the block are untouched."""
     _, model = hf_pair(seed=5, n_kv_heads=2)
     rng = random.Random(1)
     rows = 4
     seqs = [[rng.randrange(3, V) for _ in range(n)] for n in (6, 9, 4, 7)]
-    cache = EpisodeCache(model, rows, max_len=200, alone_from=alone_from)
+    cache = EpisodeCache(model, rows, max_len=200, packed=packed)
     cache.append(seqs)
     for turn in range(3):
         # row (turn % rows) starts a long stretch (a new episode's first message); row 3 idles at turn 1
@@ -83,9 +83,9 @@ def test_a_long_append_beside_short_ones_is_split_and_exact(hf_pair, alone_from)
             new[3] = []
         before = cache.forwards
         cache.append(new)
-        if alone_from == 1:  # every row alone
-            assert cache.forwards == before + sum(1 for t in new if t)
-        else:  # the short rows batched, the long row (or its rest) alone
+        if packed:  # every row's tokens in one forward, none padded
+            assert cache.forwards == before + 1
+        else:  # the short rows in the block, the long row's rest alone
             assert cache.forwards == before + 2, "the long row should go in a forward of its own"
         for r in range(rows):
             seqs[r] += new[r]
@@ -101,12 +101,12 @@ def test_a_long_append_beside_short_ones_is_split_and_exact(hf_pair, alone_from)
     cache.close()
 
 
-@pytest.mark.parametrize("alone_from", [0, 1, None], ids=["batched", "per-row", "default"])
-def test_greedy_through_the_cache_equals_generate(hf_pair, alone_from):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_greedy_through_the_cache_equals_generate(hf_pair, packed):
     _, model = hf_pair(seed=4, n_kv_heads=2)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
     ref = generate(model, prompts, num_samples=1, max_new_tokens=8, temperature=0.0, stop_ids=())
-    cache = EpisodeCache(model, 3, max_len=64, alone_from=alone_from)
+    cache = EpisodeCache(model, 3, max_len=64, packed=packed)
     cache.append(prompts)
     cache.score([[[20, 21], [22]], [[23]], [[24, 25, 26]]])  # a suffix scored and dropped first
     out = [[] for _ in prompts]
@@ -127,8 +127,8 @@ def _branchings(cands, path):
     )
 
 
-@pytest.mark.parametrize("alone_from", [0, 1, None], ids=["batched", "per-row", "default"])
-def test_trie_greedy_equals_constrained_generate_and_truncation_forgets(hf_pair, alone_from):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_trie_greedy_equals_constrained_generate_and_truncation_forgets(hf_pair, packed):
     """cache.greedy picks, for every row, the candidate `generate` decodes greedily under the same trie
     on the whole sequence (prefix included), in one forward per branching point; truncating the row
     back and appending something else scores as if the decoded ids had never been there."""
@@ -139,7 +139,7 @@ def test_trie_greedy_equals_constrained_generate_and_truncation_forgets(hf_pair,
     rng = random.Random(1)
     seqs = [[rng.randrange(3, V) for _ in range(n)] for n in (6, 3, 9)]
     prefix = [[40, 41], [], [42]]
-    cache = EpisodeCache(model, 3, max_len=128, dtype=torch.float64, alone_from=alone_from)
+    cache = EpisodeCache(model, 3, max_len=128, dtype=torch.float64, packed=packed)
     cache.append(seqs)
     for turn in range(3):
         cands = [
@@ -166,11 +166,7 @@ def test_trie_greedy_equals_constrained_generate_and_truncation_forgets(hf_pair,
             ) + len(want)
         assert picks[1] is None if turn == 1 else True
 
-        branchings = [_branchings(cands[r], cands[r][picks[r]]) for r in live]
-        if alone_from == 1:  # one forward per row and branching point (fewer where a row appends nothing)
-            assert cache.forwards - before <= sum(branchings)
-        else:
-            assert cache.forwards - before == max(branchings)
+        assert cache.forwards - before == max(_branchings(cands[r], cands[r][picks[r]]) for r in live)
         for r in live:  # forget the decoded ids, commit something else
             cache.truncate(r, len(seqs[r]))
         with pytest.raises(ValueError, match="truncated"):
