@@ -6,7 +6,10 @@
 Each `append` and `score` call of the lockstep batch writes one JSONL row: the rows in the batched
 block (B), the longest row's tokens (T: what the block pads to before any split), the real tokens,
 the live rows, the longest row's cached length (kv) and the seconds. At the end it prints, per
-operation, the calls, seconds, padded (B x T) against real tokens, and seconds per real token.
+operation, the calls, seconds, padded (B x T) against real tokens, and seconds per real token. A
+score's real tokens are its trie's nodes, leaves included (the engine computes only the inner ones:
+the per-token cost stays comparable across versions); B x T is what the padded engine computes
+(the GPU default); the packed one (CPU) pads nothing.
 """
 
 from __future__ import annotations
