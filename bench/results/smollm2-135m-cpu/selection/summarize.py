@@ -1,7 +1,7 @@
 """The selection games' table: each policy's wins on the 60 games, its Wilson interval, visited-state
 accuracy, and wins / losses against SFT seed 0 on the same games (exact McNemar p).
 
-    python bench/results/smollm2-135m-cpu/selection/summarize.py [--base sft-s0-packed]
+    python bench/results/smollm2-135m-cpu/selection/summarize.py [--base sft-s0]
 
 Reads the evaluation reports next to this file (`<name>.json`, written by bench/profile_eval.py).
 """
@@ -24,7 +24,7 @@ def load(name: str) -> tuple[dict, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", default="sft-s0", help="the policy the others are paired with")
+    p.add_argument("--base", default="sft-s0-packed", help="the policy the others are paired with")
     args = p.parse_args()
     _, base = load(args.base)
     print(
