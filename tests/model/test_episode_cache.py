@@ -183,7 +183,8 @@ def test_trie_greedy_equals_constrained_generate_and_truncation_forgets(hf_pair,
     cache.close()
 
 
-def test_sampling_through_the_cache_equals_generate_over_turns(hf_pair):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_sampling_through_the_cache_equals_generate_over_turns(hf_pair, packed):
     """cache.sample draws, for the rows listed (in any order, a subset), the ids and log-probs
     `generate` samples for the same batch of whole sequences (prefix included) with the same seed,
     top-k/top-p truncation included; the ids it appends are the ones it sampled but the last, and the
@@ -192,7 +193,7 @@ def test_sampling_through_the_cache_equals_generate_over_turns(hf_pair):
     model = model.double()
     rng = random.Random(2)
     seqs = [[rng.randrange(3, V) for _ in range(n)] for n in (4, 9, 2)]
-    cache = EpisodeCache(model, 3, max_len=160, dtype=torch.float64)
+    cache = EpisodeCache(model, 3, max_len=160, dtype=torch.float64, packed=packed)
     cache.append(seqs)
     stop = tuple(range(3, 150))  # ~15% of the vocabulary: rows stop at different steps
     lengths = []
