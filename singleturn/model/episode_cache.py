@@ -158,9 +158,8 @@ class EpisodeCache:
         else:
             T = _batched_length([len(t) for t in new_tokens], B=max(live) + 1)
             self._forward_block([list(t[:T]) for t in new_tokens])
-            for (
-                r
-            ) in live:  # the rest of each row, alone (after the block: its pads past a row's end are dead)
+            # the rest of each row, alone (after the block: its pads past a row's end are dead)
+            for r in live:
                 if len(new_tokens[r]) > T:
                     self._forward_row(r, list(new_tokens[r][T:]))
         self._stale.difference_update(live)
