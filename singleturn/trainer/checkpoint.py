@@ -27,6 +27,7 @@ the same rank, or rank 0's when that rank did not exist in the saving run.
 API:
     save_checkpoint(run_dir, step, *, fsdp, optimizer, extra, keep_last=3) -> Path
     load_latest_checkpoint(run_dir, *, fsdp, optimizer) -> dict | None   # `extra` (+ "step")
+    load_moments(source, *, fsdp, optimizer) -> dict                      # another run's AdamW state
     verify_checkpoint(path) -> str | None                                 # None: loadable
     export_final(out_dir, fsdp, model_config, tokenizer_path) -> Path     # HF format, rank 0 writes
     file_crc32(path) -> str
@@ -60,7 +61,14 @@ from singleturn.trainer.checkpoint_format import (
     verify_checkpoint,
 )
 from singleturn.trainer.disk_full import DiskFullError, is_disk_full, no_room_message, pickled, write_bytes
-from singleturn.trainer.dist import barrier, broadcast_object, get_rank, get_world_size, is_main
+from singleturn.trainer.dist import (
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    is_main,
+)
 
 __all__ = [
     "CheckpointError",
@@ -334,7 +342,6 @@ def load_latest_checkpoint(run_dir, *, fsdp, optimizer) -> dict | None:
     if found is None:
         return None
     path, manifest, extra = found
-    old_units = {u["name"]: u | {"world_size": manifest["world_size"]} for u in manifest["layout"]["units"]}
     new_layout = fsdp.layout()
     rank = get_rank()
     resharded = manifest["world_size"] != new_layout["world_size"]
@@ -342,6 +349,20 @@ def load_latest_checkpoint(run_dir, *, fsdp, optimizer) -> dict | None:
         f"loading {path} (saved by {manifest['world_size']} ranks, loading on {new_layout['world_size']})"
     )
 
+    shards, opt_state = _read_units(path, manifest, new_layout, rank)
+    fsdp.load_sharded_state_dict({n: t.to(fsdp.device) for n, t in shards.items()})
+    if optimizer is not None and manifest["param_groups"]:
+        _load_optimizer(optimizer, fsdp, manifest["param_groups"], opt_state)
+
+    if resharded and rank >= manifest["world_size"]:
+        log.info(f"rank {rank} did not exist in the saving run: it gets rank 0's extra state")
+    return {**extra, "step": manifest["step"]}
+
+
+def _read_units(path: Path, manifest: dict, new_layout: dict, rank: int) -> tuple[dict, dict]:
+    """This rank's range of every unit of `new_layout` from checkpoint `path` (any saving world
+    size): ({unit: fp32 params}, {unit: AdamW state, for the units that have one})."""
+    old_units = {u["name"]: u | {"world_size": manifest["world_size"]} for u in manifest["layout"]["units"]}
     shards, opt_state = {}, {}
     with safe_open(str(path / "shard_rank0.safetensors"), framework="pt") as f0:
         saved_keys = set(f0.keys())
@@ -363,13 +384,55 @@ def load_latest_checkpoint(run_dir, *, fsdp, optimizer) -> dict | None:
                 state["step"] = f0.get_tensor(f"{name}/step").clone()
             if state:
                 opt_state[name] = state
-    fsdp.load_sharded_state_dict({n: t.to(fsdp.device) for n, t in shards.items()})
-    if optimizer is not None and manifest["param_groups"]:
-        _load_optimizer(optimizer, fsdp, manifest["param_groups"], opt_state)
+    return shards, opt_state
 
-    if resharded and rank >= manifest["world_size"]:
-        log.info(f"rank {rank} did not exist in the saving run: it gets rank 0's extra state")
-    return {**extra, "step": manifest["step"]}
+
+def load_moments(source, *, fsdp, optimizer) -> dict:
+    """Seed a fresh `optimizer` with the AdamW state (exp_avg, exp_avg_sq, step count) of another
+    run's checkpoint, keeping this optimizer's own hyper-parameters (lr, betas, ...). `source`: a
+    `step_N/` directory, or a run directory (its newest complete checkpoint). The checkpoint's weights
+    must be the very weights `fsdp` holds (e.g. model.path = that run's final/): moments of other
+    weights would steer the first updates, so any difference is a ValueError. Reads `source` only
+    (nothing renamed or pruned there); reshards like a resume; collective. Returns {"path", "step"}."""
+    path = _moments_checkpoint(Path(source))
+    manifest, why = _verify_collective(path)
+    if why:
+        raise CheckpointError(f"optim.moments_from: the checkpoint {path} is unusable: {why}")
+    shards, opt_state = _read_units(path, manifest, fsdp.layout(), get_rank())
+    params = dict(fsdp.named_parameters())
+    missing = [n for n in params if set(opt_state.get(n, {})) < {"exp_avg", "exp_avg_sq", "step"}]
+    if missing:
+        raise ValueError(
+            f"optim.moments_from: {path} holds no AdamW state for {len(missing)} of {len(params)} units "
+            f"(first: {missing[0]}): a checkpoint saved before any optimizer step?"
+        )
+    differ = sum(int((shards[n].to(p.device) != p.detach()).sum()) for n, p in params.items())
+    differ = int(all_reduce_sum(float(differ)))
+    if differ:
+        raise ValueError(
+            f"optim.moments_from: {differ} parameter elements of the model differ from {path}'s weights: "
+            "its moments belong to other weights (set model.path to the final/ that this checkpoint "
+            "exported, or clear optim.moments_from)"
+        )
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    sd = optimizer.state_dict()
+    sd["state"] = {index[id(params[n])]: opt_state[n] for n in params}
+    optimizer.load_state_dict(sd)  # this optimizer's param_groups stay; moments cast to each shard
+    return {"path": str(path), "step": manifest["step"]}
+
+
+def _moments_checkpoint(source: Path) -> Path:
+    """`source` itself when it is a checkpoint (has a manifest), else the newest complete step_N of
+    `source`/checkpoints; a clear error otherwise."""
+    if (source / MANIFEST).is_file():
+        return source
+    steps = complete_steps(source / "checkpoints") if (source / "checkpoints").is_dir() else []
+    if not steps:
+        raise CheckpointError(
+            f"optim.moments_from={str(source)!r}: neither a checkpoint (no {MANIFEST}) nor a run directory "
+            "with a complete checkpoints/step_N"
+        )
+    return steps[0][1]  # newest first
 
 
 def _slots(unit: dict) -> list:

@@ -23,7 +23,7 @@ from singleturn.harness import read_states
 from singleturn.harness.atomic import write_text_atomic
 from singleturn.model.convert import ensure_converted_from_wheel
 from singleturn.model.policy import DTYPES
-from singleturn.trainer.checkpoint import export_final
+from singleturn.trainer.checkpoint import export_final, load_moments
 from singleturn.trainer.checkpointer import Checkpointer
 from singleturn.trainer.config import ConfigError, TrainConfig, format_config
 from singleturn.trainer.data import build_examples
@@ -238,6 +238,9 @@ class Trainer:
         cls = STAGES[span.name]
         if self.start < span.first:
             ctx.optimizer = make_optimizer(ctx.fsdp, cfg.optim, cls.peak_lr(cfg))  # each stage: a fresh AdamW
+            if cfg.optim.moments_from and span.first == 1:  # ... the run's first one: moments given
+                got = load_moments(cfg.optim.moments_from, fsdp=ctx.fsdp, optimizer=ctx.optimizer)
+                _log0(f"[optim] {span.name}: AdamW moments and step count {got['step']} from {got['path']}")
         stage = cls(ctx, span)
         if span.first <= self.start < span.last and self.resumed.get("stage") == span.name:
             stage.load_state_dict(self.resumed.get("stage_state", {}))  # resumed mid-stage

@@ -27,6 +27,7 @@ from singleturn.trainer.checkpoint import (
     export_final,
     file_crc32,
     load_latest_checkpoint,
+    load_moments,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -267,3 +268,66 @@ def test_non_finite_parameter_is_never_saved(tmp_path, export):
             save_checkpoint(tmp_path / "run", 2, fsdp=fsdp, optimizer=opt, extra={})
     assert not (tmp_path / "final").exists()
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_1"]
+
+
+# --- optim.moments_from: a fresh stage's AdamW seeded with another run's moments
+
+
+def _same_weights_fresh_optimizer(fsdp_src, lr):
+    fsdp = apply_fsdp(fsdp_worker.build_model(tied=False))
+    fsdp.load_sharded_state_dict({n: t.clone() for n, t in fsdp_src.sharded_state_dict().items()})
+    opt = torch.optim.AdamW(fsdp.parameters(), lr=lr, weight_decay=fsdp_worker.WD, betas=(0.9, 0.95))
+    return fsdp, opt
+
+
+def _next_step_shards(fsdp, opt, step):
+    fsdp_worker.train_hand(fsdp.model, fsdp, opt, WORLD1, 1, fsdp_worker.loss_hidden, start=step)
+    return {n: t.clone() for n, t in fsdp.sharded_state_dict().items()}
+
+
+@pytest.mark.parametrize("source", ["run_dir", "step_dir"])
+def test_moments_from_continue_the_saving_run_at_the_new_lr(tmp_path, source):
+    """A fresh AdamW over run A's final weights, seeded by load_moments, keeps its own lr and takes
+    exactly the step A would take next at that lr; a fresh AdamW without the moments does not."""
+    _, fsdp_a, opt_a = _train_and_save(tmp_path / "a", steps=(1, 2))
+    listing = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    lr = fsdp_worker.LR / 3
+    fsdp_b, opt_b = _same_weights_fresh_optimizer(fsdp_a, lr)
+    src = tmp_path / "a" if source == "run_dir" else tmp_path / "a" / "checkpoints" / "step_2"
+    got = load_moments(src, fsdp=fsdp_b, optimizer=opt_b)
+    assert got == {"path": str(tmp_path / "a" / "checkpoints" / "step_2"), "step": 2}, got
+    assert opt_b.param_groups[0]["lr"] == lr, "the new stage's lr must stay"
+    for (name, pa), pb in zip(fsdp_a.named_parameters(), fsdp_b.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt_a.state[pa][key], opt_b.state[pb][key]), f"{name}/{key}"
+    for g in opt_a.param_groups:
+        g["lr"] = lr
+    fsdp_c, opt_c = _same_weights_fresh_optimizer(fsdp_a, lr)  # the control: fresh moments
+    want, got_b = _next_step_shards(fsdp_a, opt_a, 2), _next_step_shards(fsdp_b, opt_b, 2)
+    fresh = _next_step_shards(fsdp_c, opt_c, 2)
+    for name in want:
+        assert torch.equal(got_b[name], want[name]), f"{name}: not the saving run's next step"
+    assert any(not torch.allclose(fresh[n], want[n]) for n in want), "the control cannot tell moments apart"
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == listing, "source touched"
+
+
+def test_moments_from_refuses_other_weights_and_missing_state(tmp_path):
+    _, fsdp_a, _ = _train_and_save(tmp_path / "a", steps=(1,))
+    fsdp_b, opt_b = _same_weights_fresh_optimizer(fsdp_a, fsdp_worker.LR)
+    with torch.no_grad():
+        fsdp_b.parameters()[0][3] += 1e-6  # one element of other weights
+    with pytest.raises(ValueError, match="1 parameter elements of the model differ"):
+        load_moments(tmp_path / "a", fsdp=fsdp_b, optimizer=opt_b)
+    assert not opt_b.state, "a refused load left optimizer state behind"
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        load_moments(tmp_path / "nothing-here", fsdp=fsdp_b, optimizer=opt_b)
+    # a checkpoint saved before any optimizer step has no moments to give
+    fsdp_c, opt_c = _same_weights_fresh_optimizer(fsdp_a, fsdp_worker.LR)
+    save_checkpoint(tmp_path / "c", 0, fsdp=fsdp_c, optimizer=opt_c, extra={})
+    with pytest.raises(ValueError, match="holds no AdamW state"):
+        load_moments(tmp_path / "c", fsdp=fsdp_c, optimizer=opt_c)
+    step1 = tmp_path / "a" / "checkpoints" / "step_1"
+    shard = step1 / "shard_rank0.safetensors"
+    _flip(shard, _safetensors_data_start(shard) + 8)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_moments(step1, fsdp=fsdp_b, optimizer=opt_b)

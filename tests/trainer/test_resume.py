@@ -158,3 +158,24 @@ def test_huge_lr_stops_the_run_and_never_saves_nonfinite_weights(runs):
     for shard in (out / "huge-lr" / "checkpoints").glob("step_*/shard_rank*.safetensors"):
         for name, t in load_file(shard).items():
             assert torch.isfinite(t).all(), f"{shard}: {name}"
+
+
+def test_moments_from_seed_the_first_stage_and_refuse_other_weights(runs):
+    """optim.moments_from through trainer/main.py: an RL run continuing an SFT run's final/ starts
+    from that run's AdamW moments (exactness: tests/trainer/test_checkpoint.py); from other weights
+    (here a fresh init instead of model.path) it stops before any step, naming the mismatch."""
+    out, _, _ = runs
+    root = out.parent
+    states, tok = root / "states.jsonl", root / "tokenizer.json"
+    src = out / "sft-src"
+    run_torchrun(
+        tiny_args(root, states, tok, "sft-src")
+        + ["--run.stages=sft", "--sft.steps=2", "--checkpoint.export_final=true"]
+    )
+    rl = ["--run.stages=grpo", "--grpo.steps=1", f"--optim.moments_from={src}"]
+    proc = run_torchrun(tiny_args(root, states, tok, "rl-warm") + rl + [f"--model.path={src / 'final'}"])
+    assert f"[optim] grpo: AdamW moments and step count 2 from {src / 'checkpoints' / 'step_2'}" in proc.stdout
+    assert step_rows(out / "rl-warm")[1]["kind"] == "grpo"
+    bad = _launch(tiny_args(root, states, tok, "rl-other") + rl)
+    assert bad.returncode != 0 and "parameter elements of the model differ" in bad.stderr, bad.stderr[-2000:]
+    assert not (out / "rl-other" / "metrics.jsonl").exists() or not step_rows(out / "rl-other")

@@ -142,6 +142,11 @@ class OptimConfig:
     """'constant' or 'cosine' (to min_lr_ratio * lr at the end of the stage)."""
     min_lr_ratio: float = 0.1
     """Final lr / peak lr for the cosine schedule."""
+    moments_from: str = ""
+    """Seed the run's first stage's AdamW with the moments and step count of another run's
+    checkpoint (a `step_N/` directory, or a run directory: its newest complete checkpoint), e.g.
+    RL continuing an SFT run from model.path = <sft run>/final. The weights must be that
+    checkpoint's, bit for bit. '' (default): every stage starts a fresh AdamW."""
     guard_updates: bool = True
     """Copy the fp32 master shards and the AdamW state before each step and restore them when the
     update made a parameter non-finite (3x the shard bytes per rank; off: such a step stops the run)."""
