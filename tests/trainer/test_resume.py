@@ -174,7 +174,9 @@ def test_moments_from_seed_the_first_stage_and_refuse_other_weights(runs):
     )
     rl = ["--run.stages=grpo", "--grpo.steps=1", f"--optim.moments_from={src}"]
     proc = run_torchrun(tiny_args(root, states, tok, "rl-warm") + rl + [f"--model.path={src / 'final'}"])
-    assert f"[optim] grpo: AdamW moments and step count 2 from {src / 'checkpoints' / 'step_2'}" in proc.stdout
+    assert (
+        f"[optim] grpo: AdamW moments and step count 2 from {src / 'checkpoints' / 'step_2'}" in proc.stdout
+    )
     assert step_rows(out / "rl-warm")[1]["kind"] == "grpo"
     bad = _launch(tiny_args(root, states, tok, "rl-other") + rl)
     assert bad.returncode != 0 and "parameter elements of the model differ" in bad.stderr, bad.stderr[-2000:]
