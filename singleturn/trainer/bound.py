@@ -22,7 +22,7 @@ from singleturn.model import Tokenizer, load_hf_checkpoint
 from singleturn.model.policy import encode_prompt, prompt_budget, response_room
 from singleturn.trainer.config import RolloutConfig
 from singleturn.trainer.data import pack_completions, prompt_format
-from singleturn.trainer.episode_data import build_episode_examples
+from singleturn.trainer.episode_data import build_episode_examples, episode_micro_batches
 from singleturn.trainer.episodes import collect_episodes
 from singleturn.trainer.evaluation import policy_spec
 from singleturn.trainer.forward_backward import action_logprobs
@@ -51,9 +51,8 @@ def lower_bound(
     tok = Tokenizer.from_file(str(final_dir / "tokenizer.json"))
     hw, ev = train_cfg.data.history_window, train_cfg.eval
     states = [s for g in trajectories for s in trajectories[g]]
-    episode = train_cfg.data.prompt == "episode"
-    if episode:  # the episode format's per-state prompts (committed ids + this turn's), as SFT trains them
-        prompts = _episode_prompts(states, tok, train_cfg, mcfg.max_seq_len)
+    if train_cfg.data.prompt == "episode":  # one token tree per expert episode, as SFT trains them
+        logp = _episode_logprobs(model, _expert_episodes(states, tok, train_cfg, mcfg.max_seq_len), device)
     else:  # the same prompt encoding and length rule as the evaluation policy (its decoding's response room)
         room = dict(decoding=ev.decoding, constrained=ev.constrained, max_new_tokens=ev.max_new_tokens)
         prompts = [
@@ -64,8 +63,8 @@ def lower_bound(
             )[0]
             for s in states
         ]
-    targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in states]
-    logp = _sequence_logprobs(model, prompts, targets, device)
+        targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in states]
+        logp = _sequence_logprobs(model, prompts, targets, device)
     greedy = _greedy_matches(model, tok, train_cfg, trajectories, states)
     per_game, k = {}, 0
     for g, traj in trajectories.items():
@@ -110,6 +109,18 @@ def _sequence_logprobs(model, prompts: list[list[int]], targets: list[list[int]]
     return logp
 
 
+def _episode_logprobs(model, episodes: list, device, max_tokens: int = 8192) -> list[float]:
+    """log pi(expert action | state) of every state of `episodes` (token trees, the states numbered
+    in order): each episode's shared history computed once, not once per state."""
+    n = sum(len(ep.states) for ep in episodes)
+    logp = torch.zeros(n, dtype=torch.float64)
+    row_len = max(ep.num_tokens for ep in episodes) if episodes else 1
+    for packed in episode_micro_batches(episodes, max_tokens=max_tokens, row_len=row_len, device=device):
+        lp = action_logprobs(model, lambda: model.output.weight, packed)
+        logp.index_add_(0, packed.seq.cpu(), lp.double().cpu())
+    return logp.tolist()
+
+
 def _greedy_matches(
     model, tok, train_cfg, trajectories: dict[str, list[dict]], states: list[dict]
 ) -> list[bool]:
@@ -122,9 +133,18 @@ def _greedy_matches(
     return [parse_action(c, s["admissible"]) == s["expert_action"] for c, s in zip(chosen, states)]
 
 
+def _expert_episodes(states: list[dict], tok, train_cfg, max_seq_len: int) -> list:
+    """The expert episodes as token trees (`EpisodeExample`), their states in `states`' order."""
+    return _episode_data(states, tok, train_cfg, max_seq_len)[0]
+
+
 def _episode_prompts(states: list[dict], tok, train_cfg, max_seq_len: int) -> list[list[int]]:
     """Per-state prompt ids of the episode format, in `states`' order (every state must fit)."""
-    _, examples, dropped = build_episode_examples(
+    return [e.prompt_ids for e in _episode_data(states, tok, train_cfg, max_seq_len)[1]]
+
+
+def _episode_data(states: list[dict], tok, train_cfg, max_seq_len: int) -> tuple[list, list]:
+    episodes, examples, dropped = build_episode_examples(
         states,
         tok,
         list_admissible=train_cfg.data.list_admissible,
@@ -135,7 +155,7 @@ def _episode_prompts(states: list[dict], tok, train_cfg, max_seq_len: int) -> li
         raise ValueError(f"{dropped} expert states of the eval games do not fit in max_seq_len={max_seq_len}")
     if [id(e.state) for e in examples] != [id(s) for s in states]:
         raise ValueError("expert trajectories must list each game's states in step order, games apart")
-    return [e.prompt_ids for e in examples]
+    return episodes, examples
 
 
 def _episode_actions(policy, trajectories: dict[str, list[dict]], batch_size: int) -> list[str]:

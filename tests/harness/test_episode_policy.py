@@ -263,12 +263,20 @@ def test_greedy_keeps_what_the_next_turn_writes_the_same_way(model_and_tok):
 
 def test_teacher_forced_episode_actions_equal_ranking_each_whole_prompt(model_and_tok, train_games, tmp_path):
     """trainer.bound's teacher-forced agreement in the episode format: lockstep over the expert
-    trajectories (cached) picks what ranking each state's whole per-state prompt picks (float64)."""
+    trajectories (cached) picks what ranking each state's whole per-state prompt picks (float64);
+    its expert-action log-probs over one token tree per episode equal each whole per-state prompt's."""
+    import copy
     from types import SimpleNamespace
 
     from singleturn.harness import collect_states, read_states
     from singleturn.model.generate import score_continuations
-    from singleturn.trainer.bound import _episode_actions, _episode_prompts
+    from singleturn.trainer.bound import (
+        _episode_actions,
+        _episode_logprobs,
+        _episode_prompts,
+        _expert_episodes,
+        _sequence_logprobs,
+    )
 
     model, tok = model_and_tok
     games = train_games[:3]
@@ -289,6 +297,14 @@ def test_teacher_forced_episode_actions_equal_ranking_each_whole_prompt(model_an
         scores = score_continuations(model, [p], [cands])[0]
         want.append(s["admissible"][max(range(len(cands)), key=scores.__getitem__)])
     assert got == want and len(got) == len(ordered) > 6
+    m32 = copy.deepcopy(model).float()  # the fused log-prob head takes fp32 / bf16
+    for keep in (True, False):  # with the list: a branch per state; without: the targets on the trunk
+        cfg.data.list_admissible = keep
+        targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in ordered]
+        per_state = _sequence_logprobs(m32, _episode_prompts(ordered, tok, cfg, 4096), targets, "cpu")
+        trees = _episode_logprobs(m32, _expert_episodes(ordered, tok, cfg, 4096), "cpu", max_tokens=700)
+        assert len(trees) == len(per_state) and all(x < 0 for x in trees)
+        assert torch.allclose(torch.tensor(trees), torch.tensor(per_state), rtol=1e-5, atol=1e-5), keep
 
 
 def test_sampled_rollouts_over_the_cache_equal_sampling_each_whole_prompt(model_and_tok, train_games):
