@@ -11,6 +11,7 @@ check plays `sampled_episodes` sampled episodes per game (a binomial 2-sigma mar
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 from singleturn.harness import collect_states, parse_action, read_states, render_prompt
 from singleturn.model import Tokenizer, load_hf_checkpoint
-from singleturn.model.policy import encode_prompt, prompt_budget, response_room
+from singleturn.model.policy import DTYPES, encode_prompt, prompt_budget, response_room
 from singleturn.trainer.config import RolloutConfig
 from singleturn.trainer.data import pack_completions, prompt_format
 from singleturn.trainer.episode_data import build_episode_examples, episode_micro_batches
@@ -124,9 +125,12 @@ def _episode_logprobs(model, episodes: list, device, max_tokens: int = 8192) -> 
 def _greedy_matches(
     model, tok, train_cfg, trajectories: dict[str, list[dict]], states: list[dict]
 ) -> list[bool]:
-    """Whether the evaluation's own deterministic policy (decoding and constraints, so the check is
-    exact) takes the expert's action at each state, in `states`' order."""
+    """Whether the evaluation's own deterministic policy (decoding, constraints and dtype, so the
+    check is exact) takes the expert's action at each state, in `states`' order."""
     spec = policy_spec(train_cfg)
+    dtype = DTYPES[spec.dtype]
+    if dtype != next(model.parameters()).dtype:  # the evaluation casts the fp32 weights the same way
+        model = copy.deepcopy(model).to(dtype)
     policy = spec.policy(model, tok)
     chosen = _episode_actions(policy, trajectories, spec.batch_size)
     policy.close()

@@ -44,9 +44,11 @@ class Checkpointer:
         every = self.cfg.checkpoint.every
         return step == span.last or bool(every and step % every == 0) or self.cfg.run.stop_after_step == step
 
-    def save(self, step: int, stage: Stage, ctx: StageContext) -> None:
+    def save(self, step: int, stage: Stage, ctx: StageContext, clock: dict | None = None) -> None:
+        """clock: the run's timings so far (seconds per phase, "total"): a resume continues them."""
         t = time.perf_counter()
         extra = {
+            "clock": dict(clock or {}),
             "step": step,
             "stage": stage.name,
             "config_hash": self.cfg.hash(),

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from singleturn.harness.atomic import write_text_atomic
 from singleturn.trainer.bound import check_bound, expert_trajectories, lower_bound
 from singleturn.trainer.compare_config import CompareConfig, load_compare_config
 from singleturn.trainer.compare_report import ZERO_SHOT, plot_accuracy_vs_success, summarize, to_markdown
@@ -219,6 +220,23 @@ def collect_zero_shot(spec: RunSpec, cc: CompareConfig) -> dict | None:
     }
 
 
+def _bound(run_dir: Path, traj: dict, train_cfg, cc: CompareConfig, *, seed: int) -> dict:
+    """The run's lower-bound check (eval/bound.json: computed once, then reused)."""
+    cache = run_dir / "eval" / "bound.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    t0 = time.perf_counter()
+    b = lower_bound(run_dir / "final", traj, train_cfg, sampled_episodes=cc.bound_sampled_episodes, seed=seed)
+    b["seconds"] = round(time.perf_counter() - t0, 1)
+    write_text_atomic(cache, json.dumps(b, indent=1))
+    print(
+        f"[compare] {run_dir.name}: teacher-forced step accuracy {b['greedy_step_accuracy']}, "
+        f"greedy bound {b['bound_greedy']:.3f} ({b['seconds']:.0f} s)",
+        flush=True,
+    )
+    return b
+
+
 def run_comparison(config_path: str) -> dict:
     """Run (or reuse) every run, the bound checks, and write comparison.md/json and the plot."""
     cc, train_raw = load_compare_config(config_path)
@@ -226,32 +244,24 @@ def run_comparison(config_path: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     specs = plan_runs(cc, train_raw)
-    results, baselines = [], []
-    for spec in specs:
+    train_cfg = build_config(train_raw)
+    results, baselines, traj = [], [], None
+    for spec in specs:  # each run's bound right after it: a killed comparison keeps every finished piece
         _run(spec, cc)
         if spec.method in cc.methods:
-            results.append(collect_result(spec, cc))
+            r = collect_result(spec, cc)
+            if traj is None:  # every run plays the same eval games
+                traj = expert_trajectories(
+                    sorted(r["eval_games"]),
+                    out_dir / "bound-expert-states.jsonl",
+                    max_steps=train_cfg.eval.max_steps,
+                )
+            b = _bound(out_dir / r["run"], traj, train_cfg, cc, seed=r["seed"])
+            r["bound"], r["bound_check"] = b, check_bound(r, b)
+            results.append(r)
         if (zero_shot := collect_zero_shot(spec, cc)) is not None:
             baselines.append(zero_shot)
     games = sorted({g for r in results for g in r["eval_games"]})
-    train_cfg = build_config(train_raw)
-    traj = expert_trajectories(
-        games, out_dir / "bound-expert-states.jsonl", max_steps=train_cfg.eval.max_steps
-    )
-    for r in results:
-        cache = out_dir / r["run"] / "eval" / "bound.json"
-        if cache.exists():
-            b = json.loads(cache.read_text())
-        else:
-            b = lower_bound(
-                out_dir / r["run"] / "final",
-                traj,
-                train_cfg,
-                sampled_episodes=cc.bound_sampled_episodes,
-                seed=r["seed"],
-            )
-            cache.write_text(json.dumps(b, indent=1))
-        r["bound"], r["bound_check"] = b, check_bound(r, b)
     summary = summarize(results + baselines, cc)
     meta = {
         "config": str(config_path),

@@ -66,6 +66,12 @@ class Trainer:
         if is_main():  # every check that can refuse the run has passed (the checkpoint's hash last)
             write_run_config(cfg)
         self.start = int(self.resumed.get("step", 0))
+        # a resumed run's timings continue the checkpoint's: train seconds and the total count every
+        # session's work up to the checkpoint, not just this one's (older checkpoints have no clock)
+        prior = dict(self.resumed.get("clock", {}))
+        self.t_prior = float(prior.pop("total", 0.0))
+        for k, v in prior.items():
+            self.clock.add(k, v)
         self.metrics = MetricsLogger(
             cfg.run_dir, enabled=is_main(), resume_step=self.start, log_every=cfg.run.log_every
         )
@@ -105,7 +111,11 @@ class Trainer:
                     self._step(stage, span, step)
                     signum = self.stop.requested()  # every rank stops after the same step
                     if self.checkpointer.should_save(step, span) or signum:
-                        self.checkpointer.save(step, stage, ctx)
+                        now = time.perf_counter()  # the stage's time so far goes into the checkpoint
+                        self.clock.add(f"train/{span.name}", now - t_stage)
+                        clock = {**self.clock.t, "total": now - self.t_start + self.t_prior}
+                        self.checkpointer.save(step, stage, ctx, clock=clock)  # timed as "checkpoint"
+                        t_stage = time.perf_counter()
                     if signum:
                         self.metrics.close()
                         raise Interrupted(signum, f"after step {step}: saved {_checkpoint_dir(cfg, step)}")
@@ -127,7 +137,7 @@ class Trainer:
             if STAGES[span.name].kind != "warmup":  # the warm-up model is not a policy yet
                 self._evaluate(span.name, span.last)
         self._export()
-        self.clock.add("total", time.perf_counter() - self.t_start)
+        self.clock.add("total", time.perf_counter() - self.t_start + self.t_prior)
         if is_main():
             self._finish()
         self.metrics.close()

@@ -1,6 +1,6 @@
-"""The comparison driver end to end on a toy budget: SFT, PPO, multi-turn GRPO, single-turn GRPO and
-grpo-dagger runs (tiny model, 2 train games, 1 eval game, 1 step each), the lower-bound check, the
-outputs."""
+"""The comparison driver end to end on a toy budget: every row (zero-shot, SFT, PPO, multi-turn GRPO,
+single-turn GRPO, grpo-dagger) for two seeds (tiny model, 2 train games, 1 eval game, 1 step each), the
+lower-bound check, the outputs, and a comparison killed in pieces and resumed."""
 
 import json
 import os
@@ -16,7 +16,7 @@ TOY = """
 [compare]
 base = "{base}"
 methods = ["sft", "ppo", "grpo-multiturn", "grpo", "grpo-dagger"]
-seeds = [0]
+seeds = [0, 1]
 sample_budget = 10
 out_dir = "{out}"
 bound_sampled_episodes = 1
@@ -83,6 +83,7 @@ pool_size = 8
 max_steps = 10
 num_workers = 1
 max_new_tokens = 4
+zero_shot = true
 
 [checkpoint]
 every = 0
@@ -101,13 +102,19 @@ def test_compare_toy_budget(tmp_path, capsys):
     assert rl_steps("grpo", over, 48) == (2, 24), "dynamic sampling: every drawn sample counts"
     assert rl_steps("grpo-dagger", raw, 10) == (1, 10), "grpo's 8 + the play's 1 episode x 2 steps / K=1"
     specs = plan_runs(cc, raw)
-    assert [s.name for s in specs] == ["sft-s0", "ppo-s0", "grpo-multiturn-s0", "grpo-s0", "grpo-dagger-s0"]
+    methods = ["sft", "ppo", "grpo-multiturn", "grpo", "grpo-dagger"]
+    assert [s.name for s in specs] == [f"{m}-s{seed}" for seed in (0, 1) for m in methods]
     assert specs[1].raw["model"]["path"] == str(out / "sft-s0" / "final")
+    assert specs[6].raw["model"]["path"] == str(out / "sft-s1" / "final")
     assert specs[0].raw["run"]["stages"] == ["lm", "sft"], "the SFT run keeps the base's pre-RL stages"
 
     doc = run_comparison(str(cfg))
-    assert set(doc["summary"]) == {"sft", "ppo", "grpo-multiturn", "grpo", "grpo-dagger"}
-    runs = {r["method"]: r for r in doc["runs"]}
+    assert list(doc["summary"]) == ["zero-shot", *methods], "every row"
+    assert all(row["seeds"] == [0, 1] for row in doc["summary"].values()), (
+        "from scratch: a zero-shot per seed"
+    )
+    assert {r["run"] for r in doc["runs"]} == {s.name for s in specs}
+    runs = {r["method"]: r for r in doc["runs"] if r["seed"] == 0}
     assert runs["grpo"]["samples"] == 8 and runs["grpo"]["env_steps"] == 0
     _check_dagger_run(out, runs["grpo-dagger"])
     assert 0 < runs["ppo"]["samples"] <= 8 and runs["ppo"]["env_steps"] == runs["ppo"]["samples"]
@@ -127,9 +134,11 @@ def test_compare_toy_budget(tmp_path, capsys):
     assert "PPO (multi-turn)" in md and "Lower-bound check" in md
     assert json.loads((out / "comparison.json").read_text())["meta"]["budget_unit"].startswith("sampled")
     assert (out / "plots" / "accuracy_vs_success.png").stat().st_size > 1000
-    # A second call reuses every finished run and bound.
+    # A second call reuses every finished run and bound, and prints the same table.
     again = run_comparison(str(cfg))
     assert [r["success_rate"] for r in again["runs"]] == [r["success_rate"] for r in doc["runs"]]
+    assert (out / "comparison.md").read_text() == md
+    assert capsys.readouterr().out.count("done, reusing") == len(specs)
     # A run killed in its final evaluation (after its last checkpoint; final/ and eval/grpo.json not
     # yet written) is resumed, not refused as "already holds a run", and redoes only what was missing.
     killed = out / "grpo-s0"
@@ -142,7 +151,10 @@ def test_compare_toy_budget(tmp_path, capsys):
     assert (out / "sft-s0" / "final" / "config.json").stat().st_mtime_ns == sft_mtime, "SFT redone"
     keys = ("run", "success_rate", "action_accuracy", "episodes", "samples", "env_steps", "steps")
     assert [[r[k] for k in keys] for r in resumed["runs"]] == [[r[k] for k in keys] for r in doc["runs"]]
-    assert "resuming" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[compare] grpo-s0: resuming" in printed and printed.count("done, reusing") == len(specs) - 1
+    assert printed.count("teacher-forced step accuracy") == 1, "only the killed run's bound is redone"
+    assert (out / "comparison.md").read_text() == md, "the resumed comparison prints the same table"
 
 
 @pytest.mark.parametrize(

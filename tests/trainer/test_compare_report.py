@@ -17,6 +17,7 @@ from singleturn.trainer.compare import (
     to_markdown,
 )
 from singleturn.trainer.stats import wilson_interval
+from singleturn.trainer.table import pct
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -182,7 +183,7 @@ def test_markdown_shows_intervals_seeds_splits_and_paired_test(comparison):
     for r in results:  # the lower-bound section needs a bound per trained checkpoint
         r["bound"] = {
             "mean_step_prob": 0.5,
-            "greedy_step_accuracy": 0.6,
+            "greedy_step_accuracy": 0.6 if r["seed"] == 0 else 0.9,
             "bound_greedy": 0.1,
             "bound_sampled": 0.01,
             "sampled_success": 0.2,
@@ -214,6 +215,19 @@ def test_markdown_shows_intervals_seeds_splits_and_paired_test(comparison):
     )
     cost = next(line for line in md.splitlines() if line.startswith("| PPO (multi-turn) | 15.0% ± 7.1 |"))
     assert "| 1/20 |" in cost, "env failures over all seeds' episodes"
+    head = next(
+        line for line in md.splitlines() if line.startswith("| method | ") and "teacher-forced" in line
+    )
+    col = dict(
+        zip([c.strip() for c in head.strip("|").split("|")], [c.strip() for c in cost.strip("|").split("|")])
+    )
+    assert col["teacher-forced acc"] == "75.0%", "the bound's step accuracy, mean over seeds"
+    assert col["acc on visited states"] == pct(
+        summarize(results + baselines, cc)["ppo"]["action_accuracy"][0]
+    )
+    zero = [line for line in md.splitlines() if line.startswith("| zero-shot (no fine-tuning) | ")][-1]
+    zcol = dict(zip(col, [c.strip() for c in zero.strip("|").split("|")]))
+    assert zcol["teacher-forced acc"] == "-", "no bound for the untrained start"
     assert "Lower-bound check" in md and "| grpo-s1 |" in md
 
 

@@ -106,6 +106,15 @@ def test_resumed_losses_equal_uninterrupted_bit_for_bit(runs):
     )
 
 
+def test_resumed_timings_continue_the_checkpoints(runs):
+    """The resumed session never entered SFT (stopped inside GRPO), yet its timings.json counts the SFT
+    seconds the first session spent (carried in the checkpoint), and its total covers both sessions."""
+    out, _, _ = runs
+    t = json.loads((out / "killed" / "timings.json").read_text())
+    assert t["train/sft"] > 0 and t["train/grpo"] > 0, t
+    assert t["total"] >= t["train/sft"] + t["train/grpo"] + t["checkpoint"], t
+
+
 def test_resume_with_a_different_config_is_refused(runs, tmp_path):
     out, _, _ = runs
     root = out.parent
