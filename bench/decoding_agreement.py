@@ -2,6 +2,9 @@
 
     python bench/decoding_agreement.py --checkpoint runs/smollm2-ep-sft120/final \
         --states data/games/states-train-n300-s0.jsonl --sft-steps 30 --sft-batch 4 [--games 40]
+    python bench/decoding_agreement.py --checkpoint <a run trained on every training game>/final \
+        --states <expert states of training games kept out of SFT> --sft-steps 0 --sft-batch 1 \
+        --games 1000 --dtype bfloat16
 
 Issue "compute each turn once", item 3: the decoding is chosen by agreement with the expert after
 SFT, never on the evaluation games. The SFT run's own episodes are excluded exactly: its batches
@@ -9,7 +12,9 @@ are a pure function of (step, batch size, episodes, data seed) (`trainer.data.ba
 the first `--games` training episodes it never saw are scored. Teacher-forced (the expert's
 history), lockstep through `model.EpisodePolicy` as the evaluation plays. Per decoding: agreement
 with its 95% Wilson interval, ms and computed tokens per state; and how often the two decodings
-pick the same command. Output: decoding_agreement.jsonl + .md (default bench/results/).
+pick the same command; and each decoding paired with rank state by state (states only it gets right /
+only rank gets right, exact McNemar p). `--dtype` is the weights' dtype (the evaluation's: bfloat16 where
+the CPU has avx512_bf16). Output: decoding_agreement.jsonl + .md (default bench/results/).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from singleturn.model.tokenizer import Tokenizer
 from singleturn.trainer.bound import _episode_actions
 from singleturn.trainer.data import batch_indices
 from singleturn.trainer.episode_data import build_episode_examples
-from singleturn.trainer.stats import wilson_interval
+from singleturn.trainer.stats import mcnemar_exact, wilson_interval
 
 COLUMNS = [
     ("decoding", "decoding"),
@@ -34,6 +39,8 @@ COLUMNS = [
     ("agreement", "agreement"),
     ("wilson95", "95% interval"),
     ("same_as_rank", "same pick as rank"),
+    ("vs_rank", "vs rank: only it right / only rank right"),
+    ("mcnemar_p", "McNemar p"),
     ("ms_per_state", "ms / state"),
     ("tokens_per_state", "tokens / state"),
 ]
@@ -58,11 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decodings", nargs="+", default=["rank", "greedy"], choices=["rank", "greedy"])
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu", choices=["cpu"], help="CPU only (accepted like every bench)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = Tokenizer.from_file(f"{args.checkpoint}/tokenizer.json")
-    model, _ = load_hf_checkpoint(args.checkpoint, dtype=torch.float32)
+    model, _ = load_hf_checkpoint(args.checkpoint, dtype=getattr(torch, args.dtype))
     model.eval()
     # The trainer's episode list, built as trainer/train.py builds it (same order, same drops).
     episodes, _, _ = build_episode_examples(
@@ -98,9 +106,13 @@ def main(argv: list[str] | None = None) -> None:
         policy.close()
         k = sum(c == s["expert_action"] for c, s in zip(picks[decoding], states))
         lo, hi = wilson_interval(k, len(states))
-        same = None
+        same = vs_rank = p_value = None
         if "rank" in picks:
             same = sum(a == b for a, b in zip(picks["rank"], picks[decoding])) / len(states)
+            right = [[c == s["expert_action"] for c, s in zip(picks[d], states)] for d in ("rank", decoding)]
+            only_it = sum(b and not a for a, b in zip(*right))
+            only_rank = sum(a and not b for a, b in zip(*right))
+            vs_rank, p_value = f"{only_it} / {only_rank}", mcnemar_exact(only_it, only_rank)
         rows.append(
             {
                 "topic": "decoding_agreement",
@@ -111,10 +123,12 @@ def main(argv: list[str] | None = None) -> None:
                 "agreement": k / len(states),
                 "wilson95": f"[{lo:.3f}, {hi:.3f}]",
                 "same_as_rank": same,
+                "vs_rank": vs_rank,
+                "mcnemar_p": p_value,
                 "ms_per_state": 1e3 * dt / len(states),
                 "tokens_per_state": tokens / len(states),
                 "threads": args.threads,
-                "dtype": "float32",
+                "dtype": args.dtype,
                 **env_info(),
             }
         )

@@ -366,6 +366,10 @@ def test_decoding_agreement_smoke(tmp_path):
     assert rows["rank"]["same_as_rank"] == 1.0
     assert 0 <= rows["greedy"]["same_as_rank"] <= 1 and 0 <= rows["greedy"]["agreement"] <= 1
     assert rows["greedy"]["tokens_per_state"] < rows["rank"]["tokens_per_state"]
+    assert (rows["rank"]["vs_rank"], rows["rank"]["mcnemar_p"]) == ("0 / 0", 1.0)
+    only_it, only_rank = map(int, rows["greedy"]["vs_rank"].split(" / "))
+    n = rows["rank"]["states"]  # the paired counts are the agreement's difference, state by state
+    assert only_it - only_rank == round(n * rows["greedy"]["agreement"]) - round(n * rows["rank"]["agreement"])
 
 
 def test_profile_eval_summary_by_hand(tmp_path, monkeypatch):
