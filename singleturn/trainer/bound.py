@@ -67,6 +67,20 @@ def lower_bound(
         targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in states]
         logp = _sequence_logprobs(model, prompts, targets, device)
     greedy = _greedy_matches(model, tok, train_cfg, trajectories, states)
+    out = summarize_bound(trajectories, logp, greedy)
+    if sampled_episodes > 0:
+        out.update(
+            _sampled_success(model, tok, list(trajectories), train_cfg, sampled_episodes, seed, device)
+        )
+    return out
+
+
+def summarize_bound(trajectories: dict[str, list[dict]], logp: list[float], greedy: list[bool]) -> dict:
+    """The check's numbers from per-state log p_t and g_t (in trajectory order, games apart):
+    teacher-forced step accuracy = mean g_t over STATES; each game's bounds prod_t p_t and prod_t g_t
+    (0 for a game the expert cannot win: no trajectory), averaged over GAMES."""
+    if len(logp) != len(greedy) or len(logp) != sum(map(len, trajectories.values())):
+        raise ValueError(f"{len(logp)} log-probs, {len(greedy)} matches for the trajectories' states")
     per_game, k = {}, 0
     for g, traj in trajectories.items():
         lp = logp[k : k + len(traj)]
@@ -82,17 +96,13 @@ def lower_bound(
     n = max(len(per_game), 1)
     out = {
         "mean_step_prob": statistics.fmean([x for v in per_game.values() for x in map(math.exp, v["logp"])])
-        if states
+        if logp
         else None,
         "greedy_step_accuracy": statistics.fmean(greedy) if greedy else None,
         "bound_sampled": sum(v["bound_sampled"] for v in per_game.values()) / n,
         "bound_greedy": sum(v["bound_greedy"] for v in per_game.values()) / n,
         "per_game": per_game,
     }
-    if sampled_episodes > 0:
-        out.update(
-            _sampled_success(model, tok, list(trajectories), train_cfg, sampled_episodes, seed, device)
-        )
     return out
 
 
