@@ -192,6 +192,7 @@ def collect_result(spec: RunSpec, cc: CompareConfig) -> dict:
         "samples": samples,
         "env_steps": env_steps,
         "train_seconds": sum(timings.get(f"train/{k}", 0.0) for k in kinds) if timings else None,
+        "total_seconds": timings.get("total"),
         "eval_seconds": timings.get(f"eval/{spec.method}"),
         "tokens_per_gpu": tokens,
     }
@@ -246,7 +247,7 @@ def run_comparison(config_path: str) -> dict:
     specs = plan_runs(cc, train_raw)
     train_cfg = build_config(train_raw)
     results, baselines, traj = [], [], None
-    for spec in specs:  # each run's bound right after it: a killed comparison keeps every finished piece
+    for i, spec in enumerate(specs):  # each piece reported as it finishes: a killed comparison keeps all
         _run(spec, cc)
         if spec.method in cc.methods:
             r = collect_result(spec, cc)
@@ -261,6 +262,15 @@ def run_comparison(config_path: str) -> dict:
             results.append(r)
         if (zero_shot := collect_zero_shot(spec, cc)) is not None:
             baselines.append(zero_shot)
+        pending = [s.name for s in specs[i + 1 :]]
+        if results or not pending:
+            doc = _report(config_path, cc, train_cfg, results, baselines, pending, t0, final=not pending)
+    return doc
+
+
+def _report(config_path, cc, train_cfg, results, baselines, pending, t0, *, final: bool) -> dict:
+    """comparison.json / .md and the plot from the runs finished so far (`pending`: the rest)."""
+    out_dir = Path(cc.out_dir)
     games = sorted({g for r in results for g in r["eval_games"]})
     summary = summarize(results + baselines, cc)
     meta = {
@@ -273,13 +283,22 @@ def run_comparison(config_path: str) -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "seconds": round(time.perf_counter() - t0, 1),
         "budget_unit": "sampled responses (policy decisions)",
+        "pending": pending,
+        # every piece's own wall-clock (each run's timings total + its lower-bound check), whatever
+        # session ran it: the comparison's cost, independent of how often it was resumed
+        "piece_seconds": round(
+            sum((r.get("total_seconds") or 0.0) + (r["bound"].get("seconds") or 0.0) for r in results), 1
+        ),
     }
     doc = {"meta": meta, "compare": asdict(cc), "summary": summary, "runs": results, "baselines": baselines}
-    (out_dir / "comparison.json").write_text(json.dumps(doc, indent=1))
+    write_text_atomic(out_dir / "comparison.json", json.dumps(doc, indent=1))
     md = to_markdown(summary, results, cc, meta)
-    (out_dir / "comparison.md").write_text(md)
+    write_text_atomic(out_dir / "comparison.md", md)
     plot_accuracy_vs_success(results, out_dir / "plots" / "accuracy_vs_success.png")
-    print(md, flush=True)
+    if final:
+        print(md, flush=True)
+    else:
+        print(f"[compare] report written with {len(results)} runs; pending: {', '.join(pending)}", flush=True)
     return doc
 
 

@@ -183,8 +183,14 @@ def to_markdown(summary: dict, results: list[dict], cc: CompareConfig, meta: dic
         f"Seeds {cc.seeds}; every RL method starts from the seed's SFT checkpoint with a budget of "
         f"{cc.sample_budget} sampled responses (single-turn GRPO: exactly; multi-turn: at most, episodes end "
         f"early on success); {meta['eval_games']} held-out eval games, {meta['decoding']} decoding; {cc.gpus} GPU(s)/process(es) "
-        f"per run; device {meta['device']}.",
+        f"per run; device {meta['device']}. Wall-clock of the pieces (each run's training and evaluation, "
+        f"and its lower-bound check): {meta.get('piece_seconds', 0) / 3600:.2f} h.",
         "",
+        *(
+            [f"**Partial: {len(meta['pending'])} run(s) still to come:** {', '.join(meta['pending'])}.", ""]
+            if meta.get("pending")
+            else []
+        ),
         "## Multi-turn success",
         "",
         "Success pooled over seeds (every seed's episodes) with its 95% Wilson score interval; per seed; per "

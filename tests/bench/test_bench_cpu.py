@@ -369,7 +369,9 @@ def test_decoding_agreement_smoke(tmp_path):
     assert (rows["rank"]["vs_rank"], rows["rank"]["mcnemar_p"]) == ("0 / 0", 1.0)
     only_it, only_rank = map(int, rows["greedy"]["vs_rank"].split(" / "))
     n = rows["rank"]["states"]  # the paired counts are the agreement's difference, state by state
-    assert only_it - only_rank == round(n * rows["greedy"]["agreement"]) - round(n * rows["rank"]["agreement"])
+    assert only_it - only_rank == round(n * rows["greedy"]["agreement"]) - round(
+        n * rows["rank"]["agreement"]
+    )
 
 
 def test_profile_eval_summary_by_hand(tmp_path, monkeypatch):

@@ -109,6 +109,9 @@ def test_compare_toy_budget(tmp_path, capsys):
     assert specs[0].raw["run"]["stages"] == ["lm", "sft"], "the SFT run keeps the base's pre-RL stages"
 
     doc = run_comparison(str(cfg))
+    first = capsys.readouterr().out
+    assert "report written with 1 runs; pending: ppo-s0, grpo-multiturn-s0" in first, "a report per piece"
+    assert doc["meta"]["pending"] == [] and doc["meta"]["piece_seconds"] > 0
     assert list(doc["summary"]) == ["zero-shot", *methods], "every row"
     assert all(row["seeds"] == [0, 1] for row in doc["summary"].values()), (
         "from scratch: a zero-shot per seed"
