@@ -15,7 +15,7 @@ from singleturn.trainer.stats import mcnemar_exact, wilson_interval
 HERE = Path(__file__).resolve().parent
 ORDER = ["sft-s0", "sft-s0-packed", "grpo-lr1e-5", "grpo-lr2e-6", "grpo-kl0.05", "grpo-advnone"]
 ORDER += ["sftcont-lr1e-5", "sftcont-lr1e-12", "grpo-warm", "sftcont-warm", "sft-s0-greedy"]
-ORDER += ["sft-s0-fp32", "sftcont-warm-fp32", "grpo-warm-fp32"]
+ORDER += ["sft-s0-fp32", "sftcont-warm-fp32", "grpo-warm-fp32", "ppo-s0", "grpo-multiturn-s0"]
 
 
 def load(name: str) -> tuple[dict, dict]:
