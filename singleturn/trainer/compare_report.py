@@ -239,25 +239,37 @@ def to_markdown(summary: dict, results: list[dict], cc: CompareConfig, meta: dic
 
 
 def plot_accuracy_vs_success(results: list[dict], path: Path) -> Path:
+    """Success against action accuracy, one point per checkpoint, colored by method: teacher-forced
+    (the expert's states of the eval games: the lower-bound check) on the left, on the states the
+    policy itself visits on the right."""
     import matplotlib  # lazy: optional plotting dependency, slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for method in dict.fromkeys(r["method"] for r in results):
-        rs = [r for r in results if r["method"] == method and r["action_accuracy"] is not None]
-        ax.scatter(
-            [r["action_accuracy"] for r in rs], [r["success_rate"] for r in rs], label=STAGES[method].method
-        )
-    xs = [i / 50 for i in range(51)]
-    ax.plot(xs, xs, ":", color="gray", lw=0.8, label="y = x")
-    ax.set_xlabel("action accuracy (vs expert, visited states)")
-    ax.set_ylabel("multi-turn success rate")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
-    ax.set_title("success vs action accuracy (one point per checkpoint)")
+    panels = [
+        ("teacher-forced (expert's states)", lambda r: (r.get("bound") or {}).get("greedy_step_accuracy")),
+        ("on the states the policy visits", lambda r: r["action_accuracy"]),
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in results))}
+    for ax, (where, acc) in zip(axes, panels):
+        for method, color in colors.items():
+            rs = [r for r in results if r["method"] == method and acc(r) is not None]
+            ax.scatter(
+                [acc(r) for r in rs],
+                [r["success_rate"] for r in rs],
+                color=color,
+                label=STAGES[method].method,
+            )
+        xs = [i / 50 for i in range(51)]
+        ax.plot(xs, xs, ":", color="gray", lw=0.8, label="y = x")
+        ax.set_xlabel(f"action accuracy vs expert, {where}")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("multi-turn success rate")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("success vs action accuracy (one point per checkpoint and seed)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

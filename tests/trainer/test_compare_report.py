@@ -261,3 +261,15 @@ def test_zero_shot_is_evaluated_once_for_a_shared_pretrained_start(tmp_path, pre
     assert [s.raw["eval"]["random_baseline"] for s in sft] == [True, False]
     rl = [s for s in plan_runs(cc, raw) if s.method != "sft"]  # their start is SFT's row: never re-evaluated
     assert rl and not any(s.raw["eval"]["zero_shot"] or s.raw["eval"]["random_baseline"] for s in rl)
+
+
+def test_accuracy_plot_has_both_accuracies(comparison, tmp_path):
+    """One point per checkpoint in each panel: teacher-forced needs the bound (absent: left out)."""
+    from singleturn.trainer.compare_report import plot_accuracy_vs_success
+
+    cc, specs, results, baselines, games = comparison
+    for r in results[1:]:
+        r["bound"] = {"greedy_step_accuracy": 0.5}
+    results[0].pop("bound", None)
+    path = plot_accuracy_vs_success(results, tmp_path / "plots" / "acc.png")
+    assert path.stat().st_size > 5000
