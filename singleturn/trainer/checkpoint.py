@@ -400,7 +400,7 @@ def load_moments(source, *, fsdp, optimizer) -> dict:
         raise CheckpointError(f"optim.moments_from: the checkpoint {path} is unusable: {why}")
     shards, opt_state = _read_units(path, manifest, fsdp.layout(), get_rank())
     params = dict(fsdp.named_parameters())
-    missing = [n for n in params if set(opt_state.get(n, {})) < {"exp_avg", "exp_avg_sq", "step"}]
+    missing = [n for n in params if not {"exp_avg", "exp_avg_sq", "step"} <= set(opt_state.get(n, {}))]
     if missing:
         raise ValueError(
             f"optim.moments_from: {path} holds no AdamW state for {len(missing)} of {len(params)} units "
