@@ -20,8 +20,16 @@ import torch
 
 from singleturn.harness import collect_states, parse_action, read_states, render_prompt
 from singleturn.model import Tokenizer, load_hf_checkpoint
-from singleturn.model.policy import DTYPES, encode_prompt, prompt_budget, response_room
+from singleturn.model.policy import (
+    DTYPES,
+    POLICY_FILE,
+    PolicySpec,
+    encode_prompt,
+    prompt_budget,
+    response_room,
+)
 from singleturn.trainer.config import RolloutConfig
+from singleturn.trainer.config.auto_dtype import resolve_auto_dtypes
 from singleturn.trainer.data import pack_completions, prompt_format
 from singleturn.trainer.episode_data import build_episode_examples, episode_micro_batches
 from singleturn.trainer.episodes import collect_episodes
@@ -66,7 +74,7 @@ def lower_bound(
         ]
         targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in states]
         logp = _sequence_logprobs(model, prompts, targets, device)
-    greedy = _greedy_matches(model, tok, train_cfg, trajectories, states)
+    greedy = _greedy_matches(model, tok, eval_spec(final_dir, train_cfg), trajectories, states)
     out = summarize_bound(trajectories, logp, greedy)
     if sampled_episodes > 0:
         out.update(
@@ -132,15 +140,24 @@ def _episode_logprobs(model, episodes: list, device, max_tokens: int = 8192) -> 
     return logp.tolist()
 
 
+def eval_spec(final_dir: Path, train_cfg) -> PolicySpec:
+    """How the run evaluated: its final/policy.json (dtype as resolved on the machine that ran it),
+    else the config's spec with "auto" dtypes resolved here."""
+    if (Path(final_dir) / POLICY_FILE).is_file():
+        return PolicySpec.load(final_dir)
+    return policy_spec(resolve_auto_dtypes(train_cfg))
+
+
 def _greedy_matches(
-    model, tok, train_cfg, trajectories: dict[str, list[dict]], states: list[dict]
+    model, tok, spec: PolicySpec, trajectories: dict[str, list[dict]], states: list[dict]
 ) -> list[bool]:
     """Whether the evaluation's own deterministic policy (decoding, constraints and dtype, so the
     check is exact) takes the expert's action at each state, in `states`' order."""
-    spec = policy_spec(train_cfg)
     dtype = DTYPES[spec.dtype]
-    if dtype != next(model.parameters()).dtype:  # the evaluation casts the fp32 weights the same way
-        model = copy.deepcopy(model).to(dtype)
+    if dtype != next(model.parameters()).dtype:  # the evaluation casts the fp32 weights the same way:
+        model = copy.deepcopy(model)  # parameters only, as fsdp.summon_full_params(dtype) gives them
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
     policy = spec.policy(model, tok)
     chosen = _episode_actions(policy, trajectories, spec.batch_size)
     policy.close()

@@ -65,3 +65,18 @@ def test_teacher_forced_accuracy_and_bounds_by_hand():
     }
     with pytest.raises(ValueError, match="5 log-probs"):
         summarize_bound(traj, logp[:5], greedy[:5])
+
+
+def test_the_check_uses_the_runs_own_evaluation_spec(tmp_path):
+    """final/policy.json (what the run evaluated with, its dtype resolved where it ran) wins; without
+    it the config's spec, with an "auto" dtype resolved on this machine (never passed on as "auto")."""
+    from singleturn.model.policy import PolicySpec
+    from singleturn.trainer.bound import eval_spec
+    from singleturn.trainer.config import build_config
+
+    cfg = build_config({"rollout": {"dtype": "auto"}, "eval": {"decoding": "rank"}})
+    assert cfg.rollout.dtype == "auto"
+    spec = eval_spec(tmp_path, cfg)
+    assert spec.dtype in ("float32", "bfloat16") and spec.decoding == "rank"
+    PolicySpec(decoding="greedy", dtype="bfloat16", batch_size=3).save(tmp_path)
+    assert eval_spec(tmp_path, cfg) == PolicySpec(decoding="greedy", dtype="bfloat16", batch_size=3)
