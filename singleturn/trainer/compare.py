@@ -127,8 +127,15 @@ def _run(spec: RunSpec, cc: CompareConfig) -> None:
         subprocess.run([*shlex.split(cc.launcher), str(_REPO / "trainer" / "main.py"), *args], check=True)
         return
 
-    if train_main(args) != 0:
-        raise RuntimeError(f"run {spec.name} failed (config {cfg_path})")
+    rc = train_main(args)
+    if rc in (130, 143):  # SIGINT / SIGTERM: the run saved its step; the comparison stops here
+        print(
+            f"[compare] {spec.name}: interrupted after a checkpoint; re-run the same command to resume",
+            flush=True,
+        )
+        raise SystemExit(rc)
+    if rc != 0:
+        raise RuntimeError(f"run {spec.name} failed (exit {rc}; config {cfg_path})")
 
 
 def _stage_rows(run_dir: Path, kind: str) -> list[dict]:

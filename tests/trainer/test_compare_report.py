@@ -4,6 +4,7 @@ the same seed on the same games (wins / losses, exact McNemar p), the zero-shot 
 columns, comparison.md and a JSON-ready summary. Every expected number is counted by hand below."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,26 @@ def test_accuracy_plot_has_both_accuracies(comparison, tmp_path):
     results[0].pop("bound", None)
     path = plot_accuracy_vs_success(results, tmp_path / "plots" / "acc.png")
     assert path.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("rc", [143, 130, 1])
+def test_an_interrupted_run_stops_the_comparison_with_its_code(comparison, monkeypatch, capsys, rc):
+    """SIGTERM / SIGINT inside a run (it saved a checkpoint, exit 128 + signal): the driver stops
+    with the same code and says how to resume; any other failure is an error naming the run."""
+    import singleturn.trainer.compare as compare
+
+    cc, specs, results, baselines, games = comparison
+    monkeypatch.setattr(compare, "train_main", lambda args: rc)
+    spec = next(s for s in specs if s.name == "grpo-s1")
+    shutil.rmtree(Path(cc.out_dir) / spec.name / "final", ignore_errors=True)  # not finished: it runs
+    if rc == 1:
+        with pytest.raises(RuntimeError, match="run grpo-s1 failed \\(exit 1"):
+            compare._run(spec, cc)
+        return
+    with pytest.raises(SystemExit) as e:
+        compare._run(spec, cc)
+    assert e.value.code == rc
+    assert (
+        "grpo-s1: interrupted after a checkpoint; re-run the same command to resume"
+        in capsys.readouterr().out
+    )
