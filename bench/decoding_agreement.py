@@ -28,9 +28,9 @@ from singleturn.harness import read_states
 from singleturn.model.episode_policy import EpisodePolicy
 from singleturn.model.hf_io import load_hf_checkpoint
 from singleturn.model.tokenizer import Tokenizer
-from singleturn.trainer.bound import _episode_actions
 from singleturn.trainer.data import batch_indices
 from singleturn.trainer.episode_data import build_episode_examples
+from singleturn.trainer.holdout import teacher_forced_actions
 from singleturn.trainer.stats import mcnemar_exact, wilson_interval
 
 COLUMNS = [
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         t0 = time.perf_counter()
         with torch.no_grad():
-            picks[decoding] = _episode_actions(policy, held, args.eval_batch)
+            picks[decoding] = teacher_forced_actions(policy, held, args.eval_batch)
         dt = time.perf_counter() - t0
         tokens = policy.cache.computed_tokens
         policy.close()

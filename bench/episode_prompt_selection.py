@@ -27,8 +27,8 @@ from singleturn.harness import read_states
 from singleturn.model.episode_policy import EpisodePolicy
 from singleturn.model.hf_io import load_hf_checkpoint
 from singleturn.model.tokenizer import Tokenizer
-from singleturn.trainer.bound import _episode_actions
 from singleturn.trainer.episode_data import build_episode_examples, episode_states
+from singleturn.trainer.holdout import teacher_forced_actions
 from singleturn.trainer.stages.sft import sft_forward_backward
 from singleturn.trainer.stats import wilson_interval
 
@@ -55,7 +55,7 @@ def agreement(model, tok, held_out: dict[str, list[dict]], *, list_admissible: b
         system_prompt=False,
     )
     t0 = time.perf_counter()
-    chosen = _episode_actions(policy, held_out, batch)
+    chosen = teacher_forced_actions(policy, held_out, batch)
     dt = time.perf_counter() - t0
     tokens = policy.cache.computed_tokens
     policy.close()

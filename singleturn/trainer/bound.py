@@ -36,6 +36,7 @@ from singleturn.trainer.episodes import collect_episodes
 from singleturn.trainer.evaluation import policy_spec
 from singleturn.trainer.forward_backward import action_logprobs
 from singleturn.trainer.fsdp import apply_fsdp
+from singleturn.trainer.holdout import teacher_forced_actions
 
 
 def expert_trajectories(games: list[str], cache: Path, *, max_steps: int) -> dict[str, list[dict]]:
@@ -159,7 +160,7 @@ def _greedy_matches(
         for p in model.parameters():
             p.data = p.data.to(dtype)
     policy = spec.policy(model, tok)
-    chosen = _episode_actions(policy, trajectories, spec.batch_size)
+    chosen = teacher_forced_actions(policy, trajectories, spec.batch_size)
     policy.close()
     return [parse_action(c, s["admissible"]) == s["expert_action"] for c, s in zip(chosen, states)]
 
@@ -187,20 +188,6 @@ def _episode_data(states: list[dict], tok, train_cfg, max_seq_len: int) -> tuple
     if [id(e.state) for e in examples] != [id(s) for s in states]:
         raise ValueError("expert trajectories must list each game's states in step order, games apart")
     return episodes, examples
-
-
-def _episode_actions(policy, trajectories: dict[str, list[dict]], batch_size: int) -> list[str]:
-    """The policy's response at every expert state (teacher-forced: the expert's history), in
-    trajectory order: `batch_size` games at a time in lockstep, as the evaluation plays them."""
-    games = [g for g in trajectories if trajectories[g]]
-    chosen: dict[tuple[str, int], str] = {}
-    for i in range(0, len(games), batch_size):
-        chunk = games[i : i + batch_size]
-        for t in range(max(len(trajectories[g]) for g in chunk)):
-            live = [trajectories[g][t] for g in chunk if t < len(trajectories[g])]
-            for s, a in zip(live, policy.act_states(live)):
-                chosen[(s["game"], t)] = a
-    return [chosen[(g, t)] for g in trajectories for t in range(len(trajectories[g]))]
 
 
 def _sampled_success(model, tok, games, train_cfg, k, seed, device) -> dict:

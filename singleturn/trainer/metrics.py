@@ -123,6 +123,7 @@ def write_plots(run_dir: Path) -> list[Path]:
         for name in ylabels
     }
     series["accuracy"].append(("eval", "action_accuracy"))
+    series["accuracy"].append(("holdout", "agreement"))  # teacher-forced, held-out training games
     specs = [(name, series[name], ylabels[name]) for name in ylabels]
     specs.append(("success", [("eval", "success_rate")], "multi-turn success rate"))
     written = []
@@ -133,7 +134,9 @@ def write_plots(run_dir: Path) -> list[Path]:
             pts = [(r["step"], r[key]) for r in rows if r.get("kind") == kind and _finite(r.get(key))]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if kind == "eval" else None, ms=3, label=f"{kind}: {key}")
+                ax.plot(
+                    xs, ys, marker="o" if kind in ("eval", "holdout") else None, ms=3, label=f"{kind}: {key}"
+                )
                 drawn = True
         if not drawn:
             plt.close(fig)

@@ -31,6 +31,7 @@ from singleturn.trainer.dist import barrier, is_main
 from singleturn.trainer.episode_data import build_episode_examples
 from singleturn.trainer.evaluation import Evaluator, comparison_table, load_eval, policy_spec
 from singleturn.trainer.fsdp import apply_fsdp
+from singleturn.trainer.holdout import HoldoutAgreement, load_holdout
 from singleturn.trainer.metrics import Clock, MetricsLogger, write_plots
 from singleturn.trainer.optim import NonFiniteError, make_optimizer
 from singleturn.trainer.prepare import build_model, load_tokenizer, num_params, prepare_data
@@ -57,6 +58,7 @@ class Trainer:
         self._start_run_dir()
         try:
             self.ctx, self.model_cfg, self.tokenizer_path, games = self._build()
+            held_out = load_holdout(cfg, self.states_path)  # refused here, before anything trains
             self.checkpointer = Checkpointer(cfg, self.clock)
             self.resumed = self.checkpointer.resume(self.ctx) if cfg.checkpoint.resume else {}
         except BaseException:
@@ -79,6 +81,16 @@ class Trainer:
         self.evaluate = Evaluator(
             cfg,
             games=games,
+            model=self.ctx.model,
+            fsdp=self.ctx.fsdp,
+            tokenizer=self.ctx.tokenizer,
+            metrics=self.metrics,
+            clock=self.clock,
+        )
+        self.holdout = HoldoutAgreement(
+            held_out,
+            every=cfg.eval.holdout_every,
+            spec=policy_spec(cfg),
             model=self.ctx.model,
             fsdp=self.ctx.fsdp,
             tokenizer=self.ctx.tokenizer,
@@ -109,6 +121,10 @@ class Trainer:
                 t_stage = time.perf_counter()
                 for step in range(max(span.first, self.start + 1), span.last + 1):
                     self._step(stage, span, step)
+                    if stage.kind != "warmup" and self.holdout.due(step, step == span.last):
+                        self.clock.add(f"train/{span.name}", time.perf_counter() - t_stage)
+                        self.holdout(span.name, step)  # before the checkpoint: a resume keeps its row
+                        t_stage = time.perf_counter()
                     signum = self.stop.requested()  # every rank stops after the same step
                     if self.checkpointer.should_save(step, span) or signum:
                         now = time.perf_counter()  # the stage's time so far goes into the checkpoint
@@ -175,6 +191,7 @@ class Trainer:
         )
         for k, v in art.timings.items():
             self.clock.add(f"data/{k}", v)
+        self.states_path = art.states_path
         tokenizer = load_tokenizer(art.tokenizer_path)
         examples, episodes = self._examples(art, tokenizer)
         self.clock.add("data/total", time.perf_counter() - t0)

@@ -261,7 +261,7 @@ def test_greedy_keeps_what_the_next_turn_writes_the_same_way(model_and_tok):
     policy.close()
 
 
-def test_teacher_forced_episode_actions_equal_ranking_each_whole_prompt(model_and_tok, train_games, tmp_path):
+def test_teacher_forced_actions_equal_ranking_each_whole_prompt(model_and_tok, train_games, tmp_path):
     """trainer.bound's teacher-forced agreement in the episode format: lockstep over the expert
     trajectories (cached) picks what ranking each state's whole per-state prompt picks (float64);
     its expert-action log-probs over one token tree per episode equal each whole per-state prompt's."""
@@ -271,12 +271,12 @@ def test_teacher_forced_episode_actions_equal_ranking_each_whole_prompt(model_an
     from singleturn.harness import collect_states, read_states
     from singleturn.model.generate import score_continuations
     from singleturn.trainer.bound import (
-        _episode_actions,
         _episode_logprobs,
         _episode_prompts,
         _expert_episodes,
         _sequence_logprobs,
     )
+    from singleturn.trainer.holdout import teacher_forced_actions
 
     model, tok = model_and_tok
     games = train_games[:3]
@@ -289,7 +289,7 @@ def test_teacher_forced_episode_actions_equal_ranking_each_whole_prompt(model_an
     cfg = SimpleNamespace(data=SimpleNamespace(list_admissible=True, system_prompt=False))
     prompts = _episode_prompts(ordered, tok, cfg, 4096)
     policy = EpisodePolicy(model, tok, max_episodes=2, max_len=4096, dtype=torch.float64)
-    got = _episode_actions(policy, traj, batch_size=2)
+    got = teacher_forced_actions(policy, traj, batch_size=2)
     policy.close()
     want = []
     for p, s in zip(prompts, ordered):

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from singleturn.trainer.bound import _episode_actions, summarize_bound
+from singleturn.trainer.bound import summarize_bound
+from singleturn.trainer.holdout import teacher_forced_actions
 
 
 def _traj(game: str, actions: list[str]) -> list[dict]:
@@ -43,7 +44,7 @@ def test_teacher_forced_accuracy_and_bounds_by_hand():
         ("d", 0): "look",  # wrong
     }
     policy = ScriptedPolicy(table)
-    picks = _episode_actions(policy, traj, batch_size=2)
+    picks = teacher_forced_actions(policy, traj, batch_size=2)
     # lockstep: games a and b together, turn by turn, then d; never the game without a trajectory
     assert policy.calls == [[("a", 0), ("b", 0)], [("a", 1), ("b", 1)], [("a", 2)], [("d", 0)]]
     states = [s for g in traj for s in traj[g]]

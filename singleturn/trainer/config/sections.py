@@ -218,6 +218,13 @@ class EvalConfig:
     decoding: str = "greedy"
     """'greedy': token by token (under the trie when constrained); 'rank': score every admissible
     command's total log-prob and play the most probable one (the MAP action; one forward per state)."""
+    holdout_states: str = ""
+    """Expert states (`harness expert`) of training games the run never trains on: every
+    `holdout_every` steps and at each policy stage's end, the share of them where the evaluation's
+    policy plays the expert's action given the expert's history (trainer/holdout.py: how SFT's epoch
+    count and lr are chosen without touching the evaluation games). '' (default): off."""
+    holdout_every: int = 0
+    """Optimizer steps between held-out agreement measurements (0: only at each policy stage's end)."""
 
     def __post_init__(self):
         _check(self.decoding in DECODINGS, f"eval.decoding={self.decoding!r}: 'greedy' or 'rank'")
@@ -225,6 +232,7 @@ class EvalConfig:
         _check(self.max_steps > 0 and self.num_workers > 0, "eval.max_steps/num_workers must be > 0")
         _check(self.max_new_tokens > 0, "eval.max_new_tokens must be > 0")
         _check(self.batch_size >= 0, "eval.batch_size must be >= 0")
+        _check(self.holdout_every >= 0, "eval.holdout_every must be >= 0")
 
 
 @dataclass(kw_only=True)
