@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 ORDER = ["sft-s0", "sft-s0-packed", "grpo-lr1e-5", "grpo-lr2e-6", "grpo-kl0.05", "grpo-advnone"]
 ORDER += ["sftcont-lr1e-5", "sftcont-lr1e-12", "grpo-warm", "sftcont-warm", "sft-s0-greedy"]
 ORDER += ["sft-s0-fp32", "sftcont-warm-fp32", "grpo-warm-fp32", "ppo-s0", "grpo-multiturn-s0"]
+ORDER += ["sft2ep-s0", "grpo-from-sft2ep-s0", "sft3ep-s0"]
 
 
 def load(name: str) -> tuple[dict, dict]:
