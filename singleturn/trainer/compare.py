@@ -202,7 +202,14 @@ def collect_result(spec: RunSpec, cc: CompareConfig) -> dict:
         "total_seconds": timings.get("total"),
         "eval_seconds": timings.get(f"eval/{spec.method}"),
         "tokens_per_gpu": tokens,
+        "holdout_agreement": _holdout_agreement(run_dir, kinds),
     }
+
+
+def _holdout_agreement(run_dir: Path, kinds: list[str]) -> float | None:
+    """The run's last held-out agreement (eval.holdout_states, trainer/holdout.py) in its own stages."""
+    rows = [r for r in _stage_rows(run_dir, "holdout") if r.get("stage") in kinds]
+    return max(rows, key=lambda r: r["step"])["agreement"] if rows else None
 
 
 def collect_zero_shot(spec: RunSpec, cc: CompareConfig) -> dict | None:

@@ -87,6 +87,7 @@ def summarize(results: list[dict], cc: CompareConfig) -> dict:
             "env_steps",
             "train_seconds",
             "tokens_per_gpu",
+            "holdout_agreement",
         ):
             row[key] = _mean_std([r.get(key) for r in rs])
         # the seed's "action accuracy": teacher-forced on the expert's own held-out states (the bound)
@@ -140,9 +141,11 @@ def _success_table(summary: dict) -> list[str]:
 def _cost_table(summary: dict) -> list[str]:
     tasks = sorted({t for row in summary.values() for t in row["per_task"]})
     short = {t: TASK_SHORT.get(t, t) for t in tasks}
+    holdout = any(row.get("holdout_agreement", (None,))[0] is not None for row in summary.values())
     head = [
         "method",
         *[short[t] for t in tasks],
+        *(["held-out agreement"] if holdout else []),
         "teacher-forced acc",
         "acc on visited states",
         "steps on wins (expert)",
@@ -159,6 +162,8 @@ def _cost_table(summary: dict) -> list[str]:
         e = row["expert_mean_steps"][0]
         cells = [_display(method)]
         cells += [pct(*row["per_task"][t]) if t in row["per_task"] else "-" for t in tasks]
+        if holdout:
+            cells.append(pct(row.get("holdout_agreement", (None,))[0]))
         cells += [
             pct(row["teacher_forced_accuracy"][0]),
             pct(row["action_accuracy"][0]),
@@ -212,7 +217,9 @@ def to_markdown(summary: dict, results: list[dict], cc: CompareConfig, meta: dic
         "Per task type: success, mean ± std over seeds. Teacher-forced accuracy (the seed's \"action "
         "accuracy\"): the evaluation's own decoding takes the expert's action at the expert's states of the "
         "eval games (the lower-bound check below). Accuracy on visited states: the policy's action = the "
-        "expert's at the states the policy itself reaches. Env failures: episodes lost to an env crash or "
+        "expert's at the states the policy itself reaches. Held-out agreement (when the runs set "
+        "eval.holdout_states): the same teacher-forced agreement on expert states of training games "
+        "no run trains on, at each run's last step. Env failures: episodes lost to an env crash or "
         "hang, over all seeds.",
         "",
         *_cost_table(summary),

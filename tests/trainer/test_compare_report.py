@@ -232,6 +232,48 @@ def test_markdown_shows_intervals_seeds_splits_and_paired_test(comparison):
     assert "Lower-bound check" in md and "| grpo-s1 |" in md
 
 
+META = {"config": "fixture.toml", "eval_games": 10, "decoding": "rank", "device": "cpu"}
+
+
+def _with_bounds(results: list[dict]) -> list[dict]:
+    for r in results:
+        r["bound"] = {
+            "mean_step_prob": 0.5,
+            "greedy_step_accuracy": 0.6,
+            "bound_greedy": 0.1,
+            "bound_sampled": 0.01,
+        }
+        r["bound_check"] = {"greedy_ok": True, "sampled_ok": True}
+    return results
+
+
+def test_held_out_agreement_column_is_each_runs_last_holdout_row_in_its_own_stages(comparison, tmp_path):
+    cc, specs, results, baselines, games = comparison
+    results = _with_bounds(results)
+    md = to_markdown(summarize(results + baselines, cc), results, cc, META)
+    assert "held-out agreement" not in md, "no column when no run measured it"
+    out = Path(cc.out_dir)
+    # ppo-s0: a row of another stage (ignored) and two of its own (the last counts); ppo-s1 its own
+    extra = {
+        "ppo-s0": [("sft", 3, 0.1), ("ppo", 2, 0.5), ("ppo", 4, 0.7)],
+        "ppo-s1": [("ppo", 4, 0.8)],
+    }
+    for run, rows in extra.items():
+        with (out / run / "metrics.jsonl").open("a") as f:
+            for stage, step, a in rows:
+                f.write(json.dumps({"kind": "holdout", "stage": stage, "step": step, "agreement": a}) + "\n")
+    results = _with_bounds([collect_result(s, cc) for s in specs])
+    got = {r["run"]: r["holdout_agreement"] for r in results}
+    assert got["ppo-s0"] == 0.7 and got["ppo-s1"] == 0.8 and got["sft-s0"] is None
+    md = to_markdown(summarize(results + baselines, cc), results, cc, META)
+    head = next(line for line in md.splitlines() if line.startswith("| method | ") and "held-out" in line)
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    ppo = next(line for line in md.splitlines() if line.startswith("| PPO (multi-turn) | 15.0% ± 7.1 |"))
+    sft = [line for line in md.splitlines() if line.startswith("| SFT | ")][-1]  # the cost table's
+    assert dict(zip(cells(head), cells(ppo)))["held-out agreement"] == "75.0%", "mean over seeds"
+    assert dict(zip(cells(head), cells(sft)))["held-out agreement"] == "-"
+
+
 def test_pairing_refuses_different_games(comparison):
     cc, specs, results, baselines, games = comparison
     grpo1 = next(r for r in results if r["run"] == "grpo-s1")
