@@ -161,7 +161,14 @@ def test_compare_toy_budget(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "name", ["compare-tiny-cpu", "compare-smollm2-135m-cpu", "compare-llama3-1b", "compare-llama3-8b"]
+    "name",
+    [
+        "compare-tiny-cpu",
+        "compare-smollm2-135m-cpu",
+        "compare-smollm2-135m-cpu-sft3ep",
+        "compare-llama3-1b",
+        "compare-llama3-8b",
+    ],
 )
 def test_shipped_compare_configs_parse(name, tmp_path):
     try:
