@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from singleturn.harness import collect_states, parse_action, read_states, render_prompt
+from singleturn.harness import collect_states, read_states, render_prompt
 from singleturn.model import Tokenizer, load_hf_checkpoint
 from singleturn.model.policy import (
     DTYPES,
@@ -36,7 +36,7 @@ from singleturn.trainer.episodes import collect_episodes
 from singleturn.trainer.evaluation import policy_spec
 from singleturn.trainer.forward_backward import action_logprobs
 from singleturn.trainer.fsdp import apply_fsdp
-from singleturn.trainer.holdout import teacher_forced_actions
+from singleturn.trainer.holdout import agreement_matches
 
 
 def expert_trajectories(games: list[str], cache: Path, *, max_steps: int) -> dict[str, list[dict]]:
@@ -75,7 +75,7 @@ def lower_bound(
         ]
         targets = [tok.encode(s["expert_action"]) + [tok.eot_id] for s in states]
         logp = _sequence_logprobs(model, prompts, targets, device)
-    greedy = _greedy_matches(model, tok, eval_spec(final_dir, train_cfg), trajectories, states)
+    greedy = _greedy_matches(model, tok, eval_spec(final_dir, train_cfg), trajectories)
     out = summarize_bound(trajectories, logp, greedy)
     if sampled_episodes > 0:
         out.update(
@@ -149,20 +149,19 @@ def eval_spec(final_dir: Path, train_cfg) -> PolicySpec:
     return policy_spec(resolve_auto_dtypes(train_cfg))
 
 
-def _greedy_matches(
-    model, tok, spec: PolicySpec, trajectories: dict[str, list[dict]], states: list[dict]
-) -> list[bool]:
+def _greedy_matches(model, tok, spec: PolicySpec, trajectories: dict[str, list[dict]]) -> list[bool]:
     """Whether the evaluation's own deterministic policy (decoding, constraints and dtype, so the
-    check is exact) takes the expert's action at each state, in `states`' order."""
+    check is exact) takes the expert's action at each state, in trajectory order."""
     dtype = DTYPES[spec.dtype]
     if dtype != next(model.parameters()).dtype:  # the evaluation casts the fp32 weights the same way:
         model = copy.deepcopy(model)  # parameters only, as fsdp.summon_full_params(dtype) gives them
         for p in model.parameters():
             p.data = p.data.to(dtype)
     policy = spec.policy(model, tok)
-    chosen = teacher_forced_actions(policy, trajectories, spec.batch_size)
-    policy.close()
-    return [parse_action(c, s["admissible"]) == s["expert_action"] for c, s in zip(chosen, states)]
+    try:
+        return agreement_matches(policy, trajectories, spec.batch_size)
+    finally:
+        policy.close()
 
 
 def _expert_episodes(states: list[dict], tok, train_cfg, max_seq_len: int) -> list:
