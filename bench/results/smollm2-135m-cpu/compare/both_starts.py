@@ -58,7 +58,10 @@ def plot(rows: list[dict], path: Path) -> None:
     markers = dict(zip(STARTS, ("o", "^")))
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
-    panels = [("teacher_forced", "teacher-forced (expert's states)"), ("visited", "on the states the policy visits")]
+    panels = [
+        ("teacher_forced", "teacher-forced (expert's states)"),
+        ("visited", "on the states the policy visits"),
+    ]
     for ax, (key, where) in zip(axes, panels):
         for r in rows:
             ax.scatter(r[key], r["success"], color=colors[r["method"]], marker=markers[r["start"]], s=36)
