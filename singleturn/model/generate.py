@@ -26,7 +26,7 @@ from singleturn.kernels.sampling import sample_tokens
 from singleturn.model.masks import pack_by_tokens
 from singleturn.model.transformer import Transformer
 
-__all__ = ["Samples", "generate", "score_continuations"]
+__all__ = ["Samples", "generate", "kv_cache_bytes", "plan_chunks", "score_continuations"]
 
 # Rows that finished keep decoding (their tokens are discarded) until a periodic check sees all done.
 # The check is `.item()`-style host sync; doing it every few steps keeps the GPU queue full while
@@ -67,6 +67,8 @@ def generate(
     seed: int = 0,
     pad_id: int = 0,
     allowed_tokens: Callable[[int, list[int]], Sequence[int]] | None = None,
+    max_cache_bytes: int = 0,
+    stream: int = 0,
 ) -> Samples:
     """Sample `num_samples` continuations of each prompt (token-id lists) -> Samples (see its docstring).
 
@@ -74,11 +76,42 @@ def generate(
     temperature == 0 is greedy. The KV cache is allocated for this call and freed on return.
     allowed_tokens(row, ids generated so far) -> the ids row may draw next (see the module docstring);
     it is called for unfinished rows only (a host sync per step) and must return at least one id.
+
+    max_cache_bytes > 0 bounds the KV cache one batch allocates (`kv_cache_bytes`): when the whole
+    call's cache would exceed it, the prompts are decoded in consecutive chunks (whole prompts, in
+    order, each chunk's cache within the bound; `plan_chunks`) and the rows concatenated. Chunk c draws
+    from stream `stream + c` (the high 32 bits of the sampler's counter offset), so chunk 0 draws
+    exactly what the unchunked call draws and no two chunks share a draw. A single prompt whose rows
+    alone exceed the bound is a ValueError naming the sizes.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
+    if max_cache_bytes < 0 or not 0 <= stream < 1 << 32:
+        raise ValueError(
+            f"max_cache_bytes must be >= 0 and stream in [0, 2^32), got {max_cache_bytes}, {stream}"
+        )
+    if max_cache_bytes:
+        chunks = plan_chunks(model, prompts, num_samples, max_new_tokens, max_cache_bytes)
+        if len(chunks) > 1:
+            kw = dict(
+                num_samples=num_samples,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                stop_ids=stop_ids,
+                seed=seed,
+                pad_id=pad_id,
+            )
+            parts = []
+            for c, (a, b) in enumerate(chunks):
+                rows = None if allowed_tokens is None else _shifted(allowed_tokens, a * num_samples)
+                parts.append(generate(model, prompts[a:b], allowed_tokens=rows, stream=stream + c, **kw))
+            return Samples(
+                *(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "logprobs", "lengths"))
+            )
     device = model.tok_embeddings.weight.device
     B, S = len(prompts), num_samples
     N = B * S
@@ -101,7 +134,12 @@ def generate(
             if allowed_tokens is not None:
                 logits_NV = _mask_logits(logits_NV, allowed_tokens, tokens_NT[:, :step], done_N)
             tok_N, logp_N = sample_tokens(
-                logits_NV, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, offset=step
+                logits_NV,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seed,
+                offset=(stream << 32) + step,
             )
             # Finished rows still decode (static shapes, no sync) on their raw draws; the output hides them.
             tokens_NT[:, step] = torch.where(done_N, pad_id, tok_N)
@@ -117,6 +155,44 @@ def generate(
     finally:
         model.clear_caches()
     return Samples(tokens=tokens_NT, logprobs=logprobs_NT, lengths=lengths_N)
+
+
+def kv_cache_bytes(model: Transformer, rows: int, seq_len: int) -> int:
+    """Bytes of the static KV cache `Transformer.setup_caches(rows, seq_len)` allocates (k and v, every layer)."""
+    c = model.config
+    itemsize = model.tok_embeddings.weight.element_size()
+    return 2 * c.n_layers * rows * c.n_kv_heads * seq_len * c.head_dim * itemsize
+
+
+def plan_chunks(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    max_bytes: int,
+) -> list[tuple[int, int]]:
+    """Consecutive [a, b) ranges of `prompts`, greedy in order, each range's KV cache (its prompts' rows
+    times its longest prompt plus max_new_tokens) within max_bytes: one range when everything fits."""
+    chunks, a, longest = [], 0, 0
+    for i, p in enumerate(prompts):
+        one = kv_cache_bytes(model, num_samples, len(p) + max_new_tokens)
+        if one > max_bytes:
+            raise ValueError(
+                f"generate: prompt {i} ({len(p)} ids) x {num_samples} samples needs a {one / 2**20:.1f} MiB KV cache "
+                f"on its own, over max_cache_bytes = {max_bytes / 2**20:.1f} MiB: raise the bound"
+            )
+        grown = max(longest, len(p))
+        if i > a and kv_cache_bytes(model, (i + 1 - a) * num_samples, grown + max_new_tokens) > max_bytes:
+            chunks.append((a, i))
+            a, grown = i, len(p)
+        longest = grown
+    chunks.append((a, len(prompts)))
+    return chunks
+
+
+def _shifted(allowed_tokens: Callable[[int, list[int]], Sequence[int]], first: int):
+    """allowed_tokens for a chunk whose row 0 is row `first` of the whole call."""
+    return lambda row, prefix: allowed_tokens(first + row, prefix)
 
 
 def _right_padded(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,8 +56,10 @@ def sample_completions(
     top_p: float = 1.0,
     top_k: int = 0,
     allowed_tokens=None,
+    max_cache_bytes: int = 0,
 ) -> list[Completion]:
-    """`num_samples` completions per prompt, prompt-major (prompt i's are i*S .. i*S+S-1), trimmed."""
+    """`num_samples` completions per prompt, prompt-major (prompt i's are i*S .. i*S+S-1), trimmed.
+    max_cache_bytes > 0 bounds each batch's KV cache (`generate` decodes in chunks beyond it)."""
     samples = generate(
         model,
         prompts,
@@ -70,6 +72,7 @@ def sample_completions(
         seed=seed,
         pad_id=tokenizer.pad_id,
         allowed_tokens=allowed_tokens,
+        max_cache_bytes=max_cache_bytes,
     )
     tokens = samples.tokens.cpu()  # (B*S, max_new)
     logp = samples.logprobs.float().cpu()  # (B*S, max_new)

@@ -4,7 +4,7 @@ seeded sampling, stop ids, and log-probs equal to a teacher-forced recomputation
 import pytest
 import torch
 
-from singleturn.model.generate import Samples, generate
+from singleturn.model.generate import Samples, generate, kv_cache_bytes, plan_chunks
 
 PROMPT_LENS = [5, 9, 3]
 V = 1003
@@ -441,3 +441,83 @@ def test_trie_rows_mask_positions_and_head_slots():
     # Head rows: row 0's prompt end (-> 1 and 6), nodes 1, 2, 3 (3 -> 4 and 5); row 1's prompt end.
     assert list(zip(r.rows.tolist(), r.cols.tolist())) == [(0, 2), (0, 3), (0, 4), (0, 5), (1, 4)]
     assert r.slot.tolist() == [0, 1, 2, 3, 3, 0, 4] and r.targets.tolist() == [1, 2, 3, 4, 5, 6, 9]
+
+
+def _cache_spy(model, monkeypatch):
+    """Records (rows, seq_len) of every KV cache `generate` allocates."""
+    sizes = []
+    real = model.setup_caches
+
+    def spy(rows, seq_len, **kw):
+        sizes.append((rows, seq_len))
+        return real(rows, seq_len, **kw)
+
+    monkeypatch.setattr(model, "setup_caches", spy)
+    return sizes
+
+
+def test_plan_chunks_bounds_each_cache(hf_pair):
+    _, model = hf_pair(seed=5)
+    lens, S, new = [5, 9, 3, 7, 4], 2, 6
+    prompts = _prompts(8, lens)
+    per_slot = kv_cache_bytes(model, 1, 1)
+    assert per_slot == 2 * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 4  # fp32
+    assert plan_chunks(model, prompts, S, new, kv_cache_bytes(model, 10, 15)) == [(0, 5)]  # all fits
+    # Room for 4 rows of 15 slots: greedy in order, [5, 9] -> 4 rows x 15; [3, 7] -> 4 x 13; [4].
+    assert plan_chunks(model, prompts, S, new, 4 * 15 * per_slot) == [(0, 2), (2, 4), (4, 5)]
+    # One slot less: every prompt alone (the 9-id prompt's 2 rows need 2 x 15 = 30 slots).
+    assert plan_chunks(model, prompts, S, new, 30 * per_slot) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    with pytest.raises(ValueError, match="prompt 1 .9 ids. x 2 samples.*raise the bound"):
+        plan_chunks(model, prompts, S, new, 30 * per_slot - 1)
+
+
+def test_chunked_generate_is_each_chunk_on_its_own_stream(hf_pair, monkeypatch):
+    _, model = hf_pair(seed=6)
+    lens, S = [5, 9, 3, 7, 4], 2
+    prompts = _prompts(9, lens)
+    kw = dict(num_samples=S, max_new_tokens=6, temperature=1.0, seed=21)
+    bound = 4 * 15 * kv_cache_bytes(model, 1, 1)
+    whole = generate(model, prompts, **kw)
+    sizes = _cache_spy(model, monkeypatch)
+    out = generate(model, prompts, max_cache_bytes=bound, **kw)
+    assert sizes == [(4, 15), (4, 13), (2, 10)], sizes  # the plan's three chunks, each within the bound
+    assert all(kv_cache_bytes(model, r, n) <= bound for r, n in sizes)
+    assert out.tokens.shape == whole.tokens.shape
+    monkeypatch.undo()
+    parts = [
+        generate(model, prompts[a:b], stream=c, **kw) for c, (a, b) in enumerate([(0, 2), (2, 4), (4, 5)])
+    ]
+    for f in ("tokens", "lengths"):
+        assert torch.equal(getattr(out, f), torch.cat([getattr(p, f) for p in parts])), f
+    torch.testing.assert_close(out.logprobs, torch.cat([p.logprobs for p in parts]), rtol=0, atol=1e-5)
+    # Chunk 0 draws what the unchunked call draws for its rows; the other chunks draw on their own streams.
+    assert torch.equal(out.tokens[: 2 * S], whole.tokens[: 2 * S])
+    assert not torch.equal(out.tokens[2 * S :], whole.tokens[2 * S :])
+    other = generate(model, prompts, stream=1, **kw)
+    assert not torch.equal(other.tokens, whole.tokens)
+
+
+def test_chunked_generate_keeps_allowed_tokens_rows(hf_pair):
+    """allowed_tokens sees each row by its index in the whole call, whatever chunk decodes it."""
+    _, model = hf_pair(seed=13)
+    prompts, stop, S = _prompts(4), 2, 2
+    paths = [[[10, 11, stop], [12, stop]], [[20, 21, 22, stop]], [[30, stop], [31, 32, stop]]]
+    hook, calls = _tree_hook(paths, S)
+    bound = kv_cache_bytes(model, S, max(PROMPT_LENS) + 6)  # one prompt per chunk
+    out = generate(
+        model, prompts, num_samples=S, max_new_tokens=6, temperature=1.0, stop_ids=(stop,), seed=4,
+        pad_id=-1, allowed_tokens=hook, max_cache_bytes=bound,
+    )  # fmt: skip
+    rows = out.token_lists()
+    assert len(rows) == len(prompts) * S
+    for r, toks in enumerate(rows):
+        assert toks in paths[r // S], f"row {r} left its allowed paths: {toks}"
+    assert {r for r, _ in calls} == set(range(len(rows)))
+
+
+def test_generate_rejects_bad_cache_bound_or_stream(hf_pair):
+    _, model = hf_pair(seed=0)
+    with pytest.raises(ValueError, match="max_cache_bytes"):
+        generate(model, [[1, 2]], max_new_tokens=3, max_cache_bytes=-1)
+    with pytest.raises(ValueError, match="stream"):
+        generate(model, [[1, 2]], max_new_tokens=3, stream=1 << 32)

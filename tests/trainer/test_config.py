@@ -150,6 +150,7 @@ def test_algo_flag_selects_the_rl_stage_after_the_pre_rl_stages():
         (["--grpo.lr=-1"], r"grpo\.lr must be >= 0, got -1\.0"),
         (["--rollout.temperature=inf"], r"rollout\.temperature=inf must be a finite number"),
         (["--rollout.temperature=0"], r"rollout\.temperature must be > 0 for sampling, got 0\.0"),
+        (["--rollout.max_cache_mb=-1"], r"rollout\.max_cache_mb must be >= 0 \(0: no bound\), got -1"),
         (["--grpo.kl_coef=inf"], r"grpo\.kl_coef=inf must be a finite number"),
         (["--grpo.clip_eps_high=inf"], r"grpo\.clip_eps_high=inf must be a finite number"),
         (["--ppo.gamma=nan"], r"ppo\.gamma=nan must be a finite number"),

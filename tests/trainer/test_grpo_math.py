@@ -241,3 +241,44 @@ def test_dummy_microbatch_adds_exactly_zero_gradient():
     for n, p in m.named_parameters():
         assert p.grad is None or torch.count_nonzero(p.grad) == 0, n
     assert isinstance(PolicyBatch([], seqs[0], 0).dummy, Sequence)
+
+
+def test_grpo_rollout_decodes_within_rollout_max_cache_mb(monkeypatch):
+    """GRPOStage._sample hands rollout.max_cache_mb to generate: 2 states x G 8 at 100 ids need 1.6 MiB
+    of KV cache on this model, so a 1 MiB bound decodes them one state at a time; 0 in one batch."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from singleturn.model.generate import kv_cache_bytes
+    from singleturn.trainer.config import TrainConfig
+    from singleturn.trainer.stages.grpo import GRPOStage
+
+    torch.manual_seed(0)
+    model = Transformer(
+        LlamaConfig(vocab_size=300, dim=64, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=128, max_seq_len=256)
+    )
+    tok = SimpleNamespace(pad_id=0, eos_id=1, decode=lambda ids: " ".join(map(str, ids)))
+    monkeypatch.setattr("singleturn.model.policy.stop_ids", lambda tokenizer: (1,))
+    local = [SimpleNamespace(prompt_ids=torch.randint(2, 300, (100,)).tolist()) for _ in range(2)]
+    sizes = []
+    real = model.setup_caches
+    monkeypatch.setattr(
+        model, "setup_caches", lambda rows, n, **kw: (sizes.append((rows, n)), real(rows, n, **kw))[1]
+    )
+    out = {}
+    for mb in (0, 1):
+        cfg = TrainConfig()
+        cfg.rollout.max_cache_mb, cfg.rollout.dtype, cfg.rollout.max_new_tokens = mb, "float32", 8
+        ctx = SimpleNamespace(
+            cfg=cfg, model=model, tokenizer=tok, info=SimpleNamespace(rank=0),
+            fsdp=SimpleNamespace(summon_full_params=lambda dtype: nullcontext()),
+        )  # fmt: skip
+        sizes.clear()
+        out[mb] = GRPOStage._sample(SimpleNamespace(span=SimpleNamespace(first=0)), ctx, 0, local)
+        assert len(out[mb]) == 16
+        if mb == 0:
+            assert sizes == [(16, 108)]
+        else:
+            assert sizes == [(8, 108), (8, 108)] and kv_cache_bytes(model, 8, 108) <= 1 << 20
+    # The first state's draws are the same either way (chunk 0 is the unchunked call's stream).
+    assert [c.tokens for c in out[0][:8]] == [c.tokens for c in out[1][:8]]

@@ -62,6 +62,12 @@ class RolloutConfig:
     dtype: str = "float32"
     """Dtype of the full weights gathered for the rollout phase and evaluation ('float32', 'bfloat16', or
     'auto': the fastest on this machine, resolved at parse time, see trainer/config/auto_dtype.py)."""
+    max_cache_mb: int = 8192
+    """Bound on the KV cache one single-turn rollout allocates, in MiB (0: none). A rollout whose
+    states x G rows at its longest prompt would need more is decoded in consecutive chunks of whole
+    states (`model.generate`), chunk c on its own sampling stream (chunk 0 draws what the unchunked
+    call would), so batch_size x oversample x G cannot run the machine out of memory. 8 GiB: every
+    shipped config's rollout fits unchunked."""
 
     def __post_init__(self):
         _check(
@@ -73,6 +79,10 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "rollout.top_k must be >= 0")
         _check(self.max_new_tokens > 0, "rollout.max_new_tokens must be > 0")
+        _check(
+            self.max_cache_mb >= 0,
+            f"rollout.max_cache_mb must be >= 0 (0: no bound), got {self.max_cache_mb}",
+        )
         _check(
             self.dtype in ("float32", "bfloat16", "auto"),
             f"rollout.dtype={self.dtype!r}: 'float32', 'bfloat16' or 'auto'",

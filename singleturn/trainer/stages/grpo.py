@@ -101,7 +101,7 @@ class GRPOStage(Stage):
 
     def _sample(self, ctx: StageContext, i: int, local: list[Example]) -> list:
         """G sampled responses per state of `local` (`Completion`s, grouped by state), from the full
-        weights gathered in rollout.dtype."""
+        weights gathered in rollout.dtype, each batch's KV cache within rollout.max_cache_mb."""
         c = ctx.cfg
         with ctx.fsdp.summon_full_params(dtype=rollout_dtype(c)):
             return sample_completions(
@@ -114,6 +114,7 @@ class GRPOStage(Stage):
                 top_p=c.rollout.top_p,
                 top_k=c.rollout.top_k,
                 seed=rollout_seed(c.run.seed, self.span.first + i, ctx.info.rank),
+                max_cache_bytes=c.rollout.max_cache_mb << 20,
             )
 
 
