@@ -18,6 +18,7 @@ import time
 import torch
 
 from singleturn.model import load_hf_checkpoint
+from singleturn.model.generate import plan_chunks
 from singleturn.model.policy import DTYPES, sample_completions
 from singleturn.trainer.data import Example
 from singleturn.trainer.dist import all_reduce_sums
@@ -78,7 +79,7 @@ class GRPOStage(Stage):
             max_groups=None if c.grpo.oversample == 1 else c.grpo.batch_size // ctx.info.world_size,
         )
         t_roll = time.perf_counter() - t0
-        row = {**_rollout_row(rew, batch, done, G), "time_rollout": t_roll}
+        row = {**_rollout_row(rew, batch, done, G, self.rollout_chunks), "time_rollout": t_roll}
         t1 = time.perf_counter()
         if row["kept_sequences"] == 0:
             # Every group had zero reward variance: nothing to learn from this batch.
@@ -101,24 +102,29 @@ class GRPOStage(Stage):
 
     def _sample(self, ctx: StageContext, i: int, local: list[Example]) -> list:
         """G sampled responses per state of `local` (`Completion`s, grouped by state), from the full
-        weights gathered in rollout.dtype, each batch's KV cache within rollout.max_cache_mb."""
+        weights gathered in rollout.dtype, each batch's KV cache within rollout.max_cache_mb (decoded in
+        `self.rollout_chunks` chunks: logged as rollout_chunks, summed over ranks; 1 when it fits)."""
         c = ctx.cfg
+        bound = c.rollout.max_cache_mb << 20
+        prompts = [e.prompt_ids for e in local]
         with ctx.fsdp.summon_full_params(dtype=rollout_dtype(c)):
+            G, new = c.rollout.group_size, c.rollout.max_new_tokens
+            self.rollout_chunks = len(plan_chunks(ctx.model, prompts, G, new, bound)) if bound else 1
             return sample_completions(
                 ctx.model,
                 ctx.tokenizer,
-                [e.prompt_ids for e in local],
-                num_samples=c.rollout.group_size,
-                max_new_tokens=c.rollout.max_new_tokens,
+                prompts,
+                num_samples=G,
+                max_new_tokens=new,
                 temperature=c.rollout.temperature,
                 top_p=c.rollout.top_p,
                 top_k=c.rollout.top_k,
                 seed=rollout_seed(c.run.seed, self.span.first + i, ctx.info.rank),
-                max_cache_bytes=c.rollout.max_cache_mb << 20,
+                max_cache_bytes=bound,
             )
 
 
-def _rollout_row(rew, batch, done: list, G: int) -> dict:
+def _rollout_row(rew, batch, done: list, G: int, chunks: int = 1) -> dict:
     """The metrics row's rollout part: rewards, groups and kept sequences summed over ranks (collective)."""
     r = rew.rewards.view(-1, G)
     sums = all_reduce_sums(
@@ -131,6 +137,7 @@ def _rollout_row(rew, batch, done: list, G: int) -> dict:
             "zero_var_groups": float(batch.zero_var_groups),
             "kept_sequences": float(len(batch.sequences)),
             "response_tokens": float(sum(len(d.tokens) for d in done)),
+            "rollout_chunks": float(chunks),
         }
     )
     return {
@@ -142,6 +149,7 @@ def _rollout_row(rew, batch, done: list, G: int) -> dict:
         "groups": int(sums["groups"]),
         "kept_sequences": int(sums["kept_sequences"]),
         "response_len": sums["response_tokens"] / sums["responses"],
+        "rollout_chunks": int(sums["rollout_chunks"]),
     }
 
 
