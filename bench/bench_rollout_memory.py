@@ -6,7 +6,7 @@ bound runs in a fresh child process (so the peak RSS, `ru_maxrss`, is that bound
 weights of a preset in --dtype, --states prompts whose lengths are drawn uniformly from
 [--min-len, --max-len] (seeded; SmolLM2's single-turn prompts run 300-1,900 ids, median ~500), G
 samples of --new-tokens each, no stop ids. Rows: bound, chunks, the largest cache one chunk
-allocates (`kv_cache_bytes`), peak RSS, wall-clock of the generate call (median of --reps), and
+allocates (`kv_cache_bytes`), peak RSS (and peak CUDA allocation with --device cuda), wall-clock of the generate call (median of --reps), and
 the ratio to the unbounded run.
 
     python bench/bench_rollout_memory.py                       # smollm2-135m, 32 states x 8, bf16
@@ -35,7 +35,7 @@ def child(args) -> dict:
     config = LlamaConfig.preset(args.preset)
     model = Transformer(config)
     model.init_weights(0)
-    model = model.to(DTYPES[args.dtype]).eval()
+    model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
     g = torch.Generator().manual_seed(1)
     lens = torch.randint(args.min_len, args.max_len + 1, (args.states,), generator=g).tolist()
     prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in lens]
@@ -46,13 +46,18 @@ def child(args) -> dict:
     biggest = max(
         kv_cache_bytes(model, (b - a) * args.group_size, max(lens[a:b]) + args.new_tokens) for a, b in chunks
     )
+    cuda = args.device == "cuda"
     times = []
     for _ in range(args.reps):
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         generate(
             model, prompts, num_samples=args.group_size, max_new_tokens=args.new_tokens,
             temperature=1.0, seed=0, max_cache_bytes=bound,
         )  # fmt: skip
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {
         "preset": args.preset,
@@ -65,7 +70,9 @@ def child(args) -> dict:
         "max_cache_mb": args.child,
         "chunks": len(chunks),
         "largest_cache_gib": biggest / 2**30,
+        "device": args.device,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+        "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "generate_s": statistics.median(times),
         "threads": torch.get_num_threads(),
     }
@@ -73,6 +80,7 @@ def child(args) -> dict:
 
 def main() -> None:
     p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default="smollm2-135m")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--states", type=int, default=32)
@@ -92,13 +100,23 @@ def main() -> None:
     rows = []
     for bound in args.bounds:
         argv = [sys.executable, __file__, "--child", str(bound)]
-        for k in ("preset", "dtype", "states", "group_size", "new_tokens", "min_len", "max_len", "reps"):
+        for k in (
+            "device",
+            "preset",
+            "dtype",
+            "states",
+            "group_size",
+            "new_tokens",
+            "min_len",
+            "max_len",
+            "reps",
+        ):
             argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"bench_rollout_memory: bound {bound} MiB failed:\n{proc.stderr[-2000:]}")
         out = proc.stdout.strip().splitlines()[-1]
-        row = {**json.loads(out), **env_info()}
+        row = {**env_info(), **json.loads(out)}  # the child's device wins over the host's arch
         rows.append(row)
         print(
             json.dumps(
@@ -117,6 +135,7 @@ def main() -> None:
         ("chunks", "chunks"),
         ("largest_cache_gib", "largest cache GiB"),
         ("peak_rss_gib", "peak RSS GiB"),
+        ("peak_cuda_gib", "peak CUDA GiB"),
         ("rss_vs_first", "RSS / first"),
         ("generate_s", "generate s"),
         ("time_vs_first", "time / first"),

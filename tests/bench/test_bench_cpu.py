@@ -176,6 +176,19 @@ def test_bench_rollout_cpu(tmp_path):
     assert turns["single_over_multi"] == pytest.approx(turns["multi_turn_s"] / turns["single_turn_s"])
 
 
+def test_bench_rollout_memory_cpu(tmp_path):
+    """Two bounds on the tiny preset: none (one chunk) and 2 MiB (chunks, each cache within the bound)."""
+    _run("bench_rollout_memory.py", "--out-dir", str(tmp_path), "--cpu-smoke")
+    rows = _rows(tmp_path / "rollout_memory.jsonl")
+    assert [r["max_cache_mb"] for r in rows] == [0, 2]
+    unbounded, bounded = rows
+    assert unbounded["chunks"] == 1 and bounded["chunks"] > 1
+    assert bounded["largest_cache_gib"] * 2**30 <= 2 << 20 < unbounded["largest_cache_gib"] * 2**30
+    for r in rows:
+        assert r["generate_s"] > 0 and r["peak_rss_gib"] > 0 and r["device"] == "cpu"
+    assert (tmp_path / "rollout_memory.md").is_file()
+
+
 def test_profile_steps_cpu(tmp_path):
     out = _run(
         "profile_steps.py",
