@@ -40,9 +40,7 @@ def child(args) -> dict:
     lens = torch.randint(args.min_len, args.max_len + 1, (args.states,), generator=g).tolist()
     prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in lens]
     bound = args.child << 20
-    chunks = (
-        plan_chunks(model, prompts, args.group_size, args.new_tokens, bound) if bound else [(0, len(prompts))]
-    )
+    chunks = plan_chunks(model, prompts, args.group_size, args.new_tokens, bound)
     biggest = max(
         kv_cache_bytes(model, (b - a) * args.group_size, max(lens[a:b]) + args.new_tokens) for a, b in chunks
     )

@@ -92,26 +92,25 @@ def generate(
         raise ValueError(
             f"max_cache_bytes must be >= 0 and stream in [0, 2^32), got {max_cache_bytes}, {stream}"
         )
-    if max_cache_bytes:
-        chunks = plan_chunks(model, prompts, num_samples, max_new_tokens, max_cache_bytes)
-        if len(chunks) > 1:
-            kw = dict(
-                num_samples=num_samples,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                stop_ids=stop_ids,
-                seed=seed,
-                pad_id=pad_id,
-            )
-            parts = []
-            for c, (a, b) in enumerate(chunks):
-                rows = None if allowed_tokens is None else _shifted(allowed_tokens, a * num_samples)
-                parts.append(generate(model, prompts[a:b], allowed_tokens=rows, stream=stream + c, **kw))
-            return Samples(
-                *(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "logprobs", "lengths"))
-            )
+    chunks = plan_chunks(model, prompts, num_samples, max_new_tokens, max_cache_bytes)
+    if len(chunks) > 1:
+        kw = dict(
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop_ids=stop_ids,
+            seed=seed,
+            pad_id=pad_id,
+        )
+        parts = []
+        for c, (a, b) in enumerate(chunks):
+            rows = None if allowed_tokens is None else _shifted(allowed_tokens, a * num_samples)
+            parts.append(generate(model, prompts[a:b], allowed_tokens=rows, stream=stream + c, **kw))
+        return Samples(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "logprobs", "lengths"))
+        )
     device = model.tok_embeddings.weight.device
     B, S = len(prompts), num_samples
     N = B * S
@@ -172,7 +171,10 @@ def plan_chunks(
     max_bytes: int,
 ) -> list[tuple[int, int]]:
     """Consecutive [a, b) ranges of `prompts`, greedy in order, each range's KV cache (its prompts' rows
-    times its longest prompt plus max_new_tokens) within max_bytes: one range when everything fits."""
+    times its longest prompt plus max_new_tokens) within max_bytes: one range when everything fits or
+    max_bytes is 0 (no bound)."""
+    if max_bytes <= 0:
+        return [(0, len(prompts))]
     chunks, a, longest = [], 0, 0
     for i, p in enumerate(prompts):
         one = kv_cache_bytes(model, num_samples, len(p) + max_new_tokens)

@@ -463,6 +463,7 @@ def test_plan_chunks_bounds_each_cache(hf_pair):
     per_slot = kv_cache_bytes(model, 1, 1)
     assert per_slot == 2 * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 4  # fp32
     assert plan_chunks(model, prompts, S, new, kv_cache_bytes(model, 10, 15)) == [(0, 5)]  # all fits
+    assert plan_chunks(model, prompts, S, new, 0) == [(0, 5)]  # no bound
     # Room for 4 rows of 15 slots: greedy in order, [5, 9] -> 4 rows x 15; [3, 7] -> 4 x 13; [4].
     assert plan_chunks(model, prompts, S, new, 4 * 15 * per_slot) == [(0, 2), (2, 4), (4, 5)]
     # One slot less: every prompt alone (the 9-id prompt's 2 rows need 2 x 15 = 30 slots).

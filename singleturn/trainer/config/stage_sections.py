@@ -66,8 +66,8 @@ class RolloutConfig:
     """Bound on the KV cache one single-turn rollout allocates, in MiB (0: none). A rollout whose
     states x G rows at its longest prompt would need more is decoded in consecutive chunks of whole
     states (`model.generate`), chunk c on its own sampling stream (chunk 0 draws what the unchunked
-    call would), so batch_size x oversample x G cannot run the machine out of memory. 8 GiB: every
-    shipped config's rollout fits unchunked. On CPU a smaller bound is also faster (2 GiB: 0.65x the
+    call would), so batch_size x oversample x G cannot run the machine out of memory. 8 GiB: the CPU
+    configs' rollouts fit unchunked (the LLaMA GPU configs set their own). On CPU a smaller bound is also faster (2 GiB: 0.65x the
     time of one unbounded 256-row SmolLM2 batch, bench/results/smollm2-135m-cpu/rollout_memory.md)."""
 
     def __post_init__(self):

@@ -65,7 +65,7 @@ class GRPOStage(Stage):
         c, G = ctx.cfg, ctx.cfg.rollout.group_size
         local = self.batch(ctx, i)
         t0 = time.perf_counter()
-        done = self._sample(ctx, i, local)
+        done, chunks = self._sample(ctx, i, local)
         rew = expert_match_rewards([d.text for d in done], [e.state for e in local], G)
         batch = select_sequences(
             [e.prompt_ids for e in local],
@@ -79,7 +79,7 @@ class GRPOStage(Stage):
             max_groups=None if c.grpo.oversample == 1 else c.grpo.batch_size // ctx.info.world_size,
         )
         t_roll = time.perf_counter() - t0
-        row = {**_rollout_row(rew, batch, done, G, self.rollout_chunks), "time_rollout": t_roll}
+        row = {**_rollout_row(rew, batch, done, G, chunks), "time_rollout": t_roll}
         t1 = time.perf_counter()
         if row["kept_sequences"] == 0:
             # Every group had zero reward variance: nothing to learn from this batch.
@@ -100,17 +100,17 @@ class GRPOStage(Stage):
         row.update(time_train=t_train, tokens_per_s=seq_tokens / max(t_train, 1e-9))
         return row
 
-    def _sample(self, ctx: StageContext, i: int, local: list[Example]) -> list:
+    def _sample(self, ctx: StageContext, i: int, local: list[Example]) -> tuple[list, int]:
         """G sampled responses per state of `local` (`Completion`s, grouped by state), from the full
-        weights gathered in rollout.dtype, each batch's KV cache within rollout.max_cache_mb (decoded in
-        `self.rollout_chunks` chunks: logged as rollout_chunks, summed over ranks; 1 when it fits)."""
+        weights gathered in rollout.dtype, each batch's KV cache within rollout.max_cache_mb; and the
+        number of chunks that took (1 when it fits; logged as rollout_chunks, summed over ranks)."""
         c = ctx.cfg
         bound = c.rollout.max_cache_mb << 20
         prompts = [e.prompt_ids for e in local]
         with ctx.fsdp.summon_full_params(dtype=rollout_dtype(c)):
             G, new = c.rollout.group_size, c.rollout.max_new_tokens
-            self.rollout_chunks = len(plan_chunks(ctx.model, prompts, G, new, bound)) if bound else 1
-            return sample_completions(
+            chunks = len(plan_chunks(ctx.model, prompts, G, new, bound))
+            done = sample_completions(
                 ctx.model,
                 ctx.tokenizer,
                 prompts,
@@ -122,9 +122,10 @@ class GRPOStage(Stage):
                 seed=rollout_seed(c.run.seed, self.span.first + i, ctx.info.rank),
                 max_cache_bytes=bound,
             )
+        return done, chunks
 
 
-def _rollout_row(rew, batch, done: list, G: int, chunks: int = 1) -> dict:
+def _rollout_row(rew, batch, done: list, G: int, chunks: int) -> dict:
     """The metrics row's rollout part: rewards, groups and kept sequences summed over ranks (collective)."""
     r = rew.rewards.view(-1, G)
     sums = all_reduce_sums(
